@@ -1,0 +1,188 @@
+"""CLIP through open_clip: text and image embeddings in one L2-normalized space.
+
+`load_clip("ViT-B-32:openai")` takes any open_clip model name and pretrained tag (or a
+local checkpoint file in place of the tag); `load_clip("tiny")` builds a tiny registered
+config with random weights from a fixed seed, for tests and offline smoke runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_CLIP = "ViT-B-32:openai"
+TINY_CLIP = "tiny"
+TINY_MODEL_NAME = "t2f-tiny"
+TINY_SEED = 0
+_CONFIG_DIR = Path(__file__).parent / "clip_configs"
+
+
+class ClipLoadError(Exception):
+    """A CLIP model that cannot be created or whose weights cannot be had."""
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt longer than CLIP's context was cut."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipSpec:
+    model: str                     # open_clip model name, e.g. "ViT-B-32".
+    pretrained: str | None         # Pretrained tag ("openai") or a local checkpoint file; None = random.
+
+    @classmethod
+    def parse(cls, spec: str) -> "ClipSpec":
+        spec = spec.strip()
+        if spec == TINY_CLIP:
+            return cls(TINY_MODEL_NAME, None)
+        model, sep, pretrained = spec.partition(":")
+        if not model:
+            raise ValueError(f"invalid CLIP spec {spec!r}; expected MODEL:TAG, e.g. {DEFAULT_CLIP}")
+        return cls(model, pretrained if sep else "openai")
+
+    @property
+    def name(self) -> str:
+        """A stable identity, recorded by mappers trained for this CLIP."""
+        if self.model == TINY_MODEL_NAME:
+            return TINY_CLIP
+        if self.pretrained and Path(self.pretrained).is_file():
+            return f"{self.model}:{Path(self.pretrained).name}"
+        return f"{self.model}:{self.pretrained}"
+
+
+# ----------------------------------------------------------------------------
+# Thin modules, one job each (these are what export traces).
+
+
+class TextEncoder(nn.Module):
+    """tokens [batch, context] int -> L2-normalized text embedding [batch, embed_dim]."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+
+class ImageEncoder(nn.Module):
+    """Images [batch, 3, H, W] in [-1, 1], any size -> L2-normalized image embedding; differentiable.
+
+    Applies CLIP's preprocessing in torch: resize the shorter side to CLIP's input size
+    (bicubic, antialiased), center crop, then normalize with CLIP's mean and std.
+    """
+
+    def __init__(self, model: nn.Module, size: int, mean, std):
+        super().__init__()
+        self.model = model
+        self.size = size
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).reshape(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = ((images.to(torch.float32) + 1) / 2).clamp(0, 1)
+        h, w = x.shape[-2:]
+        scale = self.size / min(h, w)
+        if (h, w) != (self.size, self.size):
+            new_h, new_w = max(self.size, round(h * scale)), max(self.size, round(w * scale))
+            x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+            top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
+            x = x[:, :, top : top + self.size, left : left + self.size]
+        x = (x - self.mean) / self.std
+        return F.normalize(self.model.encode_image(x), dim=-1)
+
+
+# ----------------------------------------------------------------------------
+# The wrapper.
+
+
+class Clip:
+    """An open_clip model with its tokenizer: prompts or images -> normalized embeddings."""
+
+    def __init__(self, model: nn.Module, tokenizer, spec: ClipSpec):
+        import open_clip
+
+        self.spec = spec
+        self.name = spec.name
+        self.model = model.eval().requires_grad_(False)
+        self.tokenizer = tokenizer
+        self.context_length = int(getattr(tokenizer, "context_length", 77))
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg.get("size", 224)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        self.text_encoder = TextEncoder(self.model)
+        self.image_encoder = ImageEncoder(self.model, int(size), cfg.get("mean"), cfg.get("std"))
+        self.embed_dim = int(self.text_encoder(self.tokenize(["a"])).shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def to(self, device) -> "Clip":
+        self.model.to(device)
+        self.image_encoder.to(device)
+        return self
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """prompts -> tokens [len(prompts), context] int64; warns about each prompt that was cut."""
+        encode = getattr(self.tokenizer, "encode", None)
+        if callable(encode):
+            for prompt in prompts:
+                length = len(encode(prompt)) + 2  # start and end tokens
+                if length > self.context_length:
+                    warnings.warn(f"prompt truncated to CLIP's {self.context_length} tokens ({length} given): {prompt[:60]!r}",
+                                  PromptTruncatedWarning, stacklevel=2)
+        return self.tokenizer(prompts).to(torch.long)
+
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """prompts -> [len(prompts), embed_dim] float32, L2-normalized."""
+        tokens = self.tokenize(prompts).to(self.device)
+        return self.text_encoder(tokens).to(torch.float32)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """images [batch, 3, H, W] in [-1, 1] -> [batch, embed_dim] float32, L2-normalized; differentiable."""
+        return self.image_encoder(images.to(self.device)).to(torch.float32)
+
+
+def register_tiny_config() -> None:
+    import open_clip
+
+    if TINY_MODEL_NAME not in open_clip.list_models():
+        open_clip.add_model_config(_CONFIG_DIR / f"{TINY_MODEL_NAME}.json")
+
+
+def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cache_dir: str | None = None) -> Clip:
+    """A CLIP from "MODEL:TAG", "MODEL:/path/to/checkpoint" or "tiny"."""
+    import open_clip
+
+    parsed = ClipSpec.parse(spec)
+    register_tiny_config()
+    if parsed.model not in open_clip.list_models():
+        raise ClipLoadError(f"unknown open_clip model {parsed.model!r}; see open_clip.list_models()")
+    tokenizer = open_clip.get_tokenizer(parsed.model)
+    if parsed.pretrained is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(TINY_SEED)
+            model = open_clip.create_model(parsed.model, pretrained=None, device="cpu")
+        return Clip(model, tokenizer, parsed).to(device)
+
+    tag_cfg = open_clip.get_pretrained_cfg(parsed.model, parsed.pretrained)
+    if not tag_cfg and not Path(parsed.pretrained).is_file():
+        tags = open_clip.list_pretrained_tags_by_model(parsed.model)
+        raise ClipLoadError(f"{parsed.pretrained!r} is neither a pretrained tag of {parsed.model} (tags: {', '.join(tags) or 'none'}) nor a file")
+    try:
+        model = open_clip.create_model(parsed.model, pretrained=parsed.pretrained, device="cpu", cache_dir=cache_dir,
+                                       force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+    except Exception as e:  # open_clip raises RuntimeError / OSError / hub errors for a failed download
+        if tag_cfg:
+            where = tag_cfg.get("hf_hub") or tag_cfg.get("url") or "its source"
+            raise ClipLoadError(
+                f"CLIP weights {parsed.model}:{parsed.pretrained} are not cached and could not be downloaded from {where} "
+                f"({type(e).__name__}); download the checkpoint and pass --clip {parsed.model}:/path/to/checkpoint") from None
+        raise ClipLoadError(f"cannot load CLIP checkpoint {parsed.pretrained}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return Clip(model, tokenizer, parsed).to(device)

@@ -1,0 +1,132 @@
+"""Atomic file writes and model directories (`config.json` beside `model.safetensors`)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class WeightsError(Exception):
+    """Weights that cannot be loaded: missing, truncated, corrupt, unsafe or mismatched."""
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes: a temporary sibling, then os.replace.
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
+    """Yield a temporary directory beside `path`; on success it becomes `path`.
+
+    An existing `path` is replaced only with overwrite=True, and only after the new
+    directory is complete; otherwise FileExistsError is raised before anything is written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "dir")
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, data) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------
+# Model directories.
+
+
+def save_model_dir(directory: str | os.PathLike, kind: str, config: dict, state_dict: dict, overwrite: bool = False, **extra) -> Path:
+    """Write `config.json` ({"kind", "config", **extra}) and `model.safetensors`, atomically."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_dir(directory, overwrite=overwrite) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME))
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(kind=kind, config=config, **extra), indent=2, sort_keys=True) + "\n")
+    return Path(directory)
+
+
+def read_model_dir(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read a model directory of the given kind: (the whole config.json, tensors)."""
+    directory = Path(directory)
+    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    for p in (config_path, weights_path):
+        if not p.is_file():
+            raise WeightsError(f"{directory} is not a t2f {kind} directory: {p.name} is missing")
+    try:
+        meta = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{config_path} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or meta.get("kind") != kind:
+        found = meta.get("kind") if isinstance(meta, dict) else None
+        raise WeightsError(f"{config_path} describes a {found!r}, not a {kind!r}")
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(f"{weights_path} is truncated or corrupt: {e}") from None
+    return meta, tensors
+
+
+def load_state_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load tensors into module, failing by name on any missing, unexpected or misshapen entry."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing {_names(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {_names(unexpected)}")
+    if wrong:
+        problems.append("wrong shape " + ", ".join(f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:3]))
+    if problems:
+        raise WeightsError(f"{source}: weights do not match the config: " + "; ".join(problems))
+    bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
+    if bad:
+        raise WeightsError(f"{source}: non-finite values in {_names(bad)}")
+    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more

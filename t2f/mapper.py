@@ -1,0 +1,125 @@
+"""The mapper: Fast text2StyleGAN's conditional VAE over CLIP embeddings.
+
+Decoder p(w | z, e): (embedding, z) -> an offset from the generator's w_avg, one W vector
+broadcast to all styles (or one per style with w_plus). Encoder q(z | w, e): (ws, embedding)
+-> (mu, logvar). Our training pairs come from the generator, so the encoder sees the true w
+rather than image features. Layers are equalized-lr linear layers with leaky ReLU, as in the
+paper's decoder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .io import WeightsError, load_state_checked, read_model_dir, save_model_dir
+from .stylegan2 import FullyConnected, _config_from_dict, normalize_2nd_moment
+
+MAPPER_KIND = "t2f-mapper"
+
+
+@dataclasses.dataclass(frozen=True)
+class MapperConfig:
+    embed_dim: int = 512          # CLIP embedding dimension.
+    w_dim: int = 512              # Generator's w dimension.
+    num_ws: int = 18              # Generator's number of styles.
+    z_dim: int = 128              # CVAE latent dimension.
+    hidden: int = 512             # Width of the hidden layers.
+    layers: int = 4               # Linear layers in the decoder, and in the encoder.
+    w_plus: bool = False          # Predict one w per style instead of one broadcast w.
+
+    def __post_init__(self):
+        for name in ("embed_dim", "w_dim", "num_ws", "z_dim", "hidden"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.layers, int) or self.layers < 2:
+            raise ValueError(f"layers must be an integer >= 2, got {self.layers!r}")
+
+    @property
+    def out_dim(self) -> int:
+        return self.w_dim * (self.num_ws if self.w_plus else 1)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MapperConfig":
+        return _config_from_dict(cls, data)
+
+
+def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:
+    dims = [in_features] + [hidden] * (layers - 1) + [out_features]
+    return nn.Sequential(*[
+        FullyConnected(dims[i], dims[i + 1], activation="lrelu" if i < layers - 1 else "linear")
+        for i in range(layers)
+    ])
+
+
+class Decoder(nn.Module):
+    """(embedding [batch, embed_dim], z [batch, z_dim]) -> w offset [batch, out_dim]."""
+
+    def __init__(self, config: MapperConfig):
+        super().__init__()
+        self.net = _mlp(config.embed_dim + config.z_dim, config.hidden, config.out_dim, config.layers)
+
+    def forward(self, embedding: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([normalize_2nd_moment(embedding), normalize_2nd_moment(z)], dim=1)
+        return self.net(x)
+
+
+class Encoder(nn.Module):
+    """(w offset [batch, out_dim], embedding [batch, embed_dim]) -> (mu, logvar), each [batch, z_dim]."""
+
+    def __init__(self, config: MapperConfig):
+        super().__init__()
+        self.z_dim = config.z_dim
+        self.net = _mlp(config.out_dim + config.embed_dim, config.hidden, 2 * config.z_dim, config.layers)
+
+    def forward(self, w_offset: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([w_offset, normalize_2nd_moment(embedding)], dim=1)
+        mu, logvar = self.net(x).chunk(2, dim=1)
+        return mu, logvar
+
+
+class Mapper(nn.Module):
+    """(embedding, z) -> ws [batch, num_ws, w_dim]: w_avg plus the decoder's offset."""
+
+    def __init__(self, config: MapperConfig, w_avg: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        self.z_dim, self.num_ws, self.w_dim = config.z_dim, config.num_ws, config.w_dim
+        self.decoder = Decoder(config)
+        self.encoder = Encoder(config)
+        self.register_buffer("w_avg", torch.zeros([config.w_dim]) if w_avg is None else w_avg.detach().clone().float())
+
+    def forward(self, embedding: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        offset = self.decoder(embedding.to(torch.float32), z.to(torch.float32))
+        offset = offset.reshape(-1, self.num_ws if self.config.w_plus else 1, self.w_dim)
+        return (self.w_avg + offset).expand(-1, self.num_ws, -1)
+
+    def w_offset(self, ws: torch.Tensor) -> torch.Tensor:
+        """ws [batch, num_ws, w_dim] -> the encoder's input [batch, out_dim]."""
+        offset = ws - self.w_avg
+        return offset.flatten(1) if self.config.w_plus else offset[:, 0]
+
+
+def save_mapper(mapper: Mapper, directory: str | os.PathLike, overwrite: bool = False, **extra) -> Path:
+    """Write a mapper directory; extra keys (e.g. generator=..., clip=...) go into config.json."""
+    return save_model_dir(directory, MAPPER_KIND, mapper.config.to_dict(), mapper.state_dict(), overwrite=overwrite, **extra)
+
+
+def load_mapper_dir(directory: str | os.PathLike) -> tuple[Mapper, dict]:
+    """(mapper, the whole config.json) from a mapper directory."""
+    meta, tensors = read_model_dir(directory, MAPPER_KIND)
+    try:
+        config = MapperConfig.from_dict(meta.get("config"))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{directory}: invalid config.json: {e}") from None
+    mapper = Mapper(config)
+    load_state_checked(mapper, tensors, str(directory))
+    return mapper.eval().requires_grad_(False), meta

@@ -1,0 +1,372 @@
+"""StyleGAN2 generator: our own port of the semantics of NVIDIA's stylegan2-ada-pytorch.
+
+Written for export: modulation is applied to activations (x * style -> conv with the
+shared weight -> * demodulation coefficient) instead of a grouped convolution with
+groups = batch, the [1,3,3,1] FIR filter is a depthwise convolution with a static channel
+count, and no random numbers are drawn in `forward` unless noise_mode="random".
+
+Parameter names follow NVIDIA's (`mapping.fc0.weight`, `synthesis.b8.conv0.affine.bias`, ...)
+and parameters keep NVIDIA's equalized-learning-rate storage (gains applied in `forward`),
+so converted weights are the published tensors, unchanged.
+
+Precision: the blocks at the config's `num_fp16_res` highest resolutions run in float16
+when `ws` is float16, as NVIDIA's networks do on a GPU; the RGB image accumulates in
+float32, and float32 `ws` run everything in float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+NOISE_MODES = ("const", "random", "none")
+
+
+# ----------------------------------------------------------------------------
+# Configuration.
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratorConfig:
+    resolution: int = 1024               # Output resolution, a power of two from 4 up.
+    z_dim: int = 512                     # Latent z dimension.
+    w_dim: int = 512                     # Intermediate latent w dimension.
+    img_channels: int = 3                # Output image channels.
+    mapping_layers: int = 8              # Fully connected layers in the mapping network.
+    mapping_lr_multiplier: float = 0.01  # Equalized-lr multiplier of the mapping layers.
+    channel_base: int = 32768            # Channels at resolution r are min(channel_base // r, channel_max).
+    channel_max: int = 512               # Upper bound on channels per layer.
+    num_fp16_res: int = 0                # Highest resolutions run in fp16 when ws is fp16; 0 = none.
+    conv_clamp: float | None = None      # Clamp activations to +-conv_clamp; None = no clamping.
+
+    def __post_init__(self):
+        res = self.resolution
+        if not isinstance(res, int) or res < 4 or res & (res - 1):
+            raise ValueError(f"resolution must be a power of two >= 4, got {res!r}")
+        for name in ("z_dim", "w_dim", "img_channels", "mapping_layers", "channel_base", "channel_max"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_fp16_res, int) or self.num_fp16_res < 0:
+            raise ValueError(f"num_fp16_res must be a non-negative integer, got {self.num_fp16_res!r}")
+        if self.conv_clamp is not None and not (self.conv_clamp > 0 and math.isfinite(self.conv_clamp)):
+            raise ValueError(f"conv_clamp must be a positive number or null, got {self.conv_clamp!r}")
+        if not (self.mapping_lr_multiplier > 0):
+            raise ValueError(f"mapping_lr_multiplier must be positive, got {self.mapping_lr_multiplier!r}")
+
+    @property
+    def block_resolutions(self) -> list[int]:
+        return [2**i for i in range(2, int(math.log2(self.resolution)) + 1)]
+
+    def channels(self, resolution: int) -> int:
+        return min(self.channel_base // resolution, self.channel_max)
+
+    @property
+    def fp16_resolution(self) -> int:
+        """Lowest resolution whose block runs in fp16 (above the output resolution if none)."""
+        return max(2 ** (int(math.log2(self.resolution)) + 1 - self.num_fp16_res), 8)
+
+    @property
+    def num_ws(self) -> int:
+        """Number of w vectors the synthesis network consumes: 2 per resolution, minus 2."""
+        return 2 * len(self.block_resolutions)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "GeneratorConfig":
+        return _config_from_dict(cls, data)
+
+
+def _config_from_dict(cls, data: dict):
+    """Build a frozen config dataclass, refusing unknown or missing keys by name."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+    return cls(**data)
+
+
+# ----------------------------------------------------------------------------
+# Pure functions.
+
+
+def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> torch.Tensor:
+    return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
+
+
+def truncate(ws: torch.Tensor, w_avg: torch.Tensor, psi: float | torch.Tensor, cutoff: int | None = None) -> torch.Tensor:
+    """Truncation trick: w_avg.lerp(w, psi) on the first `cutoff` styles (all if None).
+
+    ws: [batch, num_ws, w_dim]; psi: a number or a tensor broadcastable to [batch, 1, 1].
+    """
+    w_avg = w_avg.to(ws.dtype)
+    if cutoff is None:
+        return w_avg.lerp(ws, psi)
+    return torch.cat([w_avg.lerp(ws[:, :cutoff], psi), ws[:, cutoff:]], dim=1)
+
+
+def lrelu(x: torch.Tensor, gain: float = math.sqrt(2)) -> torch.Tensor:
+    return F.leaky_relu(x, 0.2) * gain
+
+
+def fir_filter(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """The [1,3,3,1] separable FIR filter, normalized to sum 1: [4, 4]."""
+    f = torch.tensor([1.0, 3.0, 3.0, 1.0], dtype=torch.float64)
+    f = torch.outer(f, f)
+    return (f / f.sum()).to(dtype=dtype, device=device)
+
+
+def blur(x: torch.Tensor, pad: int, gain: float) -> torch.Tensor:
+    """Depthwise [1,3,3,1] filter with `pad` zeros on each side, scaled by `gain`."""
+    channels = x.shape[1]
+    f = (fir_filter(x.dtype, x.device) * gain).expand(channels, 1, 4, 4)
+    return F.conv2d(x, f, padding=pad, groups=channels)
+
+
+def upsample2d(x: torch.Tensor) -> torch.Tensor:
+    """2x up-sampling: zero insertion and the [1,3,3,1] filter (gain 4), as one transposed conv."""
+    channels = x.shape[1]
+    f = (fir_filter(x.dtype, x.device) * 4).expand(channels, 1, 4, 4)
+    return F.conv_transpose2d(x, f, stride=2, padding=1, groups=channels)
+
+
+# ----------------------------------------------------------------------------
+# Layers.
+
+
+class FullyConnected(nn.Module):
+    """Equalized-learning-rate linear layer: weight and bias stored unscaled, gains applied here."""
+
+    def __init__(self,
+        in_features: int,                # Input features.
+        out_features: int,               # Output features.
+        bias_init: float = 0.0,          # Initial bias value (before the lr multiplier).
+        lr_multiplier: float = 1.0,      # Learning-rate multiplier.
+        activation: str = "linear",      # "linear" or "lrelu".
+    ):
+        super().__init__()
+        if activation not in ("linear", "lrelu"):
+            raise ValueError(f"unknown activation {activation!r}")
+        self.activation = activation
+        self.weight = nn.Parameter(torch.randn([out_features, in_features]) / lr_multiplier)
+        self.bias = nn.Parameter(torch.full([out_features], float(bias_init)))
+        self.weight_gain = lr_multiplier / math.sqrt(in_features)
+        self.bias_gain = lr_multiplier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight.to(x.dtype) * self.weight_gain
+        b = self.bias.to(x.dtype) * self.bias_gain
+        if self.activation == "linear":
+            return torch.addmm(b.unsqueeze(0), x, w.t())
+        return lrelu(x.matmul(w.t()) + b)
+
+
+class MappingNetwork(nn.Module):
+    """z [batch, z_dim] -> ws [batch, num_ws, w_dim]."""
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.z_dim, self.w_dim, self.num_ws = config.z_dim, config.w_dim, config.num_ws
+        self.num_layers = config.mapping_layers
+        for i in range(config.mapping_layers):
+            in_features = config.z_dim if i == 0 else config.w_dim
+            layer = FullyConnected(in_features, config.w_dim, lr_multiplier=config.mapping_lr_multiplier, activation="lrelu")
+            setattr(self, f"fc{i}", layer)
+        self.register_buffer("w_avg", torch.zeros([config.w_dim]))
+
+    def forward(self,
+        z: torch.Tensor,                          # [batch, z_dim]
+        truncation_psi: float = 1.0,              # 1 = no truncation, 0 = the average w.
+        truncation_cutoff: int | None = None,     # Truncate only the first styles; None = all.
+    ) -> torch.Tensor:
+        x = normalize_2nd_moment(z.to(torch.float32))
+        for i in range(self.num_layers):
+            x = getattr(self, f"fc{i}")(x)
+        ws = x.unsqueeze(1).expand(-1, self.num_ws, -1)  # [batch, num_ws, w_dim]
+        if truncation_psi != 1:
+            ws = truncate(ws, self.w_avg, truncation_psi, truncation_cutoff)
+        return ws.contiguous()
+
+
+class SynthesisLayer(nn.Module):
+    """Modulated 3x3 conv (optionally 2x up-sampling), noise, bias, leaky ReLU, clamp."""
+
+    def __init__(self,
+        in_channels: int,                # Input channels.
+        out_channels: int,               # Output channels.
+        w_dim: int,                      # Intermediate latent dimension.
+        resolution: int,                 # Output resolution (size of the constant noise).
+        up: bool = False,                # 2x up-sampling transposed conv followed by the FIR filter.
+        conv_clamp: float | None = None, # Clamp the output to +-conv_clamp; None = no clamping.
+    ):
+        super().__init__()
+        self.up, self.conv_clamp, self.resolution = up, conv_clamp, resolution
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 3, 3]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+        self.noise_strength = nn.Parameter(torch.zeros([]))
+        self.register_buffer("noise_const", torch.randn([resolution, resolution]))
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+        styles = self.affine(w)  # [batch, in_channels], fp32
+        weight = self.weight
+        if x.dtype == torch.float16:
+            # Pre-normalize to keep fp16 in range; demodulation below cancels the scale.
+            weight = weight * (1 / math.sqrt(weight[0].numel()) / weight.abs().amax(dim=[1, 2, 3], keepdim=True))
+            styles = styles / styles.abs().amax(dim=1, keepdim=True)
+        # Demodulation coefficients without materializing per-sample weights: [batch, out_channels].
+        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
+
+        x = x * styles.to(x.dtype)[:, :, None, None]
+        if self.up:
+            x = F.conv_transpose2d(x, weight.to(x.dtype).transpose(0, 1), stride=2)
+            x = blur(x, pad=1, gain=4)
+        else:
+            x = F.conv2d(x, weight.to(x.dtype), padding=1)
+        x = x * dcoefs.to(x.dtype)[:, :, None, None]
+
+        if noise_mode == "const":
+            x = x + (self.noise_const * self.noise_strength).to(x.dtype)
+        elif noise_mode == "random":
+            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device, dtype=torch.float32)
+            x = x + (noise * self.noise_strength).to(x.dtype)
+        x = lrelu(x + self.bias.to(x.dtype)[None, :, None, None])
+        if self.conv_clamp is not None:
+            x = x.clamp(-self.conv_clamp, self.conv_clamp)
+        return x
+
+
+class ToRGBLayer(nn.Module):
+    """Modulated 1x1 conv without demodulation, bias, clamp."""
+
+    def __init__(self, in_channels: int, out_channels: int, w_dim: int, conv_clamp: float | None = None):
+        super().__init__()
+        self.conv_clamp = conv_clamp
+        self.affine = FullyConnected(w_dim, in_channels, bias_init=1)
+        self.weight = nn.Parameter(torch.randn([out_channels, in_channels, 1, 1]))
+        self.bias = nn.Parameter(torch.zeros([out_channels]))
+        self.weight_gain = 1 / math.sqrt(in_channels)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        styles = self.affine(w) * self.weight_gain  # [batch, in_channels]
+        x = F.conv2d(x * styles.to(x.dtype)[:, :, None, None], self.weight.to(x.dtype))
+        x = x + self.bias.to(x.dtype)[None, :, None, None]
+        if self.conv_clamp is not None:
+            x = x.clamp(-self.conv_clamp, self.conv_clamp)
+        return x
+
+
+class SynthesisBlock(nn.Module):
+    """One resolution of the "skip" architecture: (up-conv,) conv, ToRGB, RGB skip."""
+
+    def __init__(self,
+        in_channels: int,                # Input channels; 0 = the 4x4 block with a learned constant.
+        out_channels: int,               # Output channels.
+        w_dim: int,                      # Intermediate latent dimension.
+        resolution: int,                 # Resolution of this block.
+        img_channels: int,               # Output image channels.
+        use_fp16: bool,                  # Run in fp16 when the synthesis input is fp16.
+        conv_clamp: float | None,        # Activation clamp; None = no clamping.
+    ):
+        super().__init__()
+        self.in_channels, self.resolution, self.use_fp16 = in_channels, resolution, use_fp16
+        if in_channels == 0:
+            self.const = nn.Parameter(torch.randn([out_channels, resolution, resolution]))
+        else:
+            self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True, conv_clamp=conv_clamp)
+        self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp)
+        self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
+        self.num_conv = 1 if in_channels == 0 else 2
+        self.num_torgb = 1
+
+    def forward(self,
+        x: torch.Tensor | None,          # [batch, in_channels, res/2, res/2]; None for the first block.
+        img: torch.Tensor | None,        # [batch, img_channels, res/2, res/2] fp32; None for the first block.
+        ws: torch.Tensor,                # [batch, num_conv + num_torgb, w_dim] fp32
+        dtype: torch.dtype,              # Compute dtype of this block.
+        noise_mode: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.in_channels == 0:
+            x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            x = self.conv1(x, ws[:, 0], noise_mode)
+        else:
+            x = self.conv0(x.to(dtype), ws[:, 0], noise_mode)
+            x = self.conv1(x, ws[:, 1], noise_mode)
+        y = self.torgb(x, ws[:, self.num_conv]).to(torch.float32)
+        img = y if img is None else upsample2d(img) + y
+        return x, img
+
+
+class SynthesisNetwork(nn.Module):
+    """ws [batch, num_ws, w_dim] -> image [batch, img_channels, resolution, resolution] float32 in about [-1, 1]."""
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.w_dim, self.num_ws, self.resolution = config.w_dim, config.num_ws, config.resolution
+        self.img_channels = config.img_channels
+        self.block_resolutions = config.block_resolutions
+        for res in self.block_resolutions:
+            block = SynthesisBlock(
+                in_channels=config.channels(res // 2) if res > 4 else 0,
+                out_channels=config.channels(res),
+                w_dim=config.w_dim,
+                resolution=res,
+                img_channels=config.img_channels,
+                use_fp16=res >= config.fp16_resolution,
+                conv_clamp=config.conv_clamp,
+            )
+            setattr(self, f"b{res}", block)
+
+    def forward(self, ws: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        half = ws.dtype == torch.float16
+        ws = ws.to(torch.float32)
+        x = img = None
+        w_idx = 0
+        for res in self.block_resolutions:
+            block = getattr(self, f"b{res}")
+            dtype = torch.float16 if half and block.use_fp16 else torch.float32
+            block_ws = ws[:, w_idx : w_idx + block.num_conv + block.num_torgb]
+            x, img = block(x, img, block_ws, dtype, noise_mode)
+            w_idx += block.num_conv
+        return img
+
+
+class Generator(nn.Module):
+    """StyleGAN2 generator: `mapping(z) -> ws`, `synthesis(ws) -> image`; `forward` chains them."""
+
+    def __init__(self, config: GeneratorConfig):
+        super().__init__()
+        self.config = config
+        self.z_dim, self.w_dim, self.resolution = config.z_dim, config.w_dim, config.resolution
+        self.img_channels = config.img_channels
+        self.num_ws = config.num_ws
+        self.mapping = MappingNetwork(config)
+        self.synthesis = SynthesisNetwork(config)
+
+    @property
+    def w_avg(self) -> torch.Tensor:
+        return self.mapping.w_avg
+
+    def forward(self,
+        z: torch.Tensor,                          # [batch, z_dim]
+        truncation_psi: float = 1.0,              # 1 = no truncation.
+        truncation_cutoff: int | None = None,     # Truncate only the first styles; None = all.
+        noise_mode: str = "const",                # "const", "random" or "none".
+    ) -> torch.Tensor:
+        ws = self.mapping(z, truncation_psi=truncation_psi, truncation_cutoff=truncation_cutoff)
+        return self.synthesis(ws, noise_mode=noise_mode)
+
+
+def to_uint8(img: torch.Tensor) -> torch.Tensor:
+    """Float NCHW image in [-1, 1] -> uint8 NHWC, as NVIDIA's scripts convert."""
+    return (img.permute(0, 2, 3, 1) * 127.5 + 128).clamp(0, 255).to(torch.uint8)

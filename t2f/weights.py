@@ -1,0 +1,380 @@
+"""Safe import of StyleGAN2 weights: NVIDIA pickles, rosinality checkpoints, converted directories.
+
+NVIDIA's pickles (stylegan2-ada-pytorch, stylegan3-release) embed Python source that
+`torch_utils.persistence` executes on load. We never execute anything from a weights file:
+`SafeUnpickler` rebuilds tensors, plain containers and numeric scalars, turns each persistent
+object into a `PersistentRecord` (class name + state, the source is ignored), and refuses any
+other global by name.
+
+Conversion is an explicit name table per source format; every tensor of our generator must be
+matched with the right shape and every source tensor used (or checked, for fixed filters), or
+the import fails naming what did not match.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import io
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .io import WeightsError, load_state_checked, read_model_dir, save_model_dir
+from .stylegan2 import Generator, GeneratorConfig, fir_filter
+
+GENERATOR_KIND = "stylegan2-generator"
+
+
+# ----------------------------------------------------------------------------
+# Restricted unpickler.
+
+
+@dataclasses.dataclass
+class PersistentRecord:
+    """What a `torch_utils.persistence` object becomes: its class name and state, never its code."""
+    class_name: str
+    state: dict
+
+
+class _PlainDict(dict):
+    """Stand-in for dnnlib.util.EasyDict."""
+
+
+def _reconstruct_persistent(meta):
+    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict):
+        raise pickle.UnpicklingError("malformed torch_utils.persistence record")
+    return PersistentRecord(class_name=str(meta.get("class_name")), state=dict(meta["state"]))
+
+
+def _load_storage_from_bytes(data: bytes):
+    if not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("tensor storage is not bytes")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+    return data
+
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise pickle.UnpicklingError("only numeric numpy scalars are allowed")
+    return np.frombuffer(data, dtype=dtype, count=1)[0] if data is not None else dtype.type()
+
+
+def _numpy_dtype(spec, align=False, copy=False):
+    dtype = np.dtype(spec)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("object numpy dtypes are not allowed")
+    return dtype
+
+
+_SAFE_GLOBALS = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
+    ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
+    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent,
+    ("dnnlib.util", "EasyDict"): _PlainDict,
+    ("numpy", "dtype"): _numpy_dtype,
+    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
+    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
+}
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the globals in `_SAFE_GLOBALS`."""
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _SAFE_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': weights files may not run code") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("refusing persistent id in a plain pickle")
+
+
+def safe_unpickle(path: str | os.PathLike):
+    """Unpickle a file with `SafeUnpickler`; errors become WeightsError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            return SafeUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise WeightsError(f"{path}: {e}") from None
+    except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, MemoryError) as e:
+        raise WeightsError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
+
+
+# ----------------------------------------------------------------------------
+# NVIDIA pickles.
+
+_NVIDIA_MAPPING_KEYS = {"num_layers", "lr_multiplier", "w_avg_beta", "activation", "embed_features", "layer_features"}
+_NVIDIA_SYNTHESIS_KEYS = {"channel_base", "channel_max", "num_fp16_res", "conv_clamp", "architecture", "resample_filter",
+                          "use_noise", "fused_modconv_default", "fp16_channels_last", "channels_last"}
+
+
+def _flatten_record(record: PersistentRecord, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Parameters and buffers of a persistent nn.Module record, by dotted name."""
+    out = {}
+    state = record.state
+    for group in ("_parameters", "_buffers"):
+        for name, tensor in (state.get(group) or {}).items():
+            if tensor is not None:
+                if not isinstance(tensor, torch.Tensor):
+                    raise WeightsError(f"{prefix}{name} is not a tensor")
+                out[prefix + name] = tensor
+    for name, child in (state.get("_modules") or {}).items():
+        if child is None:
+            continue
+        if not isinstance(child, PersistentRecord):
+            raise WeightsError(f"unsupported submodule {prefix}{name} ({type(child).__name__})")
+        out.update(_flatten_record(child, f"{prefix}{name}."))
+    return out
+
+
+def _nvidia_config(kwargs: dict, source: str) -> GeneratorConfig:
+    mapping = dict(kwargs.get("mapping_kwargs") or {})
+    synthesis = dict(kwargs.get("synthesis_kwargs") or {})
+    if kwargs.get("c_dim", 0):
+        raise WeightsError(f"{source}: conditional generators (c_dim={kwargs['c_dim']}) are not supported")
+    unknown = sorted(set(mapping) - _NVIDIA_MAPPING_KEYS) + sorted(set(synthesis) - _NVIDIA_SYNTHESIS_KEYS)
+    if unknown:
+        raise WeightsError(f"{source}: unsupported generator options {unknown}")
+    if synthesis.get("architecture", "skip") != "skip":
+        raise WeightsError(f"{source}: only the 'skip' synthesis architecture is supported, got {synthesis['architecture']!r}")
+    if mapping.get("activation", "lrelu") != "lrelu":
+        raise WeightsError(f"{source}: only lrelu mapping activation is supported")
+    if list(synthesis.get("resample_filter", [1, 3, 3, 1])) != [1, 3, 3, 1]:
+        raise WeightsError(f"{source}: only the [1,3,3,1] resample filter is supported")
+    if synthesis.get("use_noise", True) is False:
+        raise WeightsError(f"{source}: generators without noise inputs are not supported")
+    for key in ("embed_features", "layer_features"):
+        if mapping.get(key) not in (None, kwargs.get("w_dim")):
+            raise WeightsError(f"{source}: mapping {key}={mapping[key]} is not supported")
+    try:
+        return GeneratorConfig(
+            resolution=int(kwargs["img_resolution"]),
+            z_dim=int(kwargs["z_dim"]),
+            w_dim=int(kwargs["w_dim"]),
+            img_channels=int(kwargs["img_channels"]),
+            mapping_layers=int(mapping.get("num_layers", 8)),
+            mapping_lr_multiplier=float(mapping.get("lr_multiplier", 0.01)),
+            channel_base=int(synthesis.get("channel_base", 32768)),
+            channel_max=int(synthesis.get("channel_max", 512)),
+            num_fp16_res=int(synthesis.get("num_fp16_res", 0)),
+            conv_clamp=None if synthesis.get("conv_clamp") is None else float(synthesis["conv_clamp"]),
+        )
+    except KeyError as e:
+        raise WeightsError(f"{source}: generator init_kwargs lack {e}") from None
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{source}: invalid generator options: {e}") from None
+
+
+def _nvidia_name_table(config: GeneratorConfig) -> tuple[dict[str, str], list[str]]:
+    """(our name -> NVIDIA name, NVIDIA fixed-filter buffers to check)."""
+    table = {"mapping.w_avg": "mapping.w_avg"}
+    filters = []
+    for i in range(config.mapping_layers):
+        for p in ("weight", "bias"):
+            table[f"mapping.fc{i}.{p}"] = f"mapping.fc{i}.{p}"
+    for res in config.block_resolutions:
+        b = f"synthesis.b{res}"
+        layers = ["conv1"] if res == 4 else ["conv0", "conv1"]
+        filters.append(f"{b}.resample_filter")
+        if res == 4:
+            table[f"{b}.const"] = f"{b}.const"
+        for layer in layers:
+            for p in ("affine.weight", "affine.bias", "weight", "bias", "noise_strength", "noise_const"):
+                table[f"{b}.{layer}.{p}"] = f"{b}.{layer}.{p}"
+            filters.append(f"{b}.{layer}.resample_filter")
+        for p in ("affine.weight", "affine.bias", "weight", "bias"):
+            table[f"{b}.torgb.{p}"] = f"{b}.torgb.{p}"
+    return table, filters
+
+
+def convert_nvidia(G_ema: PersistentRecord, source: str) -> Generator:
+    kwargs = G_ema.state.get("_init_kwargs")
+    if not isinstance(kwargs, dict):
+        raise WeightsError(f"{source}: G_ema has no init_kwargs; is this a stylegan2-ada-pytorch pickle?")
+    tensors = _flatten_record(G_ema)
+    if any(k.startswith("synthesis.input.") for k in tensors):
+        raise WeightsError(f"{source}: this is a StyleGAN3 (alias-free) generator; t2f runs StyleGAN2 generators only")
+    config = _nvidia_config(dict(kwargs), source)
+    table, filters = _nvidia_name_table(config)
+    expected_filter = fir_filter(torch.float32)
+    for name in filters:
+        if name in tensors and not torch.allclose(tensors[name].float(), expected_filter, atol=1e-6):
+            raise WeightsError(f"{source}: {name} is not the [1,3,3,1] filter")
+    unused = sorted(set(tensors) - set(table.values()) - set(filters))
+    if unused:
+        raise WeightsError(f"{source}: unmatched tensors in the pickle: {', '.join(unused[:4])}")
+    converted = {ours: tensors[theirs] for ours, theirs in table.items() if theirs in tensors}
+    generator = Generator(config)
+    load_state_checked(generator, converted, source)
+    return generator
+
+
+def load_nvidia_pickle(path: str | os.PathLike) -> Generator:
+    data = safe_unpickle(path)
+    if not isinstance(data, dict) or "G_ema" not in data:
+        raise WeightsError(f"{path}: no 'G_ema' in the pickle; expected a stylegan2-ada-pytorch or stylegan3 network pickle")
+    G_ema = data["G_ema"]
+    if not isinstance(G_ema, PersistentRecord):
+        raise WeightsError(f"{path}: 'G_ema' is not a persistent network object")
+    return convert_nvidia(G_ema, str(path))
+
+
+# ----------------------------------------------------------------------------
+# rosinality stylegan2-pytorch checkpoints.
+
+
+def _rosinality_name_table(config: GeneratorConfig) -> tuple[dict[str, tuple[str, tuple[int, ...] | None]], list[str]]:
+    """(our name -> (rosinality name, reshape or None), rosinality fixed-filter buffers)."""
+    table: dict[str, tuple[str, tuple[int, ...] | None]] = {}
+    filters = []
+    for i in range(config.mapping_layers):
+        for p in ("weight", "bias"):
+            table[f"mapping.fc{i}.{p}"] = (f"style.{i + 1}.{p}", None)
+    table["mapping.w_avg"] = ("latent_avg", (config.w_dim,))
+
+    def styled_conv(ours: str, theirs: str, noise: str, cin: int, cout: int, res: int):
+        table[f"{ours}.weight"] = (f"{theirs}.conv.weight", (cout, cin, 3, 3))
+        table[f"{ours}.affine.weight"] = (f"{theirs}.conv.modulation.weight", None)
+        table[f"{ours}.affine.bias"] = (f"{theirs}.conv.modulation.bias", None)
+        table[f"{ours}.noise_strength"] = (f"{theirs}.noise.weight", ())
+        table[f"{ours}.bias"] = (f"{theirs}.activate.bias", None)
+        table[f"{ours}.noise_const"] = (noise, (res, res))
+
+    def to_rgb(ours: str, theirs: str, cin: int):
+        table[f"{ours}.weight"] = (f"{theirs}.conv.weight", (config.img_channels, cin, 1, 1))
+        table[f"{ours}.affine.weight"] = (f"{theirs}.conv.modulation.weight", None)
+        table[f"{ours}.affine.bias"] = (f"{theirs}.conv.modulation.bias", None)
+        table[f"{ours}.bias"] = (f"{theirs}.bias", (config.img_channels,))
+
+    c4 = config.channels(4)
+    table["synthesis.b4.const"] = ("input.input", (c4, 4, 4))
+    styled_conv("synthesis.b4.conv1", "conv1", "noises.noise_0", c4, c4, 4)
+    to_rgb("synthesis.b4.torgb", "to_rgb1", c4)
+    for k, res in enumerate(config.block_resolutions[1:]):
+        cin, cout = config.channels(res // 2), config.channels(res)
+        styled_conv(f"synthesis.b{res}.conv0", f"convs.{2 * k}", f"noises.noise_{2 * k + 1}", cin, cout, res)
+        styled_conv(f"synthesis.b{res}.conv1", f"convs.{2 * k + 1}", f"noises.noise_{2 * k + 2}", cout, cout, res)
+        to_rgb(f"synthesis.b{res}.torgb", f"to_rgbs.{k}", cout)
+        filters += [f"convs.{2 * k}.conv.blur.kernel", f"to_rgbs.{k}.upsample.kernel"]
+    return table, filters
+
+
+def _rosinality_config(state: dict[str, torch.Tensor], source: str) -> GeneratorConfig:
+    try:
+        n_mlp = 0
+        while f"style.{n_mlp + 1}.weight" in state:
+            n_mlp += 1
+        style_dim = state["style.1.weight"].shape[0]
+        num_convs = sum(1 for k in state if k.startswith("convs.") and k.endswith(".conv.weight"))
+        resolution = 2 ** (num_convs // 2 + 2)
+        top = state[f"convs.{num_convs - 1}.conv.weight"].shape[1] if num_convs else state["conv1.conv.weight"].shape[1]
+        channel_max = max(v.shape[1] for k, v in state.items() if k.endswith(".conv.weight") and v.ndim == 5 and v.shape[-1] == 3)
+        img_channels = state["to_rgb1.conv.weight"].shape[1]
+    except (KeyError, IndexError, AttributeError) as e:
+        raise WeightsError(f"{source}: not a rosinality StyleGAN2 generator state ({e} missing)") from None
+    try:
+        return GeneratorConfig(resolution=resolution, z_dim=style_dim, w_dim=style_dim, img_channels=img_channels,
+                               mapping_layers=n_mlp, channel_base=top * resolution, channel_max=channel_max)
+    except ValueError as e:
+        raise WeightsError(f"{source}: {e}") from None
+
+
+def convert_rosinality(state: dict[str, torch.Tensor], source: str) -> Generator:
+    config = _rosinality_config(state, source)
+    table, filters = _rosinality_name_table(config)
+    expected_filter = fir_filter(torch.float32) * 4
+    for name in filters:
+        if name in state and not torch.allclose(state[name].float(), expected_filter, atol=1e-6):
+            raise WeightsError(f"{source}: {name} is not the [1,3,3,1] filter")
+    used = {theirs for theirs, _ in table.values()}
+    unused = sorted(set(state) - used - set(filters))
+    if unused:
+        raise WeightsError(f"{source}: unmatched tensors in the checkpoint: {', '.join(unused[:4])}")
+    converted = {}
+    for ours, (theirs, shape) in table.items():
+        if theirs not in state:
+            continue
+        tensor = state[theirs]
+        if shape is not None:
+            if tensor.numel() != int(np.prod(shape)):
+                raise WeightsError(f"{source}: {theirs} has shape {tuple(tensor.shape)}, expected {shape}")
+            tensor = tensor.reshape(shape)
+        converted[ours] = tensor
+    generator = Generator(config)
+    load_state_checked(generator, converted, source)
+    return generator
+
+
+def load_rosinality(path: str | os.PathLike) -> Generator:
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
+        raise WeightsError(f"{path}: refused by the weights-only loader: {first}") from None
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise WeightsError(f"{path}: truncated or corrupt checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("g_ema"), dict):
+        raise WeightsError(f"{path}: no 'g_ema' state dict; expected a rosinality stylegan2-pytorch checkpoint")
+    state = dict(ckpt["g_ema"])
+    if "latent_avg" not in ckpt:
+        raise WeightsError(f"{path}: no 'latent_avg' in the checkpoint; save it beside g_ema (rosinality's convert_weight.py does)")
+    state["latent_avg"] = ckpt["latent_avg"]
+    return convert_rosinality(state, str(path))
+
+
+# ----------------------------------------------------------------------------
+# Converted directories and the entry point.
+
+
+def save_generator(generator: Generator, directory: str | os.PathLike, overwrite: bool = False, **extra) -> Path:
+    return save_model_dir(directory, GENERATOR_KIND, generator.config.to_dict(), generator.state_dict(), overwrite=overwrite, **extra)
+
+
+def load_generator_dir(directory: str | os.PathLike) -> Generator:
+    meta, tensors = read_model_dir(directory, GENERATOR_KIND)
+    try:
+        config = GeneratorConfig.from_dict(meta.get("config"))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{directory}: invalid config.json: {e}") from None
+    generator = Generator(config)
+    load_state_checked(generator, tensors, str(directory))
+    return generator
+
+
+def _is_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return len(head) == 2 and head[0] == 0x80 and head[1] >= 2 and not zipfile.is_zipfile(path)
+
+
+def import_generator(source: str | os.PathLike) -> Generator:
+    """A generator from a converted directory, an NVIDIA pickle or a rosinality checkpoint (no presets)."""
+    path = Path(source)
+    if path.is_dir():
+        generator = load_generator_dir(path)
+    elif path.is_file():
+        if path.stat().st_size == 0:
+            raise WeightsError(f"{path}: empty file")
+        if zipfile.is_zipfile(path) or path.suffix in (".pt", ".pth"):
+            generator = load_rosinality(path)
+        elif _is_pickle(path):
+            generator = load_nvidia_pickle(path)
+        else:
+            raise WeightsError(f"{path}: not a pickle, a torch checkpoint or a t2f directory")
+    else:
+        raise WeightsError(f"{path}: no such file or directory")
+    return generator.eval().requires_grad_(False)

@@ -108,7 +108,9 @@ def safe_unpickle(path: str | os.PathLike):
         with open(path, "rb") as f:
             return SafeUnpickler(f).load()
     except pickle.UnpicklingError as e:
-        raise WeightsError(f"{path}: {e}") from None
+        if str(e).startswith("refusing"):
+            raise WeightsError(f"{path}: {e}") from None
+        raise WeightsError(f"{path}: truncated or corrupt pickle ({e})") from None
     except (EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError, RuntimeError, MemoryError) as e:
         raise WeightsError(f"{path}: truncated or corrupt pickle ({type(e).__name__}: {e})") from None
 

@@ -67,7 +67,9 @@ class _FakeNvidia:
             pass
 
         _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+        _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
         EasyDict.__module__ = "dnnlib.util"
+        EasyDict.__qualname__ = "EasyDict"
         persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
         dnnlib_util.EasyDict = EasyDict
         self.modules = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
@@ -152,7 +154,7 @@ def to_rosinality(generator: Generator) -> dict:
                 tensor = tensor.unsqueeze(0)
         elif theirs.endswith(".noise.weight"):
             tensor = tensor.reshape(1)
-        elif theirs.startswith("to_rgb") and theirs.endswith(".bias"):
+        elif theirs.startswith("to_rgb") and theirs.endswith(".bias") and ".modulation." not in theirs:
             tensor = tensor.reshape(1, -1, 1, 1)
         out[theirs] = tensor.clone()
     for name in filters:

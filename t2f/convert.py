@@ -1,0 +1,52 @@
+"""`t2f-convert`: any supported StyleGAN2 weights -> a t2f generator directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import click
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.argument("source",       metavar="SOURCE")
+@click.option("--out",          help="Output directory (config.json + model.safetensors)", metavar="DIR", type=click.Path(file_okay=False), required=True)
+@click.option("--overwrite",    help="Replace an existing output directory", is_flag=True)
+@click.option("--cache",        help="Download cache for presets [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
+def main(source, out, overwrite, cache):
+    """Convert StyleGAN2 weights into a t2f generator directory, without running any code from them.
+
+    SOURCE is an NVIDIA stylegan2-ada-pytorch / stylegan3-release StyleGAN2 pickle, a
+    rosinality stylegan2-pytorch .pt checkpoint (g_ema + latent_avg), a t2f directory, or a
+    preset name (ffhq-1024 downloads NVIDIA's FFHQ pickle once into the cache).
+
+    \b
+    Examples:
+    t2f-convert ffhq.pkl --out weights/ffhq-1024
+    t2f-convert stylegan2-ffhq-config-f.pt --out weights/ffhq-rosinality
+    """
+    from . import DownloadError, WeightsError, load_generator
+    from .weights import save_generator
+
+    if os.path.exists(out) and not overwrite:
+        raise click.BadParameter(f"{out} already exists; pass --overwrite to replace it", param_hint="--out")
+    start = time.perf_counter()
+    try:
+        logging.disable(logging.ERROR)
+        generator = load_generator(source, cache=cache)
+    except (WeightsError, DownloadError) as e:
+        raise click.ClickException(" ".join(str(e).split())) from None
+    finally:
+        logging.disable(logging.NOTSET)
+    try:
+        save_generator(generator, out, overwrite=overwrite, source=os.path.basename(str(source)))
+    except OSError as e:
+        raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
+    cfg = generator.config
+    click.echo(f"wrote {out}: StyleGAN2 {cfg.resolution}x{cfg.resolution}, {generator.num_ws} ws x {cfg.w_dim}, "
+               f"{sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters, in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ config with random weights from a fixed seed, for tests and offline smoke runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from pathlib import Path
 
@@ -157,7 +158,12 @@ def register_tiny_config() -> None:
 
 
 def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cache_dir: str | None = None) -> Clip:
-    """A CLIP from "MODEL:TAG", "MODEL:/path/to/checkpoint" or "tiny"."""
+    """A CLIP from "MODEL:TAG", "MODEL:/path/to/checkpoint" or "tiny".
+
+    With T2F_OFFLINE=1 set before the first load, the hub is not contacted (HF_HUB_OFFLINE).
+    """
+    if os.environ.get("T2F_OFFLINE") == "1":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
 
     parsed = ClipSpec.parse(spec)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import sys
 import types
@@ -10,8 +11,12 @@ import types
 import pytest
 import torch
 
-from t2f.presets import random_generator
-from t2f.stylegan2 import FullyConnected, Generator, fir_filter
+# Before huggingface_hub is imported (it reads this once): no test waits on the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["T2F_OFFLINE"] = "1"
+
+from t2f.presets import random_generator  # noqa: E402
+from t2f.stylegan2 import FullyConnected, Generator, fir_filter  # noqa: E402
 
 # The source text a real NVIDIA pickle would carry. If an importer ever executed it, the
 # marker file named in T2F_TEST_MARKER would appear; tests check that it never does.
@@ -34,7 +39,6 @@ def tiny_clip():
 def _offline(monkeypatch, tmp_path_factory):
     """No test touches the network or the user's cache."""
     monkeypatch.setenv("T2F_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("T2F_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 

@@ -1,0 +1,34 @@
+from setuptools import setup
+
+setup(
+    name="t2f",
+    version="0.1.0",
+    description="Fast text-to-face: CLIP text encoder -> mapper -> StyleGAN2, trained without captions",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    # One `t2f` namespace: the core package plus the card's top-level folders under it.
+    packages=["t2f", "t2f.engine", "t2f.export", "t2f.trainer"],
+    package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.export": "export", "t2f.trainer": "trainer"},
+    package_data={"t2f": ["clip_configs/*.json"]},
+    install_requires=[
+        "torch>=2.4,<2.15",
+        "torchvision>=0.19,<0.30",
+        "open_clip_torch>=3.0,<4",
+        "numpy>=1.24",
+        "click>=8.1",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "pillow>=10",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+    },
+    entry_points={
+        "console_scripts": [
+            "t2f-infer=t2f.engine.cli:main",
+            "t2f-convert=t2f.convert:main",
+        ],
+    },
+)

@@ -1,0 +1,188 @@
+"""`t2f-infer` and `t2f-convert`: outputs, and one clear error line with nothing written for bad input."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+from click.testing import CliRunner
+
+from t2f.convert import main as convert_main
+from t2f.engine.cli import main as infer_main
+from t2f.weights import save_generator
+
+from conftest import write_nvidia_pickle
+
+TINY = ["--generator", "tiny", "--clip", "tiny", "--mapper", "tiny"]
+
+
+def run(main, args, cwd):
+    runner = CliRunner()
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(main, args, catch_exceptions=False)
+    finally:
+        os.chdir(old)
+
+
+def assert_one_error_line(result, code, *fragments):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")]
+    errors = [line for line in lines if line.startswith("Error")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+def test_infer_writes_grid_images_and_ws(tmp_path):
+    result = run(infer_main, [*TINY, "a smiling woman", "an old man", "--n", "3", "--out", "grid.png",
+                              "--save-images", "each", "--save-ws", "ws.npy"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "random weights" in result.stderr and "wrote grid.png" in result.stdout
+    grid = PIL.Image.open(tmp_path / "grid.png")
+    assert grid.size == (3 * 64, 2 * 64)
+    assert json.loads(grid.text["t2f"])["prompts"] == ["a smiling woman", "an old man"]
+    assert sorted(os.listdir(tmp_path / "each")) == [f"p{p:03d}_s{s:03d}.png" for p in range(2) for s in range(3)]
+    single = np.asarray(PIL.Image.open(tmp_path / "each" / "p001_s002.png"))
+    assert np.array_equal(single, np.asarray(grid)[64:128, 128:192])
+    assert np.load(tmp_path / "ws.npy").shape == (6, 10, 32)
+    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+
+
+def test_infer_is_deterministic(tmp_path):
+    for name in ("a.png", "b.png"):
+        assert run(infer_main, [*TINY, "a child", "--n", "2", "--seed", "7", "--out", name], tmp_path).exit_code == 0
+    assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a.png")), np.asarray(PIL.Image.open(tmp_path / "b.png")))
+
+
+def test_long_prompt_warns_in_one_line(tmp_path):
+    result = run(infer_main, [*TINY, " ".join(["face"] * 40), "--n", "1"], tmp_path)
+    assert result.exit_code == 0
+    assert sum(line.startswith("warning: prompt truncated") for line in result.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["   "], "empty"),
+    (["ok", ""], "empty"),
+    (["a", "--n", "0"], "--n"),
+    (["a", "--n", "100000"], "--n"),
+    (["a", "b", "c", "d", "e", "--n", "64"], "more than 256 images"),
+    (["a", "--truncation", "nan"], "finite"),
+    (["a", "--truncation", "inf"], "--truncation"),
+    (["a", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
+    (["a", "--device", "tpu"], "--device"),
+])
+def test_usage_errors(tmp_path, args, fragment):
+    result = run(infer_main, [*TINY, *args], tmp_path)
+    assert_one_error_line(result, 2, fragment)
+    assert os.listdir(tmp_path) == []
+
+
+def test_missing_generator_file(tmp_path):
+    result = run(infer_main, ["--generator", "missing.pkl", "--clip", "tiny", "--mapper", "tiny", "a"], tmp_path)
+    assert_one_error_line(result, 1, "missing.pkl", "no such file")
+    assert os.listdir(tmp_path) == []
+
+
+def test_offline_preset_names_file_url_and_flag(tmp_path):
+    result = run(infer_main, ["--generator", "ffhq-1024", "--clip", "tiny", "--mapper", "tiny", "a"], tmp_path)
+    assert_one_error_line(result, 1, "stylegan2-ada-ffhq-1024.pkl", "https://nvlabs-fi-cdn.nvidia.com/", "--generator")
+    assert os.listdir(tmp_path) == []
+
+
+def test_no_mapper_says_how_to_get_one(tmp_path):
+    result = run(infer_main, ["--generator", "tiny", "--clip", "tiny", "a"], tmp_path)
+    assert_one_error_line(result, 1, "no trained mapper", "--mapper DIR", "t2f-train")
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt", "foreign", "mismatch"])
+def test_bad_weights(tmp_path, tiny_generator, kind):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    if kind == "truncated":
+        path = weights / "g.pkl"
+        write_nvidia_pickle(tiny_generator, path)
+        path.write_bytes(path.read_bytes()[:5000])
+        fragment = "truncated or corrupt"
+    elif kind == "corrupt":
+        path = save_generator(tiny_generator, weights / "g")
+        (path / "model.safetensors").write_bytes(b"\x00" * 64)
+        fragment = "truncated or corrupt"
+    elif kind == "foreign":
+        path = weights / "g.pkl"
+        path.write_bytes(pickle.dumps({"G_ema": Evil()}, protocol=4))
+        fragment = "refusing to load global"
+    else:
+        path = save_generator(tiny_generator, weights / "g")
+        meta = json.loads((path / "config.json").read_text())
+        meta["config"]["w_dim"] = 16
+        (path / "config.json").write_text(json.dumps(meta))
+        fragment = "do not match the config"
+    out = tmp_path / "out"
+    out.mkdir()
+    result = run(infer_main, ["--generator", str(path), "--clip", "tiny", "--mapper", "tiny", "a", "--save-ws", "ws.npy"], out)
+    assert_one_error_line(result, 1, fragment)
+    assert os.listdir(out) == []
+
+
+class Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_unwritable_output(tmp_path):
+    (tmp_path / "file.txt").write_text("a file, not a directory")
+    result = run(infer_main, [*TINY, "a", "--out", "file.txt/f.png"], tmp_path)
+    assert_one_error_line(result, 2, "cannot write")
+    assert sorted(os.listdir(tmp_path)) == ["file.txt"]
+
+
+def test_output_is_a_directory(tmp_path):
+    (tmp_path / "faces.png").mkdir()
+    result = run(infer_main, [*TINY, "a"], tmp_path)
+    assert_one_error_line(result, 2, "is a directory")
+
+
+# ----------------------------------------------------------------------------
+# t2f-convert.
+
+
+def test_convert_nvidia_pickle(tmp_path, tiny_generator):
+    write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl")
+    result = run(convert_main, ["net.pkl", "--out", "converted"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(os.listdir(tmp_path / "converted")) == ["config.json", "model.safetensors"]
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["source"] == "net.pkl"
+    again = run(convert_main, ["net.pkl", "--out", "converted"], tmp_path)
+    assert_one_error_line(again, 2, "already exists")
+    assert run(convert_main, ["net.pkl", "--out", "converted", "--overwrite"], tmp_path).exit_code == 0
+    # The converted directory drives t2f-infer.
+    assert run(infer_main, ["--generator", "converted", "--clip", "tiny", "--mapper", "tiny", "a", "--n", "1"], tmp_path).exit_code == 0
+
+
+def test_convert_refuses_malicious_pickle(tmp_path):
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"G_ema": Evil()}, protocol=4))
+    result = run(convert_main, ["evil.pkl", "--out", "converted"], tmp_path)
+    assert_one_error_line(result, 1, "refusing to load global")
+    assert sorted(os.listdir(tmp_path)) == ["evil.pkl"]
+
+
+# ----------------------------------------------------------------------------
+# The installed console scripts.
+
+
+def test_console_scripts(tmp_path):
+    env = dict(os.environ, T2F_OFFLINE="1", HF_HUB_OFFLINE="1")
+    bindir = os.path.dirname(sys.executable)
+    infer = os.path.join(bindir, "t2f-infer") if os.path.exists(os.path.join(bindir, "t2f-infer")) else "t2f-infer"
+    ok = subprocess.run([infer, *TINY, "a smiling woman", "--n", "2"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "faces.png").exists()
+    bad = subprocess.run([infer, *TINY, " "], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr

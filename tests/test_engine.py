@@ -1,0 +1,113 @@
+"""The PyTorch-backend pipeline: prompts -> uint8 faces and their ws."""
+
+import pytest
+import torch
+
+from engine_helpers import tiny_pipeline
+from t2f.engine import TextToFace, load_pipeline, resolve_device, sample_z
+from t2f.engine.pipeline import MissingMapperError
+from t2f.mapper import Mapper, MapperConfig
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def test_shapes_and_types(pipe):
+    faces = pipe(["a smiling woman", "an old man"], n=3, seed=0, truncation_psi=0.7)
+    g = pipe.generator
+    assert faces.images.shape == (6, g.resolution, g.resolution, 3) and faces.images.dtype == torch.uint8
+    assert faces.ws.shape == (6, g.num_ws, g.w_dim) and faces.ws.dtype == torch.float32
+    assert faces.prompts == ["a smiling woman", "an old man"] and faces.n == 3
+
+
+def test_same_seed_same_images_other_seed_other_images(pipe):
+    a = pipe(["a smiling woman"], n=2, seed=5)
+    b = pipe(["a smiling woman"], n=2, seed=5)
+    c = pipe(["a smiling woman"], n=2, seed=6)
+    assert torch.equal(a.images, b.images) and torch.equal(a.ws, b.ws)
+    assert not torch.equal(a.ws, c.ws)
+
+
+def test_samples_of_a_prompt_do_not_depend_on_later_prompts(pipe):
+    one = pipe(["a smiling woman"], n=2, seed=1)
+    two = pipe(["a smiling woman", "a child"], n=2, seed=1)
+    assert torch.allclose(one.ws, two.ws[:2], atol=1e-6)
+    assert not torch.allclose(two.ws[:2], two.ws[2:])  # the prompt changes the ws
+
+
+def test_random_noise_is_seeded(pipe):
+    a = pipe(["a"], n=2, seed=3, noise_mode="random")
+    b = pipe(["a"], n=2, seed=3, noise_mode="random")
+    assert torch.equal(a.images, b.images)
+
+
+def test_truncation_zero_gives_the_average_w(pipe):
+    faces = pipe(["a smiling woman", "a child"], n=2, truncation_psi=0.0)
+    assert torch.allclose(faces.ws, pipe.generator.w_avg.expand_as(faces.ws), atol=1e-6)
+
+
+def test_batch_size_does_not_change_results():
+    a = tiny_pipeline(batch_size=1)(["a"], n=3, seed=2)
+    b = tiny_pipeline(batch_size=8)(["a"], n=3, seed=2)
+    assert torch.equal(a.ws, b.ws)
+    assert (a.images.int() - b.images.int()).abs().max() <= 1
+
+
+def test_sample_z_is_prompt_major():
+    z = sample_z(0, 3, 2, 4)
+    assert z.shape == (6, 4) and torch.equal(sample_z(0, 1, 2, 4), z[:2])
+    assert torch.equal(sample_z(0, 3, 1, 4), z[::2])  # fewer images per prompt: same first latents
+    assert not torch.equal(sample_z(1, 3, 2, 4), z)
+
+
+@pytest.mark.parametrize("prompts", [[], [""], ["  "], ["ok", "\t"]])
+def test_bad_prompts(pipe, prompts):
+    with pytest.raises(ValueError, match="non-empty"):
+        pipe(prompts)
+
+
+def test_bad_arguments(pipe):
+    with pytest.raises(ValueError, match="finite"):
+        pipe(["a"], truncation_psi=float("nan"))
+    with pytest.raises(ValueError, match="n must be"):
+        pipe(["a"], n=0)
+    with pytest.raises(ValueError, match="noise_mode"):
+        pipe(["a"], noise_mode="loud")
+
+
+def test_fp16_needs_cuda(pipe):
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", precision="fp16")
+
+
+def test_incompatible_mapper(pipe):
+    wrong = Mapper(MapperConfig(embed_dim=16, w_dim=pipe.generator.w_dim, num_ws=pipe.generator.num_ws))
+    with pytest.raises(ValueError, match="16-d CLIP embeddings"):
+        TextToFace(pipe.generator, pipe.clip, wrong, device="cpu")
+    wrong = Mapper(MapperConfig(embed_dim=32, w_dim=pipe.generator.w_dim, num_ws=3))
+    with pytest.raises(ValueError, match="3 x 32 ws"):
+        TextToFace(pipe.generator, pipe.clip, wrong, device="cpu")
+
+
+def test_missing_mapper_says_how_to_get_one():
+    with pytest.raises(MissingMapperError, match="--mapper DIR"):
+        load_pipeline(generator="tiny", clip="tiny", mapper=None, device="cpu")
+
+
+def test_resolve_device():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ValueError):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            resolve_device("cuda")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the development and CI machines)")
+def test_fp16_on_cuda_close_to_fp32():
+    a = tiny_pipeline(device="cuda")(["a smiling woman"], n=2, seed=0)
+    b = tiny_pipeline(device="cuda", precision="fp16")(["a smiling woman"], n=2, seed=0)
+    assert (a.images.float() - b.images.float()).abs().mean() < 2.0

@@ -1,0 +1,61 @@
+"""The conditional-VAE mapper."""
+
+import pytest
+import torch
+
+from t2f.io import WeightsError
+from t2f.mapper import Mapper, MapperConfig, load_mapper_dir, save_mapper
+
+
+def make(w_plus=False, seed=0):
+    torch.manual_seed(seed)
+    return Mapper(MapperConfig(embed_dim=32, w_dim=16, num_ws=6, z_dim=8, hidden=24, layers=3, w_plus=w_plus),
+                  w_avg=torch.randn(16))
+
+
+@pytest.mark.parametrize("w_plus", [False, True])
+def test_decoder_shapes_and_w_avg_offset(w_plus):
+    m = make(w_plus)
+    e = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
+    z = torch.randn(4, 8)
+    ws = m(e, z)
+    assert ws.shape == (4, 6, 16)
+    assert torch.allclose(ws - m.w_avg, m.decoder(e, z).reshape(4, -1, 16).expand(-1, 6, -1))
+    if not w_plus:
+        assert torch.equal(ws[:, 0], ws[:, 5])
+    else:
+        assert not torch.allclose(ws[:, 0], ws[:, 5])
+    assert not torch.allclose(ws[0], m(e, torch.randn(4, 8))[0])  # z matters
+
+
+@pytest.mark.parametrize("w_plus", [False, True])
+def test_encoder(w_plus):
+    m = make(w_plus)
+    ws = torch.randn(4, 6, 16)
+    e = torch.randn(4, 32)
+    mu, logvar = m.encoder(m.w_offset(ws), e)
+    assert mu.shape == logvar.shape == (4, 8)
+
+
+def test_save_load_round_trip(tmp_path):
+    m = make()
+    save_mapper(m, tmp_path / "m", generator="tiny", clip="tiny")
+    loaded, meta = load_mapper_dir(tmp_path / "m")
+    assert meta["clip"] == "tiny" and loaded.config == m.config
+    e, z = torch.randn(2, 32), torch.randn(2, 8)
+    assert torch.equal(loaded(e, z), m(e, z))
+
+
+def test_generator_directory_is_not_a_mapper(tmp_path, tiny_generator):
+    from t2f.weights import save_generator
+
+    save_generator(tiny_generator, tmp_path / "g")
+    with pytest.raises(WeightsError, match="not a 't2f-mapper'"):
+        load_mapper_dir(tmp_path / "g")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        MapperConfig(layers=1)
+    with pytest.raises(ValueError):
+        MapperConfig(z_dim=0)

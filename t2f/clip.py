@@ -186,7 +186,8 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
                                        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
     except Exception as e:  # open_clip raises RuntimeError / OSError / hub errors for a failed download
         if tag_cfg:
-            where = tag_cfg.get("hf_hub") or tag_cfg.get("url") or "its source"
+            where = " or ".join(x for x in (f"hub:{tag_cfg['hf_hub'].rstrip('/')}" if tag_cfg.get("hf_hub") else "",
+                                            tag_cfg.get("url", "")) if x) or "its source"
             raise ClipLoadError(
                 f"CLIP weights {parsed.model}:{parsed.pretrained} are not cached and could not be downloaded from {where} "
                 f"({type(e).__name__}); download the checkpoint and pass --clip {parsed.model}:/path/to/checkpoint") from None

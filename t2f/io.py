@@ -106,6 +106,18 @@ def read_model_dir(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[
     return meta, tensors
 
 
+def load_model_dir(directory: str | os.PathLike, kind: str, config_cls, build) -> tuple[torch.nn.Module, dict]:
+    """(module, the whole config.json): `build(config_cls.from_dict(config))` with the directory's tensors loaded."""
+    meta, tensors = read_model_dir(directory, kind)
+    try:
+        config = config_cls.from_dict(meta.get("config"))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{directory}: invalid config.json: {e}") from None
+    module = build(config)
+    load_state_checked(module, tensors, str(directory))
+    return module, meta
+
+
 def load_state_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
     """Load tensors into module, failing by name on any missing, unexpected or misshapen entry."""
     expected = module.state_dict()

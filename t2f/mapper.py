@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import WeightsError, load_state_checked, read_model_dir, save_model_dir
+from .io import load_model_dir, save_model_dir
 from .stylegan2 import FullyConnected, _config_from_dict, normalize_2nd_moment
 
 MAPPER_KIND = "t2f-mapper"
@@ -115,11 +115,5 @@ def save_mapper(mapper: Mapper, directory: str | os.PathLike, overwrite: bool = 
 
 def load_mapper_dir(directory: str | os.PathLike) -> tuple[Mapper, dict]:
     """(mapper, the whole config.json) from a mapper directory."""
-    meta, tensors = read_model_dir(directory, MAPPER_KIND)
-    try:
-        config = MapperConfig.from_dict(meta.get("config"))
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{directory}: invalid config.json: {e}") from None
-    mapper = Mapper(config)
-    load_state_checked(mapper, tensors, str(directory))
+    mapper, meta = load_model_dir(directory, MAPPER_KIND, MapperConfig, Mapper)
     return mapper.eval().requires_grad_(False), meta

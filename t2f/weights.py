@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import WeightsError, load_state_checked, read_model_dir, save_model_dir
+from .io import WeightsError, load_model_dir, load_state_checked, save_model_dir
 from .stylegan2 import Generator, GeneratorConfig, fir_filter
 
 GENERATOR_KIND = "stylegan2-generator"
@@ -347,14 +347,7 @@ def save_generator(generator: Generator, directory: str | os.PathLike, overwrite
 
 
 def load_generator_dir(directory: str | os.PathLike) -> Generator:
-    meta, tensors = read_model_dir(directory, GENERATOR_KIND)
-    try:
-        config = GeneratorConfig.from_dict(meta.get("config"))
-    except (ValueError, TypeError) as e:
-        raise WeightsError(f"{directory}: invalid config.json: {e}") from None
-    generator = Generator(config)
-    load_state_checked(generator, tensors, str(directory))
-    return generator
+    return load_model_dir(directory, GENERATOR_KIND, GeneratorConfig, Generator)[0]
 
 
 def _is_pickle(path: Path) -> bool:

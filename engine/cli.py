@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 import warnings
 
@@ -15,6 +16,8 @@ import click
 import numpy as np
 
 from t2f.stylegan2 import NOISE_MODES
+
+from .pipeline import MODES
 
 MAX_N = 64                # Images per prompt.
 MAX_IMAGES = 256          # Images per run.
@@ -27,15 +30,21 @@ def _finite(ctx, param, value):
     return value
 
 
-def _check_writable(path: str, param: str) -> None:
-    """Refuse an output whose nearest existing ancestor directory is not writable."""
+def _check_writable(path: str, param: str, directory: bool = False) -> None:
+    """Refuse an output that could not be written: an unwritable or non-directory parent, or the wrong kind of path."""
+    if directory and os.path.exists(path):
+        if not os.path.isdir(path):
+            raise click.BadParameter(f"{path} is not a directory", param_hint=param)
+        if not os.access(path, os.W_OK):
+            raise click.BadParameter(f"cannot write to {path}", param_hint=param)
+        return
+    if not directory and os.path.isdir(path):
+        raise click.BadParameter(f"{path} is a directory", param_hint=param)
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
         raise click.BadParameter(f"cannot write to {parent}", param_hint=param)
-    if os.path.isdir(path) and param != "--save-images":
-        raise click.BadParameter(f"{path} is a directory", param_hint=param)
 
 
 def _png_bytes(array: np.ndarray, info: dict) -> bytes:
@@ -50,11 +59,49 @@ def _png_bytes(array: np.ndarray, info: dict) -> bytes:
     return buf.getvalue()
 
 
-def _write_bytes(path: str, data: bytes) -> None:
-    from t2f.io import atomic_path
+def _write_all(files: dict[str, bytes]) -> None:
+    """Write every file to a temporary sibling first, then rename them all: an error leaves none of them."""
+    staged = []
+    try:
+        for path, data in files.items():
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+            staged.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~_umask())
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    except OSError as e:
+        for tmp, _ in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
 
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _load_images(paths: list[str]):
+    """Face images -> [count, 3, 256, 256] float in [-1, 1] (center-cropped squares)."""
+    import PIL.Image
+    import torch
+
+    out = []
+    for path in paths:
+        try:
+            with PIL.Image.open(path) as im:
+                im = im.convert("RGB")
+                side = min(im.size)
+                left, top = (im.width - side) // 2, (im.height - side) // 2
+                im = im.crop((left, top, left + side, top + side)).resize((256, 256), PIL.Image.BICUBIC)
+                out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"cannot read image {path}: {e}", param_hint="--image") from None
+    return torch.stack(out)
 
 
 def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
@@ -74,8 +121,10 @@ def _quiet_libraries():
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.argument("prompts",      nargs=-1, required=True, metavar="PROMPT...")
-@click.option("--n",            help="Images per prompt", metavar="INT", type=click.IntRange(1, MAX_N), default=4, show_default=True)
+@click.argument("prompts",      nargs=-1, metavar="[PROMPT]...")
+@click.option("--mode",         help="Condition: the text embedding, KNN bank combinations, or a face image", type=click.Choice(MODES), default="text", show_default=True)
+@click.option("--image",        help="Face image for --mode image (repeat for more rows)", metavar="PATH", type=click.Path(dir_okay=False), multiple=True)
+@click.option("--n",            help="Images per prompt (or image)", metavar="INT", type=click.IntRange(1, MAX_N), default=4, show_default=True)
 @click.option("--seed",         help="Random seed", metavar="INT", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--truncation",   help="Truncation psi (1 = none)", metavar="FLOAT", type=click.FloatRange(-1, 2), callback=_finite, default=0.7, show_default=True)
 @click.option("--noise-mode",   help="Noise inputs", type=click.Choice(NOISE_MODES), default="const", show_default=True)
@@ -84,13 +133,18 @@ def _quiet_libraries():
 @click.option("--save-ws",      help="Also save the ws [images, num_ws, w_dim]", metavar="NPY", type=click.Path(dir_okay=False))
 @click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True)
 @click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True)
-@click.option("--mapper",       help="Mapper directory, or tiny (random weights)", metavar="DIR|NAME")
+@click.option("--mapper",       help="Mapper directory (a t2f-train run), or tiny (random weights)", metavar="DIR|NAME")
+@click.option("--bank",         help="Embedding bank for --mode knn [default: MAPPER/bank.safetensors]", metavar="PATH", type=click.Path(dir_okay=False))
+@click.option("--knn-k",        help="KNN: nearest bank embeddings considered", metavar="INT", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--knn-m",        help="KNN: embeddings combined (farthest-point pick)", metavar="INT", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--knn-alpha",    help="KNN: Dirichlet concentration", metavar="FLOAT", type=click.FloatRange(0, 100, min_open=True), default=0.3, show_default=True)
 @click.option("--device",       help="auto, cpu, cuda or cuda:N", metavar="STR", default="auto", show_default=True)
 @click.option("--precision",    help="Compute precision (fp16 needs CUDA)", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch",        help="Images synthesized at once", metavar="INT", type=click.IntRange(1, 256), default=8, show_default=True)
 @click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
-def main(prompts, n, seed, truncation, noise_mode, out, save_images, save_ws, generator, clip, mapper, device, precision, batch, cache):
-    """Generate faces from text prompts.
+def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images, save_ws, generator, clip, mapper, bank,
+         knn_k, knn_m, knn_alpha, device, precision, batch, cache):
+    """Generate faces from text prompts (or more faces like a given face).
 
     \b
     Examples:
@@ -98,27 +152,52 @@ def main(prompts, n, seed, truncation, noise_mode, out, save_images, save_ws, ge
     t2f-infer --generator tiny --clip tiny --mapper tiny "a smiling woman"
 
     \b
-    # FFHQ 1024 with ViT-B-32, 4 faces per prompt, a row per prompt:
+    # A mapper trained with t2f-train, 4 faces per prompt, a row per prompt:
     t2f-infer "a photo of an old man with white hair" "a smiling woman" \\
         --mapper runs/ffhq --n 4 --seed 0 --truncation 0.7 --out faces.png
+
+    \b
+    # KNN mode (the run's embedding bank), and more faces like a photo:
+    t2f-infer "a woman with red hair" --mapper runs/ffhq --mode knn
+    t2f-infer --mode image --image me.png --mapper runs/ffhq
     """
     from t2f import ClipLoadError, DownloadError, WeightsError
-    from .pipeline import MissingMapperError, load_pipeline, resolve_device
+    from t2f.devices import resolve_device
+
+    from .pipeline import MissingMapperError, is_blank, load_pipeline
 
     prompts = [p.strip() for p in prompts]
-    if any(not p for p in prompts):
-        raise click.BadParameter("prompts must not be empty or whitespace", param_hint="PROMPT")
-    if len(prompts) * n > MAX_IMAGES:
-        raise click.BadParameter(f"{len(prompts)} prompts x {n} images is more than {MAX_IMAGES} images per run", param_hint="--n")
+    if mode == "image":
+        if not image:
+            raise click.BadParameter("--mode image needs --image PATH", param_hint="--image")
+        if prompts:
+            raise click.BadParameter("--mode image takes no prompts", param_hint="PROMPT")
+        labels = list(image)
+    else:
+        if image:
+            raise click.BadParameter(f"--image goes with --mode image, not --mode {mode}", param_hint="--image")
+        if not prompts:
+            raise click.BadParameter("give at least one prompt", param_hint="PROMPT")
+        if any(is_blank(p) for p in prompts):
+            raise click.BadParameter("prompts must not be empty or whitespace", param_hint="PROMPT")
+        labels = prompts
+    if len(labels) * n > MAX_IMAGES:
+        raise click.BadParameter(f"{len(labels)} rows x {n} images is more than {MAX_IMAGES} images per run", param_hint="--n")
+    if mode == "knn" and bank is None and (mapper is None or not os.path.isdir(mapper)):
+        raise click.BadParameter("--mode knn needs --bank PATH or a --mapper run directory holding bank.safetensors", param_hint="--bank")
     try:
         resolved = resolve_device(device)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
     if precision == "fp16" and resolved.type != "cuda":
         raise click.BadParameter("fp16 needs a CUDA device; use --precision fp32 on the CPU", param_hint="--precision")
-    for path, param in ((out, "--out"), (save_images, "--save-images"), (save_ws, "--save-ws")):
+    outputs = [(out, "--out", False), (save_images, "--save-images", True), (save_ws, "--save-ws", False)]
+    for path, param, is_dir in outputs:
         if path is not None:
-            _check_writable(path, param)
+            _check_writable(path, param, directory=is_dir)
+    if save_ws is not None and os.path.abspath(save_ws) == os.path.abspath(out):
+        raise click.BadParameter("--save-ws must not be the --out file", param_hint="--save-ws")
+    images_in = _load_images(labels) if mode == "image" else None
 
     random_parts = [f"--{name} {value}" for name, value in (("generator", generator), ("clip", clip), ("mapper", mapper))
                     if value == RANDOM_PRESET and not os.path.exists(value)]
@@ -130,31 +209,37 @@ def main(prompts, n, seed, truncation, noise_mode, out, save_images, save_ws, ge
         with _quiet_libraries(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(resolved), precision=precision,
-                                 batch_size=batch, cache=cache)
-            faces = pipe(prompts, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
-    except (WeightsError, DownloadError, ClipLoadError, MissingMapperError, ValueError) as e:
+                                 batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None)
+            if mode == "text":
+                conditions = pipe.text_conditions(labels)
+            elif mode == "knn":
+                conditions = pipe.knn_conditions(labels, n, seed, k=knn_k, m=knn_m, alpha=knn_alpha)
+            else:
+                conditions = pipe.image_conditions(images_in)
+            faces = pipe.generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
+    except (WeightsError, DownloadError, ClipLoadError, MissingMapperError, ValueError, OSError) as e:
         raise click.ClickException(" ".join(str(e).split())) from None
     for w in caught:
         if "truncated" in str(w.message):
             click.echo(f"warning: {w.message}", err=True)
     elapsed = time.perf_counter() - start
 
-    # All computed: now write, each file atomically.
+    # All computed: stage every file, then rename them all.
     images = faces.images.numpy()
-    info = dict(prompts=prompts, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
+    info = dict(mode=mode, labels=labels, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
                 generator=generator, clip=clip, mapper=mapper, precision=precision, device=str(resolved))
-    _write_bytes(out, _png_bytes(_grid(images, len(prompts), n), info))
+    files = {out: _png_bytes(_grid(images, len(labels), n), info)}
     if save_images is not None:
-        os.makedirs(save_images, exist_ok=True)
-        for i, image in enumerate(images):
-            p, s = divmod(i, n)
-            _write_bytes(os.path.join(save_images, f"p{p:03d}_s{s:03d}.png"), _png_bytes(image, dict(info, prompt=prompts[p], sample=s)))
+        for i, img in enumerate(images):
+            r, s = divmod(i, n)
+            files[os.path.join(save_images, f"p{r:03d}_s{s:03d}.png")] = _png_bytes(img, dict(info, label=labels[r], sample=s))
     if save_ws is not None:
         buf = io.BytesIO()
         np.save(buf, faces.ws.numpy())
-        _write_bytes(save_ws, buf.getvalue())
+        files[save_ws] = buf.getvalue()
+    _write_all(files)
     h, w = images.shape[1:3]
-    click.echo(f"wrote {out}: {len(prompts)} prompt(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s on {resolved} ({precision})")
+    click.echo(f"wrote {out}: {len(labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s on {resolved} ({precision}, mode {mode})")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import unicodedata
 
 import numpy as np
 import torch
 
 from t2f import presets
+from t2f.bank import Bank, knn_condition, load_bank
 from t2f.clip import Clip, load_clip
-from t2f.io import WeightsError
+from t2f.devices import resolve_device
+from t2f.io import WeightsError, fingerprint
 from t2f.mapper import Mapper, load_mapper_dir
 from t2f.stylegan2 import NOISE_MODES, Generator, to_uint8, truncate
 
@@ -23,21 +27,6 @@ class MissingMapperError(Exception):
 
 # ----------------------------------------------------------------------------
 # Pure functions.
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; refuses a CUDA device that is not there."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use --device cpu")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    return resolved
 
 
 def sample_z(seed: int, num_prompts: int, n: int, z_dim: int) -> torch.Tensor:
@@ -65,16 +54,33 @@ def check_compatible(generator: Generator, clip: Clip, mapper: Mapper) -> None:
 # The pipeline.
 
 
+MODES = ("text", "knn", "image")
+
+
+def is_blank(prompt: str) -> bool:
+    """True for a prompt with nothing but white space and invisible format characters."""
+    return not "".join(c for c in prompt if not c.isspace() and unicodedata.category(c) != "Cf")
+
+
+def noise_seed(seed: int, i: int, j: int) -> int:
+    """Seed of image j of row i's noise in "random" mode."""
+    return int(np.random.SeedSequence([int(seed), i, j, 2]).generate_state(1, np.uint64)[0] >> 1)
+
+
 @dataclasses.dataclass
 class Faces:
-    images: torch.Tensor          # [num_prompts * n, H, W, C] uint8 on the CPU, prompt-major.
-    ws: torch.Tensor              # [num_prompts * n, num_ws, w_dim] float32 on the CPU, after truncation.
-    prompts: list[str]            # The prompts, in order.
-    n: int                        # Images per prompt.
+    images: torch.Tensor          # [rows * n, H, W, C] uint8 on the CPU, row-major.
+    ws: torch.Tensor              # [rows * n, num_ws, w_dim] float32 on the CPU, after truncation.
+    labels: list[str]             # What each row was conditioned on: its prompt, or its image's path.
+    n: int                        # Images per row.
 
 
 class TextToFace:
-    """prompts -> faces. The same seed gives the same images on the same device and precision."""
+    """prompts (or face images) -> faces. The same seed gives the same images on the same device and precision.
+
+    A row is one condition: a prompt (modes "text" and "knn") or a face image (mode "image").
+    Image j of row i depends only on (seed, i, j) and the condition, not on how many were asked for.
+    """
 
     def __init__(self,
         generator: Generator,
@@ -83,6 +89,7 @@ class TextToFace:
         device: str | torch.device = "auto",   # "auto" = cuda when available, else cpu.
         precision: str = "fp32",                # "fp32", or "fp16" on CUDA: CLIP under autocast, the generator's fp16 blocks in half.
         batch_size: int = 8,                    # Images synthesized at once; bounds memory.
+        bank: Bank | None = None,               # Embedding bank for mode "knn".
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -92,45 +99,92 @@ class TextToFace:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_compatible(generator, clip, mapper)
-        self.precision, self.batch_size = precision, batch_size
+        if bank is not None:
+            check_bank(bank, clip)
+        self.precision, self.batch_size, self.bank = precision, batch_size, bank
         self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.mapper = mapper.eval().requires_grad_(False).to(self.device)
         self.clip = clip.to(self.device)
 
+    # Conditions: [rows, D] or, for knn, [rows * n, D].
+
+    def text_conditions(self, prompts: list[str]) -> torch.Tensor:
+        if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
+            raise ValueError("every prompt must be a non-empty string")
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
+            return self.clip.encode_text(list(prompts)).float()
+
+    def image_conditions(self, images: torch.Tensor) -> torch.Tensor:
+        """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
+        return self.clip.encode_image(images.to(self.device)).float()
+
+    def knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
+        if self.bank is None:
+            raise ValueError("mode knn needs an embedding bank")
+        return knn_condition(self.text_conditions(prompts), self.bank.embeddings, n, seed, k=k, m=m, alpha=alpha)
+
     @torch.no_grad()
-    def __call__(self,
-        prompts: list[str],                     # Non-empty prompts.
-        n: int = 1,                             # Images per prompt.
+    def generate(self,
+        conditions: torch.Tensor,               # [rows, D], or [rows * n, D] (one per image), row-major.
+        labels: list[str],                      # One per row.
+        n: int = 1,                             # Images per row.
         seed: int = 0,                          # Seed of the mapper latents (and of the noise in "random" mode).
         truncation_psi: float = 1.0,            # Pull ws toward the generator's w_avg; 1 = none.
         noise_mode: str = "const",              # "const", "random" or "none".
     ) -> Faces:
-        prompts = list(prompts)
-        if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-            raise ValueError("every prompt must be a non-empty string")
+        rows = len(labels)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        if not torch.isfinite(torch.tensor(float(truncation_psi))):
+        if not math.isfinite(float(truncation_psi)):
             raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
+        if conditions.shape[0] == rows:
+            conditions = conditions.repeat_interleave(n, dim=0)             # [rows * n, D]
+        if conditions.shape[0] != rows * n:
+            raise ValueError(f"{conditions.shape[0]} conditions for {rows} rows of {n}")
+        z = sample_z(seed, rows, n, self.mapper.z_dim).to(self.device)
+        ws = self.mapper(conditions.to(self.device), z)                      # [rows * n, num_ws, w_dim]
+        ws = truncate(ws, self.generator.w_avg, truncation_psi)
         half = self.precision == "fp16"
 
-        with torch.autocast("cuda", dtype=torch.float16, enabled=half):
-            embedding = self.clip.encode_text(prompts).float()              # [P, D]
-        embedding = embedding.repeat_interleave(n, dim=0)                   # [P*n, D]
-        z = sample_z(seed, len(prompts), n, self.mapper.z_dim).to(self.device)
-        ws = self.mapper(embedding, z)                                      # [P*n, num_ws, w_dim]
-        ws = truncate(ws, self.generator.w_avg, truncation_psi)
-
         images = []
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(int(seed))
+        if noise_mode == "random":
+            # One noise stream per image, so an image does not depend on its batch.
+            devices = [self.device] if self.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=devices):
+                for idx, w in enumerate(ws.split(1)):
+                    torch.manual_seed(noise_seed(seed, *divmod(idx, n)))
+                    images.append(to_uint8(self.generator.synthesis(w.half() if half else w, noise_mode=noise_mode)).cpu())
+        else:
             for chunk in ws.split(self.batch_size):
-                img = self.generator.synthesis(chunk.half() if half else chunk, noise_mode=noise_mode)
-                images.append(to_uint8(img).cpu())
-        return Faces(images=torch.cat(images), ws=ws.float().cpu(), prompts=prompts, n=n)
+                images.append(to_uint8(self.generator.synthesis(chunk.half() if half else chunk, noise_mode=noise_mode)).cpu())
+        return Faces(images=torch.cat(images), ws=ws.float().cpu(), labels=list(labels), n=n)
+
+    def __call__(self,
+        prompts: list[str],
+        n: int = 1,
+        seed: int = 0,
+        truncation_psi: float = 1.0,
+        noise_mode: str = "const",
+        mode: str = "text",                     # "text": the prompt's embedding; "knn": bank combinations near it.
+    ) -> Faces:
+        """prompts -> faces in mode "text" or "knn" (for mode "image" use image_conditions + generate)."""
+        if mode == "text":
+            conditions = self.text_conditions(prompts)
+        elif mode == "knn":
+            conditions = self.knn_conditions(prompts, n, seed)
+        else:
+            raise ValueError(f"mode must be text or knn here, got {mode!r}")
+        return self.generate(conditions, list(prompts), n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
+
+
+def check_bank(bank: Bank, clip: Clip) -> None:
+    if bank.clip_fingerprint != clip.fingerprint:
+        raise ValueError(f"the embedding bank was made with CLIP {bank.clip or '?'}, not these {clip.name} weights; "
+                         f"use the bank of a run trained with --clip {clip.name}")
+    if bank.embeddings.shape[1] != clip.embed_dim:
+        raise ValueError(f"the bank holds {bank.embeddings.shape[1]}-d embeddings, CLIP {clip.name} gives {clip.embed_dim}-d")
 
 
 # ----------------------------------------------------------------------------
@@ -138,33 +192,44 @@ class TextToFace:
 
 
 def load_mapper(source: str | None, generator: Generator, generator_name: str, clip: Clip) -> Mapper:
-    """A mapper from "tiny" (random weights) or a mapper directory."""
+    """A mapper from "tiny" (random weights) or a mapper directory, refused if trained for other weights."""
     if source is None:
         raise MissingMapperError(
             f"no trained mapper is published for {generator_name} with CLIP {clip.name} yet; "
-            f"pass --mapper DIR with a mapper directory made by t2f-train (--mapper tiny gives random weights)")
+            f"make one with `t2f-train --generator {generator_name} --clip {clip.name} --out RUN` and pass --mapper RUN "
+            f"(--mapper tiny gives random weights)")
     if source == presets.TINY and not os.path.exists(source):
         return presets.random_mapper(generator, clip.embed_dim)
     mapper, meta = load_mapper_dir(source)
-    trained_clip = meta.get("clip")
-    if trained_clip is not None and trained_clip != clip.name:
-        raise WeightsError(f"{source} was trained for CLIP {trained_clip}, not {clip.name}; pass --clip {trained_clip}")
+    trained_clip = meta.get("clip") or {}
+    if trained_clip.get("fingerprint") not in (None, clip.fingerprint):
+        raise WeightsError(f"{source} was trained for CLIP {trained_clip.get('name')}, not these {clip.name} weights; "
+                           f"pass --clip {trained_clip.get('name')}")
+    trained_gen = meta.get("generator") or {}
+    if trained_gen.get("fingerprint") not in (None, fingerprint(generator)):
+        raise WeightsError(f"{source} was trained for generator {trained_gen.get('name')}, not the weights of "
+                           f"{generator_name}; pass --generator {trained_gen.get('name')}")
     return mapper
 
 
 def load_pipeline(
     generator: str = "ffhq-1024",     # Preset name, converted directory, NVIDIA pickle or rosinality .pt.
     clip: str = "ViT-B-32:openai",    # open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or "tiny".
-    mapper: str | None = None,        # Mapper directory or "tiny"; None = fail with how to get one.
+    mapper: str | None = None,        # Mapper directory (a t2f-train run) or "tiny"; None = fail with how to get one.
     device: str = "auto",
     precision: str = "fp32",
     batch_size: int = 8,
     cache: str | None = None,         # Download cache; None = $T2F_CACHE or ~/.cache/t2f.
     progress: bool = True,
+    bank: str | None = None,          # Embedding bank for mode "knn"; None = none ("" = the mapper directory's).
 ) -> TextToFace:
     from t2f import load_generator
+    from t2f.download import cache_dir
 
     g = load_generator(generator, cache=cache, progress=progress)
-    c = load_clip(clip, cache_dir=None if cache is None else os.path.join(cache, "clip"))
+    c = load_clip(clip, cache_dir=os.path.join(cache or cache_dir(), "clip"))
     m = load_mapper(mapper, g, generator, c)
-    return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size)
+    b = None
+    if bank is not None:
+        b = load_bank(bank or os.path.join(str(mapper), "bank.safetensors"))
+    return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size, bank=b)

@@ -8,6 +8,7 @@ config with random weights from a fixed seed, for tests and offline smoke runs.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -110,6 +111,7 @@ class Clip:
 
         self.spec = spec
         self.name = spec.name
+        self._fingerprint = None
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.context_length = int(getattr(tokenizer, "context_length", 77))
@@ -119,6 +121,18 @@ class Clip:
         self.text_encoder = TextEncoder(self.model)
         self.image_encoder = ImageEncoder(self.model, int(size), cfg.get("mean"), cfg.get("std"))
         self.embed_dim = int(self.text_encoder(self.tokenize(["a"])).shape[-1])
+
+    @property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex digits) of the embedding and projection tensors: tells checkpoints apart, cheaply."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for name, tensor in sorted(self.model.state_dict().items()):
+                if "proj" in name or "embedding" in name:
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     @property
     def device(self) -> torch.device:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -76,13 +77,32 @@ def write_json(path: str | os.PathLike, data) -> None:
 # Model directories.
 
 
-def save_model_dir(directory: str | os.PathLike, kind: str, config: dict, state_dict: dict, overwrite: bool = False, **extra) -> Path:
-    """Write `config.json` ({"kind", "config", **extra}) and `model.safetensors`, atomically."""
+def write_model_files(directory: str | os.PathLike, kind: str, config: dict, state_dict: dict, **extra) -> Path:
+    """Write `model.safetensors`, then `config.json` ({"kind", "config", **extra}), each atomically, into `directory`."""
+    directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+        save_file(tensors, str(tmp))
+    write_json(directory / CONFIG_NAME, dict(kind=kind, config=config, **extra))
+    return directory
+
+
+def save_model_dir(directory: str | os.PathLike, kind: str, config: dict, state_dict: dict, overwrite: bool = False, **extra) -> Path:
+    """A new model directory, written whole to a temporary sibling and renamed into place."""
     with atomic_dir(directory, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME))
-        (tmp / CONFIG_NAME).write_text(json.dumps(dict(kind=kind, config=config, **extra), indent=2, sort_keys=True) + "\n")
+        write_model_files(tmp, kind, config, state_dict, **extra)
     return Path(directory)
+
+
+def fingerprint(module: torch.nn.Module) -> str:
+    """sha256 (first 16 hex digits) of a module's tensors by name: identifies the exact weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode())
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_model_dir(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:

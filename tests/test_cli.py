@@ -47,7 +47,7 @@ def test_infer_writes_grid_images_and_ws(tmp_path):
     assert "random weights" in result.stderr and "wrote grid.png" in result.stdout
     grid = PIL.Image.open(tmp_path / "grid.png")
     assert grid.size == (3 * 64, 2 * 64)
-    assert json.loads(grid.text["t2f"])["prompts"] == ["a smiling woman", "an old man"]
+    assert json.loads(grid.text["t2f"])["labels"] == ["a smiling woman", "an old man"]
     assert sorted(os.listdir(tmp_path / "each")) == [f"p{p:03d}_s{s:03d}.png" for p in range(2) for s in range(3)]
     single = np.asarray(PIL.Image.open(tmp_path / "each" / "p001_s002.png"))
     assert np.array_equal(single, np.asarray(grid)[64:128, 128:192])
@@ -98,7 +98,7 @@ def test_offline_preset_names_file_url_and_flag(tmp_path):
 
 def test_no_mapper_says_how_to_get_one(tmp_path):
     result = run(infer_main, ["--generator", "tiny", "--clip", "tiny", "a"], tmp_path)
-    assert_one_error_line(result, 1, "no trained mapper", "--mapper DIR", "t2f-train")
+    assert_one_error_line(result, 1, "no trained mapper", "--mapper RUN", "t2f-train --generator tiny --clip tiny")
 
 
 @pytest.mark.parametrize("kind", ["truncated", "corrupt", "foreign", "mismatch"])

@@ -19,7 +19,7 @@ def test_shapes_and_types(pipe):
     g = pipe.generator
     assert faces.images.shape == (6, g.resolution, g.resolution, 3) and faces.images.dtype == torch.uint8
     assert faces.ws.shape == (6, g.num_ws, g.w_dim) and faces.ws.dtype == torch.float32
-    assert faces.prompts == ["a smiling woman", "an old man"] and faces.n == 3
+    assert faces.labels == ["a smiling woman", "an old man"] and faces.n == 3
 
 
 def test_same_seed_same_images_other_seed_other_images(pipe):
@@ -86,13 +86,13 @@ def test_incompatible_mapper(pipe):
     wrong = Mapper(MapperConfig(embed_dim=16, w_dim=pipe.generator.w_dim, num_ws=pipe.generator.num_ws))
     with pytest.raises(ValueError, match="16-d CLIP embeddings"):
         TextToFace(pipe.generator, pipe.clip, wrong, device="cpu")
-    wrong = Mapper(MapperConfig(embed_dim=32, w_dim=pipe.generator.w_dim, num_ws=3))
+    wrong = Mapper(MapperConfig(embed_dim=pipe.clip.embed_dim, w_dim=pipe.generator.w_dim, num_ws=3))
     with pytest.raises(ValueError, match="3 x 32 ws"):
         TextToFace(pipe.generator, pipe.clip, wrong, device="cpu")
 
 
 def test_missing_mapper_says_how_to_get_one():
-    with pytest.raises(MissingMapperError, match="--mapper DIR"):
+    with pytest.raises(MissingMapperError, match="--mapper RUN"):
         load_pipeline(generator="tiny", clip="tiny", mapper=None, device="cpu")
 
 

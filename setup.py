@@ -29,6 +29,7 @@ setup(
         "console_scripts": [
             "t2f-infer=t2f.engine.cli:main",
             "t2f-convert=t2f.convert:main",
+            "t2f-train=t2f.trainer.cli:main",
         ],
     },
 )

@@ -1,4 +1,1 @@
-"""t2f.trainer: fits the mapper on pairs the generator makes itself.
-
-Not built yet: this package is empty until `t2f-train` lands (issue 3).
-"""
+"""t2f.trainer: fits the mapper on pairs the generator makes itself (`t2f-train`: synth, fit, bank)."""

@@ -1,0 +1,279 @@
+"""t2f-train on the tiny generator and tiny CLIP: quality bar, resumption, end to end, bad input, torchrun."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from t2f.bank import load_bank, save_bank
+from t2f.engine.cli import main as infer_main
+from t2f.presets import random_generator
+from t2f.trainer.cli import main as train_main
+from t2f.weights import save_generator
+
+from conftest import randomize
+
+BASE = ["--generator", "tiny", "--clip", "tiny", "--no-progress"]
+# A fit that learns the tiny pairs well in a few seconds.
+FIT = ["--batch", "256", "--lr", "3e-3", "--warmup", "50", "--kl", "1", "--kl-warmup", "200", "--z-dim", "8",
+       "--hidden", "256", "--ema", "0.99", "--clip-every", "50", "--clip-batch", "4", "--embed-noise", "0:0.1",
+       "--val-fraction", "0.05", "--log-every", "250", "--eval-every", "1000", "--checkpoint-every", "500"]
+
+
+def train(args, expect=0):
+    result = CliRunner().invoke(train_main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def infer(args, cwd, expect=0):
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        result = CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
+    finally:
+        os.chdir(old)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+def evals(run):
+    return [e for e in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if "w_error" in e]
+
+
+def without_timing(stats_text):
+    return [{k: v for k, v in json.loads(line).items() if k != "steps_per_s"} for line in stats_text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One straight `t2f-train` run, all three stages."""
+    run = tmp_path_factory.mktemp("runs") / "full"
+    train([*BASE, "--out", run, "--samples", 6000, "--shard-size", 1000, "--synth-batch", 200, "--steps", 2000, *FIT])
+    return run
+
+
+@pytest.fixture(scope="module")
+def small_pairs(tmp_path_factory):
+    """A small synth stage (4 shards) to copy for fit experiments."""
+    run = tmp_path_factory.mktemp("runs") / "small"
+    train(["synth", *BASE, "--out", run, "--samples", 1200, "--shard-size", 300, "--synth-batch", 100])
+    return run
+
+
+# ----------------------------------------------------------------------------
+# Quality and outputs.
+
+
+def test_fit_beats_half_the_mean_w_baseline(trained):
+    last = evals(trained)[-1]
+    assert last["step"] == 2000
+    assert last["w_error"] <= 0.5 * last["w_error_mean_baseline"], last
+    assert evals(trained)[0]["w_error"] > last["w_error"]
+    # The other metrics are there and sane.
+    assert 0 < last["clip_consistency"] <= last["clip_consistency_ceiling"] + 1e-6
+    assert abs(last["clip_consistency_ceiling"] - 1) < 1e-4   # G(w) re-embedded gives back e
+    assert last["diversity"] > 0 and last["w_error_posterior"] > 0
+
+
+def test_run_layout(trained):
+    names = set(os.listdir(trained))
+    assert {"options.json", "pairs", "checkpoint.pt", "stats.jsonl", "config.json", "model.safetensors", "bank.safetensors"} <= names
+    options = json.loads((trained / "options.json").read_text())
+    assert set(options) == {"synth", "fit", "bank"} and options["synth"]["identity"]["samples"] == 6000
+    config = json.loads((trained / "config.json").read_text())
+    assert config["kind"] == "t2f-mapper" and config["generator"]["name"] == "tiny" and config["clip"]["name"] == "tiny"
+    manifest = json.loads((trained / "pairs" / "manifest.json").read_text())
+    assert [s["count"] for s in manifest["shards"]] == [1000] * 6
+    assert load_bank(trained / "bank.safetensors").embeddings.shape == (6000, 128)
+
+
+@pytest.mark.parametrize("mode", ["text", "knn", "image"])
+def test_infer_with_the_trained_mapper(trained, tmp_path, mode):
+    args = ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "--n", 3, "--save-ws", "ws.npy"]
+    if mode == "image":
+        face = np.random.default_rng(0).integers(0, 255, (80, 60, 3), dtype=np.uint8)
+        PIL.Image.fromarray(face).save(tmp_path / "face.png")
+        args += ["--image", "face.png", "--image", "face.png"]
+    else:
+        args += ["a smiling woman", "an old man"]
+    result = infer(args, tmp_path)
+    assert f"mode {mode}" in result.stdout
+    ws = np.load(tmp_path / "ws.npy")
+    assert ws.shape == (6, 10, 32)
+    assert PIL.Image.open(tmp_path / "faces.png").size == (3 * 64, 2 * 64)
+    assert not np.allclose(ws[0], ws[1])   # samples of one row differ
+
+
+def test_knn_and_text_modes_differ(trained, tmp_path):
+    for mode in ("text", "knn"):
+        infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "a child", "--n", 2,
+               "--save-ws", f"{mode}.npy"], tmp_path)
+    assert not np.allclose(np.load(tmp_path / "text.npy"), np.load(tmp_path / "knn.npy"))
+
+
+# ----------------------------------------------------------------------------
+# Resumption.
+
+
+def test_synth_interrupted_and_resumed_equals_straight(small_pairs, tmp_path):
+    run = tmp_path / "resumed"
+    args = ["synth", *BASE, "--out", run, "--samples", 1200, "--shard-size", 300, "--synth-batch", 100]
+    result = train([*args, "--max-shards", 1])
+    assert "resume" in result.output and not (run / "pairs" / "manifest.json").exists()
+    assert sorted(os.listdir(run / "pairs")) == ["shard-00000.safetensors"]
+    before = (run / "pairs" / "shard-00000.safetensors").stat().st_mtime_ns
+    (run / "pairs" / ".shard-00001.safetensors.abc.tmp").write_bytes(b"partial")   # as a killed run leaves it
+    train(args)
+    assert (run / "pairs" / "shard-00000.safetensors").stat().st_mtime_ns == before   # not redone
+    assert sorted(os.listdir(run / "pairs")) == sorted(os.listdir(small_pairs / "pairs"))
+    for name in os.listdir(small_pairs / "pairs"):
+        if name.endswith(".safetensors"):
+            a, b = load_file(str(run / "pairs" / name)), load_file(str(small_pairs / "pairs" / name))
+            assert all(torch.equal(a[k], b[k]) for k in ("w", "embedding", "index"))
+
+
+def test_fit_interrupted_and_resumed_equals_straight(small_pairs, tmp_path):
+    fit = ["fit", "--out", None, "--no-progress", *FIT, "--steps", 300, "--checkpoint-every", 100, "--log-every", 50, "--eval-every", 150]
+    runs = {}
+    for name in ("straight", "resumed"):
+        runs[name] = tmp_path / name
+        shutil.copytree(small_pairs, runs[name])
+        fit[2] = runs[name]
+        if name == "resumed":
+            result = train([*fit, "--stop-after", 130])
+            assert "stopped at step 130" in result.output and not (runs[name] / "model.safetensors").exists()
+            with open(runs[name] / "stats.jsonl", "a") as f:   # a line logged after the checkpoint, then killed
+                f.write(json.dumps({"step": 131, "loss": 0.0}) + "\n")
+        train(fit)
+    a, b = (load_file(str(runs[n] / "model.safetensors")) for n in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert without_timing((runs["straight"] / "stats.jsonl").read_text()) == without_timing((runs["resumed"] / "stats.jsonl").read_text())
+
+
+# ----------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("args", [["--samples", 0], ["--shard-size", -1], ["--steps", 0], ["--batch", 0],
+                                  ["--embed-noise", "1:0"], ["--val-fraction", 0]])
+def test_bad_sizes(tmp_path, args):
+    result = train([*BASE, "--out", tmp_path / "run", *args], expect=2)
+    assert "Error" in result.output and not (tmp_path / "run").exists()
+
+
+def test_dry_run_prints_and_writes_nothing(tmp_path):
+    result = train([*BASE, "--out", tmp_path / "run", "--samples", 10, "--dry-run"])
+    resolved = json.loads(result.output)
+    assert resolved["stages"] == ["synth", "fit", "bank"] and resolved["options"]["samples"] == 10
+    assert resolved["options"]["fit"]["noise_min"] == 0.75
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_directory_holding_a_different_run_is_refused(small_pairs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    before = (run / "options.json").read_text()
+    result = train(["synth", *BASE, "--out", run, "--samples", 1200, "--shard-size", 300, "--seed", 1], expect=1)
+    assert "holds a different run" in result.output and "seed" in result.output
+    assert (run / "options.json").read_text() == before
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    result = train(["synth", *BASE, "--out", other, "--samples", 10], expect=1)
+    assert "holds no t2f-train run" in result.output and os.listdir(other) == ["notes.txt"]
+
+
+def test_options_before_the_subcommand_are_refused(tmp_path):
+    result = CliRunner().invoke(train_main, ["--steps", "5", "fit", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "must come after the subcommand" in result.output
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "corrupt"])
+def test_bad_shards(small_pairs, tmp_path, damage):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    shard = run / "pairs" / "shard-00002.safetensors"
+    if damage == "missing":
+        shard.unlink()
+        fragment = "missing"
+    elif damage == "empty":
+        manifest = json.loads((run / "pairs" / "manifest.json").read_text())
+        manifest["shards"] = []
+        (run / "pairs" / "manifest.json").write_text(json.dumps(manifest))
+        fragment = "lists no shards"
+    else:
+        shard.write_bytes(shard.read_bytes()[:100])
+        fragment = "truncated or corrupt"
+    result = train(["fit", "--out", run, "--no-progress", *FIT, "--steps", 10], expect=1)
+    assert fragment in result.output and not (run / "model.safetensors").exists()
+
+
+def test_fit_without_synth(tmp_path):
+    result = train(["fit", "--out", tmp_path / "run", "--steps", 10], expect=1)
+    assert "no synth stage" in result.output
+
+
+def test_mapper_refuses_other_generator_weights(trained, tmp_path):
+    save_generator(randomize(random_generator("tiny"), seed=9), tmp_path / "other-g")
+    result = infer(["--generator", "other-g", "--clip", "tiny", "--mapper", trained, "a"], tmp_path, expect=1)
+    assert "trained for generator tiny" in result.stderr and not (tmp_path / "faces.png").exists()
+
+
+def test_mapper_refuses_other_clip_weights(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = json.loads((run / "config.json").read_text())
+    config["clip"] = {"name": "ViT-B-32:openai", "fingerprint": "0123456789abcdef"}
+    (run / "config.json").write_text(json.dumps(config))
+    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
+    assert "trained for CLIP ViT-B-32:openai" in result.stderr
+
+
+def test_bank_for_another_clip_is_refused(trained, tmp_path):
+    bank = load_bank(trained / "bank.safetensors")
+    save_bank(tmp_path / "bank.safetensors", bank.embeddings, "ViT-B-32:openai", "0123456789abcdef")
+    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", "knn",
+                    "--bank", "bank.safetensors", "a"], tmp_path, expect=1)
+    assert "bank was made with CLIP ViT-B-32:openai" in result.stderr and not (tmp_path / "faces.png").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--mode", "image"], "needs --image"),
+    (["--mode", "image", "--image", "x.png", "a"], "takes no prompts"),
+    (["--image", "x.png", "a"], "goes with --mode image"),
+    (["--mode", "image", "--image", "missing.png"], "cannot read image"),
+    ([], "at least one prompt"),
+])
+def test_mode_usage_errors(trained, tmp_path, args, fragment):
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, *args], tmp_path, expect=2)
+    assert fragment in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# torchrun.
+
+
+def test_torchrun_two_processes_same_layout_and_pairs(small_pairs, tmp_path):
+    run = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "t2f.trainer.cli",
+           *BASE, "--out", str(run), "--samples", "1200", "--shard-size", "300", "--synth-batch", "100",
+           *[str(a) for a in FIT], "--steps", "60", "--log-every", "30", "--eval-every", "60"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {"options.json", "pairs", "checkpoint.pt", "stats.jsonl", "config.json", "model.safetensors", "bank.safetensors"} <= set(os.listdir(run))
+    for name in os.listdir(small_pairs / "pairs"):   # the ranks split the shards; each shard is as one process makes it
+        if name.endswith(".safetensors"):
+            a, b = load_file(str(run / "pairs" / name)), load_file(str(small_pairs / "pairs" / name))
+            assert torch.equal(a["w"], b["w"]) and torch.allclose(a["embedding"], b["embedding"], atol=1e-6)
+    assert [e["step"] for e in map(json.loads, (run / "stats.jsonl").read_text().splitlines())] == [30, 60]

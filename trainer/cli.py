@@ -1,0 +1,319 @@
+"""`t2f-train`: text-free, data-free training of the mapper, in three resumable stages."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import time
+
+import click
+
+from .fit import FitOptions
+
+FIT_DEFAULTS = FitOptions()
+# Options that do not change the trained weights: they may differ when a run is resumed.
+FIT_FREE = ("checkpoint_every", "log_every", "eval_every")
+
+
+def _range(text: str) -> tuple[float, float]:
+    try:
+        lo, _, hi = text.partition(":")
+        lo, hi = float(lo), float(hi or lo)
+    except ValueError:
+        raise click.BadParameter(f"expected MIN:MAX, got {text!r}") from None
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+        raise click.BadParameter(f"expected 0 <= MIN <= MAX, got {text!r}")
+    return lo, hi
+
+
+# ----------------------------------------------------------------------------
+# Options, declared once and shared by the one-command form and the subcommands.
+
+def _options(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+    return apply
+
+
+Pos = click.IntRange(min=1)
+NonNeg = click.IntRange(min=0)
+
+COMMON = _options(
+    click.option("--out",          help="Run directory", metavar="DIR", type=click.Path(file_okay=False)),
+    click.option("--device",       help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)", metavar="STR", default="auto", show_default=True),
+    click.option("--seed",         help="Seed: synth's z, fit's initialization, split and steps", metavar="INT", type=NonNeg, default=0, show_default=True),
+    click.option("--dry-run",      help="Print the resolved options and exit", is_flag=True),
+    click.option("--progress/--no-progress", help="Progress bars", default=True, show_default=True),
+)
+SYNTH = _options(
+    click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True),
+    click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True),
+    click.option("--samples",      help="Pairs to synthesize", metavar="INT", type=Pos, default=100_000, show_default=True),
+    click.option("--shard-size",   help="Pairs per shard", metavar="INT", type=Pos, default=5000, show_default=True),
+    click.option("--synth-batch",  help="Images per synth batch", metavar="INT", type=Pos, default=16, show_default=True),
+    click.option("--downsample",   help="Area-resize images to this size before CLIP; 0 = CLIP's resize only", metavar="INT", type=NonNeg, default=256, show_default=True),
+    click.option("--max-shards",   help="Stop after this many new shards (resume later)", metavar="INT", type=Pos),
+)
+FIT = _options(
+    click.option("--steps",        help="Optimizer steps", metavar="INT", type=Pos, default=FIT_DEFAULTS.steps, show_default=True),
+    click.option("--batch",        help="Global batch size", metavar="INT", type=Pos, default=FIT_DEFAULTS.batch, show_default=True),
+    click.option("--lr",           help="Peak learning rate", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True, max=1), default=FIT_DEFAULTS.lr, show_default=True),
+    click.option("--warmup",       help="Learning-rate warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.warmup, show_default=True),
+    click.option("--kl",           help="KL weight", metavar="FLOAT", type=click.FloatRange(min=0, max=1e3), default=FIT_DEFAULTS.kl, show_default=True),
+    click.option("--kl-warmup",    help="KL weight warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.kl_warmup, show_default=True),
+    click.option("--embed-noise",  help="Embedding noise scale MIN:MAX (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
+    click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=click.FloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
+    click.option("--clip-every",   help="CLIP-consistency loss every k steps; 0 = off", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.clip_every, show_default=True),
+    click.option("--clip-batch",   help="Samples through G and CLIP for that loss", metavar="INT", type=Pos, default=FIT_DEFAULTS.clip_batch, show_default=True),
+    click.option("--ema",          help="EMA decay", metavar="FLOAT", type=click.FloatRange(0, 1, max_open=True), default=FIT_DEFAULTS.ema, show_default=True),
+    click.option("--val-fraction", help="Held-out share of the pairs", metavar="FLOAT", type=click.FloatRange(0, 0.5, min_open=True), default=FIT_DEFAULTS.val_fraction, show_default=True),
+    click.option("--checkpoint-every", help="Steps between checkpoints", metavar="INT", type=Pos, default=FIT_DEFAULTS.checkpoint_every, show_default=True),
+    click.option("--log-every",    help="Steps between stats lines", metavar="INT", type=Pos, default=FIT_DEFAULTS.log_every, show_default=True),
+    click.option("--eval-every",   help="Steps between held-out metrics", metavar="INT", type=Pos, default=FIT_DEFAULTS.eval_every, show_default=True),
+    click.option("--z-dim",        help="Mapper latent size", metavar="INT", type=Pos, default=FIT_DEFAULTS.z_dim, show_default=True),
+    click.option("--hidden",       help="Mapper hidden width", metavar="INT", type=Pos, default=FIT_DEFAULTS.hidden, show_default=True),
+    click.option("--layers",       help="Mapper linear layers", metavar="INT", type=click.IntRange(min=2), default=FIT_DEFAULTS.layers, show_default=True),
+    click.option("--w-plus",       help="Predict one w per style", is_flag=True),
+    click.option("--stop-after",   help="Stop (with a checkpoint) after this step; resume later", metavar="INT", type=Pos),
+)
+BANK = _options(
+    click.option("--bank-size",    help="Embeddings in the KNN bank; 0 = all pairs", metavar="INT", type=NonNeg, default=0, show_default=True),
+)
+
+
+# ----------------------------------------------------------------------------
+# Stages.
+
+
+@contextlib.contextmanager
+def _errors_as_clicks():
+    from t2f import ClipLoadError, DownloadError, WeightsError
+    from .run import RunError
+
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    except (RunError, WeightsError, DownloadError, ClipLoadError, ValueError, FileExistsError) as e:
+        raise click.ClickException(" ".join(str(e).split())) from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _fit_options(kw: dict) -> FitOptions:
+    noise_min, noise_max = _range(kw["embed_noise"])
+    names = {f.name for f in dataclasses.fields(FitOptions)}
+    values = {k: v for k, v in kw.items() if k in names}
+    return FitOptions(noise_min=noise_min, noise_max=noise_max, **values)
+
+
+def _fit_identity(options: FitOptions) -> tuple[dict, dict]:
+    d = dataclasses.asdict(options)
+    return {k: v for k, v in d.items() if k not in FIT_FREE}, {k: d[k] for k in FIT_FREE}
+
+
+def _require_out(out):
+    if not out:
+        raise click.UsageError("--out DIR is required")
+
+
+class _Context:
+    """Loaded models and the run, shared by the stages of one command."""
+
+    def __init__(self, out: str, device: str):
+        from .run import Run, init_dist
+
+        self.run = Run(out)
+        self.run.check_usable()
+        self.dist, self.device = init_dist(device)
+        self.generator = self.clip = None
+
+    def load(self, generator: str, clip: str, fingerprint: str | None = None, clip_fingerprint: str | None = None):
+        import t2f
+        from t2f.io import fingerprint as weights_fingerprint
+
+        from .run import RunError
+
+        self.generator = t2f.load_generator(generator)
+        self.generator_name = generator
+        self.generator_fingerprint = weights_fingerprint(self.generator)
+        if fingerprint is not None and fingerprint != self.generator_fingerprint:
+            raise RunError(f"{generator} is not the generator this run's pairs were made with; pass --generator with that one")
+        self.clip = t2f.load_clip(clip)
+        if clip_fingerprint is not None and clip_fingerprint != self.clip.fingerprint:
+            raise RunError(f"CLIP {clip} does not have the weights this run's pairs were embedded with")
+
+    def claim(self, stage: str, identity: dict, extra: dict | None = None) -> None:
+        self.run.claim(stage, identity, extra, write=self.dist.main)
+        self.dist.barrier()
+
+
+def _synth_identity(ctx: _Context, kw: dict) -> tuple[dict, dict]:
+    identity = dict(generator_fingerprint=ctx.generator_fingerprint, clip=ctx.clip.name, clip_fingerprint=ctx.clip.fingerprint,
+                    samples=kw["samples"],
+                    shard_size=kw["shard_size"], seed=kw["seed"], downsample=kw["downsample"])
+    return identity, dict(generator=ctx.generator_name, synth_batch=kw["synth_batch"])
+
+
+def run_synth(ctx: _Context, kw: dict) -> bool:
+    from .synth import synth
+
+    identity, extra = _synth_identity(ctx, kw)
+    ctx.claim("synth", identity, extra)
+    if ctx.dist.main:
+        ctx.run.clean_stale_temporaries()
+    ctx.dist.barrier()
+    done = synth(ctx.run, ctx.generator, ctx.clip, dict(identity, generator=ctx.generator_name), ctx.dist, ctx.device,
+                 batch_size=kw["synth_batch"], progress=kw["progress"], max_shards=kw["max_shards"])
+    if not done and ctx.dist.main:
+        click.echo(f"synth stopped with shards still to make; run the same command again to resume")
+    return done
+
+
+def run_fit(ctx: _Context, kw: dict) -> bool:
+    from .fit import fit
+    from .synth import load_pairs
+
+    options = _fit_options(kw)
+    identity, extra = _fit_identity(options)
+    synth_section = ctx.run.stage("synth", "run `t2f-train synth` first")
+    ctx.claim("fit", identity, extra)
+    W, E, manifest = load_pairs(ctx.run)
+    if manifest.get("clip_fingerprint") != ctx.clip.fingerprint:
+        from .run import RunError
+        raise RunError(f"the pairs were embedded with CLIP {manifest.get('clip')}, not these {ctx.clip.name} weights")
+    ident = dict(synth_section["identity"], generator=synth_section.get("generator"))
+    done = fit(ctx.run, W, E, ctx.generator, ctx.clip, options, ident, ctx.dist, ctx.device,
+               progress=kw["progress"], stop_after=kw["stop_after"])
+    if not done and ctx.dist.main:
+        click.echo(f"fit stopped at step {min(kw['stop_after'], options.steps)} of {options.steps}; run the same command again to resume")
+    return done
+
+
+def run_bank(ctx: _Context, kw: dict) -> None:
+    from t2f.bank import save_bank
+
+    from .synth import load_pairs
+
+    ctx.run.stage("synth", "run `t2f-train synth` first")
+    ctx.claim("bank", dict(bank_size=kw["bank_size"]))
+    if ctx.dist.main:
+        _, E, manifest = load_pairs(ctx.run)
+        size = kw["bank_size"] or E.shape[0]
+        save_bank(ctx.run.bank_path, E[:size], manifest["clip"], manifest["clip_fingerprint"])
+        click.echo(f"bank: {min(size, E.shape[0])} embeddings -> {ctx.run.bank_path}")
+    ctx.dist.barrier()
+
+
+def _dry_run(stages: list[str], kw: dict) -> None:
+    resolved = {k: v for k, v in kw.items() if k != "dry_run"}
+    if "fit" in stages:
+        resolved["fit"] = dataclasses.asdict(_fit_options(kw))
+    click.echo(json.dumps(dict(stages=stages, options=resolved), indent=2, sort_keys=True, default=str))
+
+
+def _from_synth(ctx: _Context, kw: dict) -> None:
+    """Load the generator and CLIP a run's synth stage used (or --generator, checked by fingerprint)."""
+    section = ctx.run.stage("synth", "run `t2f-train synth` first")
+    identity = section["identity"]
+    ctx.load(kw.get("generator") or section.get("generator"), identity["clip"],
+             fingerprint=identity["generator_fingerprint"], clip_fingerprint=identity["clip_fingerprint"])
+
+
+# ----------------------------------------------------------------------------
+# Commands.
+
+
+@click.group(invoke_without_command=True, context_settings=dict(help_option_names=["-h", "--help"]))
+@COMMON
+@SYNTH
+@FIT
+@BANK
+@click.pass_context
+def main(cctx, **kw):
+    """Train a mapper for any StyleGAN2 and any CLIP, without captions or an image dataset.
+
+    Without a subcommand, runs synth, fit and bank in order; each resumes where it stopped.
+
+    \b
+    Examples:
+    t2f-train --generator ffhq-1024 --clip ViT-B-32:openai --out runs/ffhq
+    t2f-train synth --generator ffhq-1024 --clip ViT-B-32:openai --out runs/ffhq --samples 200000
+    t2f-train fit --out runs/ffhq --steps 50000
+    torchrun --nproc_per_node 8 -m t2f.trainer.cli --out runs/ffhq      # multi-GPU
+    """
+    if cctx.invoked_subcommand is not None:
+        given = [p.opts[0] for p in cctx.command.params
+                 if cctx.get_parameter_source(p.name) not in (click.core.ParameterSource.DEFAULT, None)]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} must come after the subcommand ({cctx.invoked_subcommand})")
+        return
+    _require_out(kw["out"])
+    if kw["dry_run"]:
+        return _dry_run(["synth", "fit", "bank"], kw)
+    start = time.perf_counter()
+    with _errors_as_clicks():
+        _fit_options(kw)                       # validate --embed-noise before any work
+        ctx = _Context(kw["out"], kw["device"])
+        fit_identity = _fit_identity(_fit_options(kw))[0]
+        ctx.run.claim("fit", fit_identity, write=False)
+        ctx.run.claim("bank", dict(bank_size=kw["bank_size"]), write=False)
+        ctx.load(kw["generator"], kw["clip"])
+        ctx.run.claim("synth", _synth_identity(ctx, kw)[0], write=False)
+        if not run_synth(ctx, kw) or not run_fit(ctx, kw):
+            return
+        run_bank(ctx, kw)
+    if ctx.dist.main:
+        click.echo(f"done in {time.perf_counter() - start:.0f} s: t2f-infer --mapper {kw['out']} --generator {kw['generator']} "
+                   f"--clip {kw['clip']} \"a smiling woman\"")
+
+
+@main.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@COMMON
+@SYNTH
+def synth(**kw):
+    """Stage 1: sample z -> w -> image -> CLIP image embedding, in resumable shards."""
+    _require_out(kw["out"])
+    if kw["dry_run"]:
+        return _dry_run(["synth"], kw)
+    with _errors_as_clicks():
+        ctx = _Context(kw["out"], kw["device"])
+        ctx.load(kw["generator"], kw["clip"])
+        run_synth(ctx, kw)
+
+
+@main.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@COMMON
+@FIT
+@click.option("--generator", help="The run's generator, if it moved [default: as recorded by synth]", metavar="PATH")
+def fit(**kw):
+    """Stage 2: train the conditional VAE on the pairs (resumes from the checkpoint)."""
+    _require_out(kw["out"])
+    if kw["dry_run"]:
+        return _dry_run(["fit"], kw)
+    with _errors_as_clicks():
+        ctx = _Context(kw["out"], kw["device"])
+        _fit_options(kw)
+        _from_synth(ctx, kw)
+        run_fit(ctx, kw)
+
+
+@main.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@COMMON
+@BANK
+def bank(**kw):
+    """Stage 3: the embedding bank for `t2f-infer --mode knn`."""
+    _require_out(kw["out"])
+    if kw["dry_run"]:
+        return _dry_run(["bank"], kw)
+    with _errors_as_clicks():
+        ctx = _Context(kw["out"], kw["device"])
+        run_bank(ctx, kw)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Stage 2, fit: train the conditional VAE on the generator's own (w, CLIP image embedding) pairs.
+
+Losses: w reconstruction through the posterior, KL (weight with linear warm-up, divided by
+z_dim as in Fast text2StyleGAN), embedding noise augmentation to bridge CLIP's text/image gap
+(clip2latent), and an optional CLIP-consistency loss 1 - cos(CLIP(G(w_hat)), e) through the
+generator and CLIP's image encoder every k steps. Adam with a cosine schedule, an EMA of the
+weights, a held-out split.
+
+Every random number of step s comes from a CPU generator seeded with (seed, s), so a run
+that is stopped and resumed from its checkpoint takes exactly the steps a straight run takes.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from t2f.clip import Clip
+from t2f.io import atomic_path, write_json, write_model_files
+from t2f.mapper import MAPPER_KIND, Mapper, MapperConfig
+from t2f.stylegan2 import Generator
+
+from .run import Dist, Run, RunError
+from .synth import image_embeddings
+
+
+@dataclasses.dataclass(frozen=True)
+class FitOptions:
+    steps: int = 20000                 # Optimizer steps.
+    batch: int = 256                   # Global batch size (split across torchrun ranks).
+    lr: float = 2e-4                   # Peak learning rate (Adam).
+    warmup: int = 500                  # Linear learning-rate warm-up steps; 0 = none.
+    kl: float = 0.2                    # KL weight (the KL is divided by z_dim).
+    kl_warmup: int = 2000              # Steps over which the KL weight ramps up from 0; 0 = none.
+    noise_min: float = 0.75            # Embedding noise scale, drawn uniformly in [noise_min, noise_max] per sample.
+    noise_max: float = 1.0
+    clip_weight: float = 1.0           # Weight of the CLIP-consistency loss.
+    clip_every: int = 10               # Apply it every k steps; 0 = never.
+    clip_batch: int = 8                # Samples that go through G and CLIP for it.
+    ema: float = 0.999                 # EMA decay of the mapper's weights.
+    val_fraction: float = 0.02         # Held-out share of the pairs (at least one pair).
+    checkpoint_every: int = 1000       # Steps between checkpoints (also at the end and at --stop-after).
+    log_every: int = 100               # Steps between loss lines in stats.jsonl.
+    eval_every: int = 1000             # Steps between held-out metrics (also at the end).
+    z_dim: int = 128                   # Mapper: CVAE latent size.
+    hidden: int = 512                  # Mapper: hidden width.
+    layers: int = 4                    # Mapper: linear layers in decoder and encoder.
+    w_plus: bool = False               # Mapper: one w per style.
+    seed: int = 0                      # Initialization, split and every step's random numbers.
+
+
+# ----------------------------------------------------------------------------
+# Pure functions.
+
+
+def get_lr(step: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 0 at `total` (steps count from 1)."""
+    if warmup and step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def augment_embedding(e: torch.Tensor, scale: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """normalize(normalize(e) + scale * unit(direction)); scale [B, 1], direction [B, D]."""
+    return F.normalize(F.normalize(e, dim=-1) + scale * F.normalize(direction, dim=-1), dim=-1)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(q || N(0, I)) per sample, divided by z_dim, averaged over the batch."""
+    return (-0.5 * (1 + logvar - mu.square() - logvar.exp())).sum(dim=1).mean() / mu.shape[1]
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, np.uint64)[0]))
+
+
+class CVAEPass(nn.Module):
+    """(w [B, w_dim], embedding [B, D], eps [B, z_dim]) -> (ws_hat [B, num_ws, w_dim], mu, logvar): one training pass."""
+
+    def __init__(self, mapper: Mapper):
+        super().__init__()
+        self.mapper = mapper
+
+    def forward(self, w: torch.Tensor, embedding: torch.Tensor, eps: torch.Tensor):
+        ws = w.unsqueeze(1).expand(-1, self.mapper.num_ws, -1)
+        mu, logvar = self.mapper.encoder(self.mapper.w_offset(ws), embedding)
+        z = mu + (0.5 * logvar).exp() * eps
+        return self.mapper(embedding, z), mu, logvar
+
+
+# ----------------------------------------------------------------------------
+# Metrics.
+
+
+@torch.no_grad()
+def evaluate(mapper: Mapper, w: torch.Tensor, e: torch.Tensor, w_mean: torch.Tensor, generator: Generator | None,
+             clip: Clip | None, downsample: int, seed: int) -> dict:
+    """Held-out metrics of a mapper on pairs (w [N, w_dim], e [N, D])."""
+    zeros = torch.zeros(w.shape[0], mapper.z_dim, device=w.device)
+    w_prior = mapper(e, zeros)[:, 0]
+    ws = w.unsqueeze(1).expand(-1, mapper.num_ws, -1)
+    mu, _ = mapper.encoder(mapper.w_offset(ws), e)
+    stats = dict(
+        w_error=(w_prior - w).square().mean().item(),                          # prior mean (z = 0) vs true w
+        w_error_mean_baseline=(w_mean - w).square().mean().item(),             # predicting the training mean w
+        w_error_posterior=(mapper(e, mu)[:, 0] - w).square().mean().item(),    # through the encoder's mean
+    )
+    # Diversity: mean pairwise distance of 8 prior samples for each of up to 8 embeddings.
+    g = step_generator(seed, 0)  # step 0 is never a training step
+    k, count = 8, min(8, e.shape[0])
+    z = torch.randn([count * k, mapper.z_dim], generator=g).to(w.device)
+    samples = mapper(e[:count].repeat_interleave(k, dim=0), z)[:, 0].reshape(count, k, -1)
+    stats["diversity"] = torch.cdist(samples, samples).sum().item() / (count * k * (k - 1))
+    if generator is not None and clip is not None:
+        count = min(16, e.shape[0])
+        e_hat = image_embeddings(generator, clip, mapper(e[:count], zeros[:count]), downsample)
+        e_true = image_embeddings(generator, clip, ws[:count], downsample)
+        stats["clip_consistency"] = (e_hat * e[:count]).sum(-1).mean().item()        # cos(CLIP(G(w_hat)), e)
+        stats["clip_consistency_ceiling"] = (e_true * e[:count]).sum(-1).mean().item()  # cos(CLIP(G(w)), e)
+    return stats
+
+
+# ----------------------------------------------------------------------------
+# The stage.
+
+
+def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+    n_val = max(1, round(n * fraction))
+    if n - n_val < 1:
+        raise RunError(f"{n} pairs are too few to hold out {n_val}; make more with synth")
+    return perm[n_val:], perm[:n_val]
+
+
+def _read_stats(run: Run, upto: int) -> list[str]:
+    if not run.stats_path.is_file():
+        return []
+    return [line for line in run.stats_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto]
+
+
+def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: Clip | None, options: FitOptions,
+        identity: dict, dist: Dist, device: torch.device, progress: bool = True, stop_after: int | None = None) -> bool:
+    """Train (or resume) the mapper; True when all steps are done and the mapper is written into the run."""
+    o = options
+    if o.batch % dist.world:
+        raise RunError(f"--batch {o.batch} is not divisible by the {dist.world} torchrun processes")
+    train_idx, val_idx = _split(W.shape[0], o.val_fraction, o.seed)
+    config = MapperConfig(embed_dim=E.shape[1], w_dim=W.shape[1], num_ws=generator.num_ws, z_dim=o.z_dim,
+                          hidden=o.hidden, layers=o.layers, w_plus=o.w_plus)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(o.seed)
+        mapper = Mapper(config, w_avg=generator.w_avg.cpu())
+    ema = copy.deepcopy(mapper).requires_grad_(False)
+    optimizer = torch.optim.Adam(mapper.parameters(), lr=o.lr, betas=(0.9, 0.99))
+    start = 0
+    if run.checkpoint_path.is_file():
+        try:
+            ckpt = torch.load(run.checkpoint_path, map_location="cpu", weights_only=True)
+            mapper.load_state_dict(ckpt["mapper"])
+            ema.load_state_dict(ckpt["ema"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+            start = int(ckpt["step"])
+        except (RuntimeError, KeyError, EOFError, ValueError) as e:
+            raise RunError(f"{run.checkpoint_path} is corrupt or from another fit ({type(e).__name__}); delete it to start over") from None
+    stats_lines = _read_stats(run, start) if dist.main else []
+    if dist.main:
+        with atomic_path(run.stats_path) as tmp:
+            tmp.write_text("".join(line + "\n" for line in stats_lines))
+
+    mapper.to(device).train()
+    ema.to(device).eval()
+    generator.to(device).eval().requires_grad_(False)
+    if clip is not None:
+        clip.to(device)
+    model = CVAEPass(mapper)
+    if dist.world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    W_train, E_train = W[train_idx], E[train_idx]
+    w_mean = W_train.mean(dim=0).to(device)
+    val_w, val_e = W[val_idx][:1024].to(device), E[val_idx][:1024].to(device)
+    per_rank = o.batch // dist.world
+    downsample = identity.get("downsample", 0)
+    end = o.steps if stop_after is None else min(o.steps, stop_after)
+
+    def log(entry: dict) -> None:
+        if dist.main:
+            with open(run.stats_path, "a") as f:
+                f.write(json.dumps(entry, sort_keys=True) + "\n")
+
+    def checkpoint(step: int) -> None:
+        if dist.main:
+            with atomic_path(run.checkpoint_path) as tmp:
+                torch.save(dict(step=step, mapper=mapper.state_dict(), ema=ema.state_dict(),
+                                optimizer=optimizer.state_dict()), tmp)
+        dist.barrier()
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    with tqdm(total=o.steps, initial=start, unit="step", desc="fit", disable=not progress or not dist.main) as bar:
+        for step in range(start + 1, end + 1):
+            g = step_generator(o.seed, step)
+            idx = torch.randint(W_train.shape[0], [o.batch], generator=g)
+            scale = o.noise_min + (o.noise_max - o.noise_min) * torch.rand([o.batch, 1], generator=g)
+            direction = torch.randn([o.batch, E.shape[1]], generator=g)
+            eps = torch.randn([o.batch, o.z_dim], generator=g)
+            mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+            w, e = W_train[idx][mine].to(device), E_train[idx][mine].to(device)
+            e_aug = augment_embedding(e, scale[mine].to(device), direction[mine].to(device))
+
+            ws_hat, mu, logvar = model(w, e_aug, eps[mine].to(device))
+            reconstruction = (ws_hat - w.unsqueeze(1)).square().mean()
+            kl = kl_divergence(mu, logvar)
+            kl_weight = o.kl * (min(1.0, step / o.kl_warmup) if o.kl_warmup else 1.0)
+            loss = reconstruction + kl_weight * kl
+            clip_loss = None
+            if o.clip_every and clip is not None and step % o.clip_every == 0:
+                n = min(o.clip_batch, w.shape[0])
+                e_hat = image_embeddings(generator, clip, ws_hat[:n], downsample)
+                clip_loss = (1 - (e_hat * F.normalize(e[:n], dim=-1)).sum(-1)).mean()
+                loss = loss + o.clip_weight * clip_loss
+
+            lr = get_lr(step, o.steps, o.lr, o.warmup)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                for p_ema, p in zip(ema.parameters(), mapper.parameters()):
+                    p_ema.lerp_(p, 1 - o.ema)
+            bar.update(1)
+
+            is_eval = step % o.eval_every == 0 or step == o.steps
+            if step % o.log_every == 0 or is_eval:
+                entry = dict(step=step, lr=lr, loss=loss.item(), reconstruction=reconstruction.item(), kl=kl.item(),
+                             kl_weight=kl_weight, steps_per_s=(step - start) / (time.perf_counter() - t0))
+                if clip_loss is not None:
+                    entry["clip_loss"] = clip_loss.item()
+                if is_eval:
+                    entry.update(evaluate(ema, val_w, val_e, w_mean, generator, clip, downsample, o.seed))
+                log(entry)
+            if step % o.checkpoint_every == 0 or step == end:
+                checkpoint(step)
+
+    done = end == o.steps
+    if done and dist.main:
+        write_model_files(run.out, MAPPER_KIND, config.to_dict(), ema.state_dict(),
+                          generator=dict(name=identity["generator"], fingerprint=identity["generator_fingerprint"]),
+                          clip=dict(name=identity["clip"], fingerprint=identity["clip_fingerprint"]))
+    dist.barrier()
+    return done

@@ -13,8 +13,8 @@ setup(
     package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.export": "export", "t2f.trainer": "trainer"},
     package_data={"t2f": ["clip_configs/*.json"]},
     install_requires=[
-        "torch>=2.4,<2.15",
-        "torchvision>=0.19,<0.30",
+        "torch>=2.10,<2.15",  # weights_only loading: 2.10 fixes the last known bypass
+        "torchvision>=0.25,<0.30",
         "open_clip_torch>=3.0,<4",
         "numpy>=1.24",
         "click>=8.1",

@@ -15,6 +15,7 @@ import warnings
 import click
 import numpy as np
 
+from t2f.io import umask
 from t2f.stylegan2 import NOISE_MODES
 
 from .pipeline import MODES
@@ -69,7 +70,7 @@ def _write_all(files: dict[str, bytes]) -> None:
             staged.append((tmp, path))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
-            os.chmod(tmp, 0o666 & ~_umask())
+            os.chmod(tmp, 0o666 & ~umask())
         for tmp, path in staged:
             os.replace(tmp, path)
     except OSError as e:
@@ -77,12 +78,6 @@ def _write_all(files: dict[str, bytes]) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _load_images(paths: list[str]):

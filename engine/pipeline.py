@@ -224,10 +224,9 @@ def load_pipeline(
     bank: str | None = None,          # Embedding bank for mode "knn"; None = none ("" = the mapper directory's).
 ) -> TextToFace:
     from t2f import load_generator
-    from t2f.download import cache_dir
 
     g = load_generator(generator, cache=cache, progress=progress)
-    c = load_clip(clip, cache_dir=os.path.join(cache or cache_dir(), "clip"))
+    c = load_clip(clip, cache_dir=None if cache is None else os.path.join(cache, "clip"))
     m = load_mapper(mapper, g, generator, c)
     b = None
     if bank is not None:

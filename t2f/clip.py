@@ -180,6 +180,10 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
 
+    if cache_dir is None:
+        from .download import cache_dir as t2f_cache
+
+        cache_dir = str(t2f_cache() / "clip")
     parsed = ClipSpec.parse(spec)
     register_tiny_config()
     if parsed.model not in open_clip.list_models():

@@ -9,6 +9,18 @@ import time
 import click
 
 
+def _is_generator_dir(path: str) -> bool:
+    import json
+
+    from .weights import GENERATOR_KIND
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return json.load(f).get("kind") == GENERATOR_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 @click.argument("source",       metavar="SOURCE")
 @click.option("--out",          help="Output directory (config.json + model.safetensors)", metavar="DIR", type=click.Path(file_okay=False), required=True)
@@ -29,8 +41,11 @@ def main(source, out, overwrite, cache):
     from . import DownloadError, WeightsError, load_generator
     from .weights import save_generator
 
-    if os.path.exists(out) and not overwrite:
-        raise click.BadParameter(f"{out} already exists; pass --overwrite to replace it", param_hint="--out")
+    if os.path.exists(out):
+        if not overwrite:
+            raise click.BadParameter(f"{out} already exists; pass --overwrite to replace it", param_hint="--out")
+        if not _is_generator_dir(out):
+            raise click.BadParameter(f"refusing to replace {out}: it is not a t2f generator directory", param_hint="--out")
     start = time.perf_counter()
     try:
         logging.disable(logging.ERROR)

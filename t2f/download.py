@@ -48,7 +48,7 @@ def fetch(source: WeightSource, directory: str | os.PathLike | None = None, prog
     dest = directory / source.filename
     if dest.is_file():
         return dest
-    hint = f"download it and pass {source.flag} /path/to/{source.filename}"
+    hint = f"download it and give its path instead of the preset name (e.g. {source.flag} /path/to/{source.filename})"
     if os.environ.get("T2F_OFFLINE") == "1":
         raise DownloadError(f"{source.filename} is not in {directory} and T2F_OFFLINE=1; {hint} (from {source.url})")
     try:

@@ -35,6 +35,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -47,7 +48,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory beside `path`; on success it becomes `path`.
 
     An existing `path` is replaced only with overwrite=True, and only after the new
-    directory is complete; otherwise FileExistsError is raised before anything is written.
+    directory is complete; if the swap fails the old directory is put back.
     """
     path = Path(path)
     if path.exists() and not overwrite:
@@ -56,16 +57,27 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~umask())
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "dir")
-            os.replace(tmp, path)
+            old = tmp.with_suffix(".old")
+            os.replace(path, old)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:
@@ -116,11 +128,15 @@ def read_model_dir(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[
         meta = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"{config_path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise WeightsError(f"{config_path}: cannot read ({e.strerror or e})") from None
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         found = meta.get("kind") if isinstance(meta, dict) else None
         raise WeightsError(f"{config_path} describes a {found!r}, not a {kind!r}")
     try:
         tensors = load_file(str(weights_path))
+    except PermissionError as e:
+        raise WeightsError(f"{weights_path}: cannot read ({e.strerror})") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{weights_path} is truncated or corrupt: {e}") from None
     return meta, tensors
@@ -133,30 +149,39 @@ def load_model_dir(directory: str | os.PathLike, kind: str, config_cls, build) -
         config = config_cls.from_dict(meta.get("config"))
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{directory}: invalid config.json: {e}") from None
-    module = build(config)
-    load_state_checked(module, tensors, str(directory))
-    return module, meta
+    return build_checked(build, config, tensors, str(directory)), meta
 
 
-def load_state_checked(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Load tensors into module, failing by name on any missing, unexpected or misshapen entry."""
-    expected = module.state_dict()
+def build_checked(build, config, tensors: dict, source: str) -> torch.nn.Module:
+    """`build(config)` loaded with `tensors`, failing by name on any missing, unexpected or misshapen entry.
+
+    The names and shapes are checked on a model built on the meta device first, so a
+    config that does not match its weights fails before any memory is allocated for it.
+    """
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+    bad_type = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
+    wrong = sorted(k for k in set(expected) & set(tensors) if k not in bad_type and tuple(tensors[k].shape) != expected[k])
     problems = []
+    if bad_type:
+        problems.append(f"not tensors {_names(bad_type)}")
     if missing:
         problems.append(f"missing {_names(missing)}")
     if unexpected:
         problems.append(f"unexpected {_names(unexpected)}")
     if wrong:
-        problems.append("wrong shape " + ", ".join(f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}" for k in wrong[:3]))
+        problems.append("wrong shape " + ", ".join(f"{k} {tuple(tensors[k].shape)} != {expected[k]}" for k in wrong[:3]))
     if problems:
         raise WeightsError(f"{source}: weights do not match the config: " + "; ".join(problems))
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())
     if bad:
         raise WeightsError(f"{source}: non-finite values in {_names(bad)}")
-    module.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=True)
+    module = build(config)
+    state = module.state_dict()
+    module.load_state_dict({k: v.to(state[k].dtype) for k, v in tensors.items()}, strict=True)
+    return module
 
 
 def _names(names: list[str], limit: int = 4) -> str:

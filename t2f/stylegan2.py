@@ -45,17 +45,20 @@ class GeneratorConfig:
 
     def __post_init__(self):
         res = self.resolution
-        if not isinstance(res, int) or res < 4 or res & (res - 1):
-            raise ValueError(f"resolution must be a power of two >= 4, got {res!r}")
-        for name in ("z_dim", "w_dim", "img_channels", "mapping_layers", "channel_base", "channel_max"):
+        if not isinstance(res, int) or res < 4 or res > 8192 or res & (res - 1):
+            raise ValueError(f"resolution must be a power of two from 4 to 8192, got {res!r}")
+        limits = dict(z_dim=8192, w_dim=8192, img_channels=16, mapping_layers=64, channel_base=1 << 24, channel_max=8192)
+        for name, limit in limits.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or not 0 < value <= limit:
+                raise ValueError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
+        if self.channel_base < res:
+            raise ValueError(f"channel_base {self.channel_base} leaves no channels at resolution {res}")
         if not isinstance(self.num_fp16_res, int) or self.num_fp16_res < 0:
             raise ValueError(f"num_fp16_res must be a non-negative integer, got {self.num_fp16_res!r}")
         if self.conv_clamp is not None and not (self.conv_clamp > 0 and math.isfinite(self.conv_clamp)):
             raise ValueError(f"conv_clamp must be a positive number or null, got {self.conv_clamp!r}")
-        if not (self.mapping_lr_multiplier > 0):
+        if not (self.mapping_lr_multiplier > 0 and math.isfinite(self.mapping_lr_multiplier)):
             raise ValueError(f"mapping_lr_multiplier must be positive, got {self.mapping_lr_multiplier!r}")
 
     @property

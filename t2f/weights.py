@@ -19,13 +19,15 @@ import dataclasses
 import io
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .io import WeightsError, load_model_dir, load_state_checked, save_model_dir
+from .io import WeightsError, build_checked, load_model_dir, save_model_dir
 from .stylegan2 import Generator, GeneratorConfig, fir_filter
 
 GENERATOR_KIND = "stylegan2-generator"
@@ -55,29 +57,67 @@ def _reconstruct_persistent(meta):
 def _load_storage_from_bytes(data: bytes):
     if not isinstance(data, (bytes, bytearray)):
         raise pickle.UnpicklingError("tensor storage is not bytes")
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    storage = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(storage, torch.TypedStorage):
+        raise pickle.UnpicklingError("tensor storage bytes hold something else")
+    return storage
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    """A tensor view of a storage, after checking that the view stays inside it (hooks and metadata are dropped)."""
+    if not isinstance(storage, torch.TypedStorage):
+        raise pickle.UnpicklingError("tensor without a storage")
+    dims = (tuple(size), tuple(stride))
+    if len(dims[0]) != len(dims[1]) or not all(isinstance(v, int) and v >= 0 for v in (storage_offset, *dims[0], *dims[1])):
+        raise pickle.UnpicklingError("malformed tensor shape")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation notices
+        length = storage.size()
+    if all(dims[0]) and storage_offset + sum((n - 1) * st for n, st in zip(*dims)) >= length:
+        raise pickle.UnpicklingError("tensor reaches outside its storage")
+    return torch._utils._rebuild_tensor(storage, storage_offset, dims[0], dims[1])
 
 
 def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
+    if not isinstance(data, torch.Tensor):
+        raise pickle.UnpicklingError("parameter without a tensor")
     return data
 
 
-def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject:
-        raise pickle.UnpicklingError("only numeric numpy scalars are allowed")
-    return np.frombuffer(data, dtype=dtype, count=1)[0] if data is not None else dtype.type()
+_NUMERIC_DTYPE = re.compile(r"[<>|=]?[biufc?][1-9][0-9]?|[<>|=]?\?")
 
 
 def _numpy_dtype(spec, align=False, copy=False):
-    dtype = np.dtype(spec)
-    if dtype.hasobject:
-        raise pickle.UnpicklingError("object numpy dtypes are not allowed")
-    return dtype
+    """Only plain numeric dtypes, by their type string; always numpy's shared instance."""
+    if not isinstance(spec, str) or not _NUMERIC_DTYPE.fullmatch(spec):
+        raise pickle.UnpicklingError(f"only plain numeric numpy dtypes are allowed, not {spec!r}")
+    return np.dtype(spec)
+
+
+def _numpy_scalar(dtype, data=None):
+    """A numeric numpy scalar, returned as a Python number."""
+    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError("only numeric numpy scalars are allowed")
+    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
+        raise pickle.UnpicklingError("malformed numpy scalar")
+    return np.frombuffer(data, dtype=dtype, count=1)[0].item()
+
+
+def _latin1_bytes(text, encoding="latin1"):
+    """Protocol-2 pickles spell bytes as _codecs.encode(text, 'latin1')."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("only latin1 byte strings are allowed")
+    return text.encode("latin1")
 
 
 _SAFE_GLOBALS = {
+    ("_codecs", "encode"): _latin1_bytes,
     ("collections", "OrderedDict"): collections.OrderedDict,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("__builtin__", "set"): set,
+    ("__builtin__", "frozenset"): frozenset,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
     ("torch.storage", "_load_from_bytes"): _load_storage_from_bytes,
@@ -89,8 +129,15 @@ _SAFE_GLOBALS = {
 }
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the globals in `_SAFE_GLOBALS`."""
+class SafeUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only the globals in `_SAFE_GLOBALS` and restricts BUILD.
+
+    Built on the pure-Python unpickler so BUILD can be checked: it may only restate a numpy
+    dtype's own state (numpy pickles dtypes that way) or set nothing; any other state a
+    pickle tries to set on an object is refused.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def find_class(self, module: str, name: str):
         try:
@@ -100,6 +147,17 @@ class SafeUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise pickle.UnpicklingError("refusing persistent id in a plain pickle")
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if isinstance(inst, np.dtype) and state == inst.__reduce__()[2]:
+            return
+        if state in (None, {}):
+            return
+        raise pickle.UnpicklingError(f"refusing to set state on a {type(inst).__name__}")
+
+    dispatch[pickle.BUILD[0]] = load_build
 
 
 def safe_unpickle(path: str | os.PathLike):
@@ -120,13 +178,17 @@ def safe_unpickle(path: str | os.PathLike):
 
 _NVIDIA_MAPPING_KEYS = {"num_layers", "lr_multiplier", "w_avg_beta", "activation", "embed_features", "layer_features"}
 _NVIDIA_SYNTHESIS_KEYS = {"channel_base", "channel_max", "num_fp16_res", "conv_clamp", "architecture", "resample_filter",
-                          "use_noise", "fused_modconv_default", "fp16_channels_last", "channels_last"}
+                          "use_noise", "fused_modconv_default", "fp16_channels_last", "channels_last", "activation"}
+_NVIDIA_GENERATOR_KEYS = {"z_dim", "c_dim", "w_dim", "img_resolution", "img_channels", "mapping_kwargs", "synthesis_kwargs"}
 
 
 def _flatten_record(record: PersistentRecord, prefix: str = "") -> dict[str, torch.Tensor]:
     """Parameters and buffers of a persistent nn.Module record, by dotted name."""
     out = {}
     state = record.state
+    for group in ("_parameters", "_buffers", "_modules"):
+        if not isinstance(state.get(group) or {}, dict):
+            raise WeightsError(f"malformed module record at {prefix or 'the top'}: {group} is not a mapping")
     for group in ("_parameters", "_buffers"):
         for name, tensor in (state.get(group) or {}).items():
             if tensor is not None:
@@ -143,8 +205,19 @@ def _flatten_record(record: PersistentRecord, prefix: str = "") -> dict[str, tor
 
 
 def _nvidia_config(kwargs: dict, source: str) -> GeneratorConfig:
-    mapping = dict(kwargs.get("mapping_kwargs") or {})
-    synthesis = dict(kwargs.get("synthesis_kwargs") or {})
+    """Our config from a Generator's init_kwargs: stylegan2-ada-pytorch nests the synthesis options in
+    `synthesis_kwargs` (num_fp16_res defaults to 0); stylegan3-release's StyleGAN2 takes them at the top
+    level (num_fp16_res defaults to 4)."""
+    mapping = kwargs.get("mapping_kwargs") or {}
+    if "synthesis_kwargs" in kwargs:
+        synthesis = kwargs.get("synthesis_kwargs") or {}
+        default_fp16_res = 0
+    else:
+        synthesis = {k: v for k, v in kwargs.items() if k not in _NVIDIA_GENERATOR_KEYS}
+        default_fp16_res = 4
+    if not isinstance(mapping, dict) or not isinstance(synthesis, dict):
+        raise WeightsError(f"{source}: malformed generator init_kwargs")
+    mapping, synthesis = dict(mapping), dict(synthesis)
     if kwargs.get("c_dim", 0):
         raise WeightsError(f"{source}: conditional generators (c_dim={kwargs['c_dim']}) are not supported")
     unknown = sorted(set(mapping) - _NVIDIA_MAPPING_KEYS) + sorted(set(synthesis) - _NVIDIA_SYNTHESIS_KEYS)
@@ -152,8 +225,8 @@ def _nvidia_config(kwargs: dict, source: str) -> GeneratorConfig:
         raise WeightsError(f"{source}: unsupported generator options {unknown}")
     if synthesis.get("architecture", "skip") != "skip":
         raise WeightsError(f"{source}: only the 'skip' synthesis architecture is supported, got {synthesis['architecture']!r}")
-    if mapping.get("activation", "lrelu") != "lrelu":
-        raise WeightsError(f"{source}: only lrelu mapping activation is supported")
+    if mapping.get("activation", "lrelu") != "lrelu" or synthesis.get("activation", "lrelu") != "lrelu":
+        raise WeightsError(f"{source}: only the lrelu activation is supported")
     if list(synthesis.get("resample_filter", [1, 3, 3, 1])) != [1, 3, 3, 1]:
         raise WeightsError(f"{source}: only the [1,3,3,1] resample filter is supported")
     if synthesis.get("use_noise", True) is False:
@@ -171,7 +244,7 @@ def _nvidia_config(kwargs: dict, source: str) -> GeneratorConfig:
             mapping_lr_multiplier=float(mapping.get("lr_multiplier", 0.01)),
             channel_base=int(synthesis.get("channel_base", 32768)),
             channel_max=int(synthesis.get("channel_max", 512)),
-            num_fp16_res=int(synthesis.get("num_fp16_res", 0)),
+            num_fp16_res=int(synthesis.get("num_fp16_res", default_fp16_res)),
             conv_clamp=None if synthesis.get("conv_clamp") is None else float(synthesis["conv_clamp"]),
         )
     except KeyError as e:
@@ -219,9 +292,7 @@ def convert_nvidia(G_ema: PersistentRecord, source: str) -> Generator:
     if unused:
         raise WeightsError(f"{source}: unmatched tensors in the pickle: {', '.join(unused[:4])}")
     converted = {ours: tensors[theirs] for ours, theirs in table.items() if theirs in tensors}
-    generator = Generator(config)
-    load_state_checked(generator, converted, source)
-    return generator
+    return build_checked(Generator, config, converted, source)
 
 
 def load_nvidia_pickle(path: str | os.PathLike) -> Generator:
@@ -315,9 +386,7 @@ def convert_rosinality(state: dict[str, torch.Tensor], source: str) -> Generator
                 raise WeightsError(f"{source}: {theirs} has shape {tuple(tensor.shape)}, expected {shape}")
             tensor = tensor.reshape(shape)
         converted[ours] = tensor
-    generator = Generator(config)
-    load_state_checked(generator, converted, source)
-    return generator
+    return build_checked(Generator, config, converted, source)
 
 
 def load_rosinality(path: str | os.PathLike) -> Generator:
@@ -358,7 +427,18 @@ def _is_pickle(path: Path) -> bool:
 
 def import_generator(source: str | os.PathLike) -> Generator:
     """A generator from a converted directory, an NVIDIA pickle or a rosinality checkpoint (no presets)."""
-    path = Path(source)
+    try:
+        return _import_generator(Path(source))
+    except WeightsError:
+        raise
+    except OSError as e:
+        raise WeightsError(f"{source}: cannot read ({e.strerror or e})") from None
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError, ZeroDivisionError) as e:
+        # A file that passed the safe loader but holds something other than a generator of a supported layout.
+        raise WeightsError(f"{source}: not a supported StyleGAN2 generator ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def _import_generator(path: Path) -> Generator:
     if path.is_dir():
         generator = load_generator_dir(path)
     elif path.is_file():

@@ -106,7 +106,9 @@ def _record(fake, module: torch.nn.Module, init_kwargs=None) -> _Record:
     if type(module).__name__ in ("SynthesisLayer", "SynthesisBlock"):
         buffers["resample_filter"] = fir_filter()  # NVIDIA keeps the FIR filter as a buffer
     children = collections.OrderedDict((k, _record(fake, m)) for k, m in module._modules.items())
-    state = {"training": False, "_parameters": params, "_buffers": buffers, "_modules": children}
+    # The attributes every nn.Module pickles with, a set among them (a global in protocols <= 3).
+    state = {"training": False, "_parameters": params, "_buffers": buffers, "_non_persistent_buffers_set": set(),
+             "_forward_hooks": collections.OrderedDict(), "_modules": children}
     if isinstance(module, FullyConnected):
         state["weight_gain"] = module.weight_gain
     if init_kwargs is not None:
@@ -125,10 +127,12 @@ def nvidia_init_kwargs(generator: Generator, easydict=dict, **overrides) -> dict
     return easydict(kwargs)
 
 
-def write_nvidia_pickle(generator: Generator, path, init_overrides=None, extra_tensors=None, drop=None) -> None:
+def write_nvidia_pickle(generator: Generator, path, init_overrides=None, extra_tensors=None, drop=None, protocol=4,
+                        init_kwargs=None) -> None:
     """Pickle `generator` in the layout of NVIDIA's network pickles ({'G_ema': persistent Generator, ...})."""
     with _FakeNvidia() as fake:
-        record = _record(fake, generator, nvidia_init_kwargs(generator, fake.EasyDict, **(init_overrides or {})))
+        kwargs = fake.EasyDict(init_kwargs) if init_kwargs is not None else nvidia_init_kwargs(generator, fake.EasyDict, **(init_overrides or {}))
+        record = _record(fake, generator, kwargs)
         if extra_tensors:
             record.state["_buffers"].update(extra_tensors)
         if drop:
@@ -140,7 +144,7 @@ def write_nvidia_pickle(generator: Generator, path, init_overrides=None, extra_t
             node.state["_buffers"].pop(leaf, None)
         data = dict(G=None, D=None, G_ema=record, training_set_kwargs=fake.EasyDict(resolution=generator.resolution))
         with open(path, "wb") as f:
-            pickle.dump(data, f, protocol=4)
+            pickle.dump(data, f, protocol=protocol)
 
 
 def to_rosinality(generator: Generator) -> dict:

@@ -8,7 +8,7 @@ For each case it builds NVIDIA's `Generator` with random weights (biases, noise 
 w_avg randomized too, so every term matters), pickles it the way NVIDIA's training loop does,
 imports that pickle with t2f's safe importer into tests/data/golden-NAME/ (config.json +
 model.safetensors), and stores NVIDIA's own mapping and synthesis outputs (fp32, constant
-noise and no noise) in expected.safetensors. tests/test_golden.py compares against them.
+noise and no noise) in expected.safetensors. tests/test_stylegan2.py compares against them.
 """
 
 import pickle

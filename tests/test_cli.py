@@ -186,3 +186,39 @@ def test_console_scripts(tmp_path):
     assert (tmp_path / "faces.png").exists()
     bad = subprocess.run([infer, *TINY, " "], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_convert_overwrite_refuses_a_foreign_directory(tmp_path, tiny_generator):
+    write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "thesis.tex").write_text("precious")
+    result = run(convert_main, ["net.pkl", "--out", "notes", "--overwrite"], tmp_path)
+    assert_one_error_line(result, 2, "not a t2f generator directory")
+    assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
+
+
+def test_outputs_have_the_usual_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert run(infer_main, [*TINY, "a", "--n", "1", "--save-ws", "ws.npy"], tmp_path).exit_code == 0
+    finally:
+        os.umask(old)
+    for name in ("faces.png", "ws.npy"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644
+
+
+def test_a_failed_write_leaves_no_output(tmp_path):
+    import click
+
+    from t2f.engine.cli import _write_all
+
+    (tmp_path / "blocker").write_text("a file where a directory should be")
+    with pytest.raises(click.ClickException, match="cannot write"):
+        _write_all({str(tmp_path / "a.png"): b"1", str(tmp_path / "blocker" / "b.png"): b"2"})
+    assert sorted(os.listdir(tmp_path)) == ["blocker"]
+
+
+def test_invisible_prompt_and_ws_over_the_grid(tmp_path):
+    assert_one_error_line(run(infer_main, [*TINY, "\u200b "], tmp_path), 2, "empty")
+    assert_one_error_line(run(infer_main, [*TINY, "a", "--save-ws", "faces.png"], tmp_path), 2, "--save-ws")
+    assert os.listdir(tmp_path) == []

@@ -7,6 +7,7 @@ from engine_helpers import tiny_pipeline
 from t2f.engine import TextToFace, load_pipeline, resolve_device, sample_z
 from t2f.engine.pipeline import MissingMapperError
 from t2f.mapper import Mapper, MapperConfig
+from t2f.presets import random_generator
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +38,20 @@ def test_samples_of_a_prompt_do_not_depend_on_later_prompts(pipe):
     assert not torch.allclose(two.ws[:2], two.ws[2:])  # the prompt changes the ws
 
 
-def test_random_noise_is_seeded(pipe):
-    a = pipe(["a"], n=2, seed=3, noise_mode="random")
-    b = pipe(["a"], n=2, seed=3, noise_mode="random")
+def test_random_noise_is_per_image_and_seeded(pipe):
+    from t2f.engine import TextToFace
+
+    from conftest import randomize
+
+    g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows
+    noisy = TextToFace(g, pipe.clip, pipe.mapper, device="cpu", batch_size=2)
+    a = noisy(["a", "b"], n=2, seed=3, noise_mode="random")
+    b = noisy(["a", "b"], n=2, seed=3, noise_mode="random")
+    c = noisy(["a"], n=1, seed=3, noise_mode="random")
+    const = noisy(["a", "b"], n=2, seed=3, noise_mode="const")
     assert torch.equal(a.images, b.images)
+    assert torch.equal(a.images[:1], c.images)     # image (0, 0) does not depend on the others
+    assert not torch.equal(a.images, const.images)
 
 
 def test_truncation_zero_gives_the_average_w(pipe):

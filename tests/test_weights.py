@@ -231,3 +231,90 @@ def test_missing_source(tmp_path):
     (tmp_path / "text.pkl").write_bytes(b"hello world")
     with pytest.raises(WeightsError, match="not a pickle"):
         t2f.load_generator(tmp_path / "text.pkl")
+
+
+# ----------------------------------------------------------------------------
+# Layouts real pickles have, and crafted ones.
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4])
+def test_pickle_protocols(source_generator, tmp_path, protocol):
+    """Python 3.7-era pickles (protocol <= 3) write each module's set() as a global."""
+    path = tmp_path / "network.pkl"
+    write_nvidia_pickle(source_generator, path, protocol=protocol)
+    assert same_outputs(import_generator(path), source_generator)
+
+
+def test_legacy_converter_kwargs(source_generator, tmp_path):
+    """NVIDIA's legacy.py (TF -> PyTorch) writes every option explicitly, activations included."""
+    cfg = source_generator.config
+    kwargs = dict(z_dim=cfg.z_dim, c_dim=0, w_dim=cfg.w_dim, img_resolution=cfg.resolution, img_channels=3,
+                  mapping_kwargs=dict(num_layers=cfg.mapping_layers, embed_features=None, layer_features=None,
+                                      activation="lrelu", lr_multiplier=0.01, w_avg_beta=0.995),
+                  synthesis_kwargs=dict(channel_base=cfg.channel_base, channel_max=cfg.channel_max, num_fp16_res=2,
+                                        conv_clamp=256, architecture="skip", resample_filter=[1, 3, 3, 1],
+                                        use_noise=True, activation="lrelu"))
+    path = tmp_path / "network.pkl"
+    write_nvidia_pickle(source_generator, path, init_kwargs=kwargs)
+    assert import_generator(path).config == source_generator.config
+
+
+def test_stylegan3_release_stylegan2_layout(source_generator, tmp_path):
+    """stylegan3-release's StyleGAN2 takes synthesis options at the top level; num_fp16_res defaults to 4."""
+    cfg = source_generator.config
+    kwargs = dict(z_dim=cfg.z_dim, c_dim=0, w_dim=cfg.w_dim, img_resolution=cfg.resolution, img_channels=3,
+                  mapping_kwargs=dict(num_layers=cfg.mapping_layers), channel_base=cfg.channel_base,
+                  channel_max=cfg.channel_max, conv_clamp=256, fused_modconv_default="inference_only")
+    path = tmp_path / "network.pkl"
+    write_nvidia_pickle(source_generator, path, init_kwargs=kwargs)
+    imported = import_generator(path)
+    assert imported.config.conv_clamp == 256 and imported.config.num_fp16_res == 4
+    kwargs["mystery_option"] = 1
+    write_nvidia_pickle(source_generator, path, init_kwargs=kwargs)
+    with pytest.raises(WeightsError, match="unsupported generator options"):
+        import_generator(path)
+
+
+class _ForgedDtype:
+    def __init__(self, spec, state):
+        self.spec, self.state = spec, state
+
+    def __reduce__(self):
+        import numpy as np
+
+        return (np.dtype, (self.spec, False, True), self.state)
+
+
+@pytest.mark.parametrize("spec,state,message", [
+    ("V16", (3, "|", None, ("b",), {"b": ("<f8", 2**40)}, 16, 1, 16), "only plain numeric numpy dtypes"),
+    ("f8", (3, "|", None, ("b",), {"b": ("<f8", 2**40)}, 16, 1, 16), "refusing to set state on a"),
+])
+def test_forged_numpy_dtypes_are_refused(tmp_path, spec, state, message):
+    path = tmp_path / "forged.pkl"
+    path.write_bytes(pickle.dumps({"G_ema": _ForgedDtype(spec, state)}, protocol=4))
+    with pytest.raises(WeightsError, match=message):
+        import_generator(path)
+
+
+def test_malformed_contents_give_weights_errors(source_generator, tmp_path):
+    from t2f.weights import PersistentRecord, convert_nvidia, safe_unpickle
+
+    path = tmp_path / "network.pkl"
+    write_nvidia_pickle(source_generator, path)
+    record = safe_unpickle(path)["G_ema"]
+    record.state["_modules"]["mapping"].state["_parameters"] = ["not", "a", "dict"]
+    with pytest.raises(WeightsError, match="_parameters is not a mapping"):
+        convert_nvidia(record, "network.pkl")
+    write_nvidia_pickle(source_generator, path, init_overrides=dict(mapping_kwargs=["num_layers", 2]))
+    with pytest.raises(WeightsError, match="malformed generator init_kwargs"):
+        import_generator(path)
+
+
+def test_written_files_get_the_usual_permissions(source_generator, tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = save_generator(source_generator, tmp_path / "g")
+    finally:
+        os.umask(old)
+    assert oct(out.stat().st_mode & 0o777) == oct(0o755)
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)

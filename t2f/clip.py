@@ -2,7 +2,8 @@
 
 `load_clip("ViT-B-32:openai")` takes any open_clip model name and pretrained tag (or a
 local checkpoint file in place of the tag); `load_clip("tiny")` builds a tiny registered
-config with random weights from a fixed seed, for tests and offline smoke runs.
+config with random weights from a fixed seed, for tests and offline smoke runs, and
+`load_clip("ViT-B-32:random")` any architecture with random weights, for timing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ DEFAULT_CLIP = "ViT-B-32:openai"
 TINY_CLIP = "tiny"
 TINY_MODEL_NAME = "t2f-tiny"
 TINY_SEED = 0
+RANDOM_TAG = "random"               # "MODEL:random": the architecture with random weights from TINY_SEED (timing only).
 _CONFIG_DIR = Path(__file__).parent / "clip_configs"
 
 
@@ -45,6 +47,8 @@ class ClipSpec:
         model, sep, pretrained = spec.partition(":")
         if not model:
             raise ValueError(f"invalid CLIP spec {spec!r}; expected MODEL:TAG, e.g. {DEFAULT_CLIP}")
+        if pretrained == RANDOM_TAG:
+            return cls(model, None)
         return cls(model, pretrained if sep else "openai")
 
     @property
@@ -52,6 +56,8 @@ class ClipSpec:
         """A stable identity, recorded by mappers trained for this CLIP."""
         if self.model == TINY_MODEL_NAME:
             return TINY_CLIP
+        if self.pretrained is None:
+            return f"{self.model}:{RANDOM_TAG}"
         if self.pretrained and Path(self.pretrained).is_file():
             return f"{self.model}:{Path(self.pretrained).name}"
         return f"{self.model}:{self.pretrained}"

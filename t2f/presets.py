@@ -17,6 +17,9 @@ TINY_SEED = 0
 GENERATOR_ARCHS = {
     TINY: GeneratorConfig(resolution=64, z_dim=32, w_dim=32, mapping_layers=2, channel_base=1024, channel_max=32,
                           num_fp16_res=2, conv_clamp=256.0),
+    # NVIDIA's FFHQ architectures with random weights: for timing, never for faces.
+    "random-256": GeneratorConfig(resolution=256, channel_base=16384, num_fp16_res=4, conv_clamp=256.0),
+    "random-1024": GeneratorConfig(resolution=1024, channel_base=32768, num_fp16_res=4, conv_clamp=256.0),
 }
 
 MAPPER_ARCHS = {

@@ -182,6 +182,8 @@ def run_fit(ctx: _Context, kw: dict) -> bool:
     identity, extra = _fit_identity(options)
     synth_section = ctx.run.stage("synth", "run `t2f-train synth` first")
     ctx.claim("fit", identity, extra)
+    if ctx.dist.main:
+        ctx.run.clean_stale_temporaries()
     W, E, manifest = load_pairs(ctx.run)
     if manifest.get("clip_fingerprint") != ctx.clip.fingerprint:
         from .run import RunError

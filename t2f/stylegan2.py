@@ -127,18 +127,19 @@ def fir_filter(dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
     return (f / f.sum()).to(dtype=dtype, device=device)
 
 
-def blur(x: torch.Tensor, pad: int, gain: float) -> torch.Tensor:
-    """Depthwise [1,3,3,1] filter with `pad` zeros on each side, scaled by `gain`."""
-    channels = x.shape[1]
-    f = (fir_filter(x.dtype, x.device) * gain).expand(channels, 1, 4, 4)
-    return F.conv2d(x, f, padding=pad, groups=channels)
+def fir_kernel(channels: int, gain: float) -> torch.Tensor:
+    """The depthwise [1,3,3,1] kernel for `channels` channels, scaled by `gain`: [channels, 1, 4, 4]."""
+    return (fir_filter() * gain).expand(channels, 1, 4, 4).contiguous()
 
 
-def upsample2d(x: torch.Tensor) -> torch.Tensor:
-    """2x up-sampling: zero insertion and the [1,3,3,1] filter (gain 4), as one transposed conv."""
-    channels = x.shape[1]
-    f = (fir_filter(x.dtype, x.device) * 4).expand(channels, 1, 4, 4)
-    return F.conv_transpose2d(x, f, stride=2, padding=1, groups=channels)
+def blur(x: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
+    """Depthwise FIR filter (`fir_kernel`) with `pad` zeros on each side."""
+    return F.conv2d(x, kernel.to(x.dtype), padding=pad, groups=kernel.shape[0])
+
+
+def upsample2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """2x up-sampling: zero insertion and the FIR filter (`fir_kernel` with gain 4), as one transposed conv."""
+    return F.conv_transpose2d(x, kernel.to(x.dtype), stride=2, padding=1, groups=kernel.shape[0])
 
 
 # ----------------------------------------------------------------------------
@@ -217,6 +218,8 @@ class SynthesisLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.noise_strength = nn.Parameter(torch.zeros([]))
         self.register_buffer("noise_const", torch.randn([resolution, resolution]))
+        if up:  # static-shape FIR kernel (not saved): keeps the graph exportable with a dynamic batch
+            self.register_buffer("blur_kernel", fir_kernel(out_channels, gain=4), persistent=False)
 
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
         styles = self.affine(w)  # [batch, in_channels], fp32
@@ -231,7 +234,7 @@ class SynthesisLayer(nn.Module):
         x = x * styles.to(x.dtype)[:, :, None, None]
         if self.up:
             x = F.conv_transpose2d(x, weight.to(x.dtype).transpose(0, 1), stride=2)
-            x = blur(x, pad=1, gain=4)
+            x = blur(x, self.blur_kernel, pad=1)
         else:
             x = F.conv2d(x, weight.to(x.dtype), padding=1)
         x = x * dcoefs.to(x.dtype)[:, :, None, None]
@@ -287,6 +290,8 @@ class SynthesisBlock(nn.Module):
             self.conv0 = SynthesisLayer(in_channels, out_channels, w_dim, resolution, up=True, conv_clamp=conv_clamp)
         self.conv1 = SynthesisLayer(out_channels, out_channels, w_dim, resolution, conv_clamp=conv_clamp)
         self.torgb = ToRGBLayer(out_channels, img_channels, w_dim, conv_clamp=conv_clamp)
+        if in_channels != 0:
+            self.register_buffer("up_kernel", fir_kernel(img_channels, gain=4), persistent=False)
         self.num_conv = 1 if in_channels == 0 else 2
         self.num_torgb = 1
 
@@ -304,7 +309,7 @@ class SynthesisBlock(nn.Module):
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode)
             x = self.conv1(x, ws[:, 1], noise_mode)
         y = self.torgb(x, ws[:, self.num_conv]).to(torch.float32)
-        img = y if img is None else upsample2d(img) + y
+        img = y if img is None else upsample2d(img, self.up_kernel) + y
         return x, img
 
 

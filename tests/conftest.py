@@ -102,7 +102,8 @@ class _Record:
 
 def _record(fake, module: torch.nn.Module, init_kwargs=None) -> _Record:
     params = collections.OrderedDict((k, torch.nn.Parameter(v.detach().clone(), requires_grad=False)) for k, v in module._parameters.items())
-    buffers = collections.OrderedDict((k, v.clone()) for k, v in module._buffers.items() if v is not None)
+    buffers = collections.OrderedDict((k, v.clone()) for k, v in module._buffers.items()
+                                      if v is not None and k not in module._non_persistent_buffers_set)
     if type(module).__name__ in ("SynthesisLayer", "SynthesisBlock"):
         buffers["resample_filter"] = fir_filter()  # NVIDIA keeps the FIR filter as a buffer
     children = collections.OrderedDict((k, _record(fake, m)) for k, m in module._modules.items())

@@ -23,6 +23,7 @@ setup(
         "pillow>=10",
     ],
     extras_require={
+        "export": ["onnx>=1.16", "onnxruntime>=1.18"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index
         "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18"],
     },
     entry_points={
@@ -30,6 +31,7 @@ setup(
             "t2f-infer=t2f.engine.cli:main",
             "t2f-convert=t2f.convert:main",
             "t2f-train=t2f.trainer.cli:main",
+            "t2f-export=t2f.export.cli:main",
         ],
     },
 )

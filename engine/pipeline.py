@@ -10,19 +10,13 @@ import unicodedata
 import numpy as np
 import torch
 
-from t2f import presets
 from t2f.bank import Bank, knn_condition, load_bank
 from t2f.clip import Clip, load_clip
 from t2f.devices import resolve_device
-from t2f.io import WeightsError, fingerprint
-from t2f.mapper import Mapper, load_mapper_dir
+from t2f.mapper import Mapper, MissingMapperError, load_mapper
 from t2f.stylegan2 import NOISE_MODES, Generator, to_uint8, truncate
 
 PRECISIONS = ("fp32", "fp16")
-
-
-class MissingMapperError(Exception):
-    """No mapper was given and none is published for the chosen generator and CLIP."""
 
 
 # ----------------------------------------------------------------------------
@@ -189,27 +183,6 @@ def check_bank(bank: Bank, clip: Clip) -> None:
 
 # ----------------------------------------------------------------------------
 # Building a pipeline from names and paths.
-
-
-def load_mapper(source: str | None, generator: Generator, generator_name: str, clip: Clip) -> Mapper:
-    """A mapper from "tiny" (random weights) or a mapper directory, refused if trained for other weights."""
-    if source is None:
-        raise MissingMapperError(
-            f"no trained mapper is published for {generator_name} with CLIP {clip.name} yet; "
-            f"make one with `t2f-train --generator {generator_name} --clip {clip.name} --out RUN` and pass --mapper RUN "
-            f"(--mapper tiny gives random weights)")
-    if source == presets.TINY and not os.path.exists(source):
-        return presets.random_mapper(generator, clip.embed_dim)
-    mapper, meta = load_mapper_dir(source)
-    trained_clip = meta.get("clip") or {}
-    if trained_clip.get("fingerprint") not in (None, clip.fingerprint):
-        raise WeightsError(f"{source} was trained for CLIP {trained_clip.get('name')}, not these {clip.name} weights; "
-                           f"pass --clip {trained_clip.get('name')}")
-    trained_gen = meta.get("generator") or {}
-    if trained_gen.get("fingerprint") not in (None, fingerprint(generator)):
-        raise WeightsError(f"{source} was trained for generator {trained_gen.get('name')}, not the weights of "
-                           f"{generator_name}; pass --generator {trained_gen.get('name')}")
-    return mapper
 
 
 def load_pipeline(

@@ -1,4 +1,1 @@
-"""t2f.export: ONNX and TensorRT artifacts of the text encoder, mapper and synthesis.
-
-Not built yet: this package is empty until `t2f-export` lands (issue 4).
-"""
+"""t2f.export: ONNX graphs and TensorRT engines of the text encoder, mapper and synthesis (`t2f-export`)."""

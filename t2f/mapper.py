@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io import load_model_dir, save_model_dir
+from .io import WeightsError, fingerprint, load_model_dir, save_model_dir
 from .stylegan2 import FullyConnected, _config_from_dict, normalize_2nd_moment
 
 MAPPER_KIND = "t2f-mapper"
@@ -117,3 +117,30 @@ def load_mapper_dir(directory: str | os.PathLike) -> tuple[Mapper, dict]:
     """(mapper, the whole config.json) from a mapper directory."""
     mapper, meta = load_model_dir(directory, MAPPER_KIND, MapperConfig, Mapper)
     return mapper.eval().requires_grad_(False), meta
+
+
+class MissingMapperError(Exception):
+    """No mapper was given and none is published for the chosen generator and CLIP."""
+
+
+def load_mapper(source: str | None, generator, generator_name: str, clip) -> Mapper:
+    """A mapper from "tiny" (random weights) or a mapper directory, refused if trained for other weights."""
+    if source is None:
+        raise MissingMapperError(
+            f"no trained mapper is published for {generator_name} with CLIP {clip.name} yet; "
+            f"make one with `t2f-train --generator {generator_name} --clip {clip.name} --out RUN` and pass --mapper RUN "
+            f"(--mapper tiny gives random weights)")
+    from . import presets
+
+    if source == presets.TINY and not os.path.exists(source):
+        return presets.random_mapper(generator, clip.embed_dim)
+    mapper, meta = load_mapper_dir(source)
+    trained_clip = meta.get("clip") or {}
+    if trained_clip.get("fingerprint") not in (None, clip.fingerprint):
+        raise WeightsError(f"{source} was trained for CLIP {trained_clip.get('name')}, not these {clip.name} weights; "
+                           f"pass --clip {trained_clip.get('name')}")
+    trained_gen = meta.get("generator") or {}
+    if trained_gen.get("fingerprint") not in (None, fingerprint(generator)):
+        raise WeightsError(f"{source} was trained for generator {trained_gen.get('name')}, not the weights of "
+                           f"{generator_name}; pass --generator {trained_gen.get('name')}")
+    return mapper

@@ -1,0 +1,158 @@
+"""`t2f-export`: ONNX graphs and TensorRT engines of the text encoder, mapper and synthesis network."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import click
+
+
+def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in value.split(":"))
+    except ValueError:
+        raise click.BadParameter(f"expected MIN:OPT:MAX, got {value!r}") from None
+    if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2] <= 4096:
+        raise click.BadParameter(f"expected 1 <= MIN <= OPT <= MAX <= 4096, got {value!r}")
+    return parts
+
+
+@contextlib.contextmanager
+def _errors_as_clicks():
+    from t2f import ClipLoadError, DownloadError, WeightsError
+    from t2f.mapper import MissingMapperError
+
+    from .graphs import ExportError
+
+    logging.disable(logging.ERROR)
+    try:
+        yield
+    except (ExportError, WeightsError, DownloadError, ClipLoadError, MissingMapperError, ValueError) as e:
+        raise click.ClickException(" ".join(str(e).split())) from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {e.filename or 'the output'}: {e.strerror or e}") from None
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _trained_for(mapper: str) -> dict:
+    """The generator and CLIP names a mapper directory records."""
+    try:
+        meta = json.loads((Path(mapper) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: (meta.get(k) or {}).get("name") for k in ("generator", "clip") if isinstance(meta.get(k), dict)}
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--mapper",       help="Mapper directory (a t2f-train run), or tiny", metavar="DIR|NAME", required=True)
+@click.option("--generator",    help="Generator [default: the one the mapper was trained for]", metavar="NAME|PATH")
+@click.option("--clip",         help="CLIP [default: the one the mapper was trained for]", metavar="SPEC")
+@click.option("--out",          help="Output directory", metavar="DIR", type=click.Path(file_okay=False), required=True)
+@click.option("--fp16",         help="fp16 graphs (fp32 LayerNorm, softmax, demodulation) and engines", is_flag=True)
+@click.option("--batch",        help="TensorRT profile and parity batch sizes", metavar="MIN:OPT:MAX", default="1:1:8", show_default=True, callback=_batch_range)
+@click.option("--onnx-only",    help="Stop after the ONNX graphs (no TensorRT)", is_flag=True)
+@click.option("--opt-level",    help="TensorRT builder optimization level", metavar="INT", type=click.IntRange(0, 5), default=3, show_default=True)
+@click.option("--timing-cache", help="TensorRT timing cache [default: OUT/timing.cache]", metavar="PATH", type=click.Path(dir_okay=False))
+@click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
+def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing_cache, cache):
+    """Export the text encoder, mapper and synthesis network to ONNX, then TensorRT engines.
+
+    Re-running with the same models and options rebuilds nothing. A parity table (each graph
+    in ONNX Runtime against eager PyTorch fp32) is printed and saved as OUT/parity.md.
+
+    \b
+    Examples:
+    t2f-export --mapper runs/ffhq --out engines/ffhq --fp16 --batch 1:1:32
+    t2f-export --mapper tiny --generator tiny --clip tiny --out /tmp/tiny --onnx-only
+    """
+    import t2f
+    from t2f.io import fingerprint, write_json
+    from t2f.mapper import load_mapper
+
+    from .onnx_export import format_table, read_manifest, run_onnx_exports
+    from .tensorrt import build_engine, runtime_info
+
+    out = Path(out)
+    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
+    if mapper != "tiny" and not Path(mapper).is_dir():
+        raise click.BadParameter(f"{mapper} is not a mapper directory", param_hint="--mapper")
+    recorded = {"generator": "tiny", "clip": "tiny"} if mapper == "tiny" else _trained_for(mapper)
+    generator = generator or recorded.get("generator")
+    clip = clip or recorded.get("clip")
+    if not generator or not clip:
+        raise click.BadParameter("the mapper records no generator or CLIP; pass --generator and --clip", param_hint="--mapper")
+    precision = "fp16" if fp16 else "fp32"
+    start = time.perf_counter()
+    with _errors_as_clicks():
+        info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
+        G = t2f.load_generator(generator, cache=cache)
+        C = t2f.load_clip(clip)
+        M = load_mapper(mapper, G, generator, C)
+        batches = sorted({batch[0], batch[2]})
+        onnx, rows = run_onnx_exports(out, G, C, M, fp16, batches, log=click.echo)
+        table = format_table(rows)
+        click.echo(table)
+
+        manifest = read_manifest(out)
+        manifest.update(t2f=t2f.__version__, updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        manifest["models"] = dict(
+            generator=dict(name=generator, fingerprint=fingerprint(G), resolution=G.resolution, num_ws=G.num_ws, w_dim=G.w_dim),
+            clip=dict(name=C.name, fingerprint=C.fingerprint, context_length=C.context_length, embed_dim=C.embed_dim),
+            mapper=dict(source=str(mapper), fingerprint=fingerprint(M), z_dim=M.z_dim),
+        )
+        manifest.setdefault("onnx", {}).update(onnx)
+        manifest.setdefault("parity", {})[precision] = rows
+        parity_md = "\n".join(f"## {p}\n\n{format_table(r)}\n" for p, r in sorted(manifest["parity"].items()))
+        from t2f.io import atomic_path
+
+        with atomic_path(out / "parity.md") as tmp:
+            tmp.write_text(parity_md)
+        write_json(out / "manifest.json", manifest)
+        if not all(r["ok"] for r in rows):
+            raise click.ClickException(f"parity outside the bounds for {precision}; see {out / 'parity.md'}")
+
+        if onnx_only:
+            click.echo(f"wrote {out}: ONNX {precision} ({len(onnx)} graphs, parity ok) in {time.perf_counter() - start:.1f} s")
+            return
+        engines = dict((manifest.get("tensorrt") or {}).get("engines", {})) if (manifest.get("tensorrt") or {}).get("gpu") == info["gpu"] else {}
+        cache_path = Path(timing_cache) if timing_cache else out / "timing.cache"
+        for name, entry in onnx.items():
+            profiles = _profiles(entry["graph"], batch, C, M, G)
+            engine = out / name.replace(".onnx", ".plan")
+            record = dict(onnx=name, onnx_sha256=entry["sha256"], precision=precision, opt_level=opt_level,
+                          profiles={k: [list(s) for s in v] for k, v in profiles.items()}, **info)
+            if engines.get(engine.name, {}).get("record") == record and engine.is_file():
+                click.echo(f"cached {engine.name}")
+                continue
+            build_engine(out / name, engine, profiles, fp16, cache_path, opt_level, log=click.echo)
+            from .onnx_export import sha256_file
+
+            engines[engine.name] = dict(record=record, sha256=sha256_file(engine))
+        manifest["tensorrt"] = dict(info, engines=engines)
+        write_json(out / "manifest.json", manifest)
+    click.echo(f"wrote {out}: ONNX and TensorRT {precision} engines in {time.perf_counter() - start:.1f} s")
+
+
+def _profiles(graph: str, batch: tuple[int, int, int], clip, mapper, generator) -> dict:
+    """TensorRT optimization-profile shapes (min, opt, max) of each input of a graph."""
+    def shapes(*rest):
+        return tuple((b, *rest) for b in batch)
+
+    if graph == "text_encoder":
+        return {"tokens": shapes(clip.context_length)}
+    if graph == "mapper":
+        return {"embedding": shapes(mapper.config.embed_dim), "z": shapes(mapper.z_dim), "psi": shapes()}
+    return {"ws": shapes(generator.num_ws, generator.w_dim)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""TensorRT engines from the exported ONNX graphs, through TensorRT's Python API (no trtexec).
+
+Not run by us: TensorRT cannot be installed on the machines this project is developed and
+tested on (PyPI's TensorRT packages download the real libraries from NVIDIA's own index).
+This module is written against TensorRT 10's documented API; its tests skip where the
+`tensorrt` module is missing.
+
+pycuda and cuda-python are not needed: engines are built from bytes on the host, and the
+engine's buffers and stream belong to torch at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from t2f.io import atomic_path
+
+from .graphs import ExportError
+
+
+def tensorrt_module():
+    try:
+        import tensorrt
+    except ImportError:
+        raise ExportError("TensorRT is not installed (its Python package comes from NVIDIA's index); "
+                          "install it, or pass --onnx-only") from None
+    return tensorrt
+
+
+def runtime_info() -> dict:
+    """TensorRT version and the GPU this process would build for."""
+    import torch
+
+    trt = tensorrt_module()
+    if not torch.cuda.is_available():
+        raise ExportError("building TensorRT engines needs a CUDA GPU; pass --onnx-only on this machine")
+    major, minor = torch.cuda.get_device_capability()
+    return dict(tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}")
+
+
+def check_compatible(manifest: dict, runtime: dict) -> None:
+    """Refuse engines built with another TensorRT version or for another GPU, saying to re-export."""
+    built = manifest.get("tensorrt") or {}
+    for key, what in (("tensorrt", "TensorRT version"), ("gpu", "GPU"), ("compute_capability", "compute capability")):
+        if built.get(key) != runtime.get(key):
+            raise ExportError(f"the engines were built for {what} {built.get(key)!r}, this machine has {runtime.get(key)!r}; "
+                              f"run t2f-export again on this machine to rebuild them")
+
+
+def build_engine(
+    onnx_path: Path,
+    engine_path: Path,
+    profiles: dict[str, tuple[tuple, tuple, tuple]],   # input name -> (min, opt, max) shapes
+    fp16: bool,
+    timing_cache: Path,
+    optimization_level: int = 3,                         # TensorRT builder optimization level, 0-5.
+    log=print,
+) -> None:
+    """Parse `onnx_path`, build with one optimization profile, write the serialized engine atomically."""
+    trt = tensorrt_module()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    strongly_typed = hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED")
+    if strongly_typed:
+        # The ONNX graphs carry their own precision (fp16 where it is safe, fp32 elsewhere): keep it.
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(Path(onnx_path).read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
+
+    config = builder.create_builder_config()
+    if fp16 and not strongly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    config.builder_optimization_level = optimization_level
+    profile = builder.create_optimization_profile()
+    for name, (lo, opt, hi) in profiles.items():
+        profile.set_shape(name, lo, opt, hi)
+    config.add_optimization_profile(profile)
+    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    log(f"build {engine_path.name} (TensorRT {trt.__version__}, {'fp16' if fp16 else 'fp32'})")
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT could not build an engine from {onnx_path}")
+    with atomic_path(engine_path) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    with atomic_path(timing_cache) as tmp:
+        tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+
+
+def load_engine(path: str | os.PathLike, manifest: dict):
+    """Deserialize an engine after checking that it was built for this TensorRT and GPU."""
+    trt = tensorrt_module()
+    check_compatible(manifest, runtime_info())
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    if engine is None:
+        raise ExportError(f"{path} is not a valid engine for this TensorRT; run t2f-export again")
+    return engine

@@ -1,0 +1,168 @@
+"""t2f-export on the tiny models: ONNX graphs, parity in ONNX Runtime, cache, manifest, bad input; TensorRT where installed."""
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+pytest.importorskip("onnx")
+onnxruntime = pytest.importorskip("onnxruntime")
+
+from t2f.export.cli import main as export_main  # noqa: E402
+from t2f.export.graphs import ExportError  # noqa: E402
+from t2f.export.onnx_export import onnx_session  # noqa: E402
+from t2f.export.tensorrt import check_compatible  # noqa: E402
+
+TINY = ["--mapper", "tiny", "--generator", "tiny", "--clip", "tiny"]
+HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def export(args, expect=0):
+    result = CliRunner().invoke(export_main, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == expect, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "tiny"
+    export([*TINY, "--out", out, "--onnx-only", "--batch", "1:2:5"])
+    export([*TINY, "--out", out, "--onnx-only", "--batch", "1:2:5", "--fp16"])
+    return out
+
+
+def test_files_and_manifest(exported):
+    names = sorted(os.listdir(exported))
+    assert names == ["manifest.json", "mapper.fp16.onnx", "mapper.onnx", "parity.md", "synthesis.fp16.onnx",
+                     "synthesis.onnx", "text_encoder.fp16.onnx", "text_encoder.onnx"]
+    manifest = json.loads((exported / "manifest.json").read_text())
+    for name, entry in manifest["onnx"].items():
+        assert entry["sha256"] == hashlib.sha256((exported / name).read_bytes()).hexdigest()
+    assert manifest["models"]["generator"]["resolution"] == 64 and manifest["models"]["clip"]["name"] == "tiny"
+    assert manifest.get("tensorrt") is None
+
+
+@pytest.mark.parametrize("precision,bound", [("fp32", 1e-4), ("fp16", 2e-2)])
+def test_parity_at_two_batch_sizes(exported, precision, bound):
+    rows = json.loads((exported / "manifest.json").read_text())["parity"][precision]
+    assert {(r["graph"], r["batch"]) for r in rows} == {(g, b) for g in ("text_encoder", "mapper", "synthesis") for b in (1, 5)}
+    for r in rows:
+        assert r["ok"] and r["relative_error"] <= bound and r["bound"] == bound
+    if precision == "fp16":   # fp16 really changed the numbers, within the bound
+        assert max(r["relative_error"] for r in rows if r["graph"] == "text_encoder") > 1e-5
+    assert "| synthesis | " + precision in (exported / "parity.md").read_text()
+
+
+def test_graph_interfaces(exported):
+    text = onnx_session(exported / "text_encoder.onnx")
+    assert [(i.name, i.type) for i in text.get_inputs()] == [("tokens", "tensor(int32)")]
+    synthesis = onnx_session(exported / "synthesis.fp16.onnx")
+    assert synthesis.get_outputs()[0].type == "tensor(uint8)"
+    ws = np.random.default_rng(0).standard_normal((3, 10, 32)).astype(np.float32)
+    image = synthesis.run(None, {"ws": ws})[0]
+    assert image.shape == (3, 64, 64, 3) and image.dtype == np.uint8
+    mapper = onnx_session(exported / "mapper.onnx")
+    assert [i.name for i in mapper.get_inputs()] == ["embedding", "z", "psi"]
+
+
+def test_end_to_end_onnx_matches_the_pytorch_pipeline(exported):
+    from engine_helpers import tiny_pipeline
+    from t2f.engine.pipeline import sample_z
+
+    pipe = tiny_pipeline()
+    faces = pipe(["a smiling woman"], n=2, seed=4, truncation_psi=0.7)
+    tokens = pipe.clip.tokenize(["a smiling woman"]).numpy().astype(np.int32).repeat(2, axis=0)
+    e = onnx_session(exported / "text_encoder.onnx").run(None, {"tokens": tokens})[0]
+    z = sample_z(4, 1, 2, pipe.mapper.z_dim).numpy()
+    ws = onnx_session(exported / "mapper.onnx").run(None, {"embedding": e, "z": z, "psi": np.full([2], 0.7, np.float32)})[0]
+    assert np.abs(ws - faces.ws.numpy()).max() < 1e-4
+    image = onnx_session(exported / "synthesis.onnx").run(None, {"ws": ws})[0]
+    assert np.abs(image.astype(int) - faces.images.numpy().astype(int)).max() <= 1
+
+
+def test_rerun_rebuilds_nothing(exported):
+    before = {p: os.stat(exported / p).st_mtime_ns for p in os.listdir(exported) if p.endswith(".onnx")}
+    result = export([*TINY, "--out", exported, "--onnx-only", "--batch", "1:2:5"])
+    assert result.output.count("cached ") == 3 and "export " not in result.output
+    assert {p: os.stat(exported / p).st_mtime_ns for p in before} == before
+
+
+def test_changed_weights_are_exported_again(exported, tmp_path):
+    from t2f.weights import save_generator
+    from t2f.presets import random_generator
+
+    from conftest import randomize
+
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    save_generator(randomize(random_generator("tiny"), seed=5), tmp_path / "g2")
+    result = export(["--mapper", "tiny", "--generator", tmp_path / "g2", "--clip", "tiny", "--out", out, "--onnx-only", "--batch", "1:2:5"])
+    assert "export synthesis.onnx" in result.output and "cached text_encoder.onnx" in result.output
+
+
+def test_corrupted_onnx_is_refused_at_load_and_rebuilt(exported, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(exported, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "mapper.onnx").write_bytes(b"\x08\x01garbage")
+    with pytest.raises(ExportError, match="does not match its manifest"):
+        onnx_session(out / "mapper.onnx", manifest["onnx"]["mapper.onnx"]["sha256"])
+    result = export([*TINY, "--out", out, "--onnx-only", "--batch", "1:2:5"])
+    assert "export mapper.onnx" in result.output
+    onnx_session(out / "mapper.onnx", json.loads((out / "manifest.json").read_text())["onnx"]["mapper.onnx"]["sha256"])
+
+
+@pytest.mark.parametrize("args,code,fragment", [
+    (["--mapper", "missing-run", "--out", "o", "--onnx-only"], 2, "not a mapper directory"),
+    ([*TINY, "--out", "o", "--onnx-only", "--batch", "4:2:8"], 2, "MIN <= OPT <= MAX"),
+    ([*TINY, "--out", "o", "--onnx-only", "--batch", "0:1:2"], 2, "MIN <= OPT <= MAX"),
+    ([*TINY, "--out", "blocker/o", "--onnx-only"], 2, "cannot write"),
+])
+def test_bad_input(tmp_path, args, code, fragment):
+    (tmp_path / "blocker").write_text("a file")
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = CliRunner().invoke(export_main, [str(a) for a in args])
+    finally:
+        os.chdir(old)
+    assert result.exit_code == code and fragment in result.output, result.output
+    assert "Traceback" not in result.output
+    assert sorted(os.listdir(tmp_path)) == ["blocker"]
+
+
+@pytest.mark.skipif(HAVE_TENSORRT, reason="checks the message shown where TensorRT is missing")
+def test_tensorrt_missing_fails_before_any_work(tmp_path):
+    result = CliRunner().invoke(export_main, [*TINY, "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "TensorRT is not installed" in result.output and "--onnx-only" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_engines_for_another_gpu_or_tensorrt_are_refused():
+    built = {"tensorrt": {"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
+    check_compatible(built, dict(built["tensorrt"]))
+    with pytest.raises(ExportError, match="TensorRT version '10.3.0'.*run t2f-export again"):
+        check_compatible(built, dict(built["tensorrt"], tensorrt="10.8.0"))
+    with pytest.raises(ExportError, match="GPU 'NVIDIA H100 80GB HBM3'"):
+        check_compatible(built, dict(built["tensorrt"], gpu="NVIDIA H200"))
+
+
+@pytest.mark.skipif(not HAVE_TENSORRT or not torch.cuda.is_available(),
+                    reason="TensorRT and a CUDA GPU are needed (TensorRT cannot be installed on our machines)")
+def test_tensorrt_engines_build_and_load(tmp_path):
+    from t2f.export.tensorrt import load_engine
+
+    out = tmp_path / "trt"
+    export([*TINY, "--out", out, "--fp16", "--batch", "1:2:4"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["tensorrt"]["engines"]) == {"text_encoder.fp16.plan", "mapper.fp16.plan", "synthesis.fp16.plan"}
+    for name in manifest["tensorrt"]["engines"]:
+        assert load_engine(out / name, manifest) is not None
+    result = export([*TINY, "--out", out, "--fp16", "--batch", "1:2:4"])
+    assert result.output.count("cached ") == 6

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import math
 import os
 import tempfile
@@ -105,16 +104,6 @@ def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return images.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
-@contextlib.contextmanager
-def _quiet_libraries():
-    """Keep third-party logging (open_clip, huggingface_hub) off the terminal; errors are ours to report."""
-    logging.disable(logging.ERROR)
-    try:
-        yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 @click.argument("prompts",      nargs=-1, metavar="[PROMPT]...")
 @click.option("--mode",         help="Condition: the text embedding, KNN bank combinations, or a face image", type=click.Choice(MODES), default="text", show_default=True)
@@ -156,10 +145,10 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     t2f-infer "a woman with red hair" --mapper runs/ffhq --mode knn
     t2f-infer --mode image --image me.png --mapper runs/ffhq
     """
-    from t2f import ClipLoadError, DownloadError, WeightsError
+    from t2f.cli_errors import user_errors
     from t2f.devices import resolve_device
 
-    from .pipeline import MissingMapperError, is_blank, load_pipeline
+    from .pipeline import is_blank, load_pipeline
 
     prompts = [p.strip() for p in prompts]
     if mode == "image":
@@ -200,20 +189,17 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
         click.echo(f"note: random weights ({', '.join(random_parts)}): not a trained model, the images are not faces", err=True)
 
     start = time.perf_counter()
-    try:
-        with _quiet_libraries(), warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(resolved), precision=precision,
-                                 batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None)
-            if mode == "text":
-                conditions = pipe.text_conditions(labels)
-            elif mode == "knn":
-                conditions = pipe.knn_conditions(labels, n, seed, k=knn_k, m=knn_m, alpha=knn_alpha)
-            else:
-                conditions = pipe.image_conditions(images_in)
-            faces = pipe.generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
-    except (WeightsError, DownloadError, ClipLoadError, MissingMapperError, ValueError, OSError) as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
+    with user_errors(OSError), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(resolved), precision=precision,
+                             batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None)
+        if mode == "text":
+            conditions = pipe.text_conditions(labels)
+        elif mode == "knn":
+            conditions = pipe.knn_conditions(labels, n, seed, k=knn_k, m=knn_m, alpha=knn_alpha)
+        else:
+            conditions = pipe.image_conditions(images_in)
+        faces = pipe.generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
     for w in caught:
         if "truncated" in str(w.message):
             click.echo(f"warning: {w.message}", err=True)

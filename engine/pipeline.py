@@ -13,7 +13,7 @@ import torch
 from t2f.bank import Bank, knn_condition, load_bank
 from t2f.clip import Clip, load_clip
 from t2f.devices import resolve_device
-from t2f.mapper import Mapper, MissingMapperError, load_mapper
+from t2f.mapper import Mapper, MissingMapperError, load_mapper  # noqa: F401 (MissingMapperError: re-exported)
 from t2f.stylegan2 import NOISE_MODES, Generator, to_uint8, truncate
 
 PRECISIONS = ("fp32", "fp16")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import logging
 import os
 import time
 from pathlib import Path
@@ -25,20 +24,15 @@ def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
 
 @contextlib.contextmanager
 def _errors_as_clicks():
-    from t2f import ClipLoadError, DownloadError, WeightsError
-    from t2f.mapper import MissingMapperError
+    from t2f.cli_errors import user_errors
 
     from .graphs import ExportError
 
-    logging.disable(logging.ERROR)
     try:
-        yield
-    except (ExportError, WeightsError, DownloadError, ClipLoadError, MissingMapperError, ValueError) as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
+        with user_errors(ExportError):
+            yield
     except OSError as e:
         raise click.ClickException(f"cannot write {e.filename or 'the output'}: {e.strerror or e}") from None
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def _trained_for(mapper: str) -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import time
 
@@ -38,7 +37,8 @@ def main(source, out, overwrite, cache):
     t2f-convert ffhq.pkl --out weights/ffhq-1024
     t2f-convert stylegan2-ffhq-config-f.pt --out weights/ffhq-rosinality
     """
-    from . import DownloadError, WeightsError, load_generator
+    from . import load_generator
+    from .cli_errors import user_errors
     from .weights import save_generator
 
     if os.path.exists(out):
@@ -47,13 +47,8 @@ def main(source, out, overwrite, cache):
         if not _is_generator_dir(out):
             raise click.BadParameter(f"refusing to replace {out}: it is not a t2f generator directory", param_hint="--out")
     start = time.perf_counter()
-    try:
-        logging.disable(logging.ERROR)
+    with user_errors():
         generator = load_generator(source, cache=cache)
-    except (WeightsError, DownloadError) as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
-    finally:
-        logging.disable(logging.NOTSET)
     try:
         save_generator(generator, out, overwrite=overwrite, source=os.path.basename(str(source)))
     except OSError as e:

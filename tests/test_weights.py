@@ -297,7 +297,7 @@ def test_forged_numpy_dtypes_are_refused(tmp_path, spec, state, message):
 
 
 def test_malformed_contents_give_weights_errors(source_generator, tmp_path):
-    from t2f.weights import PersistentRecord, convert_nvidia, safe_unpickle
+    from t2f.weights import convert_nvidia, safe_unpickle
 
     path = tmp_path / "network.pkl"
     write_nvidia_pickle(source_generator, path)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
-import logging
 import math
 import time
 
@@ -90,18 +88,12 @@ BANK = _options(
 # Stages.
 
 
-@contextlib.contextmanager
 def _errors_as_clicks():
-    from t2f import ClipLoadError, DownloadError, WeightsError
+    from t2f.cli_errors import user_errors
+
     from .run import RunError
 
-    logging.disable(logging.ERROR)
-    try:
-        yield
-    except (RunError, WeightsError, DownloadError, ClipLoadError, ValueError, FileExistsError) as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
-    finally:
-        logging.disable(logging.NOTSET)
+    return user_errors(RunError, FileExistsError)
 
 
 def _fit_options(kw: dict) -> FitOptions:
@@ -170,7 +162,7 @@ def run_synth(ctx: _Context, kw: dict) -> bool:
     done = synth(ctx.run, ctx.generator, ctx.clip, dict(identity, generator=ctx.generator_name), ctx.dist, ctx.device,
                  batch_size=kw["synth_batch"], progress=kw["progress"], max_shards=kw["max_shards"])
     if not done and ctx.dist.main:
-        click.echo(f"synth stopped with shards still to make; run the same command again to resume")
+        click.echo("synth stopped with shards still to make; run the same command again to resume")
     return done
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2f.clip import Clip
-from t2f.io import atomic_path, write_json, write_model_files
+from t2f.io import atomic_path, write_model_files
 from t2f.mapper import MAPPER_KIND, Mapper, MapperConfig
 from t2f.stylegan2 import Generator
 

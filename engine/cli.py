@@ -93,7 +93,7 @@ def _load_images(paths: list[str]):
                 left, top = (im.width - side) // 2, (im.height - side) // 2
                 im = im.crop((left, top, left + side, top + side)).resize((256, 256), PIL.Image.BICUBIC)
                 out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
             raise click.BadParameter(f"cannot read image {path}: {e}", param_hint="--image") from None
     return torch.stack(out)
 

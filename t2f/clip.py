@@ -130,13 +130,18 @@ class Clip:
 
     @property
     def fingerprint(self) -> str:
-        """sha256 (16 hex digits) of the embedding and projection tensors: tells checkpoints apart, cheaply."""
+        """sha256 (16 hex digits) of the architecture (module tree, activations included) and the weights.
+
+        Every tensor contributes its name, shape and a strided sample of about 4096 values:
+        different checkpoints differ everywhere, and hashing 600 MB on every load would not pay.
+        """
         if self._fingerprint is None:
-            digest = hashlib.sha256()
+            digest = hashlib.sha256(repr(self.model).encode())
             for name, tensor in sorted(self.model.state_dict().items()):
-                if "proj" in name or "embedding" in name:
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+                flat = tensor.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // 4096)].to("cpu", torch.float32).contiguous()
+                digest.update(f"{name}{tuple(tensor.shape)}".encode())
+                digest.update(sample.numpy().tobytes())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 

@@ -135,6 +135,8 @@ def load_mapper(source: str | None, generator, generator_name: str, clip) -> Map
     if source == presets.TINY and not os.path.exists(source):
         return presets.random_mapper(generator, clip.embed_dim)
     mapper, meta = load_mapper_dir(source)
+    if not all(isinstance(meta.get(k) or {}, dict) for k in ("clip", "generator")):
+        raise WeightsError(f"{source}/config.json: malformed generator or clip record")
     trained_clip = meta.get("clip") or {}
     if trained_clip.get("fingerprint") not in (None, clip.fingerprint):
         raise WeightsError(f"{source} was trained for CLIP {trained_clip.get('name')}, not these {clip.name} weights; "

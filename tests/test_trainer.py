@@ -88,7 +88,8 @@ def test_run_layout(trained):
     names = set(os.listdir(trained))
     assert {"options.json", "pairs", "checkpoint.pt", "stats.jsonl", "config.json", "model.safetensors", "bank.safetensors"} <= names
     options = json.loads((trained / "options.json").read_text())
-    assert set(options) == {"synth", "fit", "bank"} and options["synth"]["identity"]["samples"] == 6000
+    assert set(options) == {"kind", "synth", "fit", "bank"} and options["synth"]["identity"]["samples"] == 6000
+    assert options["kind"] == "t2f-train-run" and options["synth"]["clip_spec"] == "tiny"
     config = json.loads((trained / "config.json").read_text())
     assert config["kind"] == "t2f-mapper" and config["generator"]["name"] == "tiny" and config["clip"]["name"] == "tiny"
     manifest = json.loads((trained / "pairs" / "manifest.json").read_text())
@@ -277,3 +278,118 @@ def test_torchrun_two_processes_same_layout_and_pairs(small_pairs, tmp_path):
             a, b = load_file(str(run / "pairs" / name)), load_file(str(small_pairs / "pairs" / name))
             assert torch.equal(a["w"], b["w"]) and torch.allclose(a["embedding"], b["embedding"], atol=1e-6)
     assert [e["step"] for e in map(json.loads, (run / "stats.jsonl").read_text().splitlines())] == [30, 60]
+
+
+# ----------------------------------------------------------------------------
+# Found in review: recovery paths and odd inputs.
+
+
+def test_a_failed_fit_does_not_lock_its_options(small_pairs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    manifest = (run / "pairs" / "manifest.json").read_bytes()
+    (run / "pairs" / "manifest.json").unlink()              # as if synth had not finished
+    result = train(["fit", "--out", run, "--no-progress", *FIT, "--steps", 10], expect=1)
+    assert "no complete set of pairs" in result.output
+    (run / "pairs" / "manifest.json").write_bytes(manifest)
+    train(["fit", "--out", run, "--no-progress", *FIT, "--steps", 20, "--stop-after", 5])
+    # Once a checkpoint exists, other weight-changing options are refused.
+    result = train(["fit", "--out", run, "--no-progress", *FIT, "--steps", 30], expect=1)
+    assert "fit steps was 20, now 30" in result.output
+
+
+def test_stop_after_counts_steps_of_this_run(small_pairs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    args = ["fit", "--out", run, "--no-progress", *FIT, "--steps", 30, "--stop-after", 12]
+    assert "stopped at step 12 of 30" in train(args).output
+    assert "stopped at step 24 of 30" in train(args).output
+    assert "stopped" not in train(args).output and (run / "model.safetensors").exists()
+
+
+def test_a_torn_stats_line_does_not_block_resuming(small_pairs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    args = ["fit", "--out", run, "--no-progress", *FIT, "--steps", 20, "--log-every", 5, "--checkpoint-every", 10]
+    train([*args, "--stop-after", 10])
+    with open(run / "stats.jsonl", "a") as f:
+        f.write('{"step": 15, "loss": 0.')                    # killed mid-write
+    train(args)
+    assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()] == [5, 10, 15, 20]
+
+
+@pytest.mark.parametrize("damage,fragment", [
+    ("checkpoint", "checkpoint.pt is corrupt"),
+    ("manifest", "manifest.json is malformed"),
+    ("options", "not a t2f-train run"),
+])
+def test_damaged_run_files_give_one_line(small_pairs, tmp_path, damage, fragment):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    if damage == "checkpoint":
+        (run / "checkpoint.pt").write_bytes(os.urandom(256))
+    elif damage == "manifest":
+        (run / "pairs" / "manifest.json").write_text(json.dumps({"shards": "all of them"}))
+    else:
+        (run / "options.json").write_text("[]")
+    result = train(["fit", "--out", run, "--no-progress", *FIT, "--steps", 10], expect=1)
+    assert fragment in result.output and "Traceback" not in result.output
+
+
+def test_another_tools_options_json_is_not_a_run(tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "options.json").write_text(json.dumps({"learning_rate": 3}))
+    result = train(["synth", *BASE, "--out", other, "--samples", 10], expect=1)
+    assert "not a t2f-train run" in result.output
+    assert os.listdir(other) == ["options.json"] and json.loads((other / "options.json").read_text()) == {"learning_rate": 3}
+
+
+def test_leftover_temporary_files_do_not_make_a_new_run_foreign(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".options.json.abc.tmp").write_text("{")           # killed during the first write
+    train(["synth", *BASE, "--out", run, "--samples", 20, "--shard-size", 10, "--synth-batch", 10])
+    assert (run / "pairs" / "manifest.json").exists()
+
+
+def test_out_below_a_file(tmp_path):
+    (tmp_path / "file").write_text("x")
+    result = train(["synth", *BASE, "--out", tmp_path / "file" / "run", "--samples", 10], expect=1)
+    assert "Error" in result.output and "Traceback" not in result.output
+
+
+def test_clip_fingerprint_sees_every_weight_and_the_architecture(tiny_clip):
+    from t2f.clip import load_clip
+
+    other = load_clip("tiny")
+    assert other.fingerprint == tiny_clip.fingerprint
+    with torch.no_grad():
+        other.model.transformer.resblocks[0].mlp.c_fc.weight.add_(0.01)   # not an embedding or projection
+    other._fingerprint = None
+    assert other.fingerprint != tiny_clip.fingerprint
+    quick = load_clip("tiny")
+    from open_clip.transformer import QuickGELU
+    quick.model.transformer.resblocks[0].mlp.gelu = QuickGELU()
+    quick._fingerprint = None
+    assert quick.fingerprint != tiny_clip.fingerprint
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the development and CI machines)")
+def test_fit_resumes_on_cuda(small_pairs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    args = ["fit", "--out", run, "--no-progress", *FIT, "--steps", 20, "--device", "cuda"]
+    train([*args, "--stop-after", 10])
+    train(args)
+    assert (run / "model.safetensors").exists()
+
+
+def test_malformed_mapper_record(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = json.loads((run / "config.json").read_text())
+    config["clip"] = "tiny"
+    (run / "config.json").write_text(json.dumps(config))
+    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
+    assert "malformed generator or clip record" in result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 
 import click
@@ -55,7 +56,7 @@ SYNTH = _options(
     click.option("--shard-size",   help="Pairs per shard", metavar="INT", type=Pos, default=5000, show_default=True),
     click.option("--synth-batch",  help="Images per synth batch", metavar="INT", type=Pos, default=16, show_default=True),
     click.option("--downsample",   help="Area-resize images to this size before CLIP; 0 = CLIP's resize only", metavar="INT", type=NonNeg, default=256, show_default=True),
-    click.option("--max-shards",   help="Stop after this many new shards (resume later)", metavar="INT", type=Pos),
+    click.option("--max-shards",   help="Stop after this many new shards, per process (resume later)", metavar="INT", type=Pos),
 )
 FIT = _options(
     click.option("--steps",        help="Optimizer steps", metavar="INT", type=Pos, default=FIT_DEFAULTS.steps, show_default=True),
@@ -67,7 +68,7 @@ FIT = _options(
     click.option("--embed-noise",  help="Embedding noise scale MIN:MAX (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
     click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=click.FloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
     click.option("--clip-every",   help="CLIP-consistency loss every k steps; 0 = off", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.clip_every, show_default=True),
-    click.option("--clip-batch",   help="Samples through G and CLIP for that loss", metavar="INT", type=Pos, default=FIT_DEFAULTS.clip_batch, show_default=True),
+    click.option("--clip-batch",   help="Samples through G and CLIP for that loss, per process", metavar="INT", type=Pos, default=FIT_DEFAULTS.clip_batch, show_default=True),
     click.option("--ema",          help="EMA decay", metavar="FLOAT", type=click.FloatRange(0, 1, max_open=True), default=FIT_DEFAULTS.ema, show_default=True),
     click.option("--val-fraction", help="Held-out share of the pairs", metavar="FLOAT", type=click.FloatRange(0, 0.5, min_open=True), default=FIT_DEFAULTS.val_fraction, show_default=True),
     click.option("--checkpoint-every", help="Steps between checkpoints", metavar="INT", type=Pos, default=FIT_DEFAULTS.checkpoint_every, show_default=True),
@@ -77,7 +78,7 @@ FIT = _options(
     click.option("--hidden",       help="Mapper hidden width", metavar="INT", type=Pos, default=FIT_DEFAULTS.hidden, show_default=True),
     click.option("--layers",       help="Mapper linear layers", metavar="INT", type=click.IntRange(min=2), default=FIT_DEFAULTS.layers, show_default=True),
     click.option("--w-plus",       help="Predict one w per style", is_flag=True),
-    click.option("--stop-after",   help="Stop (with a checkpoint) after this step; resume later", metavar="INT", type=Pos),
+    click.option("--stop-after",   help="Stop (with a checkpoint) after this many steps in this run; resume later", metavar="INT", type=Pos),
 )
 BANK = _options(
     click.option("--bank-size",    help="Embeddings in the KNN bank; 0 = all pairs", metavar="INT", type=NonNeg, default=0, show_default=True),
@@ -93,7 +94,7 @@ def _errors_as_clicks():
 
     from .run import RunError
 
-    return user_errors(RunError, FileExistsError)
+    return user_errors(RunError, OSError)
 
 
 def _fit_options(kw: dict) -> FitOptions:
@@ -136,26 +137,33 @@ class _Context:
         if fingerprint is not None and fingerprint != self.generator_fingerprint:
             raise RunError(f"{generator} is not the generator this run's pairs were made with; pass --generator with that one")
         self.clip = t2f.load_clip(clip)
+        self.clip_spec = _absolute_spec(clip)
         if clip_fingerprint is not None and clip_fingerprint != self.clip.fingerprint:
             raise RunError(f"CLIP {clip} does not have the weights this run's pairs were embedded with")
 
-    def claim(self, stage: str, identity: dict, extra: dict | None = None) -> None:
-        self.run.claim(stage, identity, extra, write=self.dist.main)
+    def claim(self, stage: str, identity: dict, extra: dict | None = None, replaceable: bool = False) -> None:
+        self.run.claim(stage, identity, extra, write=self.dist.main, replaceable=replaceable)
         self.dist.barrier()
+
+
+def _absolute_spec(clip: str) -> str:
+    """A CLIP spec that still loads from another working directory (a checkpoint path made absolute)."""
+    model, sep, rest = clip.partition(":")
+    return f"{model}:{os.path.abspath(rest)}" if sep and os.path.isfile(rest) else clip
 
 
 def _synth_identity(ctx: _Context, kw: dict) -> tuple[dict, dict]:
     identity = dict(generator_fingerprint=ctx.generator_fingerprint, clip=ctx.clip.name, clip_fingerprint=ctx.clip.fingerprint,
                     samples=kw["samples"],
                     shard_size=kw["shard_size"], seed=kw["seed"], downsample=kw["downsample"])
-    return identity, dict(generator=ctx.generator_name, synth_batch=kw["synth_batch"])
+    return identity, dict(generator=ctx.generator_name, clip_spec=ctx.clip_spec, synth_batch=kw["synth_batch"])
 
 
 def run_synth(ctx: _Context, kw: dict) -> bool:
     from .synth import synth
 
     identity, extra = _synth_identity(ctx, kw)
-    ctx.claim("synth", identity, extra)
+    ctx.claim("synth", identity, extra, replaceable=not any(ctx.run.pairs.glob("shard-*.safetensors")))
     if ctx.dist.main:
         ctx.run.clean_stale_temporaries()
     ctx.dist.barrier()
@@ -167,25 +175,27 @@ def run_synth(ctx: _Context, kw: dict) -> bool:
 
 
 def run_fit(ctx: _Context, kw: dict) -> bool:
-    from .fit import fit
+    from .fit import check_fit, fit
+    from .run import RunError
     from .synth import load_pairs
 
     options = _fit_options(kw)
     identity, extra = _fit_identity(options)
     synth_section = ctx.run.stage("synth", "run `t2f-train synth` first")
-    ctx.claim("fit", identity, extra)
+    W, E, manifest = load_pairs(ctx.run)                 # everything is checked before the options are recorded
+    if manifest.get("clip_fingerprint") != ctx.clip.fingerprint:
+        raise RunError(f"the pairs were embedded with CLIP {manifest.get('clip')}, not these {ctx.clip.name} weights")
+    check_fit(W, options, ctx.dist)
+    started = ctx.run.checkpoint_path.exists() or (ctx.run.out / "model.safetensors").exists()
+    ctx.claim("fit", identity, extra, replaceable=not started)
     if ctx.dist.main:
         ctx.run.clean_stale_temporaries()
-    W, E, manifest = load_pairs(ctx.run)
-    if manifest.get("clip_fingerprint") != ctx.clip.fingerprint:
-        from .run import RunError
-        raise RunError(f"the pairs were embedded with CLIP {manifest.get('clip')}, not these {ctx.clip.name} weights")
     ident = dict(synth_section["identity"], generator=synth_section.get("generator"))
-    done = fit(ctx.run, W, E, ctx.generator, ctx.clip, options, ident, ctx.dist, ctx.device,
-               progress=kw["progress"], stop_after=kw["stop_after"])
-    if not done and ctx.dist.main:
-        click.echo(f"fit stopped at step {min(kw['stop_after'], options.steps)} of {options.steps}; run the same command again to resume")
-    return done
+    reached = fit(ctx.run, W, E, ctx.generator, ctx.clip, options, ident, ctx.dist, ctx.device,
+                  progress=kw["progress"], stop_after=kw["stop_after"])
+    if reached < options.steps and ctx.dist.main:
+        click.echo(f"fit stopped at step {reached} of {options.steps}; run the same command again to resume")
+    return reached == options.steps
 
 
 def run_bank(ctx: _Context, kw: dict) -> None:
@@ -194,9 +204,9 @@ def run_bank(ctx: _Context, kw: dict) -> None:
     from .synth import load_pairs
 
     ctx.run.stage("synth", "run `t2f-train synth` first")
-    ctx.claim("bank", dict(bank_size=kw["bank_size"]))
+    _, E, manifest = load_pairs(ctx.run)
+    ctx.claim("bank", dict(bank_size=kw["bank_size"]), replaceable=True)   # the bank is remade from the pairs
     if ctx.dist.main:
-        _, E, manifest = load_pairs(ctx.run)
         size = kw["bank_size"] or E.shape[0]
         save_bank(ctx.run.bank_path, E[:size], manifest["clip"], manifest["clip_fingerprint"])
         click.echo(f"bank: {min(size, E.shape[0])} embeddings -> {ctx.run.bank_path}")
@@ -214,7 +224,7 @@ def _from_synth(ctx: _Context, kw: dict) -> None:
     """Load the generator and CLIP a run's synth stage used (or --generator, checked by fingerprint)."""
     section = ctx.run.stage("synth", "run `t2f-train synth` first")
     identity = section["identity"]
-    ctx.load(kw.get("generator") or section.get("generator"), identity["clip"],
+    ctx.load(kw.get("generator") or section.get("generator"), kw.get("clip") or section.get("clip_spec") or identity["clip"],
              fingerprint=identity["generator_fingerprint"], clip_fingerprint=identity["clip_fingerprint"])
 
 
@@ -284,6 +294,7 @@ def synth(**kw):
 @COMMON
 @FIT
 @click.option("--generator", help="The run's generator, if it moved [default: as recorded by synth]", metavar="PATH")
+@click.option("--clip",      help="The run's CLIP, if its checkpoint moved [default: as recorded by synth]", metavar="SPEC")
 def fit(**kw):
     """Stage 2: train the conditional VAE on the pairs (resumes from the checkpoint)."""
     _require_out(kw["out"])

@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import json
 import math
+import pickle
 import time
 
 import numpy as np
@@ -141,18 +142,36 @@ def _split(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tens
     return perm[n_val:], perm[:n_val]
 
 
+def check_fit(W: torch.Tensor, options: FitOptions, dist: Dist) -> None:
+    """Refuse options that cannot train on these pairs, before anything is recorded or written."""
+    if options.batch % dist.world:
+        raise RunError(f"--batch {options.batch} is not divisible by the {dist.world} torchrun processes")
+    _split(W.shape[0], options.val_fraction, options.seed)
+
+
 def _read_stats(run: Run, upto: int) -> list[str]:
+    """The stats lines up to step `upto`; a line torn by a crash (not JSON) ends the kept part."""
     if not run.stats_path.is_file():
         return []
-    return [line for line in run.stats_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= upto]
+    kept = []
+    for line in run.stats_path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break
+        if step <= upto:
+            kept.append(line)
+    return kept
 
 
 def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: Clip | None, options: FitOptions,
-        identity: dict, dist: Dist, device: torch.device, progress: bool = True, stop_after: int | None = None) -> bool:
-    """Train (or resume) the mapper; True when all steps are done and the mapper is written into the run."""
+        identity: dict, dist: Dist, device: torch.device, progress: bool = True, stop_after: int | None = None) -> int:
+    """Train (or resume) the mapper for all its steps, or `stop_after` more; returns the step reached.
+
+    When that is the last step, the mapper (EMA weights) is written into the run directory.
+    """
     o = options
-    if o.batch % dist.world:
-        raise RunError(f"--batch {o.batch} is not divisible by the {dist.world} torchrun processes")
+    check_fit(W, o, dist)
     train_idx, val_idx = _split(W.shape[0], o.val_fraction, o.seed)
     config = MapperConfig(embed_dim=E.shape[1], w_dim=W.shape[1], num_ws=generator.num_ws, z_dim=o.z_dim,
                           hidden=o.hidden, layers=o.layers, w_plus=o.w_plus)
@@ -160,6 +179,9 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
         torch.manual_seed(o.seed)
         mapper = Mapper(config, w_avg=generator.w_avg.cpu())
     ema = copy.deepcopy(mapper).requires_grad_(False)
+    # On the device before the optimizer exists: its loaded state then lands beside the parameters.
+    mapper.to(device).train()
+    ema.to(device).eval()
     optimizer = torch.optim.Adam(mapper.parameters(), lr=o.lr, betas=(0.9, 0.99))
     start = 0
     if run.checkpoint_path.is_file():
@@ -169,15 +191,13 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
             ema.load_state_dict(ckpt["ema"])
             optimizer.load_state_dict(ckpt["optimizer"])
             start = int(ckpt["step"])
-        except (RuntimeError, KeyError, EOFError, ValueError) as e:
+        except (RuntimeError, KeyError, EOFError, ValueError, TypeError, AttributeError, IndexError, pickle.UnpicklingError) as e:
             raise RunError(f"{run.checkpoint_path} is corrupt or from another fit ({type(e).__name__}); delete it to start over") from None
     stats_lines = _read_stats(run, start) if dist.main else []
     if dist.main:
         with atomic_path(run.stats_path) as tmp:
             tmp.write_text("".join(line + "\n" for line in stats_lines))
 
-    mapper.to(device).train()
-    ema.to(device).eval()
     generator.to(device).eval().requires_grad_(False)
     if clip is not None:
         clip.to(device)
@@ -189,7 +209,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     val_w, val_e = W[val_idx][:1024].to(device), E[val_idx][:1024].to(device)
     per_rank = o.batch // dist.world
     downsample = identity.get("downsample", 0)
-    end = o.steps if stop_after is None else min(o.steps, stop_after)
+    end = o.steps if stop_after is None else min(o.steps, start + stop_after)
 
     def log(entry: dict) -> None:
         if dist.main:
@@ -252,10 +272,9 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
             if step % o.checkpoint_every == 0 or step == end:
                 checkpoint(step)
 
-    done = end == o.steps
-    if done and dist.main:
+    if end == o.steps and dist.main:
         write_model_files(run.out, MAPPER_KIND, config.to_dict(), ema.state_dict(),
                           generator=dict(name=identity["generator"], fingerprint=identity["generator_fingerprint"]),
                           clip=dict(name=identity["clip"], fingerprint=identity["clip_fingerprint"]))
     dist.barrier()
-    return done
+    return end

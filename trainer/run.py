@@ -24,6 +24,9 @@ from t2f.devices import resolve_device
 from t2f.io import write_json
 
 
+RUN_KIND = "t2f-train-run"
+
+
 class RunError(Exception):
     """A run directory that cannot be used as asked: another run, a missing stage, bad data."""
 
@@ -74,31 +77,44 @@ class Run:
         self.bank_path = self.out / "bank.safetensors"
 
     def options(self) -> dict:
+        """options.json: {"kind": RUN_KIND, stage: {"identity": {...}, ...}}; {} for a new run."""
         if not self.options_path.is_file():
             return {}
         try:
-            return json.loads(self.options_path.read_text())
-        except json.JSONDecodeError as e:
+            options = json.loads(self.options_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunError(f"{self.options_path} is not valid JSON: {e}") from None
+        if not isinstance(options, dict) or options.get("kind") != RUN_KIND:
+            raise RunError(f"{self.out} holds an options.json that is not a t2f-train run's; choose another --out")
+        for stage, section in options.items():
+            if stage != "kind" and not (isinstance(section, dict) and isinstance(section.get("identity"), dict)):
+                raise RunError(f"{self.options_path}: the {stage} section is malformed")
+        return options
 
     def check_usable(self) -> None:
         """Refuse a path that is a file, or a non-empty directory that is not a t2f-train run."""
         if self.out.exists() and not self.out.is_dir():
             raise RunError(f"{self.out} is a file, not a run directory")
-        if self.out.is_dir() and not self.options_path.exists() and any(self.out.iterdir()):
-            raise RunError(f"{self.out} is not empty and holds no t2f-train run; choose another --out")
+        if self.out.is_dir() and not self.options_path.exists():
+            if any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in self.out.iterdir()):
+                raise RunError(f"{self.out} is not empty and holds no t2f-train run; choose another --out")
+        self.options()
 
-    def claim(self, stage: str, identity: dict, extra: dict | None = None, write: bool = True) -> None:
-        """Record this stage's options; refuse if the directory holds the stage with other identity-defining options."""
+    def claim(self, stage: str, identity: dict, extra: dict | None = None, write: bool = True, replaceable: bool = False) -> None:
+        """Record this stage's options; refuse if the directory holds the stage with other identity-defining options.
+
+        replaceable: the stage has produced nothing yet, so other options may replace the recorded ones.
+        """
         self.check_usable()
         options = self.options()
-        previous = options.get(stage)
-        if previous is not None:
+        previous = (options.get(stage) or {}).get("identity")
+        if previous is not None and not replaceable:
             for key, value in identity.items():
-                if previous.get("identity", {}).get(key) != value:
-                    raise RunError(f"{self.out} holds a different run: {stage} {key} was "
-                                   f"{previous.get('identity', {}).get(key)!r}, now {value!r}; choose another --out")
+                if previous.get(key) != value:
+                    raise RunError(f"{self.out} holds a different run: {stage} {key} was {previous.get(key)!r}, "
+                                   f"now {value!r}; choose another --out")
         if write:
+            options.update(kind=RUN_KIND)
             options[stage] = dict(identity=identity, **(extra or {}))
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.options_path, options)

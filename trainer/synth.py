@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -79,7 +80,8 @@ def synth(run: Run, generator: Generator, clip: Clip, identity: dict, dist: Dist
             tensors = {"w": torch.cat(ws_all), "embedding": torch.cat(emb_all), "index": torch.arange(start, end)}
             with atomic_path(run.pairs / shard_name(k)) as tmp:
                 save_file(tensors, str(tmp), metadata={"kind": SHARD_KIND, "clip_fingerprint": identity["clip_fingerprint"],
-                                                       "generator_fingerprint": identity["generator_fingerprint"]})
+                                                       "generator_fingerprint": identity["generator_fingerprint"],
+                                                       "synth_batch": str(batch_size)})
     elapsed = time.perf_counter() - start_time
     if progress and total:
         print(f"synth: {total} samples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} samples/s)")
@@ -103,14 +105,17 @@ def load_pairs(run: Run) -> tuple[torch.Tensor, torch.Tensor, dict]:
         raise RunError(f"{run.out} has no complete set of pairs (no {run.manifest_path.name}); run `t2f-train synth` first")
     try:
         manifest = json.loads(run.manifest_path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RunError(f"{run.manifest_path} is not valid JSON: {e}") from None
-    shards = manifest.get("shards") or []
+    shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not shards:
         raise RunError(f"{run.manifest_path} lists no shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and isinstance(e.get("file"), str)
+                                               and isinstance(e.get("count"), int) for e in shards):
+        raise RunError(f"{run.manifest_path} is malformed; delete it and rerun `t2f-train synth` to remake it")
     ws, embs = [], []
     for entry in shards:
-        path = run.pairs / entry["file"]
+        path = run.pairs / os.path.basename(entry["file"])
         if not path.is_file():
             raise RunError(f"shard {path} is missing; delete {run.manifest_path.name} and rerun `t2f-train synth` to remake it")
         try:

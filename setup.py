@@ -32,6 +32,7 @@ setup(
             "t2f-convert=t2f.convert:main",
             "t2f-train=t2f.trainer.cli:main",
             "t2f-export=t2f.export.cli:main",
+            "t2f-bench=t2f.engine.bench:main",
         ],
     },
 )

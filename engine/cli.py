@@ -17,6 +17,7 @@ import numpy as np
 from t2f.io import umask
 from t2f.stylegan2 import NOISE_MODES
 
+from .backends import BACKENDS, BackendUnavailable
 from .pipeline import MODES
 
 MAX_N = 64                # Images per prompt.
@@ -122,12 +123,15 @@ def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 @click.option("--knn-k",        help="KNN: nearest bank embeddings considered", metavar="INT", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--knn-m",        help="KNN: embeddings combined (farthest-point pick)", metavar="INT", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--knn-alpha",    help="KNN: Dirichlet concentration", metavar="FLOAT", type=click.FloatRange(0, 100, min_open=True), default=0.3, show_default=True)
+@click.option("--backend",      help="How to run the graphs (auto = the fastest available)", type=click.Choice(("auto",) + BACKENDS), default="torch", show_default=True)
+@click.option("--artifacts",    help="t2f-export output for onnxruntime / tensorrt [onnxruntime: exported into the cache]", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--interactive",  help="Read prompts from standard input, one per line; write OUT-NNNN.png for each", is_flag=True)
 @click.option("--device",       help="auto, cpu, cuda or cuda:N", metavar="STR", default="auto", show_default=True)
 @click.option("--precision",    help="Compute precision (fp16 needs CUDA)", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--batch",        help="Images synthesized at once", metavar="INT", type=click.IntRange(1, 256), default=8, show_default=True)
 @click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
 def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images, save_ws, generator, clip, mapper, bank,
-         knn_k, knn_m, knn_alpha, device, precision, batch, cache):
+         knn_k, knn_m, knn_alpha, backend, artifacts, interactive, device, precision, batch, cache):
     """Generate faces from text prompts (or more faces like a given face).
 
     \b
@@ -151,6 +155,10 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     from .pipeline import is_blank, load_pipeline
 
     prompts = [p.strip() for p in prompts]
+    if interactive:
+        if prompts or mode == "image":
+            raise click.BadParameter("--interactive reads its prompts from standard input (modes text and knn)", param_hint="--interactive")
+        prompts = ["warm-up"]
     if mode == "image":
         if not image:
             raise click.BadParameter("--mode image needs --image PATH", param_hint="--image")
@@ -189,10 +197,13 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
         click.echo(f"note: random weights ({', '.join(random_parts)}): not a trained model, the images are not faces", err=True)
 
     start = time.perf_counter()
-    with user_errors(OSError), warnings.catch_warnings(record=True) as caught:
+    with user_errors(OSError, BackendUnavailable), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(resolved), precision=precision,
-                             batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None)
+                             batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None,
+                             backend=backend, artifacts=artifacts)
+        if interactive:
+            return _interactive(pipe, mode, n, seed, truncation, noise_mode, out, dict(knn_k=knn_k, knn_m=knn_m, knn_alpha=knn_alpha))
         if mode == "text":
             conditions = pipe.text_conditions(labels)
         elif mode == "knn":
@@ -221,6 +232,38 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     _write_all(files)
     h, w = images.shape[1:3]
     click.echo(f"wrote {out}: {len(labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s on {resolved} ({precision}, mode {mode})")
+
+
+def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
+    """Prompts from standard input -> OUT-NNNN.png, one grid per prompt, with each prompt's latency."""
+    import sys
+
+    from .pipeline import is_blank
+
+    def generate(prompt: str):
+        if mode == "knn":
+            conditions = pipe.knn_conditions([prompt], n, seed, k=knn["knn_k"], m=knn["knn_m"], alpha=knn["knn_alpha"])
+        else:
+            conditions = pipe.text_conditions([prompt])
+        return pipe.generate(conditions, [prompt], n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
+
+    generate("a warm-up prompt")                                   # kernels, allocations, graph capture
+    stem, ext = os.path.splitext(out)
+    click.echo(f"ready ({pipe.backend.name} on {pipe.device}); one prompt per line, end with Ctrl-D", err=True)
+    count = 0
+    for line in sys.stdin:
+        prompt = line.strip()
+        if is_blank(prompt):
+            continue
+        start = time.perf_counter()
+        faces = generate(prompt)
+        elapsed = (time.perf_counter() - start) * 1000
+        count += 1
+        path = f"{stem}-{count:04d}{ext or '.png'}"
+        info = dict(mode=mode, labels=[prompt], n=n, seed=seed, truncation=truncation, backend=pipe.backend.name)
+        _write_all({path: _png_bytes(_grid(faces.images.numpy(), 1, n), info)})
+        click.echo(f"{elapsed:8.1f} ms  {path}  {prompt}")
+    click.echo(f"{count} prompt(s)", err=True)
 
 
 if __name__ == "__main__":

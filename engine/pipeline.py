@@ -13,8 +13,10 @@ import torch
 from t2f.bank import Bank, knn_condition, load_bank
 from t2f.clip import Clip, load_clip
 from t2f.devices import resolve_device
-from t2f.mapper import Mapper, MissingMapperError, load_mapper  # noqa: F401 (MissingMapperError: re-exported)
-from t2f.stylegan2 import NOISE_MODES, Generator, to_uint8, truncate
+from t2f.mapper import Mapper, MissingMapperError, load_mapper  # noqa: F401  (MissingMapperError is re-exported)
+from t2f.stylegan2 import NOISE_MODES, Generator, to_uint8
+
+from .backends import TorchBackend, make_backend
 
 PRECISIONS = ("fp32", "fp16")
 
@@ -84,6 +86,8 @@ class TextToFace:
         precision: str = "fp32",                # "fp32", or "fp16" on CUDA: CLIP under autocast, the generator's fp16 blocks in half.
         batch_size: int = 8,                    # Images synthesized at once; bounds memory.
         bank: Bank | None = None,               # Embedding bank for mode "knn".
+        backend: str = "torch",                 # "torch", "torch-cudagraph", "onnxruntime", "tensorrt" or "auto".
+        artifacts: str | None = None,           # t2f-export output for onnxruntime / tensorrt (onnxruntime: exported to the cache if None).
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -99,14 +103,15 @@ class TextToFace:
         self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.mapper = mapper.eval().requires_grad_(False).to(self.device)
         self.clip = clip.to(self.device)
+        self.backend = make_backend(backend, self.generator, self.clip, self.mapper, self.device, precision, artifacts)
 
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
     def text_conditions(self, prompts: list[str]) -> torch.Tensor:
         if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
             raise ValueError("every prompt must be a non-empty string")
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.precision == "fp16"):
-            return self.clip.encode_text(list(prompts)).float()
+        tokens = self.clip.tokenize(list(prompts)).to(self.device)
+        return self.backend.encode(tokens).float().clone()
 
     def image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
@@ -138,21 +143,22 @@ class TextToFace:
         if conditions.shape[0] != rows * n:
             raise ValueError(f"{conditions.shape[0]} conditions for {rows} rows of {n}")
         z = sample_z(seed, rows, n, self.mapper.z_dim).to(self.device)
-        ws = self.mapper(conditions.to(self.device), z)                      # [rows * n, num_ws, w_dim]
-        ws = truncate(ws, self.generator.w_avg, truncation_psi)
-        half = self.precision == "fp16"
+        psi = torch.full([rows * n], float(truncation_psi), device=self.device)
+        ws = self.backend.map(conditions.to(self.device), z, psi).clone()  # [rows * n, num_ws, w_dim]
 
         images = []
-        if noise_mode == "random":
+        if noise_mode != "const":
+            if not isinstance(self.backend, TorchBackend):
+                raise ValueError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
             # One noise stream per image, so an image does not depend on its batch.
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 for idx, w in enumerate(ws.split(1)):
                     torch.manual_seed(noise_seed(seed, *divmod(idx, n)))
-                    images.append(to_uint8(self.generator.synthesis(w.half() if half else w, noise_mode=noise_mode)).cpu())
+                    images.append(to_host(to_uint8(self.backend.synthesis(w.half() if self.backend.half else w, noise_mode=noise_mode))))
         else:
             for chunk in ws.split(self.batch_size):
-                images.append(to_uint8(self.generator.synthesis(chunk.half() if half else chunk, noise_mode=noise_mode)).cpu())
+                images.append(to_host(self.backend.synthesize(chunk)))
         return Faces(images=torch.cat(images), ws=ws.float().cpu(), labels=list(labels), n=n)
 
     def __call__(self,
@@ -171,6 +177,16 @@ class TextToFace:
         else:
             raise ValueError(f"mode must be text or knn here, got {mode!r}")
         return self.generate(conditions, list(prompts), n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
+
+
+def to_host(images: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of uint8 images: through pinned memory with an async copy from a GPU."""
+    if images.device.type != "cuda":
+        return images.clone()
+    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+    host.copy_(images, non_blocking=True)
+    torch.cuda.current_stream(images.device).synchronize()
+    return host
 
 
 def check_bank(bank: Bank, clip: Clip) -> None:
@@ -195,6 +211,8 @@ def load_pipeline(
     cache: str | None = None,         # Download cache; None = $T2F_CACHE or ~/.cache/t2f.
     progress: bool = True,
     bank: str | None = None,          # Embedding bank for mode "knn"; None = none ("" = the mapper directory's).
+    backend: str = "torch",           # See t2f.engine.backends.
+    artifacts: str | None = None,     # t2f-export output directory for onnxruntime / tensorrt.
 ) -> TextToFace:
     from t2f import load_generator
 
@@ -204,4 +222,4 @@ def load_pipeline(
     b = None
     if bank is not None:
         b = load_bank(bank or os.path.join(str(mapper), "bank.safetensors"))
-    return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size, bank=b)
+    return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size, bank=b, backend=backend, artifacts=artifacts)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
 import time
@@ -26,7 +25,7 @@ def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
 def _errors_as_clicks():
     from t2f.cli_errors import user_errors
 
-    from .graphs import ExportError
+    from t2f.graphs import ExportError
 
     try:
         with user_errors(ExportError):
@@ -67,10 +66,10 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
     t2f-export --mapper tiny --generator tiny --clip tiny --out /tmp/tiny --onnx-only
     """
     import t2f
-    from t2f.io import fingerprint, write_json
+    from t2f.io import write_json
     from t2f.mapper import load_mapper
 
-    from .onnx_export import format_table, read_manifest, run_onnx_exports
+    from .onnx_export import export_artifacts, format_table
     from .tensorrt import build_engine, runtime_info
 
     out = Path(out)
@@ -92,27 +91,9 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
         C = t2f.load_clip(clip)
         M = load_mapper(mapper, G, generator, C)
         batches = sorted({batch[0], batch[2]})
-        onnx, rows = run_onnx_exports(out, G, C, M, fp16, batches, log=click.echo)
-        table = format_table(rows)
-        click.echo(table)
-
-        manifest = read_manifest(out)
-        manifest.update(t2f=t2f.__version__, updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-        manifest["models"] = dict(
-            generator=dict(name=generator, fingerprint=fingerprint(G), resolution=G.resolution, num_ws=G.num_ws, w_dim=G.w_dim),
-            clip=dict(name=C.name, fingerprint=C.fingerprint, context_length=C.context_length, embed_dim=C.embed_dim),
-            mapper=dict(source=str(mapper), fingerprint=fingerprint(M), z_dim=M.z_dim),
-        )
-        manifest.setdefault("onnx", {}).update(onnx)
-        manifest.setdefault("parity", {})[precision] = rows
-        parity_md = "\n".join(f"## {p}\n\n{format_table(r)}\n" for p, r in sorted(manifest["parity"].items()))
-        from t2f.io import atomic_path
-
-        with atomic_path(out / "parity.md") as tmp:
-            tmp.write_text(parity_md)
-        write_json(out / "manifest.json", manifest)
-        if not all(r["ok"] for r in rows):
-            raise click.ClickException(f"parity outside the bounds for {precision}; see {out / 'parity.md'}")
+        manifest, rows = export_artifacts(out, G, C, M, fp16, batches, dict(generator=generator, mapper=str(mapper)), log=click.echo)
+        click.echo(format_table(rows))
+        onnx = {k: v for k, v in manifest["onnx"].items() if k.endswith(".fp16.onnx") == fp16}
 
         if onnx_only:
             click.echo(f"wrote {out}: ONNX {precision} ({len(onnx)} graphs, parity ok) in {time.perf_counter() - start:.1f} s")

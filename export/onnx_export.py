@@ -29,7 +29,7 @@ from t2f.io import atomic_path, fingerprint
 from t2f.mapper import Mapper
 from t2f.stylegan2 import Generator, to_uint8
 
-from .graphs import ExportError, MapperGraph, SynthesisGraph, TextEncoderGraph
+from t2f.graphs import ExportError, MapperGraph, SynthesisGraph, TextEncoderGraph
 
 OPSET = 17
 GRAPHS = ("text_encoder", "mapper", "synthesis")
@@ -225,3 +225,42 @@ def run_onnx_exports(out: Path, generator: Generator, clip: Clip, mapper: Mapper
             p.unlink()
         scratch.rmdir()
     return graphs, rows
+
+
+def artifacts_current(out: Path, generator: Generator, clip: Clip, mapper: Mapper, fp16: bool) -> bool:
+    """True when `out` holds all three graphs for these models and precision, unchanged since export."""
+    entries = read_manifest(out).get("onnx", {})
+    suffix = ".fp16" if fp16 else ""
+    for export in plan(generator, clip, mapper, fp16):
+        name = f"{export.name}{suffix}.onnx"
+        entry = entries.get(name)
+        if not entry or entry.get("key") != export.key or not (out / name).is_file() or sha256_file(out / name) != entry.get("sha256"):
+            return False
+    return True
+
+
+def export_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, fp16: bool, batches: list[int],
+                     sources: dict, log=print) -> tuple[dict, list[dict]]:
+    """Export (or reuse) the ONNX graphs, check parity, write parity.md and manifest.json; (manifest, parity rows)."""
+    import datetime
+
+    from t2f.io import write_json
+
+    precision = "fp16" if fp16 else "fp32"
+    onnx, rows = run_onnx_exports(out, generator, clip, mapper, fp16, batches, log=log)
+    manifest = read_manifest(out)
+    manifest.update(t2f=t2f.__version__, updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    manifest["models"] = dict(
+        generator=dict(name=sources.get("generator"), fingerprint=fingerprint(generator), resolution=generator.resolution,
+                       num_ws=generator.num_ws, w_dim=generator.w_dim),
+        clip=dict(name=clip.name, fingerprint=clip.fingerprint, context_length=clip.context_length, embed_dim=clip.embed_dim),
+        mapper=dict(source=sources.get("mapper"), fingerprint=fingerprint(mapper), z_dim=mapper.z_dim),
+    )
+    manifest.setdefault("onnx", {}).update(onnx)
+    manifest.setdefault("parity", {})[precision] = rows
+    with atomic_path(out / "parity.md") as tmp:
+        tmp.write_text("\n".join(f"## {p}\n\n{format_table(r)}\n" for p, r in sorted(manifest["parity"].items())))
+    write_json(out / MANIFEST, manifest)
+    if not all(r["ok"] for r in rows):
+        raise ExportError(f"parity outside the bounds for {precision}; see {out / 'parity.md'}")
+    return manifest, rows

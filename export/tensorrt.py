@@ -16,7 +16,7 @@ from pathlib import Path
 
 from t2f.io import atomic_path
 
-from .graphs import ExportError
+from t2f.graphs import ExportError
 
 
 def tensorrt_module():

@@ -15,7 +15,7 @@ pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
 from t2f.export.cli import main as export_main  # noqa: E402
-from t2f.export.graphs import ExportError  # noqa: E402
+from t2f.graphs import ExportError  # noqa: E402
 from t2f.export.onnx_export import onnx_session  # noqa: E402
 from t2f.export.tensorrt import check_compatible  # noqa: E402
 

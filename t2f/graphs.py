@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from t2f.mapper import Mapper
-from t2f.stylegan2 import Generator, to_uint8, truncate
+from .mapper import Mapper
+from .stylegan2 import Generator, to_uint8, truncate
 
 
 class ExportError(Exception):

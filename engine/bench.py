@@ -1,0 +1,173 @@
+"""`t2f-bench`: per-stage and end-to-end latency of each backend beside eager PyTorch fp32."""
+
+from __future__ import annotations
+
+import platform
+import resource
+import time
+
+import click
+import numpy as np
+import torch
+
+STAGES = ("tokenize", "text_encoder", "mapper", "synthesis", "uint8_conversion", "device_to_host", "end_to_end")
+PROMPTS = ["a photo of an old man with white hair", "a smiling woman with red hair", "a child with curly hair",
+           "a man with a beard and glasses"]
+
+
+class Timer:
+    """Milliseconds of a callable: CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self, fn):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return out, start.elapsed_time(end)
+        t0 = time.perf_counter()
+        out = fn()
+        return out, (time.perf_counter() - t0) * 1000
+
+
+def measure(backend, clip, batch: int, warmup: int, iters: int, device: torch.device, z_dim: int) -> dict:
+    """Per-stage and end-to-end times of one backend at one batch size: {stage: {median_ms, p99_ms} or None}."""
+    from t2f.stylegan2 import to_uint8
+
+    from .pipeline import to_host
+
+    timer = Timer(device)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    z = torch.randn([batch, z_dim], generator=torch.Generator().manual_seed(0)).to(device)
+    psi = torch.full([batch], 0.7, device=device)
+    eager = hasattr(backend, "synthesize_float")        # eager torch: the uint8 conversion is a stage of its own
+    times = {s: [] for s in STAGES}
+    for i in range(warmup + iters):
+        record = i >= warmup
+        tokens, t_tok = timer(lambda: clip.tokenize(prompts).to(device, torch.int32))
+        e, t_text = timer(lambda: backend.encode(tokens))
+        ws, t_map = timer(lambda: backend.map(e, z, psi))
+        if eager:
+            img, t_syn = timer(lambda: backend.synthesize_float(ws))
+            img, t_u8 = timer(lambda: to_uint8(img))
+        else:
+            img, t_syn = timer(lambda: backend.synthesize(ws))
+            t_u8 = None
+        _, t_d2h = timer(lambda: to_host(img))
+        _, t_e2e = timer(lambda: to_host(backend(clip.tokenize(prompts).to(device, torch.int32), z, psi)))
+        if record:
+            for stage, t in zip(STAGES, (t_tok, t_text, t_map, t_syn, t_u8, t_d2h, t_e2e)):
+                times[stage].append(t)
+    return {s: None if not v or v[0] is None else dict(median_ms=float(np.median(v)), p99_ms=float(np.percentile(v, 99)))
+            for s, v in times.items()}
+
+
+def markdown(report: dict) -> str:
+    meta = report["meta"]
+    lines = [f"{meta['date']}, {meta['device_name']}, torch {meta['torch']}, {meta['generator']} ({meta['resolution']} px), "
+             f"CLIP {meta['clip']}; median (p99) ms over {meta['iters']} runs", "",
+             "| backend | precision | batch | " + " | ".join(STAGES) + " | images/s | peak MB | speed-up |",
+             "|" + "---|" * (len(STAGES) + 6)]
+    for r in report["results"]:
+        cells = ["in graph" if r["stages"][s] is None else f"{r['stages'][s]['median_ms']:.2f} ({r['stages'][s]['p99_ms']:.2f})"
+                 for s in STAGES]
+        lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | " + " | ".join(cells) +
+                     f" | {r['images_per_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['speedup']:.2f}x |")
+    for s in report["skipped"]:
+        lines.append(f"\nskipped {s['backend']} ({s['precision']}): {s['reason']}")
+    return "\n".join(lines) + "\n"
+
+
+@click.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--generator",  help="Generator", metavar="NAME|PATH", default="tiny", show_default=True)
+@click.option("--clip",       help="CLIP", metavar="SPEC", default="tiny", show_default=True)
+@click.option("--mapper",     help="Mapper directory or tiny (random weights are fine for timing)", metavar="DIR|NAME", default="tiny", show_default=True)
+@click.option("--backends",   help="Comma-separated backends beside eager fp32, or all", metavar="LIST", default="all", show_default=True)
+@click.option("--batches",    help="Comma-separated batch sizes", metavar="LIST", default="1,8,32", show_default=True)
+@click.option("--warmup",     help="Untimed runs first", metavar="INT", type=click.IntRange(0, 1000), default=3, show_default=True)
+@click.option("--iters",      help="Timed runs", metavar="INT", type=click.IntRange(1, 10000), default=20, show_default=True)
+@click.option("--device",     help="auto, cpu, cuda or cuda:N", metavar="STR", default="auto", show_default=True)
+@click.option("--artifacts",  help="t2f-export output (needed for tensorrt)", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--json", "json_path", help="Write the report as JSON", metavar="PATH", type=click.Path(dir_okay=False))
+@click.option("--markdown", "md_path", help="Write the table as markdown", metavar="PATH", type=click.Path(dir_okay=False))
+def main(generator, clip, mapper, backends, batches, warmup, iters, device, artifacts, json_path, md_path):
+    """Time tokenize, text encoder, mapper, synthesis, uint8 conversion, device-to-host and end to end.
+
+    \b
+    Examples:
+    t2f-bench                                                     # tiny models, CPU
+    t2f-bench --generator random-256 --clip ViT-B-32:random --batches 1,8
+    t2f-bench --generator random-1024 --clip ViT-B-32:random --device cuda --artifacts engines/ffhq
+    """
+    import t2f
+    from t2f.cli_errors import user_errors
+    from t2f.devices import resolve_device
+    from t2f.io import write_json
+    from t2f.mapper import load_mapper
+
+    from .backends import BACKENDS, BackendUnavailable, make_backend
+    from .cli import _write_all
+
+    try:
+        sizes = sorted({int(b) for b in batches.split(",")})
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {batches!r}", param_hint="--batches") from None
+    if not sizes or min(sizes) < 1 or max(sizes) > 1024:
+        raise click.BadParameter("batch sizes must be from 1 to 1024", param_hint="--batches")
+    names = list(BACKENDS) if backends == "all" else [b.strip() for b in backends.split(",")]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}", param_hint="--backends")
+    with user_errors(OSError):
+        dev = resolve_device(device)
+        G = t2f.load_generator(generator)
+        C = t2f.load_clip(clip)
+        M = load_mapper(mapper, G, generator, C)
+        runs = [("torch", "fp32")]                       # the baseline, always first
+        for name in names:
+            precisions = ["fp16"] if name in ("torch-cudagraph", "tensorrt") else (["fp32", "fp16"] if dev.type == "cuda" else ["fp32"])
+            runs += [(name, p) for p in precisions if (name, p) != ("torch", "fp32")]
+        results, skipped, baseline = [], [], {}
+        for name, precision in runs:
+            try:
+                backend = make_backend(name, G, C, M, dev, precision, artifacts)
+            except BackendUnavailable as e:
+                skipped.append(dict(backend=name, precision=precision, reason=str(e)))
+                click.echo(f"skip {name} {precision}: {e}", err=True)
+                continue
+            for batch in sizes:
+                if dev.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(dev)
+                stages = measure(backend, C, batch, warmup, iters, dev, M.z_dim)
+                e2e = stages["end_to_end"]["median_ms"]
+                if name == "torch" and precision == "fp32":
+                    baseline[batch] = e2e
+                peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
+                        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+                results.append(dict(backend=name, precision=precision, batch=batch, stages=stages,
+                                    images_per_s=batch / e2e * 1000, peak_memory_mb=peak, speedup=baseline[batch] / e2e))
+                click.echo(f"{name:16s} {precision}  batch {batch:3d}  {e2e:9.2f} ms  {batch / e2e * 1000:8.1f} images/s  "
+                           f"{baseline[batch] / e2e:5.2f}x", err=True)
+        report = dict(meta=dict(date=time.strftime("%Y-%m-%d"), device=str(dev),
+                                device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+                                torch=torch.__version__, generator=generator, resolution=G.resolution, clip=C.name,
+                                warmup=warmup, iters=iters,
+                                peak_memory="torch.cuda.max_memory_allocated per run" if dev.type == "cuda" else "process peak RSS (cumulative)"),
+                      results=results, skipped=skipped)
+        table = markdown(report)
+        click.echo(table)
+        files = {}
+        if md_path:
+            files[md_path] = table.encode()
+        if files:
+            _write_all(files)
+        if json_path:
+            write_json(json_path, report)
+
+
+if __name__ == "__main__":
+    main()

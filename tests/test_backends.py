@@ -1,0 +1,130 @@
+"""Backends beside eager PyTorch, the interactive loop, and t2f-bench, on the CPU with the tiny models."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from engine_helpers import tiny_pipeline
+from t2f.engine.backends import BackendUnavailable, CudaGraphBackend, OnnxRuntimeBackend, TorchBackend, auto_backend, make_backend
+from t2f.engine.pipeline import TextToFace, sample_z
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_pipeline()
+
+
+def inputs(pipe, batch):
+    prompts = ["a smiling woman", "an old man with white hair", "a child"] * batch
+    tokens = pipe.clip.tokenize(prompts[:batch]).to(torch.int32)
+    return tokens, sample_z(3, batch, 1, pipe.mapper.z_dim), torch.full([batch], 0.7)
+
+
+def test_onnxruntime_matches_eager(pipe):
+    eager = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+    ort = make_backend("onnxruntime", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+    assert isinstance(ort, OnnxRuntimeBackend)
+    for batch in (1, 3):
+        tokens, z, psi = inputs(pipe, batch)
+        e_ref, e = eager.encode(tokens), ort.encode(tokens)
+        assert ((e - e_ref).norm() / e_ref.norm()) < 1e-5
+        ws_ref, ws = eager.map(e_ref, z, psi), ort.map(e_ref, z, psi)
+        assert ((ws - ws_ref).norm() / ws_ref.norm()) < 1e-5
+        a, b = eager(tokens, z, psi), ort(tokens, z, psi)
+        assert a.shape == b.shape == (batch, 64, 64, 3) and a.dtype == b.dtype == torch.uint8
+        assert (a.int() - b.int()).abs().max() <= 1
+
+
+def test_onnxruntime_buffers_are_allocated_once_per_batch(pipe):
+    ort = make_backend("onnxruntime", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+    first = ort(*inputs(pipe, 2))
+    pointer = first.data_ptr()
+    second = ort(*inputs(pipe, 2))
+    assert second.data_ptr() == pointer                    # the same output buffer, documented as reused
+    assert ort(*inputs(pipe, 1)).data_ptr() != pointer
+
+
+def test_pipeline_on_onnxruntime_equals_torch(pipe):
+    ort_pipe = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="onnxruntime")
+    a = pipe(["a smiling woman", "a child"], n=2, seed=1, truncation_psi=0.7)
+    b = ort_pipe(["a smiling woman", "a child"], n=2, seed=1, truncation_psi=0.7)
+    assert torch.allclose(a.ws, b.ws, atol=1e-4)
+    assert (a.images.int() - b.images.int()).abs().max() <= 1
+    with pytest.raises(ValueError, match="needs --backend torch"):
+        ort_pipe(["a"], noise_mode="random")
+
+
+def test_auto_and_unavailable_backends(pipe):
+    assert auto_backend(torch.device("cpu"), None) == "onnxruntime"
+    with pytest.raises(BackendUnavailable, match="needs --artifacts"):
+        make_backend("tensorrt", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+    with pytest.raises(BackendUnavailable, match="CUDA"):
+        CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the development and CI machines)")
+def test_cudagraph_matches_eager_fp16():
+    pipe = tiny_pipeline(device="cuda")
+    eager = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"), "fp16")
+    graph = CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"))
+    tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
+    a, b = eager(tokens, z, psi), graph(tokens, z, psi).clone()
+    assert (a.float() - b.float()).abs().mean() < 2.0
+    assert torch.equal(graph(tokens, z, psi), b)          # replays are deterministic
+
+
+# ----------------------------------------------------------------------------
+# The interactive loop and t2f-bench, as subprocesses.
+
+
+def run(args, cwd, stdin=""):
+    env = dict(os.environ, T2F_OFFLINE="1", HF_HUB_OFFLINE="1")
+    bindir = os.path.dirname(sys.executable)
+    exe = os.path.join(bindir, args[0]) if os.path.exists(os.path.join(bindir, args[0])) else args[0]
+    return subprocess.run([exe, *args[1:]], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600)
+
+
+def test_interactive_loop(tmp_path):
+    proc = run(["t2f-infer", "--generator", "tiny", "--clip", "tiny", "--mapper", "tiny", "--interactive", "--n", "2",
+                "--backend", "onnxruntime", "--out", "out.png"], tmp_path, stdin="a smiling woman\n\n  \nan old man\n")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split()[1] == "ms" and lines[0].endswith("a smiling woman")
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".png")) == ["out-0001.png", "out-0002.png"]
+    assert "ready (onnxruntime on cpu)" in proc.stderr and "2 prompt(s)" in proc.stderr
+
+
+def test_interactive_refuses_prompt_arguments(tmp_path):
+    proc = run(["t2f-infer", "--generator", "tiny", "--clip", "tiny", "--mapper", "tiny", "--interactive", "a"], tmp_path)
+    assert proc.returncode == 2 and "standard input" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_writes_json_and_markdown_with_every_stage(tmp_path):
+    proc = run(["t2f-bench", "--batches", "1,2", "--warmup", "1", "--iters", "3", "--backends", "onnxruntime,tensorrt",
+                "--json", "bench.json", "--markdown", "bench.md"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = {(r["backend"], r["batch"]): r for r in report["results"]}
+    assert set(rows) == {("torch", 1), ("torch", 2), ("onnxruntime", 1), ("onnxruntime", 2)}
+    for (backend, _), r in rows.items():
+        stages = r["stages"]
+        assert set(stages) == {"tokenize", "text_encoder", "mapper", "synthesis", "uint8_conversion", "device_to_host", "end_to_end"}
+        assert all(v["median_ms"] > 0 and v["p99_ms"] >= v["median_ms"] for k, v in stages.items() if v is not None)
+        assert (stages["uint8_conversion"] is None) == (backend == "onnxruntime")   # inside the exported graph
+        assert r["images_per_s"] > 0 and r["peak_memory_mb"] > 0
+    assert rows[("torch", 1)]["speedup"] == 1.0
+    assert [s["backend"] for s in report["skipped"]] == ["tensorrt"]
+    assert "| onnxruntime | fp32 | 2 |" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_bad_input(tmp_path):
+    proc = run(["t2f-bench", "--batches", "0"], tmp_path)
+    assert proc.returncode == 2 and "--batches" in proc.stderr
+    proc = run(["t2f-bench", "--backends", "warp-drive"], tmp_path)
+    assert proc.returncode == 2 and "unknown backends" in proc.stderr

@@ -41,8 +41,15 @@ class Backend:
     def __init__(self, device: torch.device):
         self.device = device
 
+    max_batch = 1 << 30                                   # largest batch one call takes (engines have a profile)
+
     def __call__(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
-        return self.synthesize(self.map(self.encode(tokens), z, psi))
+        return self.full(tokens, z, psi)[1]
+
+    def full(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ws, image) of the whole pipeline; backends with a CUDA graph replay it here."""
+        ws = self.map(self.encode(tokens), z, psi)
+        return ws, self.synthesize(ws)
 
 
 # ----------------------------------------------------------------------------
@@ -86,9 +93,11 @@ class CudaGraphBackend(Backend):
 
     name = "torch-cudagraph"
 
-    def __init__(self, generator: Generator, clip: Clip, mapper: Mapper, device: torch.device):
+    def __init__(self, generator: Generator, clip: Clip, mapper: Mapper, device: torch.device, precision: str = "fp16"):
         if device.type != "cuda":
             raise BackendUnavailable("torch-cudagraph needs a CUDA device")
+        if precision != "fp16":
+            raise BackendUnavailable("torch-cudagraph runs in fp16; pass --precision fp16")
         super().__init__(device)
         self.text = TextEncoderGraph(clip.model, half=True).to(device)
         self.mapper = MapperGraph(mapper, generator.w_avg).to(device)
@@ -127,8 +136,9 @@ class CudaGraphBackend(Backend):
         graph.replay()
         return outputs
 
-    def __call__(self, tokens, z, psi):
-        return self._run(tokens, z, psi)[2]
+    def full(self, tokens, z, psi):
+        _, ws, image = self._run(tokens, z, psi)
+        return ws, image
 
     def encode(self, tokens):
         with torch.no_grad():
@@ -167,20 +177,21 @@ class OnnxRuntimeBackend(_ArtifactBackend):
 
     name = "onnxruntime"
 
-    def __init__(self, artifacts: str | os.PathLike, device: torch.device, precision: str = "fp32", threads: int = 0):
+    def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: str = "fp32", threads: int = 0):
         try:
             import onnxruntime
         except ImportError:
             raise BackendUnavailable("onnxruntime is not installed (pip install onnxruntime or onnxruntime-gpu)") from None
-        from t2f.export.onnx_export import onnx_session, read_manifest
+        from t2f.export.onnx_export import check_artifacts, onnx_session
 
         super().__init__(device)
         artifacts = Path(artifacts)
-        manifest = read_manifest(artifacts)
+        manifest = _checked(check_artifacts, artifacts, models, precision)
         suffix = "" if precision == "fp32" else ".fp16"
         available = onnxruntime.get_available_providers()
         if device.type == "cuda":
-            providers = [p for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
+            options_for = {"device_id": device.index or 0}
+            providers = [(p, options_for) for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider") if p in available]
             if not providers:
                 raise BackendUnavailable("onnxruntime has no CUDA execution provider here (install onnxruntime-gpu)")
         else:
@@ -232,55 +243,72 @@ class TensorRTBackend(_ArtifactBackend):
 
     name = "tensorrt"
 
-    def __init__(self, artifacts: str | os.PathLike, device: torch.device, precision: str = "fp16", cuda_graph: bool = True):
-        from t2f.graphs import ExportError
-        from t2f.export.onnx_export import read_manifest
+    def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: str = "fp16",
+                 cuda_graph: bool = True):
+        from t2f.export.onnx_export import check_artifacts, sha256_file
         from t2f.export.tensorrt import load_engine
+        from t2f.graphs import ExportError
 
         if device.type != "cuda":
             raise BackendUnavailable("tensorrt needs a CUDA device")
         super().__init__(device)
         artifacts = Path(artifacts)
-        manifest = read_manifest(artifacts)
+        manifest = _checked(check_artifacts, artifacts, models, precision)
         suffix = "" if precision == "fp32" else ".fp16"
-        try:
-            self.engines = {g: load_engine(artifacts / f"{g}{suffix}.plan", manifest) for g in ("text_encoder", "mapper", "synthesis")}
-        except ExportError as e:
-            raise BackendUnavailable(str(e)) from None
+        records = (manifest.get("tensorrt") or {}).get("engines", {})
+        self.engines = {}
+        for graph in ("text_encoder", "mapper", "synthesis"):
+            plan, onnx = artifacts / f"{graph}{suffix}.plan", f"{graph}{suffix}.onnx"
+            record = records.get(plan.name)
+            if (not record or not plan.is_file() or record.get("sha256") != sha256_file(plan)
+                    or record["record"].get("onnx_sha256") != manifest["onnx"][onnx]["sha256"]):
+                raise BackendUnavailable(f"{plan} is missing, changed, or built from another {onnx}; run t2f-export --out {artifacts} again")
+            try:
+                self.engines[graph] = load_engine(plan, manifest)
+            except (ExportError, OSError) as e:
+                raise BackendUnavailable(str(e)) from None
+            self.max_batch = min(self.max_batch, *(shapes[2][0] for shapes in record["record"]["profiles"].values()))
         self.contexts = {g: e.create_execution_context() for g, e in self.engines.items()}
         self.stream = torch.cuda.Stream(device)
         self.outputs: dict[tuple, torch.Tensor] = {}
         self.cuda_graph, self.graphs = cuda_graph, {}
 
-    def __call__(self, tokens, z, psi):
-        """The three engines in a row; with cuda_graph, their launches are captured once per batch size and replayed."""
-        if not self.cuda_graph:
-            return super().__call__(tokens, z, psi)
+    def full(self, tokens, z, psi):
+        """The three engines in a row; with cuda_graph, their launches are captured once per batch size and replayed,
+        each batch size with execution contexts of its own (a captured graph keeps its context's shapes)."""
         batch = tokens.shape[0]
+        if not self.cuda_graph:
+            ws = self.map(self.encode(tokens), z, psi)
+            return ws, self.synthesize(ws)
         if batch not in self.graphs:
+            contexts = {g: e.create_execution_context() for g, e in self.engines.items()}
             static = (tokens.to(self.device, torch.int32).clone(), z.to(self.device).float().clone(), psi.to(self.device).float().clone())
-            image = super().__call__(*static)                    # shapes set, buffers allocated, engines warm
+            e = self._run("text_encoder", {"tokens": static[0]}, "embedding", torch.float32, contexts)
+            ws = self._run("mapper", {"embedding": e, "z": static[1], "psi": static[2]}, "ws", torch.float32, contexts)
+            image = self._run("synthesis", {"ws": ws}, "image", torch.uint8, contexts)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            # The warm-up bound every tensor address (static inputs, per-batch output buffers); capture the launches.
+            # The warm-up bound every tensor address (static inputs, this batch's outputs); capture the launches.
             with torch.cuda.graph(graph, stream=self.stream):
                 for name in ("text_encoder", "mapper", "synthesis"):
-                    self.contexts[name].execute_async_v3(self.stream.cuda_stream)
-            self.graphs[batch] = (graph, static, image)
-        graph, static, image = self.graphs[batch]
+                    contexts[name].execute_async_v3(self.stream.cuda_stream)
+            self.graphs[batch] = (graph, static, ws, image, contexts)
+        graph, static, ws, image, _ = self.graphs[batch]
         for buffer, value in zip(static, (tokens, z, psi)):
             buffer.copy_(value, non_blocking=True)
         graph.replay()                                           # on the current stream, after the copies
-        return image
+        return ws, image
 
-    def _run(self, graph: str, feeds: dict[str, torch.Tensor], output: str, dtype: torch.dtype) -> torch.Tensor:
-        context = self.contexts[graph]
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor], output: str, dtype: torch.dtype, contexts=None) -> torch.Tensor:
+        context = (contexts or self.contexts)[graph]
         for name, tensor in feeds.items():
             tensor = tensor.to(self.device).contiguous()
             feeds[name] = tensor
-            context.set_input_shape(name, tuple(tensor.shape))
+            if not context.set_input_shape(name, tuple(tensor.shape)):
+                raise ValueError(f"{name} {tuple(tensor.shape)} is outside the {graph} engine's profile "
+                                 f"(batch up to {self.max_batch}); re-export with a larger --batch")
             context.set_tensor_address(name, tensor.data_ptr())
-        key = (graph, next(iter(feeds.values())).shape[0])
+        key = (graph, next(iter(feeds.values())).shape[0], id(context))
         if key not in self.outputs:
             self.outputs[key] = torch.empty(tuple(context.get_tensor_shape(output)), dtype=dtype, device=self.device)
         out = self.outputs[key]
@@ -300,7 +328,11 @@ def onnx_cache_dir(generator: Generator, clip: Clip, mapper: Mapper) -> Path:
     from t2f.download import cache_dir
     from t2f.io import fingerprint
 
-    return cache_dir() / "onnx" / f"{fingerprint(generator)}-{clip.fingerprint}-{fingerprint(mapper)}"
+    import hashlib
+    import json
+
+    configs = hashlib.sha256(json.dumps([generator.config.to_dict(), mapper.config.to_dict()], sort_keys=True).encode())
+    return cache_dir() / "onnx" / f"{fingerprint(generator)}-{clip.fingerprint}-{fingerprint(mapper)}-{configs.hexdigest()[:8]}"
 
 
 def ensure_onnx(generator: Generator, clip: Clip, mapper: Mapper, precision: str, artifacts: str | None = None, log=None) -> Path:
@@ -308,7 +340,7 @@ def ensure_onnx(generator: Generator, clip: Clip, mapper: Mapper, precision: str
     from t2f.export.onnx_export import artifacts_current, export_artifacts
 
     if artifacts is not None:
-        return Path(artifacts)
+        return Path(artifacts)                                         # checked against the models by the backend
     out = onnx_cache_dir(generator, clip, mapper)
     fp16 = precision == "fp16"
     if not artifacts_current(out, generator, clip, mapper, fp16):
@@ -317,30 +349,43 @@ def ensure_onnx(generator: Generator, clip: Clip, mapper: Mapper, precision: str
     return out
 
 
-def auto_backend(device: torch.device, artifacts: str | None) -> str:
-    """The fastest backend available, by our measurements' order: TensorRT engines, then one CUDA graph on a GPU;
-    ONNX Runtime on a CPU (see benchmarks/RESULTS.md)."""
+def auto_backend(device: torch.device, artifacts: str | None, precision: str = "fp32", noise_mode: str = "const") -> str:
+    """The backend expected to be fastest here: TensorRT engines of this precision, then one CUDA graph (fp16) on a
+    GPU; ONNX Runtime on a CPU (see benchmarks/RESULTS.md); eager PyTorch for non-constant noise."""
     import importlib.util
 
+    if noise_mode != "const":
+        return "torch"
     if device.type == "cuda":
-        if artifacts and importlib.util.find_spec("tensorrt") and list(Path(artifacts).glob("*.plan")):
+        suffix = ".fp16" if precision == "fp16" else ""
+        if artifacts and importlib.util.find_spec("tensorrt") and (Path(artifacts) / f"synthesis{suffix}.plan").is_file():
             return "tensorrt"
-        return "torch-cudagraph"
+        return "torch-cudagraph" if precision == "fp16" else "torch"
     return "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"
 
 
+def _checked(check, artifacts: Path, models: tuple, precision: str) -> dict:
+    from t2f.graphs import ExportError
+
+    try:
+        return check(artifacts, *models, precision == "fp16")
+    except ExportError as e:
+        raise BackendUnavailable(str(e)) from None
+
+
 def make_backend(name: str, generator: Generator, clip: Clip, mapper: Mapper, device: torch.device,
-                 precision: str = "fp32", artifacts: str | None = None, log=None) -> Backend:
+                 precision: str = "fp32", artifacts: str | None = None, log=None, noise_mode: str = "const") -> Backend:
+    models = (generator, clip, mapper)
     if name == "auto":
-        name = auto_backend(device, artifacts)
+        name = auto_backend(device, artifacts, precision, noise_mode)
     if name == "torch":
         return TorchBackend(generator, clip, mapper, device, precision)
     if name == "torch-cudagraph":
-        return CudaGraphBackend(generator, clip, mapper, device)
+        return CudaGraphBackend(generator, clip, mapper, device, precision)
     if name == "onnxruntime":
-        return OnnxRuntimeBackend(ensure_onnx(generator, clip, mapper, precision, artifacts, log), device, precision)
+        return OnnxRuntimeBackend(ensure_onnx(generator, clip, mapper, precision, artifacts, log), device, models, precision)
     if name == "tensorrt":
         if artifacts is None:
             raise BackendUnavailable("--backend tensorrt needs --artifacts DIR with engines made by t2f-export")
-        return TensorRTBackend(artifacts, device, "fp16" if precision == "fp16" else "fp32")
+        return TensorRTBackend(artifacts, device, models, precision)
     raise BackendUnavailable(f"unknown backend {name!r}; one of auto, {', '.join(BACKENDS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import resource
 import time
@@ -106,7 +107,6 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
     import t2f
     from t2f.cli_errors import user_errors
     from t2f.devices import resolve_device
-    from t2f.io import write_json
     from t2f.mapper import load_mapper
 
     from .backends import BACKENDS, BackendUnavailable, make_backend
@@ -122,6 +122,11 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
         raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}", param_hint="--backends")
+    from .cli import _check_writable
+
+    for path, param in ((json_path, "--json"), (md_path, "--markdown")):
+        if path is not None:
+            _check_writable(path, param)
     with user_errors(OSError):
         dev = resolve_device(device)
         G = t2f.load_generator(generator)
@@ -142,10 +147,17 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
             for batch in sizes:
                 if dev.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(dev)
-                stages = measure(backend, C, batch, warmup, iters, dev, M.z_dim)
+                try:
+                    stages = measure(backend, C, batch, warmup, iters, dev, M.z_dim)
+                except (RuntimeError, ValueError) as e:   # out of memory, outside an engine's profile, ...
+                    skipped.append(dict(backend=name, precision=precision, batch=batch, reason=str(e).splitlines()[0]))
+                    click.echo(f"skip {name} {precision} batch {batch}: {str(e).splitlines()[0]}", err=True)
+                    continue
                 e2e = stages["end_to_end"]["median_ms"]
                 if name == "torch" and precision == "fp32":
                     baseline[batch] = e2e
+                if batch not in baseline:
+                    continue
                 peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
                 results.append(dict(backend=name, precision=precision, batch=batch, stages=stages,
@@ -156,17 +168,18 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
                                 device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
                                 torch=torch.__version__, generator=generator, resolution=G.resolution, clip=C.name,
                                 warmup=warmup, iters=iters,
-                                peak_memory="torch.cuda.max_memory_allocated per run" if dev.type == "cuda" else "process peak RSS (cumulative)"),
+                                peak_memory=("torch.cuda.max_memory_allocated per run (does not see onnxruntime's or TensorRT's own memory)"
+                                             if dev.type == "cuda" else "process peak RSS (cumulative)")),
                       results=results, skipped=skipped)
         table = markdown(report)
         click.echo(table)
         files = {}
         if md_path:
             files[md_path] = table.encode()
+        if json_path:
+            files[json_path] = (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
         if files:
             _write_all(files)
-        if json_path:
-            write_json(json_path, report)
 
 
 if __name__ == "__main__":

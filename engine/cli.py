@@ -151,6 +151,7 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     """
     from t2f.cli_errors import user_errors
     from t2f.devices import resolve_device
+    from t2f.graphs import ExportError
 
     from .pipeline import is_blank, load_pipeline
 
@@ -183,6 +184,8 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
         raise click.BadParameter(str(e), param_hint="--device") from None
     if precision == "fp16" and resolved.type != "cuda":
         raise click.BadParameter("fp16 needs a CUDA device; use --precision fp32 on the CPU", param_hint="--precision")
+    if backend == "auto" and noise_mode != "const":
+        backend = "torch"                                           # exported graphs use constant noise
     outputs = [(out, "--out", False), (save_images, "--save-images", True), (save_ws, "--save-ws", False)]
     for path, param, is_dir in outputs:
         if path is not None:
@@ -197,20 +200,23 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
         click.echo(f"note: random weights ({', '.join(random_parts)}): not a trained model, the images are not faces", err=True)
 
     start = time.perf_counter()
-    with user_errors(OSError, BackendUnavailable), warnings.catch_warnings(record=True) as caught:
+    with user_errors(OSError, BackendUnavailable, ExportError), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(resolved), precision=precision,
                              batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None,
                              backend=backend, artifacts=artifacts)
         if interactive:
             return _interactive(pipe, mode, n, seed, truncation, noise_mode, out, dict(knn_k=knn_k, knn_m=knn_m, knn_alpha=knn_alpha))
-        if mode == "text":
-            conditions = pipe.text_conditions(labels)
-        elif mode == "knn":
-            conditions = pipe.knn_conditions(labels, n, seed, k=knn_k, m=knn_m, alpha=knn_alpha)
+        if mode == "text" and noise_mode == "const":
+            faces = pipe.generate_text(labels, n=n, seed=seed, truncation_psi=truncation)
         else:
-            conditions = pipe.image_conditions(images_in)
-        faces = pipe.generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
+            if mode == "text":
+                conditions = pipe.text_conditions(labels)
+            elif mode == "knn":
+                conditions = pipe.knn_conditions(labels, n, seed, k=knn_k, m=knn_m, alpha=knn_alpha)
+            else:
+                conditions = pipe.image_conditions(images_in)
+            faces = pipe.generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
     for w in caught:
         if "truncated" in str(w.message):
             click.echo(f"warning: {w.message}", err=True)
@@ -241,6 +247,8 @@ def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
     from .pipeline import is_blank
 
     def generate(prompt: str):
+        if mode == "text" and noise_mode == "const":
+            return pipe.generate_text([prompt], n=n, seed=seed, truncation_psi=truncation)
         if mode == "knn":
             conditions = pipe.knn_conditions([prompt], n, seed, k=knn["knn_k"], m=knn["knn_m"], alpha=knn["knn_alpha"])
         else:

@@ -104,6 +104,7 @@ class TextToFace:
         self.mapper = mapper.eval().requires_grad_(False).to(self.device)
         self.clip = clip.to(self.device)
         self.backend = make_backend(backend, self.generator, self.clip, self.mapper, self.device, precision, artifacts)
+        self.batch_size = min(batch_size, self.backend.max_batch)
 
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
@@ -111,7 +112,7 @@ class TextToFace:
         if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
             raise ValueError("every prompt must be a non-empty string")
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
-        return self.backend.encode(tokens).float().clone()
+        return torch.cat([self.backend.encode(chunk).float().clone() for chunk in tokens.split(self.batch_size)])
 
     def image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
@@ -144,7 +145,9 @@ class TextToFace:
             raise ValueError(f"{conditions.shape[0]} conditions for {rows} rows of {n}")
         z = sample_z(seed, rows, n, self.mapper.z_dim).to(self.device)
         psi = torch.full([rows * n], float(truncation_psi), device=self.device)
-        ws = self.backend.map(conditions.to(self.device), z, psi).clone()  # [rows * n, num_ws, w_dim]
+        conditions = conditions.to(self.device)
+        ws = torch.cat([self.backend.map(c, zc, pc).clone()                # [rows * n, num_ws, w_dim]
+                        for c, zc, pc in zip(conditions.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size))])
 
         images = []
         if noise_mode != "const":
@@ -161,6 +164,25 @@ class TextToFace:
                 images.append(to_host(self.backend.synthesize(chunk)))
         return Faces(images=torch.cat(images), ws=ws.float().cpu(), labels=list(labels), n=n)
 
+    @torch.no_grad()
+    def generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
+        """Text mode with constant noise through the backend's whole pipeline (its CUDA graph, where it has one)."""
+        if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
+            raise ValueError("every prompt must be a non-empty string")
+        if n < 1:
+            raise ValueError(f"n must be >= 1, got {n}")
+        if not math.isfinite(float(truncation_psi)):
+            raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
+        tokens = self.clip.tokenize(list(prompts)).to(self.device).repeat_interleave(n, dim=0)
+        z = sample_z(seed, len(prompts), n, self.mapper.z_dim).to(self.device)
+        psi = torch.full([len(prompts) * n], float(truncation_psi), device=self.device)
+        ws, images = [], []
+        for t, zc, pc in zip(tokens.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size)):
+            w, image = self.backend.full(t.to(torch.int32), zc, pc)
+            ws.append(w.float().cpu())
+            images.append(to_host(image))
+        return Faces(images=torch.cat(images), ws=torch.cat(ws), labels=list(prompts), n=n)
+
     def __call__(self,
         prompts: list[str],
         n: int = 1,
@@ -170,6 +192,8 @@ class TextToFace:
         mode: str = "text",                     # "text": the prompt's embedding; "knn": bank combinations near it.
     ) -> Faces:
         """prompts -> faces in mode "text" or "knn" (for mode "image" use image_conditions + generate)."""
+        if mode == "text" and noise_mode == "const":
+            return self.generate_text(prompts, n=n, seed=seed, truncation_psi=truncation_psi)
         if mode == "text":
             conditions = self.text_conditions(prompts)
         elif mode == "knn":

@@ -69,7 +69,7 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
     from t2f.io import write_json
     from t2f.mapper import load_mapper
 
-    from .onnx_export import export_artifacts, format_table
+    from .onnx_export import export_artifacts, format_table, sha256_file
     from .tensorrt import build_engine, runtime_info
 
     out = Path(out)
@@ -105,12 +105,11 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
             engine = out / name.replace(".onnx", ".plan")
             record = dict(onnx=name, onnx_sha256=entry["sha256"], precision=precision, opt_level=opt_level,
                           profiles={k: [list(s) for s in v] for k, v in profiles.items()}, **info)
-            if engines.get(engine.name, {}).get("record") == record and engine.is_file():
+            known = engines.get(engine.name, {})
+            if known.get("record") == record and engine.is_file() and known.get("sha256") == sha256_file(engine):
                 click.echo(f"cached {engine.name}")
                 continue
             build_engine(out / name, engine, profiles, fp16, cache_path, opt_level, log=click.echo)
-            from .onnx_export import sha256_file
-
             engines[engine.name] = dict(record=record, sha256=sha256_file(engine))
         manifest["tensorrt"] = dict(info, engines=engines)
         write_json(out / "manifest.json", manifest)

@@ -13,10 +13,13 @@ and its uint8 artifact must be within one level of eager's uint8 image.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -89,22 +92,36 @@ def example_inputs(name: str, batch: int, seed: int, clip: Clip, mapper: Mapper,
         embedding = torch.nn.functional.normalize(torch.randn([batch, mapper.config.embed_dim], generator=g), dim=-1)
         return (embedding, torch.randn([batch, mapper.z_dim], generator=g), 0.5 + 0.5 * torch.rand([batch], generator=g))
     z = torch.randn([batch, generator.z_dim], generator=g)
-    return (generator.mapping(z, truncation_psi=0.7).detach(),)
+    return (generator.mapping(z.to(generator.w_avg.device), truncation_psi=0.7).detach().cpu(),)
 
 
 # ----------------------------------------------------------------------------
 # Export.
 
 
-def plan(generator: Generator, clip: Clip, mapper: Mapper, fp16: bool) -> list[Export]:
-    """The three exports with their cache keys."""
+def graph_keys(generator: Generator, clip: Clip, mapper: Mapper, fp16: bool) -> dict[str, str]:
+    """Cache keys of the three graphs: weights, configs, precision, opset and versions."""
     precision = "fp16" if fp16 else "fp32"
     versions = f"t2f {t2f.__version__} torch {torch.__version__} opset {OPSET}"
-    keys = {
+    gcfg = json.dumps(generator.config.to_dict(), sort_keys=True)
+    mcfg = json.dumps(mapper.config.to_dict(), sort_keys=True)
+    return {
         "text_encoder": f"{clip.name} {clip.fingerprint} {precision} {versions}",
-        "mapper": f"{fingerprint(mapper)} w_avg {fingerprint(generator.mapping)} fp32 {versions}",
-        "synthesis": f"{fingerprint(generator)} {precision} uint8 {versions}",
+        "mapper": f"{fingerprint(mapper)} {mcfg} w_avg {fingerprint(generator.mapping)} fp32 {versions}",
+        "synthesis": f"{fingerprint(generator)} {gcfg} {precision} uint8 {versions}",
     }
+
+
+def on_cpu(generator: Generator, clip: Clip, mapper: Mapper):
+    """The models on the CPU, copied if they live elsewhere: export and parity run there."""
+    if all(next(m.parameters()).device.type == "cpu" for m in (generator, clip.model, mapper)):
+        return generator, clip, mapper
+    return copy.deepcopy(generator).cpu(), copy.deepcopy(clip).to("cpu"), copy.deepcopy(mapper).cpu()
+
+
+def plan(generator: Generator, clip: Clip, mapper: Mapper, fp16: bool) -> list[Export]:
+    """The three exports with their cache keys (models on the CPU)."""
+    keys = graph_keys(generator, clip, mapper, fp16)
     modules = {
         "text_encoder": TextEncoderGraph(clip.model, half=fp16),
         "mapper": MapperGraph(mapper, generator.w_avg),
@@ -197,46 +214,73 @@ def format_table(rows: list[dict]) -> str:
 
 def run_onnx_exports(out: Path, generator: Generator, clip: Clip, mapper: Mapper, fp16: bool, batches: list[int],
                      log=print) -> tuple[dict, list[dict]]:
-    """Export (or reuse) the three graphs into `out`; returns ({name: {file, sha256, key, cached}}, parity rows)."""
+    """Export (or reuse) the three graphs into `out`; returns ({file: entry}, parity rows).
+
+    Parity is checked again only for graphs that were exported now, or that lack a passed check.
+    """
+    generator, clip, mapper = on_cpu(generator, clip, mapper)
+    exports = plan(generator, clip, mapper, fp16)                   # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     precision = "fp16" if fp16 else "fp32"
     suffix = "" if precision == "fp32" else ".fp16"
-    previous = read_manifest(out).get("onnx", {})
+    manifest = read_manifest(out)
+    previous, previous_rows = manifest.get("onnx", {}), (manifest.get("parity") or {}).get(precision, [])
     graphs, rows = {}, []
-    scratch = out / ".parity"
-    scratch.mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".parity-", dir=out))   # private: concurrent exports do not collide
     try:
-        for export in plan(generator, clip, mapper, fp16):
+        for export in exports:
             path = out / f"{export.name}{suffix}.onnx"
             entry = previous.get(path.name)
             cached = bool(entry and entry.get("key") == export.key and path.is_file() and sha256_file(path) == entry.get("sha256"))
-            if not cached:
-                log(f"export {path.name}")
-                export_onnx(export.module, export.inputs, export.input_names, export.output_names, path)
-            else:
+            if cached:
                 log(f"cached {path.name}")
+            else:
+                log(f"export {path.name}")
+                try:
+                    export_onnx(export.module, export.inputs, export.input_names, export.output_names, path)
+                except (RuntimeError, ValueError, TypeError) as e:
+                    raise ExportError(f"cannot export {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
             sha = sha256_file(path)
+            old_rows = [r for r in previous_rows if r["graph"] == export.name and r["batch"] in batches]
+            if cached and entry.get("parity_ok") and len(old_rows) == len(batches):
+                graph_rows = old_rows
+            else:
+                graph_rows = parity(export, path, precision, batches, clip, mapper, generator, sha, scratch)
+            rows += graph_rows
             graphs[path.name] = dict(graph=export.name, precision=precision if export.name != "mapper" else "fp32",
                                      sha256=sha, key=export.key, cached=cached, inputs=export.input_names,
-                                     outputs=export.output_names)
-            rows += parity(export, path, precision, batches, clip, mapper, generator, sha, scratch)
+                                     outputs=export.output_names, parity_ok=all(r["ok"] for r in graph_rows))
     finally:
-        for p in scratch.glob("*"):
-            p.unlink()
-        scratch.rmdir()
+        shutil.rmtree(scratch, ignore_errors=True)
     return graphs, rows
 
 
-def artifacts_current(out: Path, generator: Generator, clip: Clip, mapper: Mapper, fp16: bool) -> bool:
-    """True when `out` holds all three graphs for these models and precision, unchanged since export."""
-    entries = read_manifest(out).get("onnx", {})
+def check_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, fp16: bool) -> dict:
+    """The manifest of `out` if it holds all three graphs of exactly these models and precision, each unchanged since
+    export and within its parity bounds; ExportError saying what differs otherwise."""
+    manifest = read_manifest(out)
+    entries = manifest.get("onnx", {})
     suffix = ".fp16" if fp16 else ""
-    for export in plan(generator, clip, mapper, fp16):
-        name = f"{export.name}{suffix}.onnx"
+    for graph, key in graph_keys(generator, clip, mapper, fp16).items():
+        name = f"{graph}{suffix}.onnx"
         entry = entries.get(name)
-        if not entry or entry.get("key") != export.key or not (out / name).is_file() or sha256_file(out / name) != entry.get("sha256"):
-            return False
-    return True
+        if not entry:
+            raise ExportError(f"{out} has no {name}; run t2f-export{' --fp16' if fp16 else ''} --out {out}")
+        if entry.get("key") != key:
+            raise ExportError(f"{out / name} was exported from other models or versions; run t2f-export again for these")
+        if not (out / name).is_file() or sha256_file(out / name) != entry.get("sha256"):
+            raise ExportError(f"{out / name} does not match its manifest (missing, corrupt or changed); run t2f-export again")
+        if not entry.get("parity_ok"):
+            raise ExportError(f"{out / name} failed its parity check; see {out / 'parity.md'}")
+    return manifest
+
+
+def artifacts_current(out: Path, generator: Generator, clip: Clip, mapper: Mapper, fp16: bool) -> bool:
+    try:
+        check_artifacts(out, generator, clip, mapper, fp16)
+        return True
+    except ExportError:
+        return False
 
 
 def export_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, fp16: bool, batches: list[int],

@@ -115,10 +115,11 @@ def test_bench_writes_json_and_markdown_with_every_stage(tmp_path):
     for (backend, _), r in rows.items():
         stages = r["stages"]
         assert set(stages) == {"tokenize", "text_encoder", "mapper", "synthesis", "uint8_conversion", "device_to_host", "end_to_end"}
-        assert all(v["median_ms"] > 0 and v["p99_ms"] >= v["median_ms"] for k, v in stages.items() if v is not None)
+        assert all(v["median_ms"] > 0 for v in stages.values() if v is not None)
         assert (stages["uint8_conversion"] is None) == (backend == "onnxruntime")   # inside the exported graph
-        assert r["images_per_s"] > 0 and r["peak_memory_mb"] > 0
-    assert rows[("torch", 1)]["speedup"] == 1.0
+        assert abs(r["images_per_s"] - r["batch"] / stages["end_to_end"]["median_ms"] * 1000) < 1e-6
+        eager = rows[("torch", r["batch"])]["stages"]["end_to_end"]["median_ms"]
+        assert abs(r["speedup"] - eager / stages["end_to_end"]["median_ms"]) < 1e-9 and r["peak_memory_mb"] > 0
     assert [s["backend"] for s in report["skipped"]] == ["tensorrt"]
     assert "| onnxruntime | fp32 | 2 |" in (tmp_path / "bench.md").read_text()
 
@@ -128,3 +129,48 @@ def test_bench_bad_input(tmp_path):
     assert proc.returncode == 2 and "--batches" in proc.stderr
     proc = run(["t2f-bench", "--backends", "warp-drive"], tmp_path)
     assert proc.returncode == 2 and "unknown backends" in proc.stderr
+
+
+def test_artifacts_of_other_models_are_refused(pipe, tmp_path):
+    """--artifacts made for other weights, another config, or that failed parity are never run."""
+    from t2f.export.onnx_export import export_artifacts
+    from t2f.presets import random_generator
+    from t2f.stylegan2 import Generator, GeneratorConfig
+
+    from conftest import randomize
+
+    out = tmp_path / "artifacts"
+    export_artifacts(out, pipe.generator, pipe.clip, pipe.mapper, False, [1], {})
+    OnnxRuntimeBackend(out, torch.device("cpu"), (pipe.generator, pipe.clip, pipe.mapper))   # the right models: fine
+    other = randomize(random_generator("tiny"), seed=7)
+    with pytest.raises(BackendUnavailable, match="exported from other models"):
+        make_backend("onnxruntime", other, pipe.clip, pipe.mapper, torch.device("cpu"), artifacts=str(out))
+    # Same weights, another conv_clamp: another graph.
+    clamped = Generator(GeneratorConfig.from_dict(dict(pipe.generator.config.to_dict(), conv_clamp=0.05)))
+    clamped.load_state_dict(pipe.generator.state_dict())
+    with pytest.raises(BackendUnavailable, match="exported from other models"):
+        make_backend("onnxruntime", clamped, pipe.clip, pipe.mapper, torch.device("cpu"), artifacts=str(out))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["onnx"]["synthesis.onnx"]["parity_ok"] = False
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BackendUnavailable, match="failed its parity check"):
+        make_backend("onnxruntime", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"), artifacts=str(out))
+
+
+def test_infer_with_mismatched_artifacts_gives_one_line(pipe, tmp_path):
+    from t2f.export.onnx_export import export_artifacts
+    from t2f.weights import save_generator
+    from t2f.presets import random_generator
+
+    from conftest import randomize
+
+    export_artifacts(tmp_path / "a", pipe.generator, pipe.clip, pipe.mapper, False, [1], {})
+    save_generator(randomize(random_generator("tiny"), seed=7), tmp_path / "g")
+    proc = run(["t2f-infer", "--generator", "g", "--clip", "tiny", "--mapper", "tiny", "--backend", "onnxruntime",
+                "--artifacts", "a", "x"], tmp_path)
+    assert proc.returncode == 1 and "exported from other models" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "faces.png").exists()
+
+
+def test_auto_backend_choices():
+    assert auto_backend(torch.device("cpu"), None, noise_mode="random") == "torch"

@@ -62,7 +62,7 @@ def test_truncation_zero_gives_the_average_w(pipe):
 def test_batch_size_does_not_change_results():
     a = tiny_pipeline(batch_size=1)(["a"], n=3, seed=2)
     b = tiny_pipeline(batch_size=8)(["a"], n=3, seed=2)
-    assert torch.equal(a.ws, b.ws)
+    assert torch.allclose(a.ws, b.ws, atol=1e-5)          # batching changes float rounding only
     assert (a.images.int() - b.images.int()).abs().max() <= 1
 
 

@@ -206,17 +206,9 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
                              batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None,
                              backend=backend, artifacts=artifacts)
         if interactive:
-            return _interactive(pipe, mode, n, seed, truncation, noise_mode, out, dict(knn_k=knn_k, knn_m=knn_m, knn_alpha=knn_alpha))
-        if mode == "text" and noise_mode == "const":
-            faces = pipe.generate_text(labels, n=n, seed=seed, truncation_psi=truncation)
-        else:
-            if mode == "text":
-                conditions = pipe.text_conditions(labels)
-            elif mode == "knn":
-                conditions = pipe.knn_conditions(labels, n, seed, k=knn_k, m=knn_m, alpha=knn_alpha)
-            else:
-                conditions = pipe.image_conditions(images_in)
-            faces = pipe.generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
+            return _interactive(pipe, mode, n, seed, truncation, noise_mode, out, dict(k=knn_k, m=knn_m, alpha=knn_alpha))
+        faces = pipe(labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode, mode=mode, images=images_in,
+                     knn=dict(k=knn_k, m=knn_m, alpha=knn_alpha))
     for w in caught:
         if "truncated" in str(w.message):
             click.echo(f"warning: {w.message}", err=True)
@@ -247,13 +239,7 @@ def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
     from .pipeline import is_blank
 
     def generate(prompt: str):
-        if mode == "text" and noise_mode == "const":
-            return pipe.generate_text([prompt], n=n, seed=seed, truncation_psi=truncation)
-        if mode == "knn":
-            conditions = pipe.knn_conditions([prompt], n, seed, k=knn["knn_k"], m=knn["knn_m"], alpha=knn["knn_alpha"])
-        else:
-            conditions = pipe.text_conditions([prompt])
-        return pipe.generate(conditions, [prompt], n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode)
+        return pipe([prompt], n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode, mode=mode, knn=knn)
 
     generate("a warm-up prompt")                                   # kernels, allocations, graph capture
     stem, ext = os.path.splitext(out)

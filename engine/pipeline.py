@@ -13,7 +13,7 @@ import torch
 from t2f.bank import Bank, knn_condition, load_bank
 from t2f.clip import Clip, load_clip
 from t2f.devices import resolve_device
-from t2f.mapper import Mapper, MissingMapperError, load_mapper  # noqa: F401  (MissingMapperError is re-exported)
+from t2f.mapper import Mapper, load_mapper
 from t2f.stylegan2 import NOISE_MODES, Generator, to_uint8
 
 from .backends import TorchBackend, make_backend
@@ -56,6 +56,18 @@ MODES = ("text", "knn", "image")
 def is_blank(prompt: str) -> bool:
     """True for a prompt with nothing but white space and invisible format characters."""
     return not "".join(c for c in prompt if not c.isspace() and unicodedata.category(c) != "Cf")
+
+
+def check_prompts(prompts: list[str]) -> None:
+    if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
+        raise ValueError("every prompt must be a non-empty string")
+
+
+def check_sampling(n: int, truncation_psi: float) -> None:
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if not math.isfinite(float(truncation_psi)):
+        raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
 
 
 def noise_seed(seed: int, i: int, j: int) -> int:
@@ -109,8 +121,7 @@ class TextToFace:
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
     def text_conditions(self, prompts: list[str]) -> torch.Tensor:
-        if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
-            raise ValueError("every prompt must be a non-empty string")
+        check_prompts(prompts)
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
         return torch.cat([self.backend.encode(chunk).float().clone() for chunk in tokens.split(self.batch_size)])
 
@@ -133,12 +144,9 @@ class TextToFace:
         noise_mode: str = "const",              # "const", "random" or "none".
     ) -> Faces:
         rows = len(labels)
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
+        check_sampling(n, truncation_psi)
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        if not math.isfinite(float(truncation_psi)):
-            raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
         if conditions.shape[0] == rows:
             conditions = conditions.repeat_interleave(n, dim=0)             # [rows * n, D]
         if conditions.shape[0] != rows * n:
@@ -167,12 +175,8 @@ class TextToFace:
     @torch.no_grad()
     def generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
         """Text mode with constant noise through the backend's whole pipeline (its CUDA graph, where it has one)."""
-        if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
-            raise ValueError("every prompt must be a non-empty string")
-        if n < 1:
-            raise ValueError(f"n must be >= 1, got {n}")
-        if not math.isfinite(float(truncation_psi)):
-            raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
+        check_prompts(prompts)
+        check_sampling(n, truncation_psi)
         tokens = self.clip.tokenize(list(prompts)).to(self.device).repeat_interleave(n, dim=0)
         z = sample_z(seed, len(prompts), n, self.mapper.z_dim).to(self.device)
         psi = torch.full([len(prompts) * n], float(truncation_psi), device=self.device)
@@ -184,22 +188,28 @@ class TextToFace:
         return Faces(images=torch.cat(images), ws=torch.cat(ws), labels=list(prompts), n=n)
 
     def __call__(self,
-        prompts: list[str],
+        prompts: list[str],                     # The rows: prompts, or in mode "image" one label per image.
         n: int = 1,
         seed: int = 0,
         truncation_psi: float = 1.0,
         noise_mode: str = "const",
-        mode: str = "text",                     # "text": the prompt's embedding; "knn": bank combinations near it.
+        mode: str = "text",                     # "text", "knn" (bank combinations near the text) or "image".
+        images: torch.Tensor | None = None,     # Mode "image": [rows, 3, H, W] in [-1, 1].
+        knn: dict | None = None,                # Mode "knn": k, m, alpha (see knn_conditions).
     ) -> Faces:
-        """prompts -> faces in mode "text" or "knn" (for mode "image" use image_conditions + generate)."""
+        """Faces for each row in any mode; text mode with constant noise runs the backend's whole pipeline."""
         if mode == "text" and noise_mode == "const":
             return self.generate_text(prompts, n=n, seed=seed, truncation_psi=truncation_psi)
         if mode == "text":
             conditions = self.text_conditions(prompts)
         elif mode == "knn":
-            conditions = self.knn_conditions(prompts, n, seed)
+            conditions = self.knn_conditions(prompts, n, seed, **(knn or {}))
+        elif mode == "image":
+            if images is None or images.shape[0] != len(prompts):
+                raise ValueError("mode image needs one image per label")
+            conditions = self.image_conditions(images)
         else:
-            raise ValueError(f"mode must be text or knn here, got {mode!r}")
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         return self.generate(conditions, list(prompts), n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from engine_helpers import tiny_pipeline
 from t2f.engine import TextToFace, load_pipeline, resolve_device, sample_z
-from t2f.engine.pipeline import MissingMapperError
+from t2f.engine import MissingMapperError
 from t2f.mapper import Mapper, MapperConfig
 from t2f.presets import random_generator
 

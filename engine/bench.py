@@ -11,6 +11,8 @@ import click
 import numpy as np
 import torch
 
+from t2f.cli_errors import nonempty_path
+
 STAGES = ("tokenize", "text_encoder", "mapper", "synthesis", "uint8_conversion", "device_to_host", "end_to_end")
 PROMPTS = ["a photo of an old man with white hair", "a smiling woman with red hair", "a child with curly hair",
            "a man with a beard and glasses"]
@@ -93,8 +95,8 @@ def markdown(report: dict) -> str:
 @click.option("--iters",      help="Timed runs", metavar="INT", type=click.IntRange(1, 10000), default=20, show_default=True)
 @click.option("--device",     help="auto, cpu, cuda or cuda:N", metavar="STR", default="auto", show_default=True)
 @click.option("--artifacts",  help="t2f-export output (needed for tensorrt)", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--json", "json_path", help="Write the report as JSON", metavar="PATH", type=click.Path(dir_okay=False))
-@click.option("--markdown", "md_path", help="Write the table as markdown", metavar="PATH", type=click.Path(dir_okay=False))
+@click.option("--json", "json_path", help="Write the report as JSON", metavar="PATH", type=click.Path(dir_okay=False), callback=nonempty_path)
+@click.option("--markdown", "md_path", help="Write the table as markdown", metavar="PATH", type=click.Path(dir_okay=False), callback=nonempty_path)
 def main(generator, clip, mapper, backends, batches, warmup, iters, device, artifacts, json_path, md_path):
     """Time tokenize, text encoder, mapper, synthesis, uint8 conversion, device-to-host and end to end.
 

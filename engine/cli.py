@@ -14,7 +14,8 @@ import warnings
 import click
 import numpy as np
 
-from t2f.io import umask
+from t2f.cli_errors import FiniteFloatRange, nonempty_path
+from t2f.io import OutputPathError, check_output_dir, check_output_file, umask
 from t2f.stylegan2 import NOISE_MODES
 
 from .backends import BACKENDS, BackendUnavailable
@@ -25,14 +26,12 @@ MAX_IMAGES = 256          # Images per run.
 RANDOM_PRESET = "tiny"
 
 
-def _finite(ctx, param, value):
-    if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"must be a finite number, got {value}")
-    return value
-
-
 def _check_writable(path: str, param: str, directory: bool = False) -> None:
     """Refuse an output that could not be written: an unwritable or non-directory parent, or the wrong kind of path."""
+    try:
+        (check_output_dir if directory else check_output_file)(path)
+    except OutputPathError as e:
+        raise click.BadParameter(str(e), param_hint=param) from None
     if directory and os.path.exists(path):
         if not os.path.isdir(path):
             raise click.BadParameter(f"{path} is not a directory", param_hint=param)
@@ -48,15 +47,32 @@ def _check_writable(path: str, param: str, directory: bool = False) -> None:
         raise click.BadParameter(f"cannot write to {parent}", param_hint=param)
 
 
-def _png_bytes(array: np.ndarray, info: dict) -> bytes:
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}   # --out extension -> what is written
+
+
+def _image_format(ctx, param, value):
+    """click callback: the --out extension names the format; anything else is refused rather than mislabelled."""
+    nonempty_path(ctx, param, value)
+    if os.path.splitext(value)[1].lower() not in IMAGE_FORMATS:
+        raise click.BadParameter(f"{value!r} must end in {', '.join(IMAGE_FORMATS)} (the format written)", ctx=ctx, param=param)
+    return value
+
+
+def _image_bytes(array: np.ndarray, info: dict, path: str = "image.png") -> bytes:
+    """[H, W, C] uint8 -> PNG (with the run's options as a `t2f` text chunk) or JPEG (quality 95), by `path`'s extension."""
     import PIL.Image
     import PIL.PngImagePlugin
 
-    meta = PIL.PngImagePlugin.PngInfo()
-    meta.add_text("t2f", json.dumps(info, sort_keys=True))
+    image_format = IMAGE_FORMATS[os.path.splitext(path)[1].lower()]
     mode = "L" if array.shape[-1] == 1 else "RGB"
+    image = PIL.Image.fromarray(array.squeeze(-1) if mode == "L" else array, mode)
     buf = io.BytesIO()
-    PIL.Image.fromarray(array.squeeze(-1) if mode == "L" else array, mode).save(buf, format="PNG", pnginfo=meta)
+    if image_format == "PNG":
+        meta = PIL.PngImagePlugin.PngInfo()
+        meta.add_text("t2f", json.dumps(info, sort_keys=True))
+        image.save(buf, format="PNG", pnginfo=meta)
+    else:
+        image.save(buf, format="JPEG", quality=95, comment=json.dumps(info, sort_keys=True).encode())
     return buf.getvalue()
 
 
@@ -64,6 +80,8 @@ def _write_all(files: dict[str, bytes]) -> None:
     """Write every file to a temporary sibling first, then rename them all: an error leaves none of them."""
     staged = []
     try:
+        for path in files:
+            check_output_file(path)
         for path, data in files.items():
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
@@ -71,13 +89,22 @@ def _write_all(files: dict[str, bytes]) -> None:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, 0o666 & ~umask())
+        for _, path in staged:
+            check_output_file(path)
         for tmp, path in staged:
             os.replace(tmp, path)
+    except OutputPathError as e:
+        _unlink_all(staged)
+        raise click.ClickException(f"cannot write {e}") from None
     except OSError as e:
-        for tmp, _ in staged:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
+        _unlink_all(staged)
         raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
+
+
+def _unlink_all(staged: list[tuple[str, str]]) -> None:
+    for tmp, _ in staged:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 def _load_images(paths: list[str]):
@@ -111,18 +138,18 @@ def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 @click.option("--image",        help="Face image for --mode image (repeat for more rows)", metavar="PATH", type=click.Path(dir_okay=False), multiple=True)
 @click.option("--n",            help="Images per prompt (or image)", metavar="INT", type=click.IntRange(1, MAX_N), default=4, show_default=True)
 @click.option("--seed",         help="Random seed", metavar="INT", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
-@click.option("--truncation",   help="Truncation psi (1 = none)", metavar="FLOAT", type=click.FloatRange(-1, 2), callback=_finite, default=0.7, show_default=True)
+@click.option("--truncation",   help="Truncation psi (1 = none)", metavar="FLOAT", type=FiniteFloatRange(-1, 2), default=0.7, show_default=True)
 @click.option("--noise-mode",   help="Noise inputs", type=click.Choice(NOISE_MODES), default="const", show_default=True)
-@click.option("--out",          help="Grid PNG, a row per prompt", metavar="PNG", type=click.Path(dir_okay=False), default="faces.png", show_default=True)
-@click.option("--save-images",  help="Also write one PNG per image here", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--save-ws",      help="Also save the ws [images, num_ws, w_dim]", metavar="NPY", type=click.Path(dir_okay=False))
+@click.option("--out",          help="Grid image, a row per prompt (.png, or .jpg / .jpeg for JPEG)", metavar="PNG", type=click.Path(dir_okay=False), callback=_image_format, default="faces.png", show_default=True)
+@click.option("--save-images",  help="Also write one PNG per image here", metavar="DIR", type=click.Path(file_okay=False), callback=nonempty_path)
+@click.option("--save-ws",      help="Also save the ws [images, num_ws, w_dim]", metavar="NPY", type=click.Path(dir_okay=False), callback=nonempty_path)
 @click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True)
 @click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True)
 @click.option("--mapper",       help="Mapper directory (a t2f-train run), or tiny (random weights)", metavar="DIR|NAME")
 @click.option("--bank",         help="Embedding bank for --mode knn [default: MAPPER/bank.safetensors]", metavar="PATH", type=click.Path(dir_okay=False))
 @click.option("--knn-k",        help="KNN: nearest bank embeddings considered", metavar="INT", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--knn-m",        help="KNN: embeddings combined (farthest-point pick)", metavar="INT", type=click.IntRange(1, 1000), default=10, show_default=True)
-@click.option("--knn-alpha",    help="KNN: Dirichlet concentration", metavar="FLOAT", type=click.FloatRange(0, 100, min_open=True), default=0.3, show_default=True)
+@click.option("--knn-alpha",    help="KNN: Dirichlet concentration", metavar="FLOAT", type=FiniteFloatRange(0, 100, min_open=True), default=0.3, show_default=True)
 @click.option("--backend",      help="How to run the graphs (auto = the fastest available)", type=click.Choice(("auto",) + BACKENDS), default="torch", show_default=True)
 @click.option("--artifacts",    help="t2f-export output for onnxruntime / tensorrt [onnxruntime: exported into the cache]", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--interactive",  help="Read prompts from standard input, one per line; write OUT-NNNN.png for each", is_flag=True)
@@ -218,11 +245,11 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     images = faces.images.numpy()
     info = dict(mode=mode, labels=labels, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
                 generator=generator, clip=clip, mapper=mapper, precision=precision, device=str(resolved))
-    files = {out: _png_bytes(_grid(images, len(labels), n), info)}
+    files = {out: _image_bytes(_grid(images, len(labels), n), info, out)}
     if save_images is not None:
         for i, img in enumerate(images):
             r, s = divmod(i, n)
-            files[os.path.join(save_images, f"p{r:03d}_s{s:03d}.png")] = _png_bytes(img, dict(info, label=labels[r], sample=s))
+            files[os.path.join(save_images, f"p{r:03d}_s{s:03d}.png")] = _image_bytes(img, dict(info, label=labels[r], sample=s))
     if save_ws is not None:
         buf = io.BytesIO()
         np.save(buf, faces.ws.numpy())
@@ -253,9 +280,9 @@ def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
         faces = generate(prompt)
         elapsed = (time.perf_counter() - start) * 1000
         count += 1
-        path = f"{stem}-{count:04d}{ext or '.png'}"
+        path = f"{stem}-{count:04d}{ext}"
         info = dict(mode=mode, labels=[prompt], n=n, seed=seed, truncation=truncation, backend=pipe.backend.name)
-        _write_all({path: _png_bytes(_grid(faces.images.numpy(), 1, n), info)})
+        _write_all({path: _image_bytes(_grid(faces.images.numpy(), 1, n), info, path)})
         click.echo(f"{elapsed:8.1f} ms  {path}  {prompt}")
     click.echo(f"{count} prompt(s)", err=True)
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import click
 
+from t2f.cli_errors import nonempty_path
+
 
 def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
     try:
@@ -47,7 +49,7 @@ def _trained_for(mapper: str) -> dict:
 @click.option("--mapper",       help="Mapper directory (a t2f-train run), or tiny", metavar="DIR|NAME", required=True)
 @click.option("--generator",    help="Generator [default: the one the mapper was trained for]", metavar="NAME|PATH")
 @click.option("--clip",         help="CLIP [default: the one the mapper was trained for]", metavar="SPEC")
-@click.option("--out",          help="Output directory", metavar="DIR", type=click.Path(file_okay=False), required=True)
+@click.option("--out",          help="Output directory", metavar="DIR", type=click.Path(file_okay=False), required=True, callback=nonempty_path)
 @click.option("--fp16",         help="fp16 graphs (fp32 LayerNorm, softmax, demodulation) and engines", is_flag=True)
 @click.option("--batch",        help="TensorRT profile and parity batch sizes", metavar="MIN:OPT:MAX", default="1:1:8", show_default=True, callback=_batch_range)
 @click.option("--onnx-only",    help="Stop after the ONNX graphs (no TensorRT)", is_flag=True)

@@ -7,6 +7,8 @@ import time
 
 import click
 
+from .cli_errors import nonempty_path
+
 
 def _is_generator_dir(path: str) -> bool:
     import json
@@ -22,7 +24,7 @@ def _is_generator_dir(path: str) -> bool:
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
 @click.argument("source",       metavar="SOURCE")
-@click.option("--out",          help="Output directory (config.json + model.safetensors)", metavar="DIR", type=click.Path(file_okay=False), required=True)
+@click.option("--out",          help="Output directory (config.json + model.safetensors)", metavar="DIR", type=click.Path(file_okay=False), required=True, callback=nonempty_path)
 @click.option("--overwrite",    help="Replace an existing output directory", is_flag=True)
 @click.option("--cache",        help="Download cache for presets [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
 def main(source, out, overwrite, cache):
@@ -41,6 +43,12 @@ def main(source, out, overwrite, cache):
     from .cli_errors import user_errors
     from .weights import save_generator
 
+    from .io import OutputPathError, check_output_dir
+
+    try:
+        check_output_dir(out, replace=True)
+    except OutputPathError as e:
+        raise click.BadParameter(str(e), param_hint="--out") from None
     if os.path.exists(out):
         if not overwrite:
             raise click.BadParameter(f"{out} already exists; pass --overwrite to replace it", param_hint="--out")

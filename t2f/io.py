@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -23,19 +25,79 @@ class WeightsError(Exception):
 
 
 # ----------------------------------------------------------------------------
-# Atomic writes: a temporary sibling, then os.replace.
+# Outputs: what a path may be, and atomic writes (a temporary sibling, then os.replace).
+
+
+class OutputPathError(OSError):
+    """An output path that t2f refuses to write: it exists and is not what t2f replaces."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(errno.EEXIST, reason, str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a directory"))
+
+
+def check_output_file(path: str | os.PathLike) -> None:
+    """Refuse a file output that exists and is not a regular file: t2f replaces regular files only.
+
+    A symlink is refused too, whatever it points to: the atomic rename would replace the
+    link itself, not its target, and following it would let a link planted in a shared
+    directory redirect the write. Symlinked parent directories are followed as usual.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return                                             # nothing there to replace; writing reports a bad parent
+    if stat.S_ISLNK(mode):
+        raise OutputPathError(path, f"is a symlink (to {os.readlink(path)}); t2f does not write through symlinks, "
+                                    "give the target path itself")
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+        raise OutputPathError(path, f"is {kind}; t2f replaces regular files only")
+
+
+def check_output_dir(path: str | os.PathLike, replace: bool = False) -> None:
+    """Refuse a directory output that exists and is not a directory.
+
+    A symlink to a directory is followed when files are written inside it; a directory that
+    is replaced as a whole (replace=True) must be a real directory, not a symlink.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return                                             # nothing there to replace; writing reports a bad parent
+    if stat.S_ISLNK(mode):
+        if replace:
+            raise OutputPathError(path, f"is a symlink (to {os.readlink(path)}); give the target directory itself")
+        mode = os.stat(path).st_mode if os.path.exists(path) else 0
+        if not stat.S_ISDIR(mode):
+            raise OutputPathError(path, f"is a symlink (to {os.readlink(path)}) that does not lead to a directory")
+    if not stat.S_ISDIR(mode):
+        kind = next((name for test, name in _KINDS if test(mode)), "a file")
+        raise OutputPathError(path, f"is {kind}, not a directory")
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it."""
+    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it.
+
+    `path` must be new or a regular file (see check_output_file); it is checked again just
+    before the rename.
+    """
     path = Path(path)
+    check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
+        check_output_file(path)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -47,10 +109,12 @@ def atomic_path(path: str | os.PathLike):
 def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     """Yield a temporary directory beside `path`; on success it becomes `path`.
 
-    An existing `path` is replaced only with overwrite=True, and only after the new
-    directory is complete; if the swap fails the old directory is put back.
+    An existing `path` is replaced only with overwrite=True, only if it is a real directory
+    (not a symlink), and only after the new directory is complete; if the swap fails the
+    old directory is put back.
     """
     path = Path(path)
+    check_output_dir(path, replace=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -58,6 +122,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~umask())
+        check_output_dir(path, replace=True)
         if path.exists():
             old = tmp.with_suffix(".old")
             os.replace(path, old)

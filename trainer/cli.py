@@ -10,6 +10,8 @@ import time
 
 import click
 
+from t2f.cli_errors import FiniteFloatRange, nonempty_path
+
 from .fit import FitOptions
 
 FIT_DEFAULTS = FitOptions()
@@ -43,7 +45,7 @@ Pos = click.IntRange(min=1)
 NonNeg = click.IntRange(min=0)
 
 COMMON = _options(
-    click.option("--out",          help="Run directory", metavar="DIR", type=click.Path(file_okay=False)),
+    click.option("--out",          help="Run directory", metavar="DIR", type=click.Path(file_okay=False), callback=nonempty_path),
     click.option("--device",       help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)", metavar="STR", default="auto", show_default=True),
     click.option("--seed",         help="Seed: synth's z, fit's initialization, split and steps", metavar="INT", type=NonNeg, default=0, show_default=True),
     click.option("--dry-run",      help="Print the resolved options and exit", is_flag=True),
@@ -61,16 +63,16 @@ SYNTH = _options(
 FIT = _options(
     click.option("--steps",        help="Optimizer steps", metavar="INT", type=Pos, default=FIT_DEFAULTS.steps, show_default=True),
     click.option("--batch",        help="Global batch size", metavar="INT", type=Pos, default=FIT_DEFAULTS.batch, show_default=True),
-    click.option("--lr",           help="Peak learning rate", metavar="FLOAT", type=click.FloatRange(min=0, min_open=True, max=1), default=FIT_DEFAULTS.lr, show_default=True),
+    click.option("--lr",           help="Peak learning rate", metavar="FLOAT", type=FiniteFloatRange(min=0, min_open=True, max=1), default=FIT_DEFAULTS.lr, show_default=True),
     click.option("--warmup",       help="Learning-rate warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.warmup, show_default=True),
-    click.option("--kl",           help="KL weight", metavar="FLOAT", type=click.FloatRange(min=0, max=1e3), default=FIT_DEFAULTS.kl, show_default=True),
+    click.option("--kl",           help="KL weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.kl, show_default=True),
     click.option("--kl-warmup",    help="KL weight warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.kl_warmup, show_default=True),
     click.option("--embed-noise",  help="Embedding noise scale MIN:MAX (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
-    click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=click.FloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
+    click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
     click.option("--clip-every",   help="CLIP-consistency loss every k steps; 0 = off", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.clip_every, show_default=True),
     click.option("--clip-batch",   help="Samples through G and CLIP for that loss, per process", metavar="INT", type=Pos, default=FIT_DEFAULTS.clip_batch, show_default=True),
-    click.option("--ema",          help="EMA decay", metavar="FLOAT", type=click.FloatRange(0, 1, max_open=True), default=FIT_DEFAULTS.ema, show_default=True),
-    click.option("--val-fraction", help="Held-out share of the pairs", metavar="FLOAT", type=click.FloatRange(0, 0.5, min_open=True), default=FIT_DEFAULTS.val_fraction, show_default=True),
+    click.option("--ema",          help="EMA decay", metavar="FLOAT", type=FiniteFloatRange(0, 1, max_open=True), default=FIT_DEFAULTS.ema, show_default=True),
+    click.option("--val-fraction", help="Held-out share of the pairs", metavar="FLOAT", type=FiniteFloatRange(0, 0.5, min_open=True), default=FIT_DEFAULTS.val_fraction, show_default=True),
     click.option("--checkpoint-every", help="Steps between checkpoints", metavar="INT", type=Pos, default=FIT_DEFAULTS.checkpoint_every, show_default=True),
     click.option("--log-every",    help="Steps between stats lines", metavar="INT", type=Pos, default=FIT_DEFAULTS.log_every, show_default=True),
     click.option("--eval-every",   help="Steps between held-out metrics", metavar="INT", type=Pos, default=FIT_DEFAULTS.eval_every, show_default=True),

@@ -219,3 +219,186 @@ def test_out_with_an_unknown_extension_is_refused(tmp_path, name):
     result = invoke(infer_main, [*TINY, "a face", "--out", name], tmp_path)
     assert_one_error_line(result, 2, "--out", ".png, .jpg, .jpeg")
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------
+# 2, 3, 4. The importer: work and memory bounded by the file's size, one clear error for any bytes.
+
+
+@pytest.fixture
+def hang_guard():
+    """Turn a hang into a failure (the importer once took forever on a 3 KB file); not a timing assertion."""
+    import signal
+
+    def expired(*_):
+        raise AssertionError("the importer did not finish within 120 s")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def _pickle_with_g_ema(path, g_ema_state, protocol=4):
+    """A network pickle whose G_ema is a persistent record with this state (NVIDIA's layout)."""
+    import pickle
+
+    from conftest import _FakeNvidia, _Record
+
+    with _FakeNvidia() as fake:
+        record = _Record(fake, "Generator", g_ema_state(fake))
+        with open(path, "wb") as f:
+            pickle.dump(dict(G_ema=record), f, protocol=protocol)
+    return path
+
+
+def _import_error(path) -> str:
+    from t2f.io import WeightsError
+    from t2f.weights import import_generator
+
+    with pytest.raises(WeightsError) as e:
+        import_generator(path)
+    message = str(e.value)
+    assert "\n" not in message and len(message) < 600, message
+    return message
+
+
+def test_modules_shared_down_a_deep_tree_are_walked_once(tmp_path, hang_guard):
+    import collections
+
+    from conftest import _Record
+
+    def state(fake):
+        module = _Record(fake, "Leaf", {"_parameters": {}, "_buffers": {}, "_modules": {}})
+        for depth in range(15):        # 6^15 paths, 16 modules
+            module = _Record(fake, f"Level{depth}", {"_parameters": {}, "_buffers": {},
+                                                     "_modules": collections.OrderedDict((k, module) for k in "abcdef")})
+        return {"_init_kwargs": {"z_dim": 8}, "_modules": {"mapping": module}}
+
+    path = _pickle_with_g_ema(tmp_path / "dag.pkl", state)
+    assert path.stat().st_size < 8192
+    assert "refusing an object graph that unfolds" in _import_error(path)
+
+
+def _shared_tuple_key_pickle(levels: int = 64) -> bytes:
+    """Raw protocol-2 opcodes for {"G_ema": {key: 1}}, key = (t, t) with t = (u, u) ... `levels` deep: 2^levels to hash.
+
+    Written by hand: building that dict in Python would itself hash the key.
+    """
+    ops = bytearray(b"\x80\x02}X\x05\x00\x00\x00G_ema}")          # PROTO 2, EMPTY_DICT, "G_ema", EMPTY_DICT
+    ops += b"K\x01q\x00"                                               # 1, memo[0]
+    for i in range(1, levels + 1):
+        ops += b"h" + bytes([i - 1]) + b"h" + bytes([i - 1]) + b"\x86q" + bytes([i])   # memo[i] = (memo[i-1], memo[i-1])
+    ops += b"K\x01ss."                                                  # {key: 1}, then {"G_ema": ...}
+    return bytes(ops)
+
+
+def test_a_shared_tuple_tree_as_a_dict_key_is_refused(tmp_path, hang_guard):
+    import zipfile
+
+    path = tmp_path / "hash.pkl"
+    path.write_bytes(_shared_tuple_key_pickle())
+    assert path.stat().st_size < 1024
+    assert "refusing a tuple as a dict key" in _import_error(path)
+    # The same inside a torch zip checkpoint (torch.load would hang on it: t2f never calls torch.load on a weights file).
+    with zipfile.ZipFile(tmp_path / "hash.pt", "w") as archive:
+        archive.writestr("archive/data.pkl", _shared_tuple_key_pickle())
+        archive.writestr("archive/byteorder", "little")
+    assert "refusing a tuple as a dict key" in _import_error(tmp_path / "hash.pt")
+
+
+def test_a_deeply_nested_pickle_is_refused(tmp_path, hang_guard):
+    nested = b"".join([b"\x80\x04", b"]" * 200_000, b"a" * 199_999, b"."])   # a list in a list ... 200000 deep
+    path = tmp_path / "deep.pkl"
+    path.write_bytes(nested)
+    assert "nested deeper than" in _import_error(path)
+
+
+class _View:
+    """Pickles as torch._utils._rebuild_tensor_v2 over `storage` with any size and stride."""
+
+    def __init__(self, storage, size, stride):
+        self.storage, self.size, self.stride = storage, size, stride
+
+    def __reduce__(self):
+        import collections
+
+        import torch
+
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.size, self.stride, False, collections.OrderedDict())
+
+
+def test_a_stride_zero_view_is_not_materialized(tmp_path, hang_guard):
+    import resource
+
+    import torch
+
+    storage = torch.zeros(4).storage()
+    path = _pickle_with_g_ema(tmp_path / "expand.pkl", lambda fake: {
+        "_init_kwargs": {}, "_parameters": {}, "_modules": {},
+        "_buffers": {"big": _View(storage, (100_000, 100_000), (0, 0))}})     # 4e10 bytes from a 16-byte storage
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert "refusing a tensor view of 10000000000 elements over a storage of 4" in _import_error(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1 << 20     # KiB: under 1 GiB more
+
+
+def test_many_views_of_one_storage_are_capped_by_the_file_size(tmp_path, hang_guard):
+    import torch
+
+    storage = torch.zeros(1 << 18).storage()        # 1 MiB, stored once, viewed 300 times
+    path = _pickle_with_g_ema(tmp_path / "views.pkl", lambda fake: {
+        "_init_kwargs": {}, "_parameters": {}, "_modules": {},
+        "_buffers": {f"b{i}": _View(storage, (1 << 18,), (1,)) for i in range(300)}})
+    assert path.stat().st_size < 2 << 20
+    assert "larger in all than the file" in _import_error(path)
+
+
+def test_a_pickle_cut_inside_a_length_field_is_one_error(tmp_path, tiny_generator):
+    import pickletools
+
+    from conftest import write_nvidia_pickle
+
+    write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl", protocol=4)
+    data = (tmp_path / "net.pkl").read_bytes()
+    # Cut one byte into the 8-byte length of the first FRAME / BINBYTES8 / BINUNICODE8 opcode.
+    cut = next(pos for op, _, pos in pickletools.genops(data) if op.name in ("FRAME", "BINUNICODE", "BINBYTES")) + 2
+    (tmp_path / "cut.pkl").write_bytes(data[:cut])
+    assert "truncated or corrupt pickle" in _import_error(tmp_path / "cut.pkl")
+
+
+def test_fuzzed_pickles_and_checkpoints_give_one_error_line(tmp_path, tiny_generator, hang_guard):
+    """Random truncations and byte flips of a valid pickle and checkpoint (40 + 12 files, seeded): each one either
+    imports as a generator or raises one WeightsError line; nothing else escapes, nothing hangs."""
+    import numpy as np
+    import torch
+
+    from conftest import to_rosinality, write_nvidia_pickle
+    from t2f.io import WeightsError
+    from t2f.stylegan2 import Generator
+    from t2f.weights import import_generator
+
+    write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl", protocol=2)
+    state = to_rosinality(tiny_generator)
+    torch.save({"g_ema": state, "latent_avg": state.pop("latent_avg")}, tmp_path / "net.pt")
+    rng = np.random.default_rng(10)
+    outcomes = {"imported": 0, "refused": 0}
+    for source, count in (("net.pkl", 40), ("net.pt", 12)):
+        data = bytearray((tmp_path / source).read_bytes())
+        for i in range(count):
+            damaged = bytearray(data)
+            if i % 2:
+                damaged = damaged[: int(rng.integers(1, len(data)))]
+            else:
+                # Flips mostly in the first 4 KiB, where the opcodes and lengths are (the rest is tensor data).
+                for pos in rng.integers(0, min(len(data), 4096), size=int(rng.integers(1, 8))):
+                    damaged[pos] ^= int(rng.integers(1, 256))
+            path = tmp_path / f"fuzz-{i}{os.path.splitext(source)[1]}"
+            path.write_bytes(bytes(damaged))
+            try:
+                assert isinstance(import_generator(path), Generator)
+                outcomes["imported"] += 1
+            except WeightsError as e:
+                assert "\n" not in str(e) and str(e).startswith(str(path)), str(e)
+                outcomes["refused"] += 1
+    assert outcomes["refused"] >= 30, outcomes      # every truncation is refused; most flips are

@@ -1,4 +1,4 @@
-"""t2f.engine: runs text -> faces. The PyTorch backend and `t2f-infer`."""
+"""t2f.engine: runs text -> faces: the pipeline, its backends (eager PyTorch, CUDA graph, ONNX Runtime, TensorRT), `t2f-infer` and `t2f-bench`."""
 
 from t2f.mapper import MissingMapperError
 

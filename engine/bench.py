@@ -1,4 +1,14 @@
-"""`t2f-bench`: per-stage and end-to-end latency of each backend beside eager PyTorch fp32."""
+"""`t2f-bench`: per-stage and end-to-end latency of each backend beside eager PyTorch fp32.
+
+What the columns time, per backend (its `stage_timing` and `separate_uint8`):
+- synthesis: the float image and, where the graph makes it (exported graphs, torch-cudagraph), the uint8 image too;
+- uint8_conversion: eager PyTorch's to_uint8 of the float image, a step of its own only where the backend has one
+  (`torch`); "in synthesis" elsewhere;
+- torch-cudagraph's text_encoder / mapper / synthesis columns time the same modules run eagerly, not the captured
+  graph (only end_to_end replays the graph); marked "eager" in the table.
+Statistics: the median and the maximum of --iters samples, and p99 only from 100 samples on (below that a
+99th percentile is the maximum under another name).
+"""
 
 from __future__ import annotations
 
@@ -37,8 +47,19 @@ class Timer:
         return out, (time.perf_counter() - t0) * 1000
 
 
+P99_MIN_SAMPLES = 100
+
+
+def summarize(samples: list[float]) -> dict:
+    """median_ms, max_ms and the sample count; p99_ms only from P99_MIN_SAMPLES samples on."""
+    stats = dict(median_ms=float(np.median(samples)), max_ms=float(np.max(samples)), samples=len(samples))
+    if len(samples) >= P99_MIN_SAMPLES:
+        stats["p99_ms"] = float(np.percentile(samples, 99))
+    return stats
+
+
 def measure(backend, clip, batch: int, warmup: int, iters: int, device: torch.device, z_dim: int) -> dict:
-    """Per-stage and end-to-end times of one backend at one batch size: {stage: {median_ms, p99_ms} or None}."""
+    """Per-stage and end-to-end times of one backend at one batch size: {stage: summarize(...) or None}."""
     from t2f.stylegan2 import to_uint8
 
     from .pipeline import to_host
@@ -47,14 +68,13 @@ def measure(backend, clip, batch: int, warmup: int, iters: int, device: torch.de
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     z = torch.randn([batch, z_dim], generator=torch.Generator().manual_seed(0)).to(device)
     psi = torch.full([batch], 0.7, device=device)
-    eager = hasattr(backend, "synthesize_float")        # eager torch: the uint8 conversion is a stage of its own
     times = {s: [] for s in STAGES}
     for i in range(warmup + iters):
         record = i >= warmup
         tokens, t_tok = timer(lambda: clip.tokenize(prompts).to(device, torch.int32))
         e, t_text = timer(lambda: backend.encode(tokens))
         ws, t_map = timer(lambda: backend.map(e, z, psi))
-        if eager:
+        if backend.separate_uint8:
             img, t_syn = timer(lambda: backend.synthesize_float(ws))
             img, t_u8 = timer(lambda: to_uint8(img))
         else:
@@ -65,23 +85,37 @@ def measure(backend, clip, batch: int, warmup: int, iters: int, device: torch.de
         if record:
             for stage, t in zip(STAGES, (t_tok, t_text, t_map, t_syn, t_u8, t_d2h, t_e2e)):
                 times[stage].append(t)
-    return {s: None if not v or v[0] is None else dict(median_ms=float(np.median(v)), p99_ms=float(np.percentile(v, 99)))
-            for s, v in times.items()}
+    return {s: None if not v or v[0] is None else summarize(v) for s, v in times.items()}
+
+
+EAGER_STAGES = ("text_encoder", "mapper", "synthesis")     # the stages an "eager" stage_timing times outside the graph
+
+
+def _cell(row: dict, stage: str) -> str:
+    stats = row["stages"][stage]
+    if stats is None:
+        return "in synthesis"
+    spread = stats.get("p99_ms", stats["max_ms"])
+    mark = " eager" if row.get("stage_timing") == "eager" and stage in EAGER_STAGES else ""
+    return f"{stats['median_ms']:.2f} ({spread:.2f}){mark}"
 
 
 def markdown(report: dict) -> str:
     meta = report["meta"]
+    spread = "p99" if meta["iters"] >= P99_MIN_SAMPLES else "max"
     lines = [f"{meta['date']}, {meta['device_name']}, torch {meta['torch']}, {meta['generator']} ({meta['resolution']} px), "
-             f"CLIP {meta['clip']}; median (p99) ms over {meta['iters']} runs", "",
+             f"CLIP {meta['clip']}; median ({spread}) ms over {meta['iters']} runs. uint8_conversion: eager to_uint8 of the "
+             f"float image, \"in synthesis\" where the graph outputs uint8; \"eager\": that stage timed outside the CUDA graph "
+             f"(end_to_end replays it)", "",
              "| backend | precision | batch | " + " | ".join(STAGES) + " | images/s | peak MB | speed-up |",
              "|" + "---|" * (len(STAGES) + 6)]
     for r in report["results"]:
-        cells = ["in graph" if r["stages"][s] is None else f"{r['stages'][s]['median_ms']:.2f} ({r['stages'][s]['p99_ms']:.2f})"
-                 for s in STAGES]
+        cells = [_cell(r, s) for s in STAGES]
         lines.append(f"| {r['backend']} | {r['precision']} | {r['batch']} | " + " | ".join(cells) +
                      f" | {r['images_per_s']:.1f} | {r['peak_memory_mb']:.0f} | {r['speedup']:.2f}x |")
     for s in report["skipped"]:
-        lines.append(f"\nskipped {s['backend']} ({s['precision']}): {s['reason']}")
+        where = f" batch {s['batch']}" if "batch" in s else ""
+        lines.append(f"\nskipped {s['backend']} ({s['precision']}{where}): {s['reason']}")
     return "\n".join(lines) + "\n"
 
 
@@ -109,10 +143,12 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
     import t2f
     from t2f.cli_errors import user_errors
     from t2f.devices import resolve_device
-    from t2f.mapper import load_mapper
+    from t2f.graphs import ExportError
+    from t2f.precision import Precision
+    from t2f.presets import load_mapper
 
-    from .backends import BACKENDS, BackendUnavailable, make_backend
-    from .cli import _write_all
+    from .backends import BACKEND_CLASSES, BACKENDS, BackendUnavailable, make_backend
+    from .cli import _check_writable, _write_all
 
     try:
         sizes = sorted({int(b) for b in batches.split(",")})
@@ -124,8 +160,6 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
     unknown = [b for b in names if b not in BACKENDS]
     if unknown:
         raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}", param_hint="--backends")
-    from .cli import _check_writable
-
     for path, param in ((json_path, "--json"), (md_path, "--markdown")):
         if path is not None:
             _check_writable(path, param)
@@ -134,17 +168,40 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
         G = t2f.load_generator(generator)
         C = t2f.load_clip(clip)
         M = load_mapper(mapper, G, generator, C)
-        runs = [("torch", "fp32")]                       # the baseline, always first
+        runs = [("torch", Precision.FP32)]               # the baseline, always first
         for name in names:
-            precisions = ["fp16"] if name in ("torch-cudagraph", "tensorrt") else (["fp32", "fp16"] if dev.type == "cuda" else ["fp32"])
-            runs += [(name, p) for p in precisions if (name, p) != ("torch", "fp32")]
-        results, skipped, baseline = [], [], {}
+            precisions = BACKEND_CLASSES[name].precisions        # those that run here; a backend with none is listed as skipped
+            runs += [(name, p) for p in precisions if (name, p) != ("torch", Precision.FP32) and (p.runs_on(dev) or len(precisions) == 1)]
+        report = dict(meta=dict(date=time.strftime("%Y-%m-%d"), device=str(dev),
+                                device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
+                                torch=torch.__version__, generator=generator, resolution=G.resolution, clip=C.name,
+                                warmup=warmup, iters=iters,
+                                peak_memory=("torch.cuda.max_memory_allocated per run (does not see onnxruntime's or TensorRT's own memory)"
+                                             if dev.type == "cuda" else "process peak RSS (cumulative)")),
+                      results=[], skipped=[])
+
+        def save() -> None:
+            """The report so far, JSON and markdown, rewritten after every row: an interrupted run keeps its rows."""
+            files = {}
+            if md_path:
+                files[md_path] = markdown(report).encode()
+            if json_path:
+                files[json_path] = (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
+            if files:
+                _write_all(files)
+
+        def skip(name, precision, reason, batch=None):
+            entry = dict(backend=name, precision=str(precision), reason=reason, **({} if batch is None else dict(batch=batch)))
+            report["skipped"].append(entry)
+            click.echo(f"skip {name} {precision}{'' if batch is None else f' batch {batch}'}: {reason}", err=True)
+            save()
+
+        baseline = {}
         for name, precision in runs:
             try:
                 backend = make_backend(name, G, C, M, dev, precision, artifacts)
-            except BackendUnavailable as e:
-                skipped.append(dict(backend=name, precision=precision, reason=str(e)))
-                click.echo(f"skip {name} {precision}: {e}", err=True)
+            except (BackendUnavailable, ExportError) as e:
+                skip(name, precision, str(e))
                 continue
             for batch in sizes:
                 if dev.type == "cuda":
@@ -152,36 +209,24 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
                 try:
                     stages = measure(backend, C, batch, warmup, iters, dev, M.z_dim)
                 except (RuntimeError, ValueError) as e:   # out of memory, outside an engine's profile, ...
-                    skipped.append(dict(backend=name, precision=precision, batch=batch, reason=str(e).splitlines()[0]))
-                    click.echo(f"skip {name} {precision} batch {batch}: {str(e).splitlines()[0]}", err=True)
+                    skip(name, precision, str(e).splitlines()[0], batch)
                     continue
                 e2e = stages["end_to_end"]["median_ms"]
-                if name == "torch" and precision == "fp32":
+                if name == "torch" and precision == Precision.FP32:
                     baseline[batch] = e2e
                 if batch not in baseline:
                     continue
                 peak = (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"
                         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
-                results.append(dict(backend=name, precision=precision, batch=batch, stages=stages,
-                                    images_per_s=batch / e2e * 1000, peak_memory_mb=peak, speedup=baseline[batch] / e2e))
-                click.echo(f"{name:16s} {precision}  batch {batch:3d}  {e2e:9.2f} ms  {batch / e2e * 1000:8.1f} images/s  "
+                report["results"].append(dict(backend=name, precision=str(precision), batch=batch, stages=stages,
+                                              stage_timing=backend.stage_timing, images_per_s=batch / e2e * 1000,
+                                              peak_memory_mb=peak, speedup=baseline[batch] / e2e))
+                save()
+                click.echo(f"{name:20s} {precision}  batch {batch:3d}  {e2e:9.2f} ms  {batch / e2e * 1000:8.1f} images/s  "
                            f"{baseline[batch] / e2e:5.2f}x", err=True)
-        report = dict(meta=dict(date=time.strftime("%Y-%m-%d"), device=str(dev),
-                                device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)",
-                                torch=torch.__version__, generator=generator, resolution=G.resolution, clip=C.name,
-                                warmup=warmup, iters=iters,
-                                peak_memory=("torch.cuda.max_memory_allocated per run (does not see onnxruntime's or TensorRT's own memory)"
-                                             if dev.type == "cuda" else "process peak RSS (cumulative)")),
-                      results=results, skipped=skipped)
-        table = markdown(report)
-        click.echo(table)
-        files = {}
-        if md_path:
-            files[md_path] = table.encode()
-        if json_path:
-            files[json_path] = (json.dumps(report, indent=2, sort_keys=True) + "\n").encode()
-        if files:
-            _write_all(files)
+            del backend
+        click.echo(markdown(report))
+        save()
 
 
 if __name__ == "__main__":

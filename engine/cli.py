@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import io
 import json
 import os
-import tempfile
 import time
 import warnings
 
@@ -14,7 +13,8 @@ import click
 import numpy as np
 
 from t2f.cli_errors import FiniteFloatRange, nonempty_path
-from t2f.io import OutputPathError, check_output_dir, check_output_file, umask
+from t2f.io import OutputPathError, check_output_dir, check_output_file
+from t2f.precision import PRECISIONS, Precision
 from t2f.stylegan2 import NOISE_MODES
 
 from .backends import BACKENDS, BackendUnavailable
@@ -22,7 +22,6 @@ from .pipeline import MODES
 
 MAX_N = 64                # Images per prompt.
 MAX_IMAGES = 256          # Images per run.
-RANDOM_PRESET = "tiny"
 
 
 def _check_writable(path: str, param: str, directory: bool = False) -> None:
@@ -76,34 +75,15 @@ def _image_bytes(array: np.ndarray, info: dict, path: str = "image.png") -> byte
 
 
 def _write_all(files: dict[str, bytes]) -> None:
-    """Write every file to a temporary sibling first, then rename them all: an error leaves none of them."""
-    staged = []
+    """t2f.io.write_all (every file or none), with an OSError as one clear line."""
+    from t2f.io import write_all
+
     try:
-        for path in files:
-            check_output_file(path)
-        for path, data in files.items():
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
-            staged.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o666 & ~umask())
-        for _, path in staged:
-            check_output_file(path)
-        for tmp, path in staged:
-            os.replace(tmp, path)
+        write_all(files)
     except OutputPathError as e:
-        _unlink_all(staged)
         raise click.ClickException(f"cannot write {e}") from None
     except OSError as e:
-        _unlink_all(staged)
         raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
-
-
-def _unlink_all(staged: list[tuple[str, str]]) -> None:
-    for tmp, _ in staged:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def _load_images(paths: list[str]):
@@ -153,7 +133,7 @@ def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 @click.option("--artifacts",    help="t2f-export output for onnxruntime / tensorrt [onnxruntime: exported into the cache]", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--interactive",  help="Read prompts from standard input, one per line; write OUT-NNNN.png for each", is_flag=True)
 @click.option("--device",       help="auto, cpu, cuda or cuda:N", metavar="STR", default="auto", show_default=True)
-@click.option("--precision",    help="Compute precision (fp16 needs CUDA)", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision",    help="Compute precision (fp16 needs CUDA)", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--batch",        help="Images synthesized at once", metavar="INT", type=click.IntRange(1, 256), default=8, show_default=True)
 @click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
 def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images, save_ws, generator, clip, mapper, bank,
@@ -175,11 +155,45 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     t2f-infer "a woman with red hair" --mapper runs/ffhq --mode knn
     t2f-infer --mode image --image me.png --mapper runs/ffhq
     """
-    from t2f.cli_errors import user_errors
-    from t2f.devices import resolve_device
-    from t2f.graphs import ExportError
+    request = _validate(prompts, mode, image, n, interactive, mapper, bank, device, precision, out, save_images, save_ws)
+    for name, value in (("generator", generator), ("clip", clip), ("mapper", mapper)):
+        if _is_random(value):
+            click.echo(f"note: random weights (--{name} {value}): not a trained model, the images are not faces", err=True)
+    knn = dict(k=knn_k, m=knn_m, alpha=knn_alpha)
+    load = dict(generator=generator, clip=clip, mapper=mapper, device=device, precision=request.precision, batch_size=batch,
+                cache=cache, bank=(bank or "") if mode == "knn" else None, backend=backend, artifacts=artifacts, noise_mode=noise_mode)
+    if interactive:
+        return _run(request, load, lambda pipe: _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn))
+    start = time.perf_counter()
+    pipe, faces = _run(request, load, lambda pipe: pipe(request.labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode,
+                                                          mode=mode, images=request.images, knn=knn))
+    elapsed = time.perf_counter() - start
+    info = dict(mode=mode, labels=request.labels, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
+                generator=generator, clip=clip, mapper=mapper, precision=str(request.precision), device=str(pipe.device))
+    _write(faces, request.labels, n, info, out, save_images, save_ws)
+    h, w = faces.images.shape[1:3]
+    click.echo(f"wrote {out}: {len(request.labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s on {pipe.device} "
+               f"({request.precision}, mode {mode})")
 
-    from .pipeline import is_blank, load_pipeline
+
+def _is_random(name: str | None) -> bool:
+    from t2f.presets import is_random_preset
+
+    return is_random_preset(name)
+
+
+@dataclasses.dataclass
+class _Request:
+    labels: list[str]                 # one per row: the prompts, or the --image paths
+    precision: Precision
+    images: object                    # mode image: [rows, 3, 256, 256] in [-1, 1]; else None
+
+
+def _validate(prompts, mode, image, n, interactive, mapper, bank, device, precision, out, save_images, save_ws) -> _Request:
+    """Every usage check, before any model is loaded: click.BadParameter (exit 2) for the first problem."""
+    from t2f.devices import resolve_device
+
+    from .pipeline import is_blank
 
     prompts = [p.strip() for p in prompts]
     if interactive:
@@ -204,46 +218,47 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
         raise click.BadParameter(f"{len(labels)} rows x {n} images is more than {MAX_IMAGES} images per run", param_hint="--n")
     if mode == "knn" and bank is None and (mapper is None or not os.path.isdir(mapper)):
         raise click.BadParameter("--mode knn needs --bank PATH or a --mapper run directory holding bank.safetensors", param_hint="--bank")
+    precision = Precision.parse(precision)
     try:
         resolved = resolve_device(device)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
-    if precision == "fp16" and resolved.type != "cuda":
-        raise click.BadParameter("fp16 needs a CUDA device; use --precision fp32 on the CPU", param_hint="--precision")
-    if backend == "auto" and noise_mode != "const":
-        backend = "torch"                                           # exported graphs use constant noise
+    try:
+        precision.check_device(resolved)
+    except ValueError:
+        raise click.BadParameter("fp16 needs a CUDA device; use --precision fp32 on the CPU", param_hint="--precision") from None
     outputs = [(out, "--out", False), (save_images, "--save-images", True), (save_ws, "--save-ws", False)]
     for path, param, is_dir in outputs:
         if path is not None:
             _check_writable(path, param, directory=is_dir)
     if save_ws is not None and os.path.abspath(save_ws) == os.path.abspath(out):
         raise click.BadParameter("--save-ws must not be the --out file", param_hint="--save-ws")
-    images_in = _load_images(labels) if mode == "image" else None
+    return _Request(labels=labels, precision=precision, images=_load_images(labels) if mode == "image" else None)
 
-    random_parts = [f"--{name} {value}" for name, value in (("generator", generator), ("clip", clip), ("mapper", mapper))
-                    if value == RANDOM_PRESET and not os.path.exists(value)]
-    if random_parts:
-        click.echo(f"note: random weights ({', '.join(random_parts)}): not a trained model, the images are not faces", err=True)
 
-    start = time.perf_counter()
+def _run(request: _Request, load: dict, work):
+    """Load the pipeline and call `work(pipe)`; user errors as one line, warnings as one line each."""
+    from t2f.cli_errors import user_errors
+    from t2f.graphs import ExportError
+
+    from .pipeline import DeviceFallbackWarning, load_pipeline
+
     with user_errors(OSError, BackendUnavailable, ExportError), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(resolved), precision=precision,
-                             batch_size=batch, cache=cache, bank=(bank or "") if mode == "knn" else None,
-                             backend=backend, artifacts=artifacts)
-        if interactive:
-            return _interactive(pipe, mode, n, seed, truncation, noise_mode, out, dict(k=knn_k, m=knn_m, alpha=knn_alpha))
-        faces = pipe(labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode, mode=mode, images=images_in,
-                     knn=dict(k=knn_k, m=knn_m, alpha=knn_alpha))
-    for w in caught:
-        if "truncated" in str(w.message):
-            click.echo(f"warning: {w.message}", err=True)
-    elapsed = time.perf_counter() - start
+        try:
+            pipe = load_pipeline(**load)
+            return pipe, work(pipe)
+        finally:
+            for w in caught:
+                if issubclass(w.category, DeviceFallbackWarning):
+                    click.echo(f"note: {w.message}", err=True)
+                elif "truncated" in str(w.message):
+                    click.echo(f"warning: {w.message}", err=True)
 
-    # All computed: stage every file, then rename them all.
+
+def _write(faces, labels: list[str], n: int, info: dict, out: str, save_images: str | None, save_ws: str | None) -> None:
+    """All computed: stage every file, then rename them all (the grid in --out's format, the others PNG)."""
     images = faces.images.numpy()
-    info = dict(mode=mode, labels=labels, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
-                generator=generator, clip=clip, mapper=mapper, precision=precision, device=str(resolved))
     files = {out: _image_bytes(_grid(images, len(labels), n), info, out)}
     if save_images is not None:
         for i, img in enumerate(images):
@@ -254,8 +269,6 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
         np.save(buf, faces.ws.numpy())
         files[save_ws] = buf.getvalue()
     _write_all(files)
-    h, w = images.shape[1:3]
-    click.echo(f"wrote {out}: {len(labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s on {resolved} ({precision}, mode {mode})")
 
 
 def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:

@@ -1,4 +1,4 @@
-"""Text -> faces on the PyTorch backend: CLIP text encoder -> mapper -> StyleGAN2 synthesis."""
+"""Text -> faces on any backend: CLIP text encoder -> mapper -> StyleGAN2 synthesis, in text, KNN and image modes."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import unicodedata
+import warnings
 
 import numpy as np
 import torch
@@ -13,12 +14,16 @@ import torch
 from t2f.bank import Bank, knn_condition, load_bank
 from t2f.clip import Clip, load_clip
 from t2f.devices import resolve_device
-from t2f.mapper import Mapper, load_mapper
-from t2f.stylegan2 import NOISE_MODES, Generator, to_uint8
+from t2f.mapper import Mapper
+from t2f.precision import Precision
+from t2f.presets import load_mapper
+from t2f.stylegan2 import NOISE_MODES, Generator
 
-from .backends import TorchBackend, make_backend
+from .backends import BackendUnavailable, make_backend
 
-PRECISIONS = ("fp32", "fp16")
+
+class DeviceFallbackWarning(UserWarning):
+    """--device auto found a GPU on which the chosen backend cannot run, and runs it on the CPU instead."""
 
 
 # ----------------------------------------------------------------------------
@@ -94,29 +99,44 @@ class TextToFace:
         generator: Generator,
         clip: Clip,
         mapper: Mapper,
-        device: str | torch.device = "auto",   # "auto" = cuda when available, else cpu.
-        precision: str = "fp32",                # "fp32", or "fp16" on CUDA: CLIP under autocast, the generator's fp16 blocks in half.
+        device: str | torch.device = "auto",   # "auto" = the best that works here: CUDA when available and the backend runs there, else cpu.
+        precision: Precision | str = Precision.FP32,   # FP16 (CUDA only): CLIP under autocast, the generator's fp16 blocks in half.
         batch_size: int = 8,                    # Images synthesized at once; bounds memory.
         bank: Bank | None = None,               # Embedding bank for mode "knn".
-        backend: str = "torch",                 # "torch", "torch-cudagraph", "onnxruntime", "tensorrt" or "auto".
+        backend: str = "torch",                 # "torch", "torch-cudagraph", "onnxruntime", "tensorrt", ... or "auto".
         artifacts: str | None = None,           # t2f-export output for onnxruntime / tensorrt (onnxruntime: exported to the cache if None).
+        noise_mode: str = "const",              # The noise mode the runs will use: "auto" picks a backend that supports it.
     ):
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-        self.device = resolve_device(device)
-        if precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("fp16 needs a CUDA device; use fp32 on the CPU")
+        precision = Precision.parse(precision)
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_compatible(generator, clip, mapper)
         if bank is not None:
             check_bank(bank, clip)
-        self.precision, self.batch_size, self.bank = precision, batch_size, bank
+        self.precision, self.bank = precision, bank
+        self.device, self.backend = self._backend(device, precision, backend, generator, clip, mapper, artifacts, noise_mode)
         self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.mapper = mapper.eval().requires_grad_(False).to(self.device)
         self.clip = clip.to(self.device)
-        self.backend = make_backend(backend, self.generator, self.clip, self.mapper, self.device, precision, artifacts)
         self.batch_size = min(batch_size, self.backend.max_batch)
+
+    @staticmethod
+    def _backend(device, precision: Precision, name: str, generator, clip, mapper, artifacts, noise_mode):
+        """(device, backend): on the requested device; with "auto", on the CPU (with a note) where the backend
+        cannot run on the GPU (onnxruntime without a CUDA provider, say)."""
+        resolved = resolve_device(device)
+        precision.check_device(resolved)
+        candidates = [resolved]
+        if str(device) == "auto" and resolved.type == "cuda" and precision.runs_on("cpu"):
+            candidates.append(torch.device("cpu"))
+        for i, dev in enumerate(candidates):
+            try:
+                return dev, make_backend(name, generator, clip, mapper, dev, precision, artifacts, noise_mode=noise_mode)
+            except BackendUnavailable as e:
+                if i == len(candidates) - 1:
+                    raise
+                warnings.warn(f"{e}; running on the CPU instead (--device auto)", DeviceFallbackWarning, stacklevel=3)
+        raise AssertionError("unreachable")
 
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
@@ -159,14 +179,14 @@ class TextToFace:
 
         images = []
         if noise_mode != "const":
-            if not isinstance(self.backend, TorchBackend):
+            if noise_mode not in self.backend.noise_modes:
                 raise ValueError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
             # One noise stream per image, so an image does not depend on its batch.
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
                 for idx, w in enumerate(ws.split(1)):
                     torch.manual_seed(noise_seed(seed, *divmod(idx, n)))
-                    images.append(to_host(to_uint8(self.backend.synthesis(w.half() if self.backend.half else w, noise_mode=noise_mode))))
+                    images.append(to_host(self.backend.synthesize(w, noise_mode=noise_mode)))
         else:
             for chunk in ws.split(self.batch_size):
                 images.append(to_host(self.backend.synthesize(chunk)))
@@ -240,13 +260,14 @@ def load_pipeline(
     clip: str = "ViT-B-32:openai",    # open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or "tiny".
     mapper: str | None = None,        # Mapper directory (a t2f-train run) or "tiny"; None = fail with how to get one.
     device: str = "auto",
-    precision: str = "fp32",
+    precision: Precision | str = Precision.FP32,
     batch_size: int = 8,
     cache: str | None = None,         # Download cache; None = $T2F_CACHE or ~/.cache/t2f.
     progress: bool = True,
     bank: str | None = None,          # Embedding bank for mode "knn"; None = none ("" = the mapper directory's).
     backend: str = "torch",           # See t2f.engine.backends.
     artifacts: str | None = None,     # t2f-export output directory for onnxruntime / tensorrt.
+    noise_mode: str = "const",        # The noise mode the runs will use (backend "auto" picks one that supports it).
 ) -> TextToFace:
     from t2f import load_generator
 
@@ -256,4 +277,5 @@ def load_pipeline(
     b = None
     if bank is not None:
         b = load_bank(bank or os.path.join(str(mapper), "bank.safetensors"))
-    return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size, bank=b, backend=backend, artifacts=artifacts)
+    return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size, bank=b, backend=backend, artifacts=artifacts,
+                      noise_mode=noise_mode)

@@ -23,6 +23,9 @@ def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
     return parts
 
 
+PARITY_MAX_BATCH = 3
+
+
 @contextlib.contextmanager
 def _errors_as_clicks():
     from t2f.cli_errors import user_errors
@@ -68,66 +71,65 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
     t2f-export --mapper tiny --generator tiny --clip tiny --out /tmp/tiny --onnx-only
     """
     import t2f
-    from t2f.io import write_json
-    from t2f.mapper import load_mapper
+    from t2f.io import sha256_file, write_json
+    from t2f.precision import Precision
+    from t2f.presets import TINY, load_mapper
 
-    from .onnx_export import export_artifacts, format_table, sha256_file
+    from .onnx_export import MANIFEST, export_artifacts, format_table, specs_of
     from .tensorrt import build_engine, runtime_info
 
     out = Path(out)
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
-    if mapper != "tiny" and not Path(mapper).is_dir():
+    if mapper != TINY and not Path(mapper).is_dir():
         raise click.BadParameter(f"{mapper} is not a mapper directory", param_hint="--mapper")
-    recorded = {"generator": "tiny", "clip": "tiny"} if mapper == "tiny" else _trained_for(mapper)
+    recorded = {"generator": TINY, "clip": TINY} if mapper == TINY else _trained_for(mapper)
     generator = generator or recorded.get("generator")
     clip = clip or recorded.get("clip")
     if not generator or not clip:
         raise click.BadParameter("the mapper records no generator or CLIP; pass --generator and --clip", param_hint="--mapper")
-    precision = "fp16" if fp16 else "fp32"
+    precision = Precision.from_flag(fp16)
     start = time.perf_counter()
     with _errors_as_clicks():
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
         G = t2f.load_generator(generator, cache=cache)
         C = t2f.load_clip(clip)
         M = load_mapper(mapper, G, generator, C)
-        batches = sorted({batch[0], batch[2]})
-        manifest, rows = export_artifacts(out, G, C, M, fp16, batches, dict(generator=generator, mapper=str(mapper)), log=click.echo)
+        manifest, rows = export_artifacts(out, G, C, M, precision, parity_batches(batch), dict(generator=generator, mapper=str(mapper)),
+                                          log=click.echo, profile=batch)
         click.echo(format_table(rows))
-        onnx = {k: v for k, v in manifest["onnx"].items() if k.endswith(".fp16.onnx") == fp16}
+        specs = specs_of(G, C, M)
 
         if onnx_only:
-            click.echo(f"wrote {out}: ONNX {precision} ({len(onnx)} graphs, parity ok) in {time.perf_counter() - start:.1f} s")
+            click.echo(f"wrote {out}: ONNX {precision} ({len(specs)} graphs, parity ok) in {time.perf_counter() - start:.1f} s")
             return
-        engines = dict((manifest.get("tensorrt") or {}).get("engines", {})) if (manifest.get("tensorrt") or {}).get("gpu") == info["gpu"] else {}
+        built = manifest.get("tensorrt") or {}
+        engines = dict(built.get("engines", {})) if built.get("gpu") == info["gpu"] else {}
         cache_path = Path(timing_cache) if timing_cache else out / "timing.cache"
-        for name, entry in onnx.items():
-            profiles = _profiles(entry["graph"], batch, C, M, G)
-            engine = out / name.replace(".onnx", ".plan")
-            record = dict(onnx=name, onnx_sha256=entry["sha256"], precision=precision, opt_level=opt_level,
-                          profiles={k: [list(s) for s in v] for k, v in profiles.items()}, **info)
+        for spec in specs.values():
+            onnx_name, engine = spec.file_name(precision), out / spec.file_name(precision, "plan")
+            profiles = spec.profile(batch)
+            record = dict(onnx=onnx_name, onnx_sha256=manifest["onnx"][onnx_name]["sha256"], precision=str(precision),
+                          opt_level=opt_level, profiles={k: [list(s) for s in v] for k, v in profiles.items()}, **info)
             known = engines.get(engine.name, {})
             if known.get("record") == record and engine.is_file() and known.get("sha256") == sha256_file(engine):
                 click.echo(f"cached {engine.name}")
                 continue
-            build_engine(out / name, engine, profiles, fp16, cache_path, opt_level, log=click.echo)
+            build_engine(out / onnx_name, engine, profiles, precision, cache_path, opt_level, log=click.echo)
             engines[engine.name] = dict(record=record, sha256=sha256_file(engine))
         manifest["tensorrt"] = dict(info, engines=engines)
-        write_json(out / "manifest.json", manifest)
+        write_json(out / MANIFEST, manifest)
     click.echo(f"wrote {out}: ONNX and TensorRT {precision} engines in {time.perf_counter() - start:.1f} s")
 
 
-def _profiles(graph: str, batch: tuple[int, int, int], clip, mapper, generator) -> dict:
-    """TensorRT optimization-profile shapes (min, opt, max) of each input of a graph."""
-    def shapes(*rest):
-        return tuple((b, *rest) for b in batch)
+def parity_batches(batch: tuple[int, int, int]) -> list[int]:
+    """The batch sizes parity is checked at: the profile's smallest, and its largest up to PARITY_MAX_BATCH.
 
-    if graph == "text_encoder":
-        return {"tokens": shapes(clip.context_length)}
-    if graph == "mapper":
-        return {"embedding": shapes(mapper.config.embed_dim), "z": shapes(mapper.z_dim), "psi": shapes()}
-    return {"ws": shapes(generator.num_ws, generator.w_dim)}
+    Beyond a few images a larger batch checks nothing new on the CPU (the graphs do not mix images),
+    and at 1024 px each image costs seconds in eager PyTorch and again in ONNX Runtime.
+    """
+    return sorted({batch[0], max(batch[0], min(batch[2], PARITY_MAX_BATCH))})
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from t2f.io import atomic_path
-
 from t2f.graphs import ExportError
+from t2f.io import atomic_path
+from t2f.precision import Precision
 
 
 def tensorrt_module():
@@ -28,15 +28,16 @@ def tensorrt_module():
     return tensorrt
 
 
-def runtime_info() -> dict:
-    """TensorRT version and the GPU this process would build for."""
+def runtime_info(device=None) -> dict:
+    """TensorRT version and the GPU `device` (default: the current CUDA device) builds and runs engines on."""
     import torch
 
     trt = tensorrt_module()
     if not torch.cuda.is_available():
         raise ExportError("building TensorRT engines needs a CUDA GPU; pass --onnx-only on this machine")
-    major, minor = torch.cuda.get_device_capability()
-    return dict(tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(), compute_capability=f"{major}.{minor}")
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return dict(tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}")
 
 
 def check_compatible(manifest: dict, runtime: dict) -> None:
@@ -52,7 +53,7 @@ def build_engine(
     onnx_path: Path,
     engine_path: Path,
     profiles: dict[str, tuple[tuple, tuple, tuple]],   # input name -> (min, opt, max) shapes
-    fp16: bool,
+    precision: Precision,
     timing_cache: Path,
     optimization_level: int = 3,                         # TensorRT builder optimization level, 0-5.
     log=print,
@@ -73,7 +74,7 @@ def build_engine(
         raise ExportError(f"TensorRT cannot parse {onnx_path}: {errors}")
 
     config = builder.create_builder_config()
-    if fp16 and not strongly_typed:
+    if Precision.parse(precision).half and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
     config.builder_optimization_level = optimization_level
     profile = builder.create_optimization_profile()
@@ -83,7 +84,7 @@ def build_engine(
     cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.is_file() else b"")
     config.set_timing_cache(cache, ignore_mismatch=False)
 
-    log(f"build {engine_path.name} (TensorRT {trt.__version__}, {'fp16' if fp16 else 'fp32'})")
+    log(f"build {engine_path.name} (TensorRT {trt.__version__}, {precision})")
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise ExportError(f"TensorRT could not build an engine from {onnx_path}")
@@ -93,12 +94,16 @@ def build_engine(
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def load_engine(path: str | os.PathLike, manifest: dict):
-    """Deserialize an engine after checking that it was built for this TensorRT and GPU."""
+def load_engine(path: str | os.PathLike, manifest: dict, device=None):
+    """Deserialize an engine on `device` (default: the current one) after checking it was built for this TensorRT and GPU."""
+    import torch
+
     trt = tensorrt_module()
-    check_compatible(manifest, runtime_info())
-    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-    engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
+    check_compatible(manifest, runtime_info(device))
+    with torch.cuda.device(device):                    # an engine belongs to the device current when it is deserialized
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
     if engine is None:
         raise ExportError(f"{path} is not a valid engine for this TensorRT; run t2f-export again")
     return engine

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .presets import TINY, TINY_SEED
+
 DEFAULT_CLIP = "ViT-B-32:openai"
-TINY_CLIP = "tiny"
 TINY_MODEL_NAME = "t2f-tiny"
-TINY_SEED = 0
 RANDOM_TAG = "random"               # "MODEL:random": the architecture with random weights from TINY_SEED (timing only).
 _CONFIG_DIR = Path(__file__).parent / "clip_configs"
 
@@ -42,7 +42,7 @@ class ClipSpec:
     @classmethod
     def parse(cls, spec: str) -> "ClipSpec":
         spec = spec.strip()
-        if spec == TINY_CLIP:
+        if spec == TINY:
             return cls(TINY_MODEL_NAME, None)
         model, sep, pretrained = spec.partition(":")
         if not model:
@@ -55,7 +55,7 @@ class ClipSpec:
     def name(self) -> str:
         """A stable identity, recorded by mappers trained for this CLIP."""
         if self.model == TINY_MODEL_NAME:
-            return TINY_CLIP
+            return TINY
         if self.pretrained is None:
             return f"{self.model}:{RANDOM_TAG}"
         if self.pretrained and Path(self.pretrained).is_file():

@@ -30,14 +30,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("T2F_CACHE") or Path.home() / ".cache" / "t2f")
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def fetch(source: WeightSource, directory: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """The cached file for `source`, downloading and verifying it first if it is missing.
 

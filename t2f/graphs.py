@@ -1,29 +1,45 @@
-"""The three exported graphs, as thin modules with one job each.
+"""The three exported graphs: thin modules with one job each, and one spec per graph.
 
 TextEncoderGraph:  tokens [B, context] int32 -> embedding [B, D] float32, L2-normalized
 MapperGraph:       embedding [B, D], z [B, z_dim], psi [B] (float32) -> ws [B, num_ws, w_dim] float32
 SynthesisGraph:    ws [B, num_ws, w_dim] float32 -> image [B, H, W, C] uint8 (or float NCHW for parity checks)
 
 Token ids are int32 and the end-of-text position is found by ArgMax over a float copy:
-TensorRT's ArgMax does not take int64. In fp16 the text encoder keeps LayerNorm and softmax
-in fp32, the synthesis network runs the generator's fp16 resolutions in half precision with
-its activation clamp, and its demodulation coefficients are always computed in fp32.
+TensorRT's ArgMax does not take int64. No graph holds control flow (If, Loop, Scan): TensorRT's
+ONNX parser rejects an If whose branches differ in rank. In fp16 the text encoder keeps LayerNorm
+and softmax in fp32 and scales q before q @ k^T (as PyTorch's attention does, so the product
+stays in fp16 range); the synthesis network runs the generator's fp16 resolutions in half
+precision with its activation clamp, keeps ws and the demodulation coefficients in fp32, and
+holds its weight-only computations (fp16 pre-normalization, demodulation matrix, transposes,
+casts) as constant weights.
+
+`GraphSpec` owns everything else about a graph: input and output names, dtypes and shapes,
+dynamic axes, example inputs, the TensorRT optimization profile and the artifact file name.
+The exporter, the TensorRT builder, the manifest check and the backends all read it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .mapper import Mapper
+from .precision import Precision
 from .stylegan2 import Generator, to_uint8, truncate
+
+GRAPHS = ("text_encoder", "mapper", "synthesis")
 
 
 class ExportError(Exception):
-    """A model that cannot be exported as asked."""
+    """A model that cannot be exported as asked, or artifacts that cannot be used."""
+
+
+# ----------------------------------------------------------------------------
+# The graph modules.
 
 
 def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +49,9 @@ def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class TextEncoderGraph(nn.Module):
     """CLIP's text tower, rewritten for export: int32 tokens, fp32 LayerNorm and softmax."""
 
-    def __init__(self, clip_model: nn.Module, half: bool = False):
+    def __init__(self, clip_model: nn.Module, precision: Precision = Precision.FP32):
         super().__init__()
+        precision = Precision.parse(precision)
         needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
         missing = [n for n in needed if getattr(clip_model, n, None) is None]
         pool = getattr(clip_model, "text_pool_type", "argmax")
@@ -51,9 +68,9 @@ class TextEncoderGraph(nn.Module):
         weight = projection.weight.detach().t() if isinstance(projection, nn.Linear) else projection.detach()
         self.text_projection = nn.Parameter(weight.clone())
         self.register_buffer("attn_mask", clip_model.attn_mask.detach().clone().float())
-        self.dtype = torch.float16 if half else torch.float32
+        self.dtype = precision.dtype
         self.requires_grad_(False).eval()
-        if half:
+        if precision.half:
             self.half()
             for module in self.modules():
                 if isinstance(module, nn.LayerNorm):
@@ -65,7 +82,8 @@ class TextEncoderGraph(nn.Module):
         heads = attn.num_heads
         q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))   # [B, heads, n, d/heads]
-        scores = (q @ k.transpose(-1, -2)).float() * (d // heads) ** -0.5 + self.attn_mask[:n, :n]
+        q = q * (d // heads) ** -0.5                       # scaled before the product, which stays in fp16 range
+        scores = (q @ k.transpose(-1, -2)).float() + self.attn_mask[:n, :n]
         out = scores.softmax(dim=-1).to(x.dtype) @ v
         return attn.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -76,7 +94,7 @@ class TextEncoderGraph(nn.Module):
             x = x + block.ls_2(block.mlp(_layer_norm_fp32(block.ln_2, x)))
         x = _layer_norm_fp32(self.ln_final, x)
         eot = tokens.float().argmax(dim=-1)                                   # the end token has the largest id
-        x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1])).squeeze(1)
+        x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]   # [B, width]; no Squeeze/If
         return F.normalize((x @ self.text_projection).float(), dim=-1)
 
 
@@ -93,13 +111,144 @@ class MapperGraph(nn.Module):
 
 
 class SynthesisGraph(nn.Module):
-    """ws -> image with constant noise; uint8 [B, H, W, C] in the graph, so no float image leaves the device."""
+    """ws -> image with constant noise; uint8 [B, H, W, C] in the graph, so no float image leaves the device.
 
-    def __init__(self, generator: Generator, half: bool = False, uint8: bool = True):
+    The weight-only computations are folded into constant buffers for `precision` (see SynthesisLayer.fold).
+    """
+
+    def __init__(self, generator: Generator, precision: Precision = Precision.FP32, uint8: bool = True):
         super().__init__()
+        self.precision = Precision.parse(precision)
         self.synthesis = copy.deepcopy(generator.synthesis).eval().requires_grad_(False)
-        self.half_ws, self.uint8 = half, uint8
+        self.synthesis.fold(self.precision)
+        self.uint8 = uint8
 
     def forward(self, ws: torch.Tensor) -> torch.Tensor:
-        img = self.synthesis(ws.half() if self.half_ws else ws, noise_mode="const")
+        img = self.synthesis(ws, noise_mode="const", precision=self.precision)
         return to_uint8(img) if self.uint8 else img
+
+
+# ----------------------------------------------------------------------------
+# One spec per graph.
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    """The sizes the graphs' interfaces depend on, from the models or from an export manifest."""
+    context_length: int
+    embed_dim: int
+    z_dim: int
+    num_ws: int
+    w_dim: int
+    resolution: int
+    img_channels: int
+
+    @classmethod
+    def of(cls, generator: Generator, clip, mapper: Mapper) -> "ModelDims":
+        return cls(context_length=clip.context_length, embed_dim=clip.embed_dim, z_dim=mapper.z_dim, num_ws=generator.num_ws,
+                   w_dim=generator.w_dim, resolution=generator.resolution, img_channels=generator.img_channels)
+
+    @classmethod
+    def from_manifest(cls, models: dict) -> "ModelDims":
+        """From a manifest's "models" record; ExportError when a field is missing (an older export)."""
+        g, c, m = (models.get(k) or {} for k in ("generator", "clip", "mapper"))
+        try:
+            return cls(context_length=int(c["context_length"]), embed_dim=int(c["embed_dim"]), z_dim=int(m["z_dim"]),
+                       num_ws=int(g["num_ws"]), w_dim=int(g["w_dim"]), resolution=int(g["resolution"]),
+                       img_channels=int(g["img_channels"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ExportError(f"the manifest does not record the models' sizes ({e}); run t2f-export again") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]          # without the leading (dynamic) batch dimension
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    name: str                       # "text_encoder", "mapper" or "synthesis"
+    inputs: tuple[TensorSpec, ...]
+    output: TensorSpec
+    fp32_only: bool = False         # runs in fp32 whatever the precision (the mapper)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self.output.name]
+
+    @property
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """A dynamic batch on every input and output, nothing else."""
+        return {name: {0: "batch"} for name in self.input_names + self.output_names}
+
+    def file_name(self, precision: Precision, ext: str = "onnx") -> str:
+        return artifact_name(self.name, precision, ext)
+
+    def compute_precision(self, precision: Precision) -> Precision:
+        return Precision.FP32 if self.fp32_only else Precision.parse(precision)
+
+    def output_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, *self.output.shape)
+
+    def profile(self, batch: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], ...]]:
+        """TensorRT optimization-profile shapes (min, opt, max) of each input for a (min, opt, max) batch."""
+        return {t.name: tuple((b, *t.shape) for b in batch) for t in self.inputs}
+
+    def module(self, generator: Generator, clip, mapper: Mapper, precision: Precision) -> nn.Module:
+        """The graph's module for export (on the models' device)."""
+        if self.name == "text_encoder":
+            return TextEncoderGraph(clip.model, precision)
+        if self.name == "mapper":
+            return MapperGraph(mapper, generator.w_avg)
+        return SynthesisGraph(generator, precision)
+
+    def example_inputs(self, batch: int, seed: int, generator: Generator, clip, mapper: Mapper) -> tuple[torch.Tensor, ...]:
+        """Fresh valid inputs on the CPU: token rows of random lengths, unit embeddings, mapped and truncated ws."""
+        g = torch.Generator().manual_seed(seed)
+        if self.name == "text_encoder":
+            return (example_tokens(clip, batch, seed),)
+        if self.name == "mapper":
+            embedding = F.normalize(torch.randn([batch, mapper.config.embed_dim], generator=g), dim=-1)
+            return (embedding, torch.randn([batch, mapper.z_dim], generator=g), 0.5 + 0.5 * torch.rand([batch], generator=g))
+        z = torch.randn([batch, generator.z_dim], generator=g)
+        with torch.no_grad():
+            return (generator.mapping(z.to(generator.w_avg.device), truncation_psi=0.7).cpu(),)
+
+
+def artifact_name(graph: str, precision: Precision, ext: str = "onnx") -> str:
+    """An artifact's file name: synthesis.onnx, synthesis.fp16.onnx, synthesis.fp16.plan, ..."""
+    return f"{graph}{Precision.parse(precision).suffix}.{ext}"
+
+
+def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
+    """The three graph specs for models of these sizes, in pipeline order."""
+    return {
+        "text_encoder": GraphSpec("text_encoder", (TensorSpec("tokens", torch.int32, (dims.context_length,)),),
+                                  TensorSpec("embedding", torch.float32, (dims.embed_dim,))),
+        "mapper": GraphSpec("mapper", (TensorSpec("embedding", torch.float32, (dims.embed_dim,)),
+                                       TensorSpec("z", torch.float32, (dims.z_dim,)),
+                                       TensorSpec("psi", torch.float32, ())),
+                            TensorSpec("ws", torch.float32, (dims.num_ws, dims.w_dim)), fp32_only=True),
+        "synthesis": GraphSpec("synthesis", (TensorSpec("ws", torch.float32, (dims.num_ws, dims.w_dim)),),
+                               TensorSpec("image", torch.uint8, (dims.resolution, dims.resolution, dims.img_channels))),
+    }
+
+
+def example_tokens(clip, batch: int, seed: int) -> torch.Tensor:
+    """Valid token rows of random lengths: [start, random ids..., end, 0 ...] int32."""
+    g = torch.Generator().manual_seed(seed)
+    ctx = clip.context_length
+    sot, eot = clip.tokenize([""])[0, :2].tolist()
+    tokens = torch.zeros([batch, ctx], dtype=torch.int32)
+    for i in range(batch):
+        n = int(torch.randint(1, ctx - 1, [1], generator=g))
+        tokens[i, 0] = sot
+        tokens[i, 1 : n + 1] = torch.randint(1, min(eot, 49406) - 1, [n], generator=g)
+        tokens[i, n + 1] = eot
+    return tokens

@@ -139,6 +139,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise
 
 
+def write_all(files: dict[str | os.PathLike, bytes]) -> None:
+    """Write every file to a temporary sibling first, then rename them all: an OSError leaves none of them."""
+    with contextlib.ExitStack() as stack:
+        staged = [(stack.enter_context(atomic_path(path)), data) for path, data in files.items()]
+        for tmp, data in staged:
+            tmp.write_bytes(data)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -123,18 +123,8 @@ class MissingMapperError(Exception):
     """No mapper was given and none is published for the chosen generator and CLIP."""
 
 
-def load_mapper(source: str | None, generator, generator_name: str, clip) -> Mapper:
-    """A mapper from "tiny" (random weights) or a mapper directory, refused if trained for other weights."""
-    if source is None:
-        raise MissingMapperError(
-            f"no trained mapper is published for {generator_name} with CLIP {clip.name} yet; "
-            f"make one with `t2f-train --generator {generator_name} --clip {clip.name} --out RUN` and pass --mapper RUN "
-            f"(--mapper tiny gives random weights)")
-    from . import presets
-
-    if source == presets.TINY and not os.path.exists(source):
-        return presets.random_mapper(generator, clip.embed_dim)
-    mapper, meta = load_mapper_dir(source)
+def check_trained_for(meta: dict, source: str, generator, generator_name: str, clip) -> None:
+    """Refuse a mapper directory (its whole config.json `meta`) trained for other generator or CLIP weights."""
     if not all(isinstance(meta.get(k) or {}, dict) for k in ("clip", "generator")):
         raise WeightsError(f"{source}/config.json: malformed generator or clip record")
     trained_clip = meta.get("clip") or {}
@@ -145,4 +135,3 @@ def load_mapper(source: str | None, generator, generator_name: str, clip) -> Map
     if trained_gen.get("fingerprint") not in (None, fingerprint(generator)):
         raise WeightsError(f"{source} was trained for generator {trained_gen.get('name')}, not the weights of "
                            f"{generator_name}; pass --generator {trained_gen.get('name')}")
-    return mapper

@@ -1,11 +1,17 @@
-"""Named presets: architectures in code, and, kept apart, where pretrained weights come from."""
+"""Named presets: architectures in code, and, kept apart, where pretrained weights come from.
+
+`tiny` (TINY) is the one name of the random-weight models every command accepts for its
+generator, CLIP and mapper; their weights come from TINY_SEED.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
 from .download import WeightSource, fetch
-from .mapper import Mapper, MapperConfig
+from .mapper import Mapper, MapperConfig, MissingMapperError, check_trained_for, load_mapper_dir
 from .stylegan2 import Generator, GeneratorConfig
 
 TINY = "tiny"
@@ -74,3 +80,22 @@ def generator_from_preset(name: str, cache: str | None = None, progress: bool = 
 
 def is_generator_preset(name: str) -> bool:
     return name in GENERATOR_ARCHS or name in GENERATOR_SOURCES
+
+
+def is_random_preset(name: str | None) -> bool:
+    """True for the `tiny` name (unless a file or directory of that name is there): random weights, not a trained model."""
+    return name == TINY and not os.path.exists(name)
+
+
+def load_mapper(source: str | None, generator: Generator, generator_name: str, clip) -> Mapper:
+    """A mapper from "tiny" (random weights) or a mapper directory, refused if trained for other weights."""
+    if source is None:
+        raise MissingMapperError(
+            f"no trained mapper is published for {generator_name} with CLIP {clip.name} yet; "
+            f"make one with `t2f-train --generator {generator_name} --clip {clip.name} --out RUN` and pass --mapper RUN "
+            f"(--mapper {TINY} gives random weights)")
+    if is_random_preset(source):
+        return random_mapper(generator, clip.embed_dim)
+    mapper, meta = load_mapper_dir(source)
+    check_trained_for(meta, source, generator, generator_name, clip)
+    return mapper

@@ -9,9 +9,10 @@ Parameter names follow NVIDIA's (`mapping.fc0.weight`, `synthesis.b8.conv0.affin
 and parameters keep NVIDIA's equalized-learning-rate storage (gains applied in `forward`),
 so converted weights are the published tensors, unchanged.
 
-Precision: the blocks at the config's `num_fp16_res` highest resolutions run in float16
-when `ws` is float16, as NVIDIA's networks do on a GPU; the RGB image accumulates in
-float32, and float32 `ws` run everything in float32.
+Precision is passed explicitly (`synthesis(ws, precision=Precision.FP16)`), never read from
+a tensor's dtype: in fp16 the blocks at the config's `num_fp16_res` highest resolutions run in
+float16, as NVIDIA's networks do on a GPU, while `ws`, the affine layers, the demodulation
+coefficients and the RGB image stay in float32.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .precision import Precision
 
 NOISE_MODES = ("const", "random", "none")
 
@@ -40,7 +43,7 @@ class GeneratorConfig:
     mapping_lr_multiplier: float = 0.01  # Equalized-lr multiplier of the mapping layers.
     channel_base: int = 32768            # Channels at resolution r are min(channel_base // r, channel_max).
     channel_max: int = 512               # Upper bound on channels per layer.
-    num_fp16_res: int = 0                # Highest resolutions run in fp16 when ws is fp16; 0 = none.
+    num_fp16_res: int = 0                # Highest resolutions run in fp16 at Precision.FP16; 0 = none.
     conv_clamp: float | None = None      # Clamp activations to +-conv_clamp; None = no clamping.
 
     def __post_init__(self):
@@ -134,12 +137,41 @@ def fir_kernel(channels: int, gain: float) -> torch.Tensor:
 
 def blur(x: torch.Tensor, kernel: torch.Tensor, pad: int) -> torch.Tensor:
     """Depthwise FIR filter (`fir_kernel`) with `pad` zeros on each side."""
-    return F.conv2d(x, kernel.to(x.dtype), padding=pad, groups=kernel.shape[0])
+    return conv2d(x, kernel.to(x.dtype), padding=pad, groups=kernel.shape[0])
 
 
 def upsample2d(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """2x up-sampling: zero insertion and the FIR filter (`fir_kernel` with gain 4), as one transposed conv."""
-    return F.conv_transpose2d(x, kernel.to(x.dtype), stride=2, padding=1, groups=kernel.shape[0])
+    return conv2d(x, kernel.to(x.dtype), stride=2, padding=1, groups=kernel.shape[0], transposed=True)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, stride: int = 1, padding: int = 0, groups: int = 1,
+           transposed: bool = False) -> torch.Tensor:
+    """Every convolution of the synthesis network: F.conv2d, or F.conv_transpose2d with transposed=True.
+
+    fp16 on the CPU is computed through fp32 (rounded back to fp16), as ONNX Runtime's CPU provider
+    does: PyTorch's CPU fp16 convolutions are about 100x slower, which made tracing a 1024 px fp16
+    synthesis graph for export take 20 minutes. Traced for ONNX, it is the one fp16 Conv it stands for.
+    Eager fp16 runs only on CUDA otherwise (Precision.check_device).
+    """
+    if x.dtype == torch.float16 and x.device.type == "cpu":
+        return _CpuHalfConv.apply(x, weight, int(stride), int(padding), int(groups), bool(transposed))
+    fn = F.conv_transpose2d if transposed else F.conv2d
+    return fn(x, weight, stride=stride, padding=padding, groups=groups)
+
+
+class _CpuHalfConv(torch.autograd.Function):
+    """fp16 convolution on the CPU through fp32; exports as a plain ONNX Conv / ConvTranspose (inference only)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, stride, padding, groups, transposed):
+        fn = F.conv_transpose2d if transposed else F.conv2d
+        return fn(x.float(), weight.float(), stride=stride, padding=padding, groups=groups).to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, weight, stride, padding, groups, transposed):
+        return g.op("ConvTranspose" if transposed else "Conv", x, weight, strides_i=[stride] * 2, pads_i=[padding] * 4,
+                    group_i=groups, dilations_i=[1, 1])
 
 
 # ----------------------------------------------------------------------------
@@ -221,22 +253,43 @@ class SynthesisLayer(nn.Module):
         if up:  # static-shape FIR kernel (not saved): keeps the graph exportable with a dynamic batch
             self.register_buffer("blur_kernel", fir_kernel(out_channels, gain=4), persistent=False)
 
+    def conv_weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight-only part of the layer for a block running in `dtype`: (convolution weight in `dtype`,
+        transposed for the up-sampling conv; demodulation matrix [in_channels, out_channels] float32)."""
+        weight = self.weight
+        if dtype == torch.float16:
+            # Pre-normalize to keep fp16 in range; demodulation cancels the scale.
+            weight = weight * (1 / math.sqrt(weight[0].numel()) / weight.abs().amax(dim=[1, 2, 3], keepdim=True))
+        demod = weight.square().sum(dim=[2, 3]).t()
+        conv = weight.to(dtype)
+        return (conv.transpose(0, 1) if self.up else conv).contiguous(), demod.contiguous()
+
+    def fold(self, dtype: torch.dtype) -> None:
+        """Store `conv_weights(dtype)` (and the FIR kernel in `dtype`) as buffers, so that an exported graph holds
+        them as constant weights instead of run-time ops. Weights changed afterwards are not seen: for export."""
+        conv, demod = (t.detach().clone() for t in self.conv_weights(dtype))
+        self.register_buffer("folded_conv", conv, persistent=False)
+        self.register_buffer("folded_demod", demod, persistent=False)
+        if self.up:
+            self.register_buffer("blur_kernel", self.blur_kernel.to(dtype), persistent=False)
+
     def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
         styles = self.affine(w)  # [batch, in_channels], fp32
-        weight = self.weight
+        if getattr(self, "folded_conv", None) is not None and self.folded_conv.dtype == x.dtype:
+            conv, demod = self.folded_conv, self.folded_demod
+        else:
+            conv, demod = self.conv_weights(x.dtype)
         if x.dtype == torch.float16:
-            # Pre-normalize to keep fp16 in range; demodulation below cancels the scale.
-            weight = weight * (1 / math.sqrt(weight[0].numel()) / weight.abs().amax(dim=[1, 2, 3], keepdim=True))
             styles = styles / styles.abs().amax(dim=1, keepdim=True)
         # Demodulation coefficients without materializing per-sample weights: [batch, out_channels].
-        dcoefs = (styles.square() @ weight.square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()
+        dcoefs = (styles.square() @ demod + 1e-8).rsqrt()
 
         x = x * styles.to(x.dtype)[:, :, None, None]
         if self.up:
-            x = F.conv_transpose2d(x, weight.to(x.dtype).transpose(0, 1), stride=2)
+            x = conv2d(x, conv, stride=2, transposed=True)
             x = blur(x, self.blur_kernel, pad=1)
         else:
-            x = F.conv2d(x, weight.to(x.dtype), padding=1)
+            x = conv2d(x, conv, padding=1)
         x = x * dcoefs.to(x.dtype)[:, :, None, None]
 
         if noise_mode == "const":
@@ -261,9 +314,15 @@ class ToRGBLayer(nn.Module):
         self.bias = nn.Parameter(torch.zeros([out_channels]))
         self.weight_gain = 1 / math.sqrt(in_channels)
 
+    def fold(self, dtype: torch.dtype) -> None:
+        """Store the weight in `dtype` as a buffer: a constant weight in exported graphs (see SynthesisLayer.fold)."""
+        self.register_buffer("folded_weight", self.weight.detach().to(dtype).clone(), persistent=False)
+
     def forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain  # [batch, in_channels]
-        x = F.conv2d(x * styles.to(x.dtype)[:, :, None, None], self.weight.to(x.dtype))
+        folded = getattr(self, "folded_weight", None)
+        weight = folded if folded is not None and folded.dtype == x.dtype else self.weight.to(x.dtype)
+        x = conv2d(x * styles.to(x.dtype)[:, :, None, None], weight)
         x = x + self.bias.to(x.dtype)[None, :, None, None]
         if self.conv_clamp is not None:
             x = x.clamp(-self.conv_clamp, self.conv_clamp)
@@ -279,7 +338,7 @@ class SynthesisBlock(nn.Module):
         w_dim: int,                      # Intermediate latent dimension.
         resolution: int,                 # Resolution of this block.
         img_channels: int,               # Output image channels.
-        use_fp16: bool,                  # Run in fp16 when the synthesis input is fp16.
+        use_fp16: bool,                  # Run in fp16 at Precision.FP16.
         conv_clamp: float | None,        # Activation clamp; None = no clamping.
     ):
         super().__init__()
@@ -333,16 +392,31 @@ class SynthesisNetwork(nn.Module):
             )
             setattr(self, f"b{res}", block)
 
-    def forward(self, ws: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+    def block_dtype(self, block: SynthesisBlock, precision: Precision) -> torch.dtype:
+        return torch.float16 if precision.half and block.use_fp16 else torch.float32
+
+    def fold(self, precision: Precision) -> None:
+        """Fold every layer's weight-only computation for `precision` into buffers (for export; see SynthesisLayer.fold)."""
+        for res in self.block_resolutions:
+            block = getattr(self, f"b{res}")
+            for layer in (getattr(block, "conv0", None), block.conv1, block.torgb):
+                if layer is not None:
+                    layer.fold(self.block_dtype(block, precision))
+
+    def forward(self,
+        ws: torch.Tensor,                         # [batch, num_ws, w_dim], used in float32 whatever the precision.
+        noise_mode: str = "const",                # "const", "random" or "none".
+        precision: Precision = Precision.FP32,    # FP16: the fp16 blocks run in half precision.
+    ) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        half = ws.dtype == torch.float16
+        precision = Precision.parse(precision)
         ws = ws.to(torch.float32)
         x = img = None
         w_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
-            dtype = torch.float16 if half and block.use_fp16 else torch.float32
+            dtype = self.block_dtype(block, precision)
             block_ws = ws[:, w_idx : w_idx + block.num_conv + block.num_torgb]
             x, img = block(x, img, block_ws, dtype, noise_mode)
             w_idx += block.num_conv

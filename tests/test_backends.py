@@ -62,7 +62,7 @@ def test_pipeline_on_onnxruntime_equals_torch(pipe):
 
 def test_auto_and_unavailable_backends(pipe):
     assert auto_backend(torch.device("cpu"), None) == "onnxruntime"
-    with pytest.raises(BackendUnavailable, match="needs --artifacts"):
+    with pytest.raises(BackendUnavailable, match="tensorrt needs a CUDA device"):
         make_backend("tensorrt", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
     with pytest.raises(BackendUnavailable, match="CUDA"):
         CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
@@ -92,7 +92,7 @@ def run(args, cwd, stdin=""):
 
 def test_interactive_loop(tmp_path):
     proc = run(["t2f-infer", "--generator", "tiny", "--clip", "tiny", "--mapper", "tiny", "--interactive", "--n", "2",
-                "--backend", "onnxruntime", "--out", "out.png"], tmp_path, stdin="a smiling woman\n\n  \nan old man\n")
+                "--backend", "onnxruntime", "--device", "cpu", "--out", "out.png"], tmp_path, stdin="a smiling woman\n\n  \nan old man\n")
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].split()[1] == "ms" and lines[0].endswith("a smiling woman")
@@ -107,7 +107,7 @@ def test_interactive_refuses_prompt_arguments(tmp_path):
 
 def test_bench_writes_json_and_markdown_with_every_stage(tmp_path):
     proc = run(["t2f-bench", "--batches", "1,2", "--warmup", "1", "--iters", "3", "--backends", "onnxruntime,tensorrt",
-                "--json", "bench.json", "--markdown", "bench.md"], tmp_path)
+                "--json", "bench.json", "--markdown", "bench.md", "--device", "cpu"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = {(r["backend"], r["batch"]): r for r in report["results"]}
@@ -140,7 +140,7 @@ def test_artifacts_of_other_models_are_refused(pipe, tmp_path):
     from conftest import randomize
 
     out = tmp_path / "artifacts"
-    export_artifacts(out, pipe.generator, pipe.clip, pipe.mapper, False, [1], {})
+    export_artifacts(out, pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
     OnnxRuntimeBackend(out, torch.device("cpu"), (pipe.generator, pipe.clip, pipe.mapper))   # the right models: fine
     other = randomize(random_generator("tiny"), seed=7)
     with pytest.raises(BackendUnavailable, match="exported from other models"):
@@ -164,7 +164,7 @@ def test_infer_with_mismatched_artifacts_gives_one_line(pipe, tmp_path):
 
     from conftest import randomize
 
-    export_artifacts(tmp_path / "a", pipe.generator, pipe.clip, pipe.mapper, False, [1], {})
+    export_artifacts(tmp_path / "a", pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
     save_generator(randomize(random_generator("tiny"), seed=7), tmp_path / "g")
     proc = run(["t2f-infer", "--generator", "g", "--clip", "tiny", "--mapper", "tiny", "--backend", "onnxruntime",
                 "--artifacts", "a", "x"], tmp_path)
@@ -174,3 +174,159 @@ def test_infer_with_mismatched_artifacts_gives_one_line(pipe, tmp_path):
 
 def test_auto_backend_choices():
     assert auto_backend(torch.device("cpu"), None, noise_mode="random") == "torch"
+
+
+# ----------------------------------------------------------------------------
+# GPU-path rules that the CPU can check: pure functions and our own control flow.
+
+
+def test_precision_is_one_type():
+    from t2f.precision import Precision
+
+    assert Precision.parse("fp16") is Precision.FP16 and Precision.from_flag(False) is Precision.FP32
+    assert (Precision.FP16.dtype, Precision.FP16.suffix, Precision.FP32.suffix) == (torch.float16, ".fp16", "")
+    assert Precision.FP16 == "fp16" and f"{Precision.FP16}" == "fp16" and json.dumps({"p": Precision.FP16}) == '{"p": "fp16"}'
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Precision.FP16.check_device("cpu")
+    with pytest.raises(ValueError, match="one of fp32, fp16"):
+        Precision.parse("fp8")
+    assert Precision.FP32.runs_on("cpu") and not Precision.FP16.runs_on("cpu")
+
+
+def test_onnxruntime_providers_order_with_torch_and_trt_is_opt_in():
+    from t2f.engine.backends import ort_providers
+    from t2f.graphs import ModelDims, graph_specs
+
+    cuda = torch.device("cuda", 1)
+    assert ort_providers("cuda", torch.device("cpu"), 0) == ["CPUExecutionProvider"]
+    assert ort_providers("cuda", cuda, 1234) == [("CUDAExecutionProvider", {
+        "device_id": "1", "user_compute_stream": "1234", "has_user_compute_stream": "1"})]     # no TensorRT by default
+    spec = graph_specs(ModelDims(16, 128, 16, 10, 32, 64, 3))["mapper"]
+    providers = ort_providers("tensorrt", cuda, 1234, spec, (1, 2, 8), "art/cache")
+    assert [p for p, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    trt = providers[0][1]
+    assert trt["user_compute_stream"] == "1234" and trt["device_id"] == "1"
+    assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "True"
+    assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "art/cache"
+    assert trt["trt_profile_min_shapes"] == "embedding:1x128,z:1x16,psi:1"
+    assert trt["trt_profile_opt_shapes"] == "embedding:2x128,z:2x16,psi:2"
+    assert trt["trt_profile_max_shapes"] == "embedding:8x128,z:8x16,psi:8"
+
+
+def test_engine_profile_minimum_batch_is_padded():
+    from t2f.engine.backends import pad_rows, runnable_batch
+
+    assert runnable_batch(3, 1, 8) == 3 and runnable_batch(1, 4, 8) == 4 and runnable_batch(8, 4, 8) == 8
+    with pytest.raises(ValueError, match="at most 8"):
+        runnable_batch(9, 1, 8)
+    t = torch.arange(6.0).reshape(2, 3)
+    padded = pad_rows(t, 4)
+    assert padded.shape == (4, 3) and torch.equal(padded[:2], t) and torch.equal(padded[2], t[1]) and torch.equal(padded[3], t[1])
+    assert pad_rows(t, 2) is t
+
+
+def test_a_refused_enqueue_raises():
+    """Our control flow only, with a stand-in context object (no TensorRT ran): False from execute_async_v3 raises."""
+    from t2f.engine.backends import enqueue
+
+    class Context:
+        def __init__(self, ok):
+            self.ok, self.calls = ok, []
+
+        def execute_async_v3(self, stream):
+            self.calls.append(stream)
+            return self.ok
+
+    enqueue(ok := Context(True), 7, "mapper")
+    assert ok.calls == [7]
+    with pytest.raises(RuntimeError, match="could not enqueue the synthesis engine"):
+        enqueue(Context(False), 7, "synthesis")
+
+
+def test_backends_declare_what_they_can_do():
+    from t2f.engine.backends import BACKEND_CLASSES
+    from t2f.precision import Precision
+
+    assert BACKEND_CLASSES["torch"].noise_modes == ("const", "random", "none")
+    assert all(BACKEND_CLASSES[n].noise_modes == ("const",) for n in BACKEND_CLASSES if n != "torch")
+    assert BACKEND_CLASSES["torch-cudagraph"].precisions == (Precision.FP16,)
+    assert BACKEND_CLASSES["torch-cudagraph"].stage_timing == "eager" and BACKEND_CLASSES["onnxruntime"].stage_timing == "graph"
+    for name in ("torch-cudagraph", "tensorrt", "onnxruntime-tensorrt"):
+        with pytest.raises(BackendUnavailable, match="needs a CUDA device"):
+            BACKEND_CLASSES[name].check_available(torch.device("cpu"), Precision.FP16 if name == "torch-cudagraph" else Precision.FP32)
+
+
+def test_providers_are_checked_before_any_export(pipe, monkeypatch):
+    """A backend that cannot run here is refused before minutes of ONNX export."""
+    import t2f.engine.backends as backends
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported before checking the providers")
+
+    monkeypatch.setattr(backends, "ensure_onnx", no_export)
+    with pytest.raises(BackendUnavailable, match="needs a CUDA device"):
+        make_backend("onnxruntime-tensorrt", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+
+
+def test_device_auto_falls_back_to_the_cpu_with_a_note(pipe, monkeypatch):
+    """--device auto on a GPU where the backend cannot run there (onnxruntime without a CUDA provider): the CPU, noted."""
+    import t2f.engine.pipeline as pipeline
+    from t2f.engine.pipeline import DeviceFallbackWarning
+
+    real = pipeline.make_backend
+    tried = []
+
+    def make_backend_here(name, generator, clip, mapper, device, *args, **kwargs):
+        tried.append(device.type)
+        if device.type == "cuda":
+            raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
+        return real(name, generator, clip, mapper, device, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "resolve_device", lambda device: torch.device("cuda" if device == "auto" else device))
+    monkeypatch.setattr(pipeline, "make_backend", make_backend_here)
+    with pytest.warns(DeviceFallbackWarning, match="CUDAExecutionProvider.*running on the CPU instead"):
+        fallback = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="auto", backend="onnxruntime")
+    assert tried == ["cuda", "cpu"] and fallback.device.type == "cpu" and fallback.backend.name == "onnxruntime"
+    with pytest.raises(BackendUnavailable):                  # a device asked for by name is not replaced
+        monkeypatch.setattr(pipeline, "resolve_device", lambda device: torch.device("cuda"))
+        TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cuda", backend="onnxruntime")
+
+
+def test_bench_skips_a_failed_export_and_keeps_every_row(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import t2f.engine.bench as bench
+    import t2f.export.onnx_export as onnx_export
+    from t2f.graphs import ExportError
+
+    def failed_export(*args, **kwargs):
+        raise ExportError("cannot export synthesis.onnx: out of disk")
+
+    monkeypatch.setattr(onnx_export, "export_artifacts", failed_export)
+    args = ["--batches", "1", "--warmup", "0", "--iters", "2", "--backends", "onnxruntime,torch-cudagraph", "--device", "cpu",
+            "--json", str(tmp_path / "b.json"), "--markdown", str(tmp_path / "b.md")]
+    result = CliRunner().invoke(bench.main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["backend"], r["batch"]) for r in report["results"]] == [("torch", 1)]
+    reasons = {s["backend"]: s["reason"] for s in report["skipped"]}
+    assert "out of disk" in reasons["onnxruntime"] and "needs a CUDA device" in reasons["torch-cudagraph"]
+    stages = report["results"][0]["stages"]["end_to_end"]
+    assert stages["samples"] == 2 and "p99_ms" not in stages and stages["max_ms"] >= stages["median_ms"]
+    assert "median (max) ms over 2 runs" in (tmp_path / "b.md").read_text()
+
+    # Killed while measuring the second backend: the rows measured so far are on disk.
+    real_measure, calls = bench.measure, []
+
+    def measure_then_stop(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.undo()                                    # a real export this time
+    monkeypatch.setattr(bench, "measure", measure_then_stop)
+    (tmp_path / "b.json").unlink()
+    CliRunner().invoke(bench.main, [a if a != "onnxruntime,torch-cudagraph" else "onnxruntime" for a in args])
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert [(r["backend"], r["batch"]) for r in report["results"]] == [("torch", 1)] and report["skipped"] == []

@@ -51,9 +51,11 @@ def test_files_and_manifest(exported):
 @pytest.mark.parametrize("precision,bound", [("fp32", 1e-4), ("fp16", 2e-2)])
 def test_parity_at_two_batch_sizes(exported, precision, bound):
     rows = json.loads((exported / "manifest.json").read_text())["parity"][precision]
-    assert {(r["graph"], r["batch"]) for r in rows} == {(g, b) for g in ("text_encoder", "mapper", "synthesis") for b in (1, 5)}
+    # --batch 1:2:5: the smallest batch and the largest up to PARITY_MAX_BATCH (3; the graphs are traced at 2).
+    assert {(r["graph"], r["batch"]) for r in rows} == {(g, b) for g in ("text_encoder", "mapper", "synthesis") for b in (1, 3)}
     for r in rows:
-        assert r["ok"] and r["relative_error"] <= bound and r["bound"] == bound
+        expected = 1e-4 if r["graph"] == "mapper" else bound            # the mapper runs in fp32 in both
+        assert r["ok"] and r["relative_error"] <= expected and r["bound"] == expected
     if precision == "fp16":   # fp16 really changed the numbers, within the bound
         assert max(r["relative_error"] for r in rows if r["graph"] == "text_encoder") > 1e-5
     assert "| synthesis | " + precision in (exported / "parity.md").read_text()
@@ -166,3 +168,98 @@ def test_tensorrt_engines_build_and_load(tmp_path):
         assert load_engine(out / name, manifest) is not None
     result = export([*TINY, "--out", out, "--fp16", "--batch", "1:2:4"])
     assert result.output.count("cached ") == 6
+
+
+# ----------------------------------------------------------------------------
+# What TensorRT needs from the graphs, checked on the exported files.
+
+
+def test_no_graph_holds_control_flow(exported):
+    """TensorRT's ONNX parser rejects an If whose branches differ in rank (squeeze(1) exported one)."""
+    import onnx
+
+    for name in sorted(p for p in os.listdir(exported) if p.endswith(".onnx")):
+        ops = {n.op_type for n in onnx.load(str(exported / name)).graph.node}
+        assert not ops & {"If", "Loop", "Scan"}, name
+
+
+@pytest.mark.parametrize("name", ["synthesis.onnx", "synthesis.fp16.onnx"])
+def test_synthesis_conv_weights_are_constants(exported, name):
+    """Every convolution's weight is a stored constant: the fp16 pre-normalization, the transposes and casts are folded."""
+    import onnx
+
+    model = onnx.load(str(exported / name))
+    constants = {i.name: i for i in model.graph.initializer}
+    constants.update({n.output[0]: n.attribute[0].t for n in model.graph.node if n.op_type == "Constant"})
+    convs = [n for n in model.graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    # tiny, 5 resolutions: 4x4 conv and torgb; then per resolution up-conv, its blur, conv, torgb, the image's up-sampling.
+    assert len(convs) == 2 + 5 * 4
+    assert [n.name for n in convs if n.input[1] not in constants] == []     # no op feeds any weight
+    dtypes = {onnx.TensorProto.DataType.Name(constants[n.input[1]].data_type) for n in convs}
+    assert dtypes == ({"FLOAT16", "FLOAT"} if name.endswith(".fp16.onnx") else {"FLOAT"})
+
+
+def test_attention_is_scaled_before_the_product(tiny_clip):
+    """q is scaled before q @ k^T, as PyTorch's attention does: a product that only fits fp16 once scaled stays finite."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from t2f.graphs import TextEncoderGraph, _layer_norm_fp32, example_tokens
+    from t2f.precision import Precision
+
+    model = copy.deepcopy(tiny_clip.model)
+    tokens = example_tokens(tiny_clip, 2, 0)
+    attn = model.transformer.resblocks[0].attn
+    width, head = attn.embed_dim, attn.embed_dim // attn.num_heads
+    with torch.no_grad():
+        graph = TextEncoderGraph(model)
+        x = _layer_norm_fp32(graph.resblocks[0].ln_1, graph.token_embedding(tokens) + graph.positional_embedding)
+        q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k = (t.reshape(2, -1, attn.num_heads, head).transpose(1, 2) for t in (q, k))
+        largest = (q @ k.transpose(-1, -2)).abs().max().item()
+        factor = (65504 * 2 / largest) ** 0.5                 # unscaled: twice fp16's largest value; scaled by head**-0.5: fits
+        assert 65504 * 2 * head ** -0.5 < 65504
+        attn.in_proj_weight[: 2 * width] *= factor
+        attn.in_proj_bias[: 2 * width] *= factor
+        full = TextEncoderGraph(model)(tokens)
+        half = TextEncoderGraph(model, Precision.FP16)(tokens)
+    assert torch.isfinite(half).all()
+    assert ((half - full).norm() / full.norm()).item() < 2e-2
+
+
+def test_image_channels_come_from_the_manifest(tiny_clip, tmp_path):
+    """A one-channel generator: the onnxruntime backend sizes its output from the manifest, not a hard-coded 3."""
+    from t2f.engine.backends import OnnxRuntimeBackend
+    from t2f.export.onnx_export import export_artifacts
+    from t2f.presets import GENERATOR_ARCHS, random_mapper
+    from t2f.stylegan2 import Generator, GeneratorConfig, to_uint8
+
+    config = GeneratorConfig.from_dict(dict(GENERATOR_ARCHS["tiny"].to_dict(), img_channels=1))
+    torch.manual_seed(0)
+    generator = Generator(config).eval().requires_grad_(False)
+    mapper = random_mapper(generator, tiny_clip.embed_dim)
+    manifest, _ = export_artifacts(tmp_path / "gray", generator, tiny_clip, mapper, "fp32", [1], {})
+    assert manifest["models"]["generator"]["img_channels"] == 1
+    backend = OnnxRuntimeBackend(tmp_path / "gray", torch.device("cpu"), (generator, tiny_clip, mapper))
+    ws = generator.mapping(torch.randn(3, config.z_dim))
+    image = backend.synthesize(ws)
+    assert image.shape == (3, 64, 64, 1)
+    assert (image.int() - to_uint8(generator.synthesis(ws)).int()).abs().max() <= 1
+
+
+def test_specs_own_names_profiles_and_files(tiny_clip):
+    from t2f.graphs import ModelDims, graph_specs
+    from t2f.precision import Precision
+    from t2f.presets import random_generator, random_mapper
+
+    g = random_generator("tiny")
+    specs = graph_specs(ModelDims.of(g, tiny_clip, random_mapper(g, tiny_clip.embed_dim)))
+    assert list(specs) == ["text_encoder", "mapper", "synthesis"]
+    assert specs["mapper"].input_names == ["embedding", "z", "psi"] and specs["synthesis"].output_names == ["image"]
+    assert specs["synthesis"].file_name(Precision.FP16, "plan") == "synthesis.fp16.plan"
+    assert specs["text_encoder"].file_name("fp32") == "text_encoder.onnx"
+    assert specs["mapper"].profile((1, 2, 8)) == {"embedding": ((1, 128), (2, 128), (8, 128)), "z": ((1, 16), (2, 16), (8, 16)),
+                                                  "psi": ((1,), (2,), (8,))}
+    assert specs["synthesis"].output_shape(4) == (4, 64, 64, 3) and specs["synthesis"].output.dtype == torch.uint8
+    assert specs["text_encoder"].dynamic_axes == {"tokens": {0: "batch"}, "embedding": {0: "batch"}}

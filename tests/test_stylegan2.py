@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from t2f.precision import Precision
 from t2f.presets import GENERATOR_ARCHS, random_generator
 from t2f.stylegan2 import Generator, GeneratorConfig, to_uint8, truncate
 from t2f.weights import load_generator_dir
@@ -113,14 +114,16 @@ def test_random_noise_mode(tiny_generator):
         g.synthesis(ws, noise_mode="fixed")
 
 
-def test_fp16_ws_run_the_fp16_blocks_in_half():
+def test_fp16_precision_runs_the_fp16_blocks_in_half():
     g = randomize(random_generator("tiny"))
     ws = g.mapping(torch.randn(2, g.z_dim))
     seen = {}
     hooks = [getattr(g.synthesis, f"b{r}").conv1.register_forward_hook(lambda m, i, o, r=r: seen.__setitem__(r, o.dtype))
              for r in g.config.block_resolutions]
     full = g.synthesis(ws)
-    half = g.synthesis(ws.half())
+    assert set(seen.values()) == {torch.float32}           # fp16 ws do not switch precision: it is passed explicitly
+    assert torch.equal(g.synthesis(ws.half().float()), g.synthesis(ws.half()))
+    half = g.synthesis(ws, precision=Precision.FP16)
     for h in hooks:
         h.remove()
     assert g.config.fp16_resolution == 32
@@ -128,6 +131,20 @@ def test_fp16_ws_run_the_fp16_blocks_in_half():
                                               32: torch.float16, 64: torch.float16}
     assert half.dtype == torch.float32
     assert ((half - full).norm() / full.norm()).item() < 1e-2
+
+
+def test_fp16_keeps_ws_and_affine_layers_in_fp32():
+    """NVIDIA keeps ws in fp32 in every block: each affine layer sees its ws row unrounded, also in fp16."""
+    g = randomize(random_generator("tiny"))
+    ws = g.mapping(torch.randn(2, g.z_dim)) + 1e-3 * torch.randn(2, g.num_ws, g.w_dim)   # not representable in fp16
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+             for name, m in g.synthesis.named_modules() if name.endswith("affine")]
+    g.synthesis(ws, precision=Precision.FP16)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == 3 * len(g.config.block_resolutions) - 1
+    assert all(s.dtype == torch.float32 and any(torch.equal(s, ws[:, i]) for i in range(g.num_ws)) for s in seen)
 
 
 def test_uint8_conversion():

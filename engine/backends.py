@@ -260,8 +260,7 @@ class OnnxRuntimeBackend(_ArtifactBackend):
                 raise BackendUnavailable(f"onnxruntime has no {wanted} here (install onnxruntime-gpu"
                                          f"{' and TensorRT' if cls.provider == 'tensorrt' else ''})")
 
-    def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: Precision = Precision.FP32,
-                 threads: int = 0):
+    def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: Precision = Precision.FP32):
         self.check_available(device, precision)
         import onnxruntime
 
@@ -274,8 +273,6 @@ class OnnxRuntimeBackend(_ArtifactBackend):
         options = onnxruntime.SessionOptions()
         # No busy-waiting between runs: spinning threads steal the cores the next stage needs (measured on 2 cores).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if threads:
-            options.intra_op_num_threads = threads
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         batch = tuple(manifest.get("batch_profile") or DEFAULT_PROFILE)
         self.sessions = {}

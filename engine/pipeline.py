@@ -11,7 +11,7 @@ import warnings
 import numpy as np
 import torch
 
-from t2f.bank import Bank, knn_condition, load_bank
+from t2f.bank import BANK_NAME, Bank, knn_condition, load_bank
 from t2f.clip import Clip, load_clip
 from t2f.devices import resolve_device
 from t2f.mapper import Mapper
@@ -276,6 +276,6 @@ def load_pipeline(
     m = load_mapper(mapper, g, generator, c)
     b = None
     if bank is not None:
-        b = load_bank(bank or os.path.join(str(mapper), "bank.safetensors"))
+        b = load_bank(bank or os.path.join(str(mapper), BANK_NAME))
     return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size, bank=b, backend=backend, artifacts=artifacts,
                       noise_mode=noise_mode)

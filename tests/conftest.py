@@ -23,6 +23,16 @@ from t2f.stylegan2 import FullyConnected, Generator, fir_filter  # noqa: E402
 EVIL_MODULE_SRC = "import os\nopen(os.environ.get('T2F_TEST_MARKER', '/dev/null'), 'w').write('executed')\n"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu skip, with the reason, where there is no CUDA GPU (benchmarks/gpu_check.sh runs them: -m gpu)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on the development and CI machines)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_generator() -> Generator:
     return random_generator("tiny")

@@ -68,7 +68,7 @@ def test_auto_and_unavailable_backends(pipe):
         CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the development and CI machines)")
+@pytest.mark.gpu
 def test_cudagraph_matches_eager_fp16():
     pipe = tiny_pipeline(device="cuda")
     eager = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"), "fp16")
@@ -330,3 +330,54 @@ def test_bench_skips_a_failed_export_and_keeps_every_row(tmp_path, monkeypatch):
     CliRunner().invoke(bench.main, [a if a != "onnxruntime,torch-cudagraph" else "onnxruntime" for a in args])
     report = json.loads((tmp_path / "b.json").read_text())
     assert [(r["backend"], r["batch"]) for r in report["results"]] == [("torch", 1)] and report["skipped"] == []
+
+
+# ----------------------------------------------------------------------------
+# On a GPU (benchmarks/gpu_check.sh runs these with -m gpu).
+
+
+@pytest.mark.gpu
+def test_device_auto_runs_onnxruntime_on_the_cpu_where_it_has_no_cuda_provider():
+    """Defect 5 where it happens: a CUDA machine with the CPU-only onnxruntime."""
+    import onnxruntime
+
+    from t2f.engine.pipeline import DeviceFallbackWarning
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has a CUDA provider: nothing to fall back from")
+    base = tiny_pipeline(device="cpu")
+    with pytest.warns(DeviceFallbackWarning, match="running on the CPU instead"):
+        pipe = TextToFace(base.generator, base.clip, base.mapper, device="auto", backend="onnxruntime")
+    assert pipe.device.type == "cpu"
+    faces = pipe(["a smiling woman"], n=2, seed=1, truncation_psi=0.7)
+    reference = base(["a smiling woman"], n=2, seed=1, truncation_psi=0.7)
+    assert (faces.images.int() - reference.images.int()).abs().max() <= 1
+
+
+@pytest.mark.gpu
+def test_cudagraph_on_an_explicit_device_index_and_replays_match_eager_twins():
+    """cuda:0 by index (the device guards), and the captured pipeline's ws equal its eager stages' ws exactly."""
+    device = torch.device("cuda", 0)
+    pipe = tiny_pipeline(device="cpu")
+    graph = CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, device)
+    tokens, z, psi = (t.to(device) for t in inputs(pipe, 3))
+    ws, image = graph.full(tokens, z, psi)
+    eager_ws = graph.map(graph.encode(tokens), z, psi)
+    assert torch.equal(ws, eager_ws)
+    assert (image.int() - graph.synthesize(eager_ws).int()).abs().max() <= 1
+    assert graph.stage_timing == "eager" and image.device == device
+
+
+@pytest.mark.gpu
+def test_fp16_eager_keeps_ws_in_fp32_on_cuda():
+    from t2f.precision import Precision
+
+    pipe = tiny_pipeline(device="cuda")
+    eager = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"), Precision.FP16)
+    full = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"), Precision.FP32)
+    tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
+    e = full.encode(tokens)
+    assert torch.equal(eager.map(e, z, psi), full.map(e, z, psi))         # the mapper is fp32 in both
+    ws = full.map(e, z, psi)
+    a, b = full.synthesize_float(ws), eager.synthesize_float(ws)
+    assert ((a - b).norm() / a.norm()).item() < 2e-2

@@ -117,7 +117,7 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the development and CI machines)")
+@pytest.mark.gpu
 def test_fp16_on_cuda_close_to_fp32():
     a = tiny_pipeline(device="cuda")(["a smiling woman"], n=2, seed=0)
     b = tiny_pipeline(device="cuda", precision="fp16")(["a smiling woman"], n=2, seed=0)

@@ -155,8 +155,8 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused():
         check_compatible(built, dict(built["tensorrt"], gpu="NVIDIA H200"))
 
 
-@pytest.mark.skipif(not HAVE_TENSORRT or not torch.cuda.is_available(),
-                    reason="TensorRT and a CUDA GPU are needed (TensorRT cannot be installed on our machines)")
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is needed (it cannot be installed on our machines)")
 def test_tensorrt_engines_build_and_load(tmp_path):
     from t2f.export.tensorrt import load_engine
 

@@ -375,7 +375,7 @@ def test_clip_fingerprint_sees_every_weight_and_the_architecture(tiny_clip):
     assert quick.fingerprint != tiny_clip.fingerprint
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on the development and CI machines)")
+@pytest.mark.gpu
 def test_fit_resumes_on_cuda(small_pairs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_pairs, run)

@@ -1,32 +1,65 @@
 #!/usr/bin/env bash
-# The prepared GPU check: run it in one go on a lent H100/H200 (never run yet: no GPU was lent
-# to the work so far). It installs t2f from the working tree, runs the GPU-marked tests and the
-# benchmarks, and writes everything under $OUT.
+# The GPU check: one 600-second device call on an H100/H200 (torch 2.11 cu130, onnx, CPU-only onnxruntime;
+# open_clip, ftfy and wcwidth travel as wheels in .whl). How to launch it: benchmarks/README.md.
 #
-# Before (on the development machine, in the repo root; the GPU machine has torch, onnx,
-# onnxruntime (CPU), numpy, click, tqdm, pillow, safetensors, timm, huggingface_hub):
-#   echo /.whl/ >> .git/info/exclude
-#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-#       --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
-#       -d .whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth regex
-# Then run with .whl carried:  bash benchmarks/gpu_check.sh
+# Steps, most valuable first, each under its own timeout; every step's output goes to $OUT as it is produced:
+#   1. the GPU-marked tests                                  ($OUT/1-tests-gpu.log)
+#   2. parity at 1024 px, random weights: eager fp32 vs eager fp16 vs torch-cudagraph
+#                                                            ($OUT/2-parity-1024.log, .json)
+#   3. t2f-bench at 1024 px, torch and torch-cudagraph, batches 1, 8, 32, speed-up over eager fp32
+#                                                            ($OUT/3-bench-1024.log, .json, .md)
+#   4. trainer throughput at 1024 px with ViT-B-32           ($OUT/4-train-1024.log, .json)
+# $OUT/summary.txt: one line per step with its exit code and seconds (124 = its timeout).
+# Longer work (the whole suite, export, more samples) is in benchmarks/gpu_check_long.sh.
+#
+#   bash benchmarks/gpu_check.sh --cpu-dry-run     # the same steps on tiny models on this CPU (shell logic, seconds)
 set -uo pipefail
-OUT=${OUT:-/tmp/t2f-gpu}
+cd "$(dirname "$0")/.."
+
+DRY=0
+[ "${1:-}" = "--cpu-dry-run" ] && DRY=1
+OUT=${OUT:-/tmp/t2f-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 T2F_OFFLINE=1 HF_HUB_OFFLINE=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+PY=${PYTHON:-python3}
 
-# GPU-marked tests (skipped on the CPU machines), then the whole suite once.
-python3 -m pytest -q -p no:warnings tests -k "cuda or cudagraph or tensorrt or fp16" 2>&1 | tee "$OUT/tests-gpu.log"
-python3 -m pytest -q -p no:warnings -x tests 2>&1 | tail -5 | tee "$OUT/tests-all.log"
+if [ "$DRY" = 1 ]; then
+    # Tiny models on the CPU, same steps and options otherwise; timeouts for a contended 2-core machine.
+    DEVICE=cpu GEN=tiny CLIP=tiny T_TESTS=300 T_PARITY=300 T_BENCH=400 T_TRAIN=400
+    TRAIN_ARGS=(--samples 64 --synth-batch 16 --steps 20 --batch 32)
+    BENCH_ARGS=(--warmup 1 --iters 3)
+else
+    DEVICE=cuda GEN=random-1024 CLIP=ViT-B-32:random T_TESTS=100 T_PARITY=100 T_BENCH=200 T_TRAIN=110
+    TRAIN_ARGS=(--samples 256 --synth-batch 32 --steps 40 --batch 64 --clip-every 10)
+    BENCH_ARGS=(--warmup 3 --iters 20)
+    # Set-up (about 20 s): the wheels, then t2f itself, from the working tree.
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        2>&1 | tee "$OUT/0-setup.log" || { echo "no wheels in .whl (see benchmarks/README.md)" | tee -a "$OUT/0-setup.log"; exit 1; }
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . 2>&1 | tee -a "$OUT/0-setup.log" || exit 1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+fi
+$PY -c "import torch, t2f; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 't2f', t2f.__version__)" \
+    2>&1 | tee -a "$OUT/0-setup.log"
 
-# Latency: 1024 px, random weights, every backend beside eager fp32.
-t2f-bench --generator random-1024 --clip ViT-B-32:random --device cuda --batches 1,8,32 --iters 30 \
-    --json "$OUT/bench-1024.json" --markdown "$OUT/bench-1024.md" 2>&1 | tail -20
+: > "$OUT/summary.txt"
+step() {   # step NAME SECONDS COMMAND...: run under `timeout`, tee into $OUT/NAME.log, record rc and time
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    rc=${PIPESTATUS[0]}
+    echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
+}
 
-# Trainer throughput at 1024 with ViT-B-32.
-python3 benchmarks/train_throughput.py --generator random-1024 --clip ViT-B-32:random --device cuda \
-    --samples 512 --synth-batch 32 --steps 300 --batch 256 --json "$OUT/train-1024.json" 2>&1 | tail -20
+TESTS=(tests)
+[ "$DRY" = 1 ] && TESTS=(tests/test_backends.py tests/test_engine.py)   # the dry run: the selection logic, quickly
+step 1-tests-gpu "$T_TESTS" $PY -m pytest -q -p no:cacheprovider -m gpu -rs "${TESTS[@]}"
+step 2-parity-1024 "$T_PARITY" $PY benchmarks/gpu_parity.py --generator "$GEN" --clip "$CLIP" --device "$DEVICE" \
+    --json "$OUT/2-parity-1024.json"
+step 3-bench-1024 "$T_BENCH" $PY -m t2f.engine.bench --generator "$GEN" --clip "$CLIP" --device "$DEVICE" \
+    --backends torch,torch-cudagraph --batches 1,8,32 "${BENCH_ARGS[@]}" \
+    --json "$OUT/3-bench-1024.json" --markdown "$OUT/3-bench-1024.md"
+step 4-train-1024 "$T_TRAIN" $PY benchmarks/train_throughput.py --generator "$GEN" --clip "$CLIP" --device "$DEVICE" \
+    "${TRAIN_ARGS[@]}" --json "$OUT/4-train-1024.json"
+cat "$OUT/summary.txt"

@@ -54,7 +54,7 @@ def _trained_for(mapper: str) -> dict:
 @click.option("--clip",         help="CLIP [default: the one the mapper was trained for]", metavar="SPEC")
 @click.option("--out",          help="Output directory", metavar="DIR", type=click.Path(file_okay=False), required=True, callback=nonempty_path)
 @click.option("--fp16",         help="fp16 graphs (fp32 LayerNorm, softmax, demodulation) and engines", is_flag=True)
-@click.option("--batch",        help="TensorRT profile and parity batch sizes", metavar="MIN:OPT:MAX", default="1:1:8", show_default=True, callback=_batch_range)
+@click.option("--batch",        help="TensorRT profile (parity at MIN and at MAX up to 3)", metavar="MIN:OPT:MAX", default="1:1:8", show_default=True, callback=_batch_range)
 @click.option("--onnx-only",    help="Stop after the ONNX graphs (no TensorRT)", is_flag=True)
 @click.option("--opt-level",    help="TensorRT builder optimization level", metavar="INT", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--timing-cache", help="TensorRT timing cache [default: OUT/timing.cache]", metavar="PATH", type=click.Path(dir_okay=False))

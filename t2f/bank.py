@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from .io import WeightsError, atomic_path
 
@@ -34,7 +34,7 @@ def save_bank(path: str | os.PathLike, embeddings: torch.Tensor, clip: str, clip
     """Store embeddings (as fp16) with the CLIP's name and fingerprint, atomically."""
     e = F.normalize(embeddings.detach().float(), dim=-1).to(torch.float16).cpu().contiguous()
     with atomic_path(path) as tmp:
-        save_file({"embeddings": e}, str(tmp), metadata={"kind": BANK_KIND, "clip": clip, "clip_fingerprint": clip_fingerprint})
+        tmp.write_bytes(save({"embeddings": e}, metadata={"kind": BANK_KIND, "clip": clip, "clip_fingerprint": clip_fingerprint}))
 
 
 def load_bank(path: str | os.PathLike) -> Bank:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -99,9 +99,11 @@ def atomic_path(path: str | os.PathLike):
         os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
         check_output_file(path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.filename is None and e.errno is not None:
+            raise OSError(e.errno, e.strerror, str(path)) from None     # a failed write names the file it was for
         raise
 
 
@@ -155,6 +157,49 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+# ----------------------------------------------------------------------------
+# One process at a time in an output directory.
+
+LOCK_NAME = ".t2f.lock"
+
+
+class DirectoryInUse(Exception):
+    """Another process holds the directory's lock."""
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | os.PathLike, what: str):
+    """Hold an exclusive lock on `directory` (flock on its .t2f.lock, created if needed) while the block runs.
+
+    The lock file records the holder (pid, host, command); a second process fails at once with
+    DirectoryInUse naming it. The kernel drops the lock when the holder exits, even on kill -9,
+    so a stale lock file never blocks anyone.
+    """
+    import fcntl
+    import socket
+    import sys
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OutputPathError(path, "is not a regular file")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
+            raise DirectoryInUse(f"{directory} is in use by another {what}: {holder}; wait for it to finish "
+                                 "or stop it") from None
+        os.ftruncate(fd, 0)
+        command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)                                         # releases the lock
+
+
 def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -175,7 +220,7 @@ def write_model_files(directory: str | os.PathLike, kind: str, config: dict, sta
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        save_file(tensors, str(tmp))
+        tmp.write_bytes(save(tensors))       # serialized in memory: a failed write is an OSError, not a library error
     write_json(directory / CONFIG_NAME, dict(kind=kind, config=config, **extra))
     return directory
 

@@ -402,3 +402,144 @@ def test_fuzzed_pickles_and_checkpoints_give_one_error_line(tmp_path, tiny_gener
                 assert "\n" not in str(e) and str(e).startswith(str(path)), str(e)
                 outcomes["refused"] += 1
     assert outcomes["refused"] >= 30, outcomes      # every truncation is refused; most flips are
+
+
+# ----------------------------------------------------------------------------
+# Training: 5 (a non-finite loss), 8 (one rule for changed fit options), 10 (disk full), 13 (one process per run).
+
+SMALL_FIT = ["--steps", 6, "--batch", 16, "--hidden", 16, "--z-dim", 4, "--clip-every", 0, "--warmup", 0,
+             "--checkpoint-every", 2, "--eval-every", 100, "--log-every", 1, "--val-fraction", 0.1]
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """A tiny synth stage to copy for fit experiments."""
+    run = tmp_path_factory.mktemp("hostile") / "pairs"
+    result = CliRunner().invoke(train_main, ["synth", *TRAIN, "--out", str(run), "--samples", "64", "--shard-size", "32",
+                                             "--synth-batch", "32"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return run
+
+
+def _copy(pairs, tmp_path):
+    import shutil
+
+    return shutil.copytree(pairs, tmp_path / "run")
+
+
+def test_a_non_finite_loss_stops_fit_before_anything_from_that_step(pairs, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    from t2f.trainer import fit as fit_module
+
+    run = _copy(pairs, tmp_path)
+    real = fit_module.kl_divergence
+    calls = []
+
+    def kl_going_bad(mu, logvar):             # the KL blows up on the 3rd step
+        calls.append(1)
+        return real(mu, logvar) * (float("nan") if len(calls) >= 3 else 1.0)
+
+    monkeypatch.setattr(fit_module, "kl_divergence", kl_going_bad)
+    result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+    assert_one_error_line(result, 1, "fit step 3", "not finite")
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2       # from step 2, none from step 3
+    assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (run / "model.safetensors").exists()
+    monkeypatch.setattr(fit_module, "kl_divergence", real)
+    # The run is not locked by the failure: the same command resumes from step 2 and finishes.
+    result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert (run / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("command", [["fit"], []], ids=["fit", "whole-pipeline"])
+def test_fit_options_may_change_until_fit_has_written_a_checkpoint(pairs, tmp_path, command):
+    import json
+
+    from t2f.trainer.cli import _fit_identity, _fit_options
+    from t2f.trainer.run import Run
+
+    run = _copy(pairs, tmp_path)
+    # What a fit killed before its first checkpoint leaves: its options recorded, nothing else.
+    options = dict(embed_noise="0.75:1.0", lr=0.0002, steps=6, batch=16, hidden=16, z_dim=4, clip_every=0, warmup=0)
+    Run(run).claim("fit", _fit_identity(_fit_options(options))[0])
+
+    def args(lr):
+        stages = [] if command else [*TRAIN[:4], "--samples", 64, "--shard-size", 32, "--synth-batch", 32]
+        return [*command, "--out", run, "--no-progress", *SMALL_FIT, "--lr", lr, *stages]
+
+    result = invoke(train_main, args(0.001), tmp_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "options.json").read_text())["fit"]["identity"]["lr"] == 0.001
+    # Once a checkpoint exists the options are the run's: both forms refuse a change alike.
+    result = invoke(train_main, args(0.002), tmp_path)
+    assert_one_error_line(result, 1, "fit lr was 0.001, now 0.002")
+
+
+def test_disk_full_while_training_is_one_line_and_leaves_nothing_partial(pairs, tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    run = _copy(pairs, tmp_path)
+    real_write = pathlib.Path.write_bytes
+
+    def full(self, data):
+        if self.name.startswith(".checkpoint.pt.") or self.name.startswith(".shard-"):
+            real_write(self, bytes(data)[: len(data) // 2])           # half of it lands, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(self, data)
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full)
+    result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+    assert_one_error_line(result, 1, "cannot write", "checkpoint.pt", "No space left on device")
+    assert not (run / "checkpoint.pt").exists() and not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    # A synth shard.
+    result = invoke(train_main, ["synth", *TRAIN, "--out", tmp_path / "new", "--samples", 8, "--shard-size", 8], tmp_path)
+    assert_one_error_line(result, 1, "cannot write", "shard-00000.safetensors", "No space left on device")
+    assert not [p for p in os.listdir(tmp_path / "new" / "pairs") if p != "manifest.json"]
+
+
+def test_disk_full_for_real_with_a_file_size_limit(pairs, tmp_path):
+    """The same through the kernel: a child process whose files may not grow past 4 KiB (RLIMIT_FSIZE)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    run = _copy(pairs, tmp_path)
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    args = [sys.executable, "-m", "t2f.trainer.cli", "fit", "--out", str(run), "--no-progress", *map(str, SMALL_FIT)]
+    result = subprocess.run(args, capture_output=True, text=True, preexec_fn=limit, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("Error")] == \
+        [f"Error: cannot write {run / 'checkpoint.pt'}: File too large"]
+    assert not (run / "checkpoint.pt").exists() and not [p for p in os.listdir(run) if p.endswith(".tmp")]
+
+
+def test_a_second_trainer_on_the_same_run_says_who_holds_it(pairs, tmp_path):
+    import subprocess
+    import sys
+
+    run = _copy(pairs, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom t2f.io import directory_lock\n"
+                               f"with directory_lock({str(run)!r}, 't2f-train'):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        stats_before = (run / "stats.jsonl").exists()
+        result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+        assert_one_error_line(result, 1, f"is in use by another t2f-train: pid {holder.pid} on ")
+        assert (run / "stats.jsonl").exists() == stats_before and not (run / "checkpoint.pt").exists()
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    # Released when the holder exits: the run goes on.
+    assert invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path).exit_code == 0

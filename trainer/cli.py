@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -91,12 +92,18 @@ BANK = _options(
 # Stages.
 
 
+@contextlib.contextmanager
 def _errors_as_clicks():
     from t2f.cli_errors import user_errors
 
     from .run import RunError
 
-    return user_errors(RunError, OSError)
+    try:
+        with user_errors(RunError):
+            yield
+    except OSError as e:
+        # Disk full, permissions: one line naming the file; atomic writes leave nothing partial behind.
+        raise click.ClickException(f"cannot write {e.filename or 'the run directory'}: {e.strerror or e}") from None
 
 
 def _fit_options(kw: dict) -> FitOptions:
@@ -117,15 +124,26 @@ def _require_out(out):
 
 
 class _Context:
-    """Loaded models and the run, shared by the stages of one command."""
+    """Loaded models and the run, shared by the stages of one command; holds the run directory's lock while open."""
 
     def __init__(self, out: str, device: str):
+        from t2f.io import directory_lock
+
         from .run import Run, init_dist
 
         self.run = Run(out)
         self.run.check_usable()
         self.dist, self.device = init_dist(device)
         self.generator = self.clip = None
+        self._lock = contextlib.ExitStack()
+        if self.dist.main:                   # one torchrun group per run directory; its rank 0 holds the lock
+            self._lock.enter_context(directory_lock(self.run.out, "t2f-train"))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.close()
 
     def load(self, generator: str, clip: str, fingerprint: str | None = None, clip_fingerprint: str | None = None):
         import t2f
@@ -188,8 +206,7 @@ def run_fit(ctx: _Context, kw: dict) -> bool:
     if manifest.get("clip_fingerprint") != ctx.clip.fingerprint:
         raise RunError(f"the pairs were embedded with CLIP {manifest.get('clip')}, not these {ctx.clip.name} weights")
     check_fit(W, options, ctx.dist)
-    started = ctx.run.checkpoint_path.exists() or (ctx.run.out / "model.safetensors").exists()
-    ctx.claim("fit", identity, extra, replaceable=not started)
+    ctx.claim("fit", identity, extra, replaceable=not ctx.run.fit_started())
     if ctx.dist.main:
         ctx.run.clean_stale_temporaries()
     ident = dict(synth_section["identity"], generator=synth_section.get("generator"))
@@ -262,11 +279,10 @@ def main(cctx, **kw):
     if kw["dry_run"]:
         return _dry_run(["synth", "fit", "bank"], kw)
     start = time.perf_counter()
-    with _errors_as_clicks():
-        _fit_options(kw)                       # validate --embed-noise before any work
-        ctx = _Context(kw["out"], kw["device"])
+    _fit_options(kw)                           # validate --embed-noise before any work
+    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
         fit_identity = _fit_identity(_fit_options(kw))[0]
-        ctx.run.claim("fit", fit_identity, write=False)
+        ctx.run.claim("fit", fit_identity, write=False, replaceable=not ctx.run.fit_started())
         ctx.run.claim("bank", dict(bank_size=kw["bank_size"]), write=False)
         ctx.load(kw["generator"], kw["clip"])
         ctx.run.claim("synth", _synth_identity(ctx, kw)[0], write=False)
@@ -286,8 +302,7 @@ def synth(**kw):
     _require_out(kw["out"])
     if kw["dry_run"]:
         return _dry_run(["synth"], kw)
-    with _errors_as_clicks():
-        ctx = _Context(kw["out"], kw["device"])
+    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
         ctx.load(kw["generator"], kw["clip"])
         run_synth(ctx, kw)
 
@@ -302,9 +317,8 @@ def fit(**kw):
     _require_out(kw["out"])
     if kw["dry_run"]:
         return _dry_run(["fit"], kw)
-    with _errors_as_clicks():
-        ctx = _Context(kw["out"], kw["device"])
-        _fit_options(kw)
+    _fit_options(kw)
+    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
         _from_synth(ctx, kw)
         run_fit(ctx, kw)
 
@@ -317,8 +331,7 @@ def bank(**kw):
     _require_out(kw["out"])
     if kw["dry_run"]:
         return _dry_run(["bank"], kw)
-    with _errors_as_clicks():
-        ctx = _Context(kw["out"], kw["device"])
+    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
         run_bank(ctx, kw)
 
 

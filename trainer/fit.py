@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import json
 import math
 import pickle
@@ -149,6 +150,21 @@ def check_fit(W: torch.Tensor, options: FitOptions, dist: Dist) -> None:
     _split(W.shape[0], options.val_fraction, options.seed)
 
 
+def all_finite(loss: torch.Tensor, dist: Dist) -> bool:
+    """Whether the loss is finite on every torchrun process (all stop together, none waits in an all-reduce)."""
+    ok = torch.isfinite(loss.detach()).all().float()
+    if dist.world > 1:
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def check_finite_weights(module: nn.Module, what: str, step: int) -> None:
+    bad = [name for name, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise RunError(f"fit step {step}: the {what} weights are not finite ({', '.join(bad[:3])}); nothing was written "
+                       "from this step; resume from the last checkpoint with a lower --lr")
+
+
 def _read_stats(run: Run, upto: int) -> list[str]:
     """The stats lines up to step `upto`; a line torn by a crash (not JSON) ends the kept part."""
     if not run.stats_path.is_file():
@@ -217,10 +233,14 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
                 f.write(json.dumps(entry, sort_keys=True) + "\n")
 
     def checkpoint(step: int) -> None:
+        check_finite_weights(mapper, "mapper", step)
+        check_finite_weights(ema, "EMA", step)
         if dist.main:
+            buffer = io.BytesIO()             # serialized in memory: a failed write is an OSError, not torch's RuntimeError
+            torch.save(dict(step=step, mapper=mapper.state_dict(), ema=ema.state_dict(),
+                            optimizer=optimizer.state_dict()), buffer)
             with atomic_path(run.checkpoint_path) as tmp:
-                torch.save(dict(step=step, mapper=mapper.state_dict(), ema=ema.state_dict(),
-                                optimizer=optimizer.state_dict()), tmp)
+                tmp.write_bytes(buffer.getbuffer())
         dist.barrier()
 
     from tqdm import tqdm
@@ -249,6 +269,10 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
                 clip_loss = (1 - (e_hat * F.normalize(e[:n], dim=-1)).sum(-1)).mean()
                 loss = loss + o.clip_weight * clip_loss
 
+            if not all_finite(loss, dist):
+                raise RunError(f"fit step {step}: the loss is not finite (reconstruction {reconstruction.item():.4g}, "
+                               f"kl {kl.item():.4g}); stopped before writing anything from this step; "
+                               "resume from the last checkpoint with a lower --lr")
             lr = get_lr(step, o.steps, o.lr, o.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -273,6 +297,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
                 checkpoint(step)
 
     if end == o.steps and dist.main:
+        check_finite_weights(ema, "EMA", end)
         write_model_files(run.out, MAPPER_KIND, config.to_dict(), ema.state_dict(),
                           generator=dict(name=identity["generator"], fingerprint=identity["generator_fingerprint"]),
                           clip=dict(name=identity["clip"], fingerprint=identity["clip_fingerprint"]))

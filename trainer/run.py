@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from t2f.devices import resolve_device
-from t2f.io import write_json
+from t2f.io import LOCK_NAME, write_json
 
 
 RUN_KIND = "t2f-train-run"
@@ -96,7 +96,7 @@ class Run:
         if self.out.exists() and not self.out.is_dir():
             raise RunError(f"{self.out} is a file, not a run directory")
         if self.out.is_dir() and not self.options_path.exists():
-            if any(not (p.name.startswith(".") and p.name.endswith(".tmp")) for p in self.out.iterdir()):
+            if any(not (p.name.startswith(".") and p.name.endswith(".tmp")) and p.name != LOCK_NAME for p in self.out.iterdir()):
                 raise RunError(f"{self.out} is not empty and holds no t2f-train run; choose another --out")
         self.options()
 
@@ -118,6 +118,11 @@ class Run:
             options[stage] = dict(identity=identity, **(extra or {}))
             self.out.mkdir(parents=True, exist_ok=True)
             write_json(self.options_path, options)
+
+    def fit_started(self) -> bool:
+        """Whether fit has written anything that depends on its options (a checkpoint or the model); until then
+        the fit options recorded in options.json may change, whichever command changes them."""
+        return self.checkpoint_path.exists() or (self.out / "model.safetensors").exists()
 
     def stage(self, stage: str, hint: str) -> dict:
         section = self.options().get(stage)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from t2f.clip import Clip
 from t2f.io import atomic_path, write_json
@@ -79,9 +79,9 @@ def synth(run: Run, generator: Generator, clip: Clip, identity: dict, dist: Dist
                 bar.update(ws.shape[0])
             tensors = {"w": torch.cat(ws_all), "embedding": torch.cat(emb_all), "index": torch.arange(start, end)}
             with atomic_path(run.pairs / shard_name(k)) as tmp:
-                save_file(tensors, str(tmp), metadata={"kind": SHARD_KIND, "clip_fingerprint": identity["clip_fingerprint"],
+                tmp.write_bytes(save(tensors, metadata={"kind": SHARD_KIND, "clip_fingerprint": identity["clip_fingerprint"],
                                                        "generator_fingerprint": identity["generator_fingerprint"],
-                                                       "synth_batch": str(batch_size)})
+                                                       "synth_batch": str(batch_size)}))
     elapsed = time.perf_counter() - start_time
     if progress and total:
         print(f"synth: {total} samples in {elapsed:.1f} s ({total / max(elapsed, 1e-9):.1f} samples/s)")

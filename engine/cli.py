@@ -21,6 +21,7 @@ from .backends import BACKENDS, BackendUnavailable
 from .pipeline import MODES
 
 MAX_N = 64                # Images per prompt.
+MAX_IMAGE_PIXELS = 40_000_000   # A conditioning image (CLIP sees 224x224): a 13000x13000 PNG is refused before decoding.
 MAX_IMAGES = 256          # Images per run.
 
 
@@ -94,7 +95,14 @@ def _load_images(paths: list[str]):
     out = []
     for path in paths:
         try:
-            with PIL.Image.open(path) as im:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)     # our own limit is lower
+                im = PIL.Image.open(path)
+            with im:
+                if im.width * im.height > MAX_IMAGE_PIXELS:
+                    raise click.BadParameter(f"{path} is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} Mpixels); "
+                                             f"conditioning images may have at most {MAX_IMAGE_PIXELS / 1e6:.0f} Mpixels "
+                                             "(CLIP sees 224x224): downscale it first", param_hint="--image")
                 im = im.convert("RGB")
                 side = min(im.size)
                 left, top = (im.width - side) // 2, (im.height - side) // 2

@@ -150,6 +150,8 @@ class TextToFace:
         return self.clip.encode_image(images.to(self.device)).float()
 
     def knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
+        if not (math.isfinite(float(alpha)) and alpha > 0):
+            raise ValueError(f"the KNN Dirichlet concentration must be a finite number > 0, got {alpha}")
         if self.bank is None:
             raise ValueError("mode knn needs an embedding bank")
         return knn_condition(self.text_conditions(prompts), self.bank.embeddings, n, seed, k=k, m=m, alpha=alpha)
@@ -190,7 +192,7 @@ class TextToFace:
         else:
             for chunk in ws.split(self.batch_size):
                 images.append(to_host(self.backend.synthesize(chunk)))
-        return Faces(images=torch.cat(images), ws=ws.float().cpu(), labels=list(labels), n=n)
+        return check_finite(Faces(images=torch.cat(images), ws=ws.float().cpu(), labels=list(labels), n=n))
 
     @torch.no_grad()
     def generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
@@ -205,7 +207,7 @@ class TextToFace:
             w, image = self.backend.full(t.to(torch.int32), zc, pc)
             ws.append(w.float().cpu())
             images.append(to_host(image))
-        return Faces(images=torch.cat(images), ws=torch.cat(ws), labels=list(prompts), n=n)
+        return check_finite(Faces(images=torch.cat(images), ws=torch.cat(ws), labels=list(prompts), n=n))
 
     def __call__(self,
         prompts: list[str],                     # The rows: prompts, or in mode "image" one label per image.
@@ -231,6 +233,14 @@ class TextToFace:
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         return self.generate(conditions, list(prompts), n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
+
+
+def check_finite(faces: Faces) -> Faces:
+    """Refuse faces whose ws hold NaN or infinity (broken weights or options): their images would be flat colour."""
+    if not torch.isfinite(faces.ws).all():
+        raise ValueError("the pipeline produced non-finite ws (NaN or infinity): the mapper or generator weights are "
+                         "broken; nothing was written")
+    return faces
 
 
 def to_host(images: torch.Tensor) -> torch.Tensor:

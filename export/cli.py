@@ -71,14 +71,22 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
     t2f-export --mapper tiny --generator tiny --clip tiny --out /tmp/tiny --onnx-only
     """
     import t2f
-    from t2f.io import sha256_file, write_json
+    from t2f.io import OutputPathError, check_output_dir, directory_lock, sha256_file, write_json
     from t2f.precision import Precision
     from t2f.presets import TINY, load_mapper
 
-    from .onnx_export import MANIFEST, export_artifacts, format_table, specs_of
+    from .onnx_export import MANIFEST, export_artifacts, foreign_files, format_table, remove_stale_temporaries, specs_of
     from .tensorrt import build_engine, runtime_info
 
     out = Path(out)
+    try:
+        check_output_dir(out)
+    except OutputPathError as e:
+        raise click.BadParameter(str(e), param_hint="--out") from None
+    foreign = foreign_files(out)
+    if foreign:
+        raise click.BadParameter(f"{out} holds files that are not a t2f-export output ({', '.join(foreign[:3])}); "
+                                 "choose another --out", param_hint="--out")
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
@@ -91,11 +99,15 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
         raise click.BadParameter("the mapper records no generator or CLIP; pass --generator and --clip", param_hint="--mapper")
     precision = Precision.from_flag(fp16)
     start = time.perf_counter()
-    with _errors_as_clicks():
+    with _errors_as_clicks(), contextlib.ExitStack() as held:
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
         G = t2f.load_generator(generator, cache=cache)
         C = t2f.load_clip(clip)
         M = load_mapper(mapper, G, generator, C)
+        held.enter_context(directory_lock(out, "t2f-export"))
+        stale = remove_stale_temporaries(out)
+        if stale:
+            click.echo(f"removed {len(stale)} temporary file(s) of an earlier export that did not finish")
         manifest, rows = export_artifacts(out, G, C, M, precision, parity_batches(batch), dict(generator=generator, mapper=str(mapper)),
                                           log=click.echo, profile=batch)
         click.echo(format_table(rows))

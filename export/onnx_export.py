@@ -17,6 +17,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -38,14 +40,67 @@ CONTROL_FLOW = ("If", "Loop", "Scan")          # TensorRT's ONNX parser rejects 
 
 
 def read_manifest(out: Path) -> dict:
+    """`out`'s export manifest; {} if there is none or it is unreadable (an export then starts afresh)."""
     try:
-        return json.loads((out / MANIFEST).read_text()) if (out / MANIFEST).is_file() else {}
-    except (json.JSONDecodeError, OSError):
+        return check_manifest(out)
+    except ExportError:
         return {}
 
 
 def specs_of(generator: Generator, clip: Clip, mapper: Mapper) -> dict[str, GraphSpec]:
     return graph_specs(ModelDims.of(generator, clip, mapper))
+
+
+def check_manifest(out: Path) -> dict:
+    """`out`'s export manifest, or ExportError saying why `out` is not a t2f-export output."""
+    path = out / MANIFEST
+    if not path.is_file():
+        raise ExportError(f"{out} has no {MANIFEST}: it is not a t2f-export output; run t2f-export --out {out}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise ExportError(f"{path} is unreadable or not JSON ({type(e).__name__}); run t2f-export --out {out} again") from None
+    if not is_export_manifest(manifest):
+        raise ExportError(f"{path} is not a t2f-export manifest; run t2f-export into another directory")
+    return manifest
+
+
+def is_export_manifest(manifest) -> bool:
+    return isinstance(manifest, dict) and isinstance(manifest.get("onnx"), dict) and "t2f" in manifest
+
+
+# What an export directory holds: the graphs, engines, their record, and temporaries of a killed export.
+EXPORT_NAMES = re.compile(r"(text_encoder|mapper|synthesis)(\.fp16)?\.(onnx|plan)|parity\.md|manifest\.json|timing\.cache"
+                          r"|\.t2f\.lock|\.parity-.*|\..+\.(tmp|old)")
+
+
+def foreign_files(out: Path) -> list[str]:
+    """Files in `out` that t2f-export did not make (a manifest.json that is not an export's counts as one)."""
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir())
+    foreign = [n for n in names if not EXPORT_NAMES.fullmatch(n)]
+    if MANIFEST in names:
+        try:
+            if not is_export_manifest(json.loads((out / MANIFEST).read_text())):
+                foreign.append(MANIFEST)
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            foreign.append(MANIFEST)
+    return foreign
+
+
+def remove_stale_temporaries(out: Path) -> list[str]:
+    """Remove what a killed export left in `out` (.parity-* scratch directories, .*.tmp files); call with its lock held."""
+    removed = []
+    for p in out.iterdir():
+        if not (p.name.startswith(".parity-") or (p.name.startswith(".") and p.name.endswith((".tmp", ".old")))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p.name)
+    return removed
 
 
 # ----------------------------------------------------------------------------
@@ -212,7 +267,7 @@ def check_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper,
     """The manifest of `out` if it holds all three graphs of exactly these models and precision, each unchanged since
     export and within its parity bounds; ExportError saying what differs otherwise."""
     precision = Precision.parse(precision)
-    manifest = read_manifest(out)
+    manifest = check_manifest(out)
     entries = manifest.get("onnx", {})
     specs = specs_of(generator, clip, mapper)
     for graph, key in graph_keys(generator, clip, mapper, precision).items():

@@ -279,13 +279,14 @@ def load_model_dir(directory: str | os.PathLike, kind: str, config_cls, build) -
 
 
 def build_checked(build, config, tensors: dict, source: str) -> torch.nn.Module:
-    """`build(config)` loaded with `tensors`, failing by name on any missing, unexpected or misshapen entry.
+    """`build(config)` loaded with `tensors`, failing by name on any missing, unexpected, misshapen or mistyped entry.
 
     The names and shapes are checked on a model built on the meta device first, so a
     config that does not match its weights fails before any memory is allocated for it.
     """
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in build(config).state_dict().items()}
+        reference = build(config).state_dict()
+    expected = {k: tuple(v.shape) for k, v in reference.items()}
     bad_type = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
@@ -299,6 +300,13 @@ def build_checked(build, config, tensors: dict, source: str) -> torch.nn.Module:
         problems.append(f"unexpected {_names(unexpected)}")
     if wrong:
         problems.append("wrong shape " + ", ".join(f"{k} {tuple(tensors[k].shape)} != {expected[k]}" for k in wrong[:3]))
+    if not problems:
+        # A float must stay a float (any precision is cast); an integer buffer must stay an integer of the same kind.
+        dtypes = {k: v.dtype for k, v in reference.items()}
+        wrong_dtype = sorted(k for k, v in tensors.items() if v.is_floating_point() != dtypes[k].is_floating_point
+                             or v.dtype.is_complex or (not v.is_floating_point() and v.dtype != dtypes[k]))
+        if wrong_dtype:
+            problems.append("wrong dtype " + ", ".join(f"{k} {tensors[k].dtype} != {dtypes[k]}" for k in wrong_dtype[:3]))
     if problems:
         raise WeightsError(f"{source}: weights do not match the config: " + "; ".join(problems))
     bad = sorted(k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all())

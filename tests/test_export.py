@@ -39,7 +39,7 @@ def exported(tmp_path_factory):
 
 def test_files_and_manifest(exported):
     names = sorted(os.listdir(exported))
-    assert names == ["manifest.json", "mapper.fp16.onnx", "mapper.onnx", "parity.md", "synthesis.fp16.onnx",
+    assert names == [".t2f.lock", "manifest.json", "mapper.fp16.onnx", "mapper.onnx", "parity.md", "synthesis.fp16.onnx",
                      "synthesis.onnx", "text_encoder.fp16.onnx", "text_encoder.onnx"]
     manifest = json.loads((exported / "manifest.json").read_text())
     for name, entry in manifest["onnx"].items():

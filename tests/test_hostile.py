@@ -543,3 +543,140 @@ def test_a_second_trainer_on_the_same_run_says_who_holds_it(pairs, tmp_path):
         holder.wait()
     # Released when the holder exits: the run goes on.
     assert invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path).exit_code == 0
+
+
+# ----------------------------------------------------------------------------
+# Export: 9 (a directory of other files), 12 (temporaries of a killed export), 14 (no manifest).
+
+
+def test_export_refuses_a_directory_that_is_not_an_export(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"my": "shipping list"}')
+    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    assert_one_error_line(result, 2, "not a t2f-export output", "manifest.json")
+    assert (out / "manifest.json").read_text() == '{"my": "shipping list"}' and os.listdir(out) == ["manifest.json"]
+    (out / "manifest.json").unlink()
+    (out / "notes.txt").write_text("keep")
+    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    assert_one_error_line(result, 2, "not a t2f-export output", "notes.txt")
+    assert os.listdir(out) == ["notes.txt"]
+
+
+def test_export_removes_the_temporaries_of_a_killed_export_and_holds_a_lock(tmp_path):
+    pytest.importorskip("onnxruntime")
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "export"
+    (out / ".parity-k1ll3d").mkdir(parents=True)
+    (out / ".parity-k1ll3d" / "text_encoder.onnx").write_bytes(b"half")
+    (out / ".synthesis.onnx.abc123.tmp").write_bytes(b"half")
+    (out / "synthesis.onnx").write_bytes(b"half of a graph, no manifest yet")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom t2f.io import directory_lock\n"
+                               f"with directory_lock({str(out)!r}, 't2f-export'):\n    print('held', flush=True)\n    sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+        assert_one_error_line(result, 1, f"in use by another t2f-export: pid {holder.pid}")
+        assert (out / ".synthesis.onnx.abc123.tmp").exists()          # a running export's files are left alone
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "removed 2 temporary file(s)" in result.output
+    assert sorted(p for p in os.listdir(out) if p.startswith(".") and p != ".t2f.lock") == []
+    assert "synthesis.onnx" in json.loads((out / "manifest.json").read_text())["onnx"]
+
+
+def test_artifacts_without_a_manifest_say_so(tmp_path):
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "artifacts" / "text_encoder.onnx").write_bytes(b"x")
+    result = invoke(infer_main, [*TINY, "a face", "--backend", "onnxruntime", "--artifacts", "artifacts"], tmp_path)
+    assert_one_error_line(result, 1, "has no manifest.json", "not a t2f-export output")
+
+
+# ----------------------------------------------------------------------------
+# 6, 7. Non-finite results are refused, not saved as flat images; dtypes are checked against the config.
+
+
+def _relabel_first_f32_as_i32(path):
+    """Rewrite a safetensors header so its first float32 tensor claims to be int32 (same size, same bytes)."""
+    import json
+
+    data = bytearray(path.read_bytes())
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    name = next(k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32")
+    header[name]["dtype"] = "I32"
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + n:]))
+    return name
+
+
+def test_a_float_tensor_relabelled_as_int32_is_refused(tmp_path, tiny_generator):
+    from t2f.weights import save_generator
+
+    save_generator(tiny_generator, tmp_path / "gen")
+    name = _relabel_first_f32_as_i32(tmp_path / "gen" / "model.safetensors")
+    result = invoke(infer_main, ["--generator", "gen", "--clip", "tiny", "--mapper", "tiny", "a face"], tmp_path)
+    assert_one_error_line(result, 1, "wrong dtype", f"{name} torch.int32 != torch.float32")
+    assert not (tmp_path / "faces.png").exists()
+
+
+def test_non_finite_ws_are_refused_before_anything_is_written(tmp_path):
+    import torch
+
+    from t2f.engine.pipeline import load_pipeline
+
+    pipe = load_pipeline(generator="tiny", clip="tiny", mapper="tiny", device="cpu", progress=False)
+    with torch.no_grad():
+        for p in pipe.backend.mapper.parameters():       # the mapper graph the backend runs, gone NaN
+            p.fill_(float("nan"))
+    for mode in ("text", "image"):
+        images = torch.zeros([1, 3, 64, 64]) if mode == "image" else None
+        with pytest.raises(ValueError, match="non-finite ws"):
+            pipe(["a face"], n=2, mode=mode, images=images, noise_mode="const" if mode == "text" else "random")
+
+
+def test_knn_alpha_must_be_finite_in_the_library_too():
+    from t2f.engine.pipeline import load_pipeline
+
+    pipe = load_pipeline(generator="tiny", clip="tiny", mapper="tiny", device="cpu", progress=False)
+    for alpha in (float("nan"), float("inf"), 0.0):
+        with pytest.raises(ValueError, match="Dirichlet concentration must be a finite number > 0"):
+            pipe(["a face"], n=2, mode="knn", knn=dict(alpha=alpha))
+
+
+# ----------------------------------------------------------------------------
+# 11. A huge conditioning image is refused from its header, in one line.
+
+
+def _png_header_only(path, width, height):
+    """A PNG that declares width x height (8-bit RGB) and holds no pixels: enough for the size check, 57 bytes."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def test_a_huge_conditioning_image_is_refused_in_one_line(tmp_path):
+    import warnings
+
+    _png_header_only(tmp_path / "huge.png", 13000, 13000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")          # Pillow's DecompressionBombWarning must not escape
+        result = invoke(infer_main, [*TINY, "--mode", "image", "--image", "huge.png"], tmp_path)
+    line = assert_one_error_line(result, 2, "--image", "13000x13000 (169 Mpixels)", "at most 40 Mpixels")
+    assert "DecompressionBomb" not in result.output and "DecompressionBomb" not in line
+    assert not (tmp_path / "faces.png").exists()

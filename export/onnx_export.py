@@ -82,8 +82,8 @@ def foreign_files(out: Path) -> list[str]:
     foreign = [n for n in names if not EXPORT_NAMES.fullmatch(n)]
     if MANIFEST in names:
         try:
-            if not is_export_manifest(json.loads((out / MANIFEST).read_text())):
-                foreign.append(MANIFEST)
+            if not (out / MANIFEST).is_file() or not is_export_manifest(json.loads((out / MANIFEST).read_text())):
+                foreign.append(MANIFEST)                   # a FIFO there is never opened
         except (json.JSONDecodeError, UnicodeDecodeError, OSError):
             foreign.append(MANIFEST)
     return foreign

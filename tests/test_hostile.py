@@ -680,3 +680,12 @@ def test_a_huge_conditioning_image_is_refused_in_one_line(tmp_path):
     line = assert_one_error_line(result, 2, "--image", "13000x13000 (169 Mpixels)", "at most 40 Mpixels")
     assert "DecompressionBomb" not in result.output and "DecompressionBomb" not in line
     assert not (tmp_path / "faces.png").exists()
+
+
+def test_export_never_opens_a_fifo_for_a_manifest(tmp_path, hang_guard):
+    out = tmp_path / "export"
+    out.mkdir()
+    os.mkfifo(out / "manifest.json")
+    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    assert_one_error_line(result, 2, "not a t2f-export output", "manifest.json")
+    assert stat.S_ISFIFO(os.lstat(out / "manifest.json").st_mode)

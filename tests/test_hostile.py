@@ -3,6 +3,7 @@
 Outputs: only new paths and regular files are replaced. Options: no NaN or infinity anywhere.
 """
 
+import contextlib
 import os
 import stat
 
@@ -524,23 +525,30 @@ def test_disk_full_for_real_with_a_file_size_limit(pairs, tmp_path):
     assert not (run / "checkpoint.pt").exists() and not [p for p in os.listdir(run) if p.endswith(".tmp")]
 
 
-def test_a_second_trainer_on_the_same_run_says_who_holds_it(pairs, tmp_path):
+@contextlib.contextmanager
+def _lock_held_by_another_process(directory):
+    """A child process holding `directory`'s lock until the block ends."""
     import subprocess
     import sys
 
-    run = _copy(pairs, tmp_path)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom t2f.io import directory_lock\n"
-                               f"with directory_lock({str(run)!r}, 't2f-train'):\n    print('held', flush=True)\n    sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    code = (f"import sys\nfrom t2f.io import directory_lock\nwith directory_lock({str(directory)!r}, 'test'):\n"
+            "    print('held', flush=True)\n    sys.stdin.read()")
+    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "held\n"
+        yield holder
+    finally:
+        holder.stdin.close()
+        holder.wait()
+
+
+def test_a_second_trainer_on_the_same_run_says_who_holds_it(pairs, tmp_path):
+    run = _copy(pairs, tmp_path)
+    with _lock_held_by_another_process(run) as holder:
         stats_before = (run / "stats.jsonl").exists()
         result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
         assert_one_error_line(result, 1, f"is in use by another t2f-train: pid {holder.pid} on ")
         assert (run / "stats.jsonl").exists() == stats_before and not (run / "checkpoint.pt").exists()
-    finally:
-        holder.stdin.close()
-        holder.wait()
     # Released when the holder exits: the run goes on.
     assert invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path).exit_code == 0
 
@@ -566,25 +574,16 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path):
 def test_export_removes_the_temporaries_of_a_killed_export_and_holds_a_lock(tmp_path):
     pytest.importorskip("onnxruntime")
     import json
-    import subprocess
-    import sys
 
     out = tmp_path / "export"
     (out / ".parity-k1ll3d").mkdir(parents=True)
     (out / ".parity-k1ll3d" / "text_encoder.onnx").write_bytes(b"half")
     (out / ".synthesis.onnx.abc123.tmp").write_bytes(b"half")
     (out / "synthesis.onnx").write_bytes(b"half of a graph, no manifest yet")
-    holder = subprocess.Popen([sys.executable, "-c", "import sys\nfrom t2f.io import directory_lock\n"
-                               f"with directory_lock({str(out)!r}, 't2f-export'):\n    print('held', flush=True)\n    sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
+    with _lock_held_by_another_process(out) as holder:
         result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
         assert_one_error_line(result, 1, f"in use by another t2f-export: pid {holder.pid}")
         assert (out / ".synthesis.onnx.abc123.tmp").exists()          # a running export's files are left alone
-    finally:
-        holder.stdin.close()
-        holder.wait()
     result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
     assert result.exit_code == 0, result.output
     assert "removed 2 temporary file(s)" in result.output

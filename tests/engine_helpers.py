@@ -1,6 +1,9 @@
-"""Builds the tiny random-weight pipeline used by the engine and CLI tests."""
+"""The tiny random-weight models for the engine and CLI tests: the pipeline, and the command-line options."""
 
 from t2f.engine import load_pipeline
+from t2f.presets import TINY as _TINY
+
+TINY = ["--generator", _TINY, "--clip", _TINY, "--mapper", _TINY]      # every command's options for the tiny models
 
 
 def tiny_pipeline(device="cpu", precision="fp32", batch_size=8):

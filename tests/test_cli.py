@@ -17,7 +17,7 @@ from t2f.weights import save_generator
 
 from conftest import write_nvidia_pickle
 
-TINY = ["--generator", "tiny", "--clip", "tiny", "--mapper", "tiny"]
+from engine_helpers import TINY  # noqa: E402
 
 
 def run(main, args, cwd):

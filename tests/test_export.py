@@ -19,7 +19,7 @@ from t2f.graphs import ExportError  # noqa: E402
 from t2f.export.onnx_export import onnx_session  # noqa: E402
 from t2f.export.tensorrt import check_compatible  # noqa: E402
 
-TINY = ["--mapper", "tiny", "--generator", "tiny", "--clip", "tiny"]
+from engine_helpers import TINY  # noqa: E402
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
@@ -263,3 +263,19 @@ def test_specs_own_names_profiles_and_files(tiny_clip):
                                                   "psi": ((1,), (2,), (8,))}
     assert specs["synthesis"].output_shape(4) == (4, 64, 64, 3) and specs["synthesis"].output.dtype == torch.uint8
     assert specs["text_encoder"].dynamic_axes == {"tokens": {0: "batch"}, "embedding": {0: "batch"}}
+
+
+def test_runtime_info_asks_about_the_target_device(monkeypatch):
+    """Our control flow only, with stand-ins for TensorRT and CUDA (neither ran): cuda:N is the device asked about."""
+    import types
+
+    import t2f.export.tensorrt as trt
+
+    asked = []
+    monkeypatch.setattr(trt, "tensorrt_module", lambda: types.SimpleNamespace(__version__="10.9.0"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: asked.append(device) or "NVIDIA H100 80GB HBM3")
+    info = trt.runtime_info(torch.device("cuda", 1))
+    assert info == {"tensorrt": "10.9.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}
+    assert asked == [torch.device("cuda", 1)] * 2

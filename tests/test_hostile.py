@@ -17,7 +17,7 @@ from t2f.engine.cli import main as infer_main
 from t2f.export.cli import main as export_main
 from t2f.trainer.cli import main as train_main
 
-TINY = ["--generator", "tiny", "--clip", "tiny", "--mapper", "tiny"]
+from engine_helpers import TINY  # noqa: E402
 
 
 def invoke(main, args, cwd):

@@ -275,6 +275,8 @@ class OnnxRuntimeBackend(_ArtifactBackend):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         batch = tuple(manifest.get("batch_profile") or DEFAULT_PROFILE)
+        if self.provider == "tensorrt":
+            (artifacts / ORT_CACHE).mkdir(exist_ok=True)
         self.sessions = {}
         for graph, spec in self.specs.items():
             name = spec.file_name(self.precision)

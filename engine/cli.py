@@ -92,6 +92,8 @@ def _load_images(paths: list[str]):
     import PIL.Image
     import torch
 
+    from .pipeline import face_tensor
+
     out = []
     for path in paths:
         try:
@@ -103,11 +105,7 @@ def _load_images(paths: list[str]):
                     raise click.BadParameter(f"{path} is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} Mpixels); "
                                              f"conditioning images may have at most {MAX_IMAGE_PIXELS / 1e6:.0f} Mpixels "
                                              "(CLIP sees 224x224): downscale it first", param_hint="--image")
-                im = im.convert("RGB")
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((256, 256), PIL.Image.BICUBIC)
-                out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1)
+                out.append(face_tensor(im))
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
             raise click.BadParameter(f"cannot read image {path}: {e}", param_hint="--image") from None
     return torch.stack(out)

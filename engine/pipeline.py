@@ -37,8 +37,12 @@ def sample_z(seed: int, num_prompts: int, n: int, z_dim: int) -> torch.Tensor:
     the same seed gives the same latents on every device, and an image's latent does not
     depend on how many prompts or images were asked for.
     """
-    z = [np.random.default_rng([int(seed), i, j]).standard_normal(z_dim, dtype=np.float32)
-         for i in range(num_prompts) for j in range(n)]
+    return latents([(seed, i, j) for i in range(num_prompts) for j in range(n)], z_dim)
+
+
+def latents(keys: list[tuple[int, int, int]], z_dim: int) -> torch.Tensor:
+    """Mapper latents [len(keys), z_dim]: row r draws from numpy's generator seeded with keys[r] = (seed, row, image)."""
+    z = [np.random.default_rng([int(s), int(i), int(j)]).standard_normal(z_dim, dtype=np.float32) for s, i, j in keys]
     return torch.from_numpy(np.stack(z)) if z else torch.zeros([0, z_dim])
 
 
@@ -77,7 +81,7 @@ def check_sampling(n: int, truncation_psi: float) -> None:
 
 def noise_seed(seed: int, i: int, j: int) -> int:
     """Seed of image j of row i's noise in "random" mode."""
-    return int(np.random.SeedSequence([int(seed), i, j, 2]).generate_state(1, np.uint64)[0] >> 1)
+    return int(np.random.SeedSequence([int(seed), int(i), int(j), 2]).generate_state(1, np.uint64)[0]) >> 1   # int first: numpy 1.x has no uint64 >> int
 
 
 @dataclasses.dataclass
@@ -173,12 +177,17 @@ class TextToFace:
             conditions = conditions.repeat_interleave(n, dim=0)             # [rows * n, D]
         if conditions.shape[0] != rows * n:
             raise ValueError(f"{conditions.shape[0]} conditions for {rows} rows of {n}")
-        z = sample_z(seed, rows, n, self.mapper.z_dim).to(self.device)
-        psi = torch.full([rows * n], float(truncation_psi), device=self.device)
-        conditions = conditions.to(self.device)
-        ws = torch.cat([self.backend.map(c, zc, pc).clone()                # [rows * n, num_ws, w_dim]
-                        for c, zc, pc in zip(conditions.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size))])
+        z = sample_z(seed, rows, n, self.mapper.z_dim)
+        psi = torch.full([rows * n], float(truncation_psi))
+        noise = [noise_seed(seed, *divmod(idx, n)) for idx in range(rows * n)]
+        ws, images = self._render(conditions, z, psi, noise, noise_mode)
+        return check_finite(Faces(images=images, ws=ws, labels=list(labels), n=n))
 
+    def _render(self, conditions: torch.Tensor, z: torch.Tensor, psi: torch.Tensor, noise: list[int], noise_mode: str):
+        """conditions [B, D], z [B, z_dim], psi [B] and each image's noise seed -> (ws, uint8 images) on the CPU."""
+        conditions, z, psi = conditions.to(self.device), z.to(self.device), psi.to(self.device)
+        ws = torch.cat([self.backend.map(c, zc, pc).clone()                # [B, num_ws, w_dim]
+                        for c, zc, pc in zip(conditions.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size))])
         images = []
         if noise_mode != "const":
             if noise_mode not in self.backend.noise_modes:
@@ -186,28 +195,67 @@ class TextToFace:
             # One noise stream per image, so an image does not depend on its batch.
             devices = [self.device] if self.device.type == "cuda" else []
             with torch.random.fork_rng(devices=devices):
-                for idx, w in enumerate(ws.split(1)):
-                    torch.manual_seed(noise_seed(seed, *divmod(idx, n)))
+                for w, s in zip(ws.split(1), noise):
+                    torch.manual_seed(s)
                     images.append(to_host(self.backend.synthesize(w, noise_mode=noise_mode)))
         else:
             for chunk in ws.split(self.batch_size):
                 images.append(to_host(self.backend.synthesize(chunk)))
-        return check_finite(Faces(images=torch.cat(images), ws=ws.float().cpu(), labels=list(labels), n=n))
+        return ws.float().cpu(), torch.cat(images)
+
+    def _render_text(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor):
+        """tokens [B, context], z, psi -> (ws, uint8 images) on the CPU, through the backend's whole pipeline."""
+        tokens, z, psi = tokens.to(self.device, torch.int32), z.to(self.device), psi.to(self.device)
+        ws, images = [], []
+        for t, zc, pc in zip(tokens.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size)):
+            w, image = self.backend.full(t, zc, pc)
+            ws.append(w.float().cpu())
+            images.append(to_host(image))
+        return torch.cat(ws), torch.cat(images)
 
     @torch.no_grad()
     def generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
         """Text mode with constant noise through the backend's whole pipeline (its CUDA graph, where it has one)."""
         check_prompts(prompts)
         check_sampling(n, truncation_psi)
-        tokens = self.clip.tokenize(list(prompts)).to(self.device).repeat_interleave(n, dim=0)
-        z = sample_z(seed, len(prompts), n, self.mapper.z_dim).to(self.device)
-        psi = torch.full([len(prompts) * n], float(truncation_psi), device=self.device)
-        ws, images = [], []
-        for t, zc, pc in zip(tokens.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size)):
-            w, image = self.backend.full(t.to(torch.int32), zc, pc)
-            ws.append(w.float().cpu())
-            images.append(to_host(image))
-        return check_finite(Faces(images=torch.cat(images), ws=torch.cat(ws), labels=list(prompts), n=n))
+        tokens = self.clip.tokenize(list(prompts)).repeat_interleave(n, dim=0)
+        z = sample_z(seed, len(prompts), n, self.mapper.z_dim)
+        psi = torch.full([len(prompts) * n], float(truncation_psi))
+        ws, images = self._render_text(tokens, z, psi)
+        return check_finite(Faces(images=images, ws=ws, labels=list(prompts), n=n))
+
+    @torch.no_grad()
+    def generate_requests(self,
+        seeds: list[int],                       # One per row: the seed of that row's request.
+        samples: list[int],                     # One per row: which image of its request (j of `--n`).
+        truncations: list[float],               # One per row: truncation psi.
+        prompts: list[str] | None = None,       # Mode "text": one prompt per row.
+        images: torch.Tensor | None = None,     # Mode "image": [rows, 3, H, W] in [-1, 1].
+        noise_mode: str = "const",
+    ) -> Faces:
+        """Independent requests in one batch (what a server's batcher merges): row r is the image that
+        `self([prompts[r]], n=samples[r] + 1, seed=seeds[r], truncation_psi=truncations[r])` gives last
+        (in mode "image" with images[r] as the condition), up to the float rounding that batching changes.
+        """
+        if (prompts is None) == (images is None):
+            raise ValueError("give either prompts (mode text) or images (mode image)")
+        rows = len(prompts) if prompts is not None else images.shape[0]
+        if not rows or not len(seeds) == len(samples) == len(truncations) == rows:
+            raise ValueError(f"{rows} rows need one seed, sample and truncation each")
+        for psi in truncations:
+            check_sampling(1, psi)
+        if noise_mode not in NOISE_MODES:
+            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        z = latents([(s, 0, j) for s, j in zip(seeds, samples)], self.mapper.z_dim)
+        psi = torch.tensor([float(p) for p in truncations])
+        labels = list(prompts) if prompts is not None else [f"image {r}" for r in range(rows)]
+        if prompts is not None and noise_mode == "const":
+            check_prompts(prompts)
+            ws, out = self._render_text(self.clip.tokenize(list(prompts)), z, psi)
+        else:
+            conditions = self.text_conditions(prompts) if prompts is not None else self.image_conditions(images)
+            ws, out = self._render(conditions, z, psi, [noise_seed(s, 0, j) for s, j in zip(seeds, samples)], noise_mode)
+        return check_finite(Faces(images=out, ws=ws, labels=labels, n=1))
 
     def __call__(self,
         prompts: list[str],                     # The rows: prompts, or in mode "image" one label per image.
@@ -233,6 +281,20 @@ class TextToFace:
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         return self.generate(conditions, list(prompts), n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
+
+
+FACE_SIZE = 256      # Side a face image is resized to before CLIP's own preprocessing (mode "image").
+
+
+def face_tensor(image) -> torch.Tensor:
+    """A face image (PIL image, or uint8 array [H, W, 3]) -> [3, FACE_SIZE, FACE_SIZE] float in [-1, 1], center-cropped square."""
+    import PIL.Image
+
+    im = image.convert("RGB") if isinstance(image, PIL.Image.Image) else PIL.Image.fromarray(np.ascontiguousarray(image, dtype=np.uint8), "RGB")
+    side = min(im.size)
+    left, top = (im.width - side) // 2, (im.height - side) // 2
+    im = im.crop((left, top, left + side, top + side)).resize((FACE_SIZE, FACE_SIZE), PIL.Image.BICUBIC)
+    return torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def check_finite(faces: Faces) -> Faces:

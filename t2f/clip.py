@@ -154,15 +154,18 @@ class Clip:
         self.image_encoder.to(device)
         return self
 
+    def token_count(self, prompt: str) -> int | None:
+        """Tokens `prompt` takes, start and end tokens included; None where the tokenizer cannot say."""
+        encode = getattr(self.tokenizer, "encode", None)
+        return len(encode(prompt)) + 2 if callable(encode) else None
+
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> tokens [len(prompts), context] int64; warns about each prompt that was cut."""
-        encode = getattr(self.tokenizer, "encode", None)
-        if callable(encode):
-            for prompt in prompts:
-                length = len(encode(prompt)) + 2  # start and end tokens
-                if length > self.context_length:
-                    warnings.warn(f"prompt truncated to CLIP's {self.context_length} tokens ({length} given): {prompt[:60]!r}",
-                                  PromptTruncatedWarning, stacklevel=2)
+        for prompt in prompts:
+            length = self.token_count(prompt)
+            if length is not None and length > self.context_length:
+                warnings.warn(f"prompt truncated to CLIP's {self.context_length} tokens ({length} given): {prompt[:60]!r}",
+                              PromptTruncatedWarning, stacklevel=2)
         return self.tokenizer(prompts).to(torch.long)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:

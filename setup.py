@@ -11,7 +11,7 @@ setup(
     # One `t2f` namespace: the core package plus the card's top-level folders under it.
     packages=["t2f", "t2f.engine", "t2f.export", "t2f.trainer"],
     package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.export": "export", "t2f.trainer": "trainer"},
-    package_data={"t2f": ["clip_configs/*.json"]},
+    package_data={"t2f": ["clip_configs/*.json"], "t2f.engine": ["static/*.html"]},
     install_requires=[
         "torch>=2.10,<2.15",  # weights_only loading: 2.10 fixes the last known bypass
         "torchvision>=0.25,<0.30",
@@ -24,7 +24,10 @@ setup(
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index
-        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18"],
+        # t2f-serve: Triton Inference Server through PyTriton (which pins numpy<2), its clients, and the page.
+        "serve": ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.50", "starlette>=0.40", "uvicorn[standard]>=0.30",
+                  "websockets>=12"],
+        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18", "playwright>=1.45"],
     },
     entry_points={
         "console_scripts": [
@@ -33,6 +36,7 @@ setup(
             "t2f-train=t2f.trainer.cli:main",
             "t2f-export=t2f.export.cli:main",
             "t2f-bench=t2f.engine.bench:main",
+            "t2f-serve=t2f.engine.serve:main",
         ],
     },
 )

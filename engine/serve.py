@@ -117,10 +117,10 @@ def parse_request(data: dict, clip, image_mode: bool) -> Rows:
             raise BadRequest(f"image sides must be 1..{MAX_FACE_SIDE}, got {faces.shape[1]} x {faces.shape[2]}")
         out.faces = list(faces)
         return out
+    from .pipeline import is_blank
+
     prompts = [_text(p, "prompt") for p in _column(data, "prompt", object, rows)]
     for r, prompt in enumerate(prompts):
-        from .pipeline import is_blank
-
         if is_blank(prompt):
             raise BadRequest(f"prompt is empty (row {r})")
         size = len(prompt.encode("utf-8"))

@@ -64,7 +64,7 @@ class Running:
         self.log = open(os.path.join(self.cache, "serve.log"), "w+")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 180
-        while get(f"http://127.0.0.1:{self.http}/v2/health/ready")[0] != 200 or (web and get(f"http://127.0.0.1:{self.web}/config")[0] != 200):
+        while get(f"http://127.0.0.1:{self.http}/v2/models/t2f/ready")[0] != 200 or (web and get(f"http://127.0.0.1:{self.web}/config")[0] != 200):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 pytest.fail(f"t2f-serve did not start:\n{self.output()}")

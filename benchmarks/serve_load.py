@@ -32,6 +32,8 @@ import urllib.request
 import click
 import numpy as np
 
+from t2f.cli_errors import FiniteFloatRange
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -73,11 +75,11 @@ def start_server(args: list[str], http: int, threads: int, timeout_s: float = 60
 @click.option("--precision",      default="fp32", show_default=True)
 @click.option("--clients",        help="Client threads (N)", type=click.IntRange(1, 256), default=8, show_default=True)
 @click.option("--requests",       help="Requests per client (M)", type=click.IntRange(1, 10_000), default=8, show_default=True)
-@click.option("--max-seconds",    help="Stop issuing requests after this long", type=click.FloatRange(1, 3600), default=120, show_default=True)
+@click.option("--max-seconds",    help="Stop issuing requests after this long", type=FiniteFloatRange(1, 3600), default=120, show_default=True)
 @click.option("--protocol",       type=click.Choice(["http", "grpc"]), default="grpc", show_default=True)
 @click.option("--max-batch",      type=click.IntRange(1, 256), default=32, show_default=True)
 @click.option("--queue-delay-us", type=click.IntRange(0, 1_000_000), default=0, show_default=True)
-@click.option("--truncation",     type=click.FloatRange(-1, 2), default=0.7, show_default=True)
+@click.option("--truncation",     type=FiniteFloatRange(-1, 2), default=0.7, show_default=True)
 @click.option("--threads",        help="CPU threads of torch in both paths (OMP_NUM_THREADS for the server); 0 = torch's default",
               type=click.IntRange(0, 256), default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))

@@ -60,6 +60,7 @@ class Running:
                 "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra]
         if web:
             args += ["--web", "--web-port", str(self.web)]
+        self.shm_before = set(os.listdir("/dev/shm"))
         env = dict(os.environ, T2F_OFFLINE="1", PYTHONUNBUFFERED="1")
         self.log = open(os.path.join(self.cache, "serve.log"), "w+")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -84,7 +85,13 @@ class Running:
             self.log.close()
 
     def leftovers(self) -> list[str]:
-        """Processes, shared memory and workspace files this server left behind."""
+        """Processes, shared memory and workspace files this server left behind (after up to 20 s to go)."""
+        deadline = time.monotonic() + 20
+        while (found := self._leftovers()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return found
+
+    def _leftovers(self) -> list[str]:
         pid = self.process.pid
         found = []
         for entry in os.listdir("/proc"):
@@ -96,7 +103,9 @@ class Running:
                     continue
                 if os.path.join(self.cache, "serve") in cmdline or f"pytrtion{pid}-" in cmdline:
                     found.append(f"process {entry}: {cmdline[:120]}")
-        found += [f"/dev/shm/{name}" for name in os.listdir("/dev/shm") if name.startswith(f"pytrtion{pid}-")]
+        # Triton's stub segments carry the server's pid; PyTriton's tensor store segments (psm_*) are the new ones.
+        found += [f"/dev/shm/{name}" for name in os.listdir("/dev/shm")
+                  if name.startswith(f"pytrtion{pid}-") or (name.startswith("psm_") and name not in self.shm_before)]
         serve_dir = os.path.join(self.cache, "serve")
         found += [os.path.join(serve_dir, name) for name in (os.listdir(serve_dir) if os.path.isdir(serve_dir) else [])]
         return found

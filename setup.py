@@ -25,9 +25,9 @@ setup(
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index
         # t2f-serve: Triton Inference Server through PyTriton (which pins numpy<2), its clients, and the page.
-        "serve": ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.50", "starlette>=0.40", "uvicorn[standard]>=0.30",
-                  "websockets>=12"],
-        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18", "playwright>=1.45"],
+        "serve": ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.50,<3", "starlette>=0.40,<2", "uvicorn[standard]>=0.30,<1",
+                  "websockets>=12,<18"],
+        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18", "playwright>=1.45,<2"],
     },
     entry_points={
         "console_scripts": [

@@ -176,6 +176,11 @@ def test_image_model_is_t2f_infer_image_mode(server, direct):
         inputs[0].set_data_from_numpy(np.stack([face, face]))
         inputs += text_inputs(httpclient, ["x", "x"], [4, 4], [0.7, 0.7], samples=[0, 1])[1:]
         result = client.infer("t2f_image", inputs)
+        four_channels = httpclient.InferInput("image", [1, 8, 8, 4], "UINT8")
+        four_channels.set_data_from_numpy(np.zeros([1, 8, 8, 4], np.uint8))
+        with pytest.raises(InferenceServerException, match="(?i)shape"):
+            client.infer("t2f_image", [four_channels] + text_inputs(httpclient, ["x"], [4], [0.7])[1:])
+        assert client.is_model_ready("t2f_image")
     faces = direct(["face"], n=2, seed=4, truncation_psi=0.7, mode="image", images=face_tensor(face)[None])
     for r in range(2):
         assert_same(result.as_numpy("image")[r], result.as_numpy("ws")[r], faces, r)

@@ -25,6 +25,7 @@ import secrets
 import signal
 import sys
 import sysconfig
+import tempfile
 import threading
 
 import click
@@ -41,6 +42,7 @@ MAX_SAMPLE = 63                # t2f-infer's --n goes up to 64.
 MAX_SEED = 2**63 - 1
 TRUNCATION_RANGE = (-1.0, 2.0)  # t2f-infer's --truncation range.
 MAX_FACE_SIDE = 4096           # t2f_image: largest side of an input face.
+MAX_WORKSPACE_PATH = 78        # A Unix socket path holds 107 bytes; PyTriton adds up to "/t2f_image_0_99-server.sock".
 
 
 class BadRequest(ValueError):
@@ -230,7 +232,8 @@ class Server:
     """Triton with the t2f models bound to one or more pipelines (one model instance each), as a context manager.
 
     The workspace (model store, sockets, Triton's binaries) is a fresh directory under the cache
-    and is removed on exit, with Triton, its stub processes and their shared memory.
+    (under the system's temporary directory where the cache's path is too long for a Unix
+    socket) and is removed on exit, with Triton, its stub processes and their shared memory.
     """
 
     def __init__(self,
@@ -247,6 +250,7 @@ class Server:
         self.max_batch = min(p.batch_size for p in self.pipelines)
         self.cache, self.verbose, self.exit_timeout_s = cache, verbose, exit_timeout_s
         self.triton = None
+        self.workspace = None
 
     def __enter__(self) -> "Server":
         self.start()
@@ -267,7 +271,11 @@ class Server:
             logging.getLogger("pytriton").setLevel(logging.ERROR)
         parent = os.path.join(self.cache or str(cache_dir()), "serve")
         os.makedirs(parent, exist_ok=True)
-        workspace = os.path.join(parent, f"{os.getpid()}-{secrets.token_hex(4)}")
+        name = f"{os.getpid()}-{secrets.token_hex(4)}"
+        workspace = os.path.join(os.path.realpath(parent), name)
+        if len(workspace) > MAX_WORKSPACE_PATH:     # PyTriton's Unix sockets live in the workspace
+            workspace = os.path.join(tempfile.gettempdir(), f"t2f-serve-{name}")
+        self.workspace = workspace
         e = self.endpoints
         config = TritonConfig(http_address=e.host, http_port=e.http_port, grpc_address=e.host, grpc_port=e.grpc_port,
                               metrics_address=e.host, metrics_port=e.metrics_port, allow_metrics=True, allow_gpu_metrics=False,
@@ -354,6 +362,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
     """
     from t2f.cli_errors import user_errors
     from t2f.devices import resolve_device
+    from t2f.download import cache_dir
     from t2f.graphs import ExportError
 
     from .pipeline import load_pipeline
@@ -403,10 +412,13 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
                        f"({pipes[0].backend.name} on {', '.join(map(str, resolved))})", err=True)
             if page is not None:
                 click.echo(f"page: http://{endpoints.local}:{web_port}/", err=True)
+            if not server.workspace.startswith(os.path.realpath(cache or str(cache_dir()))):
+                click.echo(f"note: the cache's path is too long for Triton's sockets; workspace in {server.workspace}", err=True)
             click.echo("ready; Ctrl-C to stop", err=True)
             server.serve_forever(stop)
     except RuntimeError as e:                                # PyTriton: the server did not start or a model did not load
-        raise click.ClickException(f"Triton Inference Server: {' '.join(str(e).split())}") from None
+        if not stop.is_set():                                # (Ctrl-C while starting also stops Triton: not an error)
+            raise click.ClickException(f"Triton Inference Server: {' '.join(str(e).split())}") from None
     finally:
         if page is not None:
             page.stop()

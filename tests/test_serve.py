@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -62,22 +63,26 @@ class Running:
             args += ["--web", "--web-port", str(self.web)]
         self.shm_before = set(os.listdir("/dev/shm"))
         env = dict(os.environ, T2F_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.log = open(os.path.join(self.cache, "serve.log"), "w+")
+        self.log_path = os.path.join(self.cache, "serve.log")
+        self.log = open(self.log_path, "a")                                 # appends, whatever the offset
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         deadline = time.monotonic() + 180
-        while get(f"http://127.0.0.1:{self.http}/v2/models/t2f/ready")[0] != 200 or (web and get(f"http://127.0.0.1:{self.web}/config")[0] != 200):
+        while "ready; Ctrl-C to stop" not in self.output():            # both models loaded, and the page up
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 pytest.fail(f"t2f-serve did not start:\n{self.output()}")
             time.sleep(0.5)
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
 
-    def stop(self, sig=signal.SIGTERM) -> int:
-        self.process.send_signal(sig)
+    def stop(self, sig=signal.SIGTERM, group: bool = False) -> int:
+        """Signal the server (group: its whole process group, as Ctrl-C in a terminal does) and wait for it."""
+        if group:
+            os.killpg(self.process.pid, sig)
+        else:
+            self.process.send_signal(sig)
         try:
             return self.process.wait(timeout=60)
         finally:
@@ -108,6 +113,7 @@ class Running:
                   if name.startswith(f"pytrtion{pid}-") or (name.startswith("psm_") and name not in self.shm_before)]
         serve_dir = os.path.join(self.cache, "serve")
         found += [os.path.join(serve_dir, name) for name in (os.listdir(serve_dir) if os.path.isdir(serve_dir) else [])]
+        found += [name for name in os.listdir(tempfile.gettempdir()) if name.startswith(f"t2f-serve-{pid}-")]   # a long cache path's workspace
         return found
 
 
@@ -321,9 +327,11 @@ def test_browser_faces_follow_typing(server, direct, tmp_path):
 
 
 def test_ctrl_c_stops_triton_and_leaves_nothing(tmp_path):
-    running = Running(tmp_path, web=False)
-    assert running.stop(signal.SIGINT) == 0, running.final_output
-    assert "stopped" in running.final_output
+    cache = tmp_path / ("a-cache-directory-with-a-long-name" * 2)        # too long for Triton's sockets: workspace in /tmp
+    cache.mkdir()
+    running = Running(cache, web=False)
+    assert running.stop(signal.SIGINT, group=True) == 0, running.final_output        # Triton gets the SIGINT too
+    assert "stopped" in running.final_output and "workspace in" in running.final_output
     assert not running.leftovers()
 
 

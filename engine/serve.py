@@ -31,6 +31,7 @@ import threading
 import click
 import numpy as np
 
+from t2f.precision import PRECISIONS, Precision
 from t2f.stylegan2 import NOISE_MODES
 
 from .backends import BACKENDS, BackendUnavailable
@@ -86,8 +87,8 @@ def _text(value, name: str) -> str:
         raise BadRequest(f"{name} is not UTF-8 text") from None
 
 
-def parse_request(data: dict, clip, image_mode: bool) -> Rows:
-    """A request's inputs (numpy arrays, one row each) -> Rows; BadRequest naming the first problem."""
+def parse_request(data: dict, pipe, image_mode: bool) -> Rows:
+    """A request's inputs (numpy arrays, one row each) -> Rows for `pipe`; BadRequest naming the first problem."""
     first = "image" if image_mode else "prompt"
     if first not in data:
         raise BadRequest(f"input {first} is missing")
@@ -109,6 +110,8 @@ def parse_request(data: dict, clip, image_mode: bool) -> Rows:
     noise = sorted({_text(m, "noise_mode") for m in modes}) if modes is not None else ["const"]
     if len(noise) != 1 or noise[0] not in NOISE_MODES:
         raise BadRequest(f"noise_mode must be one of {', '.join(NOISE_MODES)} (one per request), got {', '.join(noise)}")
+    if noise[0] not in pipe.backend.noise_modes:
+        raise BadRequest(f"noise_mode {noise[0]} needs t2f-serve --backend torch (exported graphs hold constant noise)")
     out = Rows(seeds=[int(s) for s in seeds], samples=[int(s) for s in samples] if samples is not None else [0] * rows,
                truncations=[float(t) for t in truncations], noise_mode=noise[0])
     if image_mode:
@@ -126,10 +129,10 @@ def parse_request(data: dict, clip, image_mode: bool) -> Rows:
         if is_blank(prompt):
             raise BadRequest(f"prompt is empty (row {r})")
         size = len(prompt.encode("utf-8"))
-        tokens = clip.token_count(prompt) if size <= MAX_PROMPT_BYTES else None
-        if size > MAX_PROMPT_BYTES or (tokens is not None and tokens > clip.context_length):
+        tokens = pipe.clip.token_count(prompt) if size <= MAX_PROMPT_BYTES else None
+        if size > MAX_PROMPT_BYTES or (tokens is not None and tokens > pipe.clip.context_length):
             length = f"{tokens} tokens" if tokens is not None else f"{size} bytes"
-            raise BadRequest(f"prompt is too long: {length}, CLIP takes {clip.context_length} tokens (row {r})")
+            raise BadRequest(f"prompt is too long: {length}, CLIP takes {pipe.clip.context_length} tokens (row {r})")
     out.prompts = prompts
     return out
 
@@ -148,7 +151,7 @@ class ModelCallable:
         parsed = []
         for k, request in enumerate(requests):
             try:
-                parsed.append(parse_request(request.data, self.pipe.clip, self.image_mode))
+                parsed.append(parse_request(request.data, self.pipe, self.image_mode))
             except BadRequest as e:
                 where = f" (request {k + 1} of the {len(requests)} merged into this batch)" if len(requests) > 1 else ""
                 raise BadRequest(f"bad request{where}: {e}") from None
@@ -335,7 +338,7 @@ class Server:
 @click.option("--clip",           help="open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True)
 @click.option("--backend",        help="How to run the graphs (auto = the fastest available)", type=click.Choice(("auto",) + BACKENDS), default="torch", show_default=True)
 @click.option("--artifacts",      help="t2f-export output for onnxruntime / tensorrt", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--precision",      help="Compute precision (fp16 needs CUDA)", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--precision",      help="Compute precision (fp16 needs CUDA)", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
 @click.option("--device",         help="auto, cpu, cuda or cuda:N; repeat for one model instance per device", metavar="STR", multiple=True, default=["auto"], show_default=True)
 @click.option("--max-batch",      help="Largest batch the batcher forms (capped by the backend's)", metavar="INT", type=click.IntRange(1, 256), default=32, show_default=True)
 @click.option("--queue-delay-us", help="How long a request may wait for others to batch with", metavar="INT", type=click.IntRange(0, 10_000_000), default=0, show_default=True)
@@ -378,8 +381,12 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
         raise click.BadParameter(str(e), param_hint="--device") from None
     if len(set(map(str, resolved))) != len(resolved):
         raise click.BadParameter("each --device once", param_hint="--device")
-    if precision == "fp16" and any(d.type != "cuda" for d in resolved):
-        raise click.BadParameter("fp16 needs a CUDA device; use --precision fp32 on the CPU", param_hint="--precision")
+    precision = Precision.parse(precision)
+    try:
+        for d in resolved:
+            precision.check_device(d)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--precision") from None
     try:
         import pytriton  # noqa: F401
     except ImportError:
@@ -389,7 +396,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     with user_errors(OSError, BackendUnavailable, ExportError):
         pipes = [load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(d), precision=precision, batch_size=max_batch,
-                               cache=cache, backend=backend, artifacts=artifacts) for d in resolved]
+                               cache=cache, backend=backend, artifacts=artifacts) for d in device]   # "auto" keeps its CPU fallback
         for pipe in pipes:                                   # kernels, allocations, graph capture before the first client
             pipe.generate_requests([0], [0], [1.0], prompts=["a warm-up prompt"])
     if stop.is_set():
@@ -409,7 +416,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
             where = "every interface" if host in ("0.0.0.0", "::") else host
             click.echo(f"serving {TEXT_MODEL} and {IMAGE_MODEL} on {where}: HTTP {http_port}, gRPC {grpc_port}, "
                        f"metrics {endpoints.metrics_url}; max batch {server.max_batch}, {len(pipes)} instance(s) "
-                       f"({pipes[0].backend.name} on {', '.join(map(str, resolved))})", err=True)
+                       f"({pipes[0].backend.name} on {', '.join(str(p.device) for p in pipes)}, {precision})", err=True)
             if page is not None:
                 click.echo(f"page: http://{endpoints.local}:{web_port}/", err=True)
             if not server.workspace.startswith(os.path.realpath(cache or str(cache_dir()))):

@@ -28,12 +28,11 @@ httpclient = pytest.importorskip("tritonclient.http", reason='t2f-serve tests ne
 grpcclient = pytest.importorskip("tritonclient.grpc", reason='t2f-serve tests need tritonclient: pip install -e ".[serve]"')
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from engine_helpers import tiny_pipeline  # noqa: E402
+from engine_helpers import TINY, tiny_pipeline  # noqa: E402
 from t2f.engine.pipeline import face_tensor  # noqa: E402
 from t2f.engine.serve import MAX_SAMPLE, python_library_path  # noqa: E402
 
 MAX_BATCH = 16
-TINY = ["--generator", "tiny", "--clip", "tiny", "--mapper", "tiny"]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 

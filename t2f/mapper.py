@@ -61,29 +61,41 @@ def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Se
 
 
 class Decoder(nn.Module):
-    """(embedding [batch, embed_dim], z [batch, z_dim]) -> w offset [batch, out_dim]."""
+    """(condition [batch, embed_dim], z [batch, z_dim]) -> w offset [batch, out_dim]; condition = Mapper.condition(embedding)."""
 
     def __init__(self, config: MapperConfig):
         super().__init__()
         self.net = _mlp(config.embed_dim + config.z_dim, config.hidden, config.out_dim, config.layers)
 
-    def forward(self, embedding: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([normalize_2nd_moment(embedding), normalize_2nd_moment(z)], dim=1)
+    def forward(self, condition: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([condition, normalize_2nd_moment(z)], dim=1)
         return self.net(x)
 
 
 class Encoder(nn.Module):
-    """(w offset [batch, out_dim], embedding [batch, embed_dim]) -> (mu, logvar), each [batch, z_dim]."""
+    """(w offset [batch, out_dim], condition [batch, embed_dim]) -> (mu, logvar), each [batch, z_dim]."""
 
     def __init__(self, config: MapperConfig):
         super().__init__()
         self.z_dim = config.z_dim
         self.net = _mlp(config.out_dim + config.embed_dim, config.hidden, 2 * config.z_dim, config.layers)
 
-    def forward(self, w_offset: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([w_offset, normalize_2nd_moment(embedding)], dim=1)
+    def forward(self, w_offset: torch.Tensor, condition: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([w_offset, condition], dim=1)
         mu, logvar = self.net(x).chunk(2, dim=1)
         return mu, logvar
+
+
+def embedding_statistics(embeddings: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [D], scale []) of the 2nd-moment-normalized embeddings [N, D]: their mean, and the RMS of their deviation from it.
+
+    CLIP embeddings of one domain (faces) lie close together, so the part that tells them apart is a
+    small deviation from a large common direction; standardized, it reaches the decoder at unit scale
+    (as z does) instead of drowning in the common part.
+    """
+    x = normalize_2nd_moment(embeddings.to(torch.float32))
+    mean = x.mean(dim=0)
+    return mean, (x - mean).square().mean().sqrt().clamp(min=1e-6)
 
 
 class Mapper(nn.Module):
@@ -96,9 +108,16 @@ class Mapper(nn.Module):
         self.decoder = Decoder(config)
         self.encoder = Encoder(config)
         self.register_buffer("w_avg", torch.zeros([config.w_dim]) if w_avg is None else w_avg.detach().clone().float())
+        # Standardization of the condition, set from the training embeddings (embedding_statistics); 0 and 1 = none.
+        self.register_buffer("embed_mean", torch.zeros([config.embed_dim]))
+        self.register_buffer("embed_scale", torch.ones([]))
+
+    def condition(self, embedding: torch.Tensor) -> torch.Tensor:
+        """CLIP embedding [batch, embed_dim] -> the decoder's and encoder's input: normalized, then standardized."""
+        return (normalize_2nd_moment(embedding.to(torch.float32)) - self.embed_mean) / self.embed_scale
 
     def forward(self, embedding: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        offset = self.decoder(embedding.to(torch.float32), z.to(torch.float32))
+        offset = self.decoder(self.condition(embedding), z.to(torch.float32))
         offset = offset.reshape(-1, self.num_ws if self.config.w_plus else 1, self.w_dim)
         return (self.w_avg + offset).expand(-1, self.num_ws, -1)
 
@@ -106,6 +125,10 @@ class Mapper(nn.Module):
         """ws [batch, num_ws, w_dim] -> the encoder's input [batch, out_dim]."""
         offset = ws - self.w_avg
         return offset.flatten(1) if self.config.w_plus else offset[:, 0]
+
+    def encode(self, ws: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The posterior q(z | w, e): ws [batch, num_ws, w_dim], embedding [batch, embed_dim] -> (mu, logvar)."""
+        return self.encoder(self.w_offset(ws), self.condition(embedding))
 
 
 def save_mapper(mapper: Mapper, directory: str | os.PathLike, overwrite: bool = False, **extra) -> Path:

@@ -20,7 +20,7 @@ def test_decoder_shapes_and_w_avg_offset(w_plus):
     z = torch.randn(4, 8)
     ws = m(e, z)
     assert ws.shape == (4, 6, 16)
-    assert torch.allclose(ws - m.w_avg, m.decoder(e, z).reshape(4, -1, 16).expand(-1, 6, -1))
+    assert torch.allclose(ws - m.w_avg, m.decoder(m.condition(e), z).reshape(4, -1, 16).expand(-1, 6, -1))
     if not w_plus:
         assert torch.equal(ws[:, 0], ws[:, 5])
     else:
@@ -33,7 +33,7 @@ def test_encoder(w_plus):
     m = make(w_plus)
     ws = torch.randn(4, 6, 16)
     e = torch.randn(4, 32)
-    mu, logvar = m.encoder(m.w_offset(ws), e)
+    mu, logvar = m.encode(ws, e)
     assert mu.shape == logvar.shape == (4, 8)
 
 
@@ -59,3 +59,21 @@ def test_config_validation():
         MapperConfig(layers=1)
     with pytest.raises(ValueError):
         MapperConfig(z_dim=0)
+
+
+def test_embedding_standardization_is_saved_and_applied(tmp_path):
+    from t2f.mapper import embedding_statistics
+
+    m = make()
+    e = torch.nn.functional.normalize(torch.randn(64, 32) * 0.1 + 1, dim=-1)    # close together, as CLIP's faces are
+    mean, scale = embedding_statistics(e)
+    x = m.condition(e)
+    assert torch.allclose(x.norm(dim=1), torch.full([64], 32 ** 0.5))           # default: 2nd-moment normalization only
+    m.embed_mean.copy_(mean)
+    m.embed_scale.copy_(scale)
+    x = m.condition(e)
+    assert x.mean(dim=0).abs().max() < 1e-5 and abs(x.square().mean().item() - 1) < 1e-4   # centred, unit RMS
+    save_mapper(m, tmp_path / "m")
+    loaded, _ = load_mapper_dir(tmp_path / "m")
+    z = torch.randn(64, 8)
+    assert torch.equal(loaded.embed_scale, m.embed_scale) and torch.equal(loaded(e, z), m(e, z))

@@ -1,4 +1,4 @@
-"""t2f-train on the tiny generator and tiny CLIP: quality bar, resumption, end to end, bad input, torchrun."""
+"""t2f-train on the tiny generator and tiny CLIP: quality bar through the defaults, report, resumption, bad input, torchrun."""
 
 import json
 import os
@@ -16,16 +16,16 @@ from safetensors.torch import load_file
 from t2f.bank import load_bank, save_bank
 from t2f.engine.cli import main as infer_main
 from t2f.presets import random_generator
+from t2f.trainer.cli import PRESET_BUDGETS
+from t2f.trainer.report import PROMPTS
 from t2f.trainer.cli import main as train_main
 from t2f.weights import save_generator
 
 from conftest import randomize
 
 BASE = ["--generator", "tiny", "--clip", "tiny", "--no-progress"]
-# A fit that learns the tiny pairs well in a few seconds.
-FIT = ["--batch", "256", "--lr", "3e-3", "--warmup", "50", "--kl", "1", "--kl-warmup", "200", "--z-dim", "8",
-       "--hidden", "256", "--ema", "0.99", "--clip-every", "50", "--clip-batch", "4", "--embed-noise", "0:0.1",
-       "--val-fraction", "0.05", "--log-every", "250", "--eval-every", "1000", "--checkpoint-every", "500"]
+# Short fits for the mechanics (resumption, layout, errors): the default options, fewer steps.
+FIT = ["--log-every", "250", "--eval-every", "1000", "--checkpoint-every", "500"]
 
 
 def train(args, expect=0):
@@ -54,11 +54,15 @@ def without_timing(stats_text):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One straight `t2f-train` run, all three stages."""
+def trained_with_output(tmp_path_factory):
+    """One straight `t2f-train` run, all three stages, with every default (the tiny preset's budget), and its output."""
     run = tmp_path_factory.mktemp("runs") / "full"
-    train([*BASE, "--out", run, "--samples", 6000, "--shard-size", 1000, "--synth-batch", 200, "--steps", 2000, *FIT])
-    return run
+    return run, train([*BASE, "--out", run]).output
+
+
+@pytest.fixture(scope="module")
+def trained(trained_with_output):
+    return trained_with_output[0]
 
 
 @pytest.fixture(scope="module")
@@ -73,28 +77,95 @@ def small_pairs(tmp_path_factory):
 # Quality and outputs.
 
 
-def test_fit_beats_half_the_mean_w_baseline(trained):
-    last = evals(trained)[-1]
-    assert last["step"] == 2000
+def test_defaults_use_the_text_and_z(trained_with_output):
+    run, output = trained_with_output
+    budget = PRESET_BUDGETS["tiny"]
+    history = evals(run)
+    last = history[-1]
+    assert [e["step"] for e in history] == list(range(budget["eval_every"], budget["steps"] + 1, budget["eval_every"]))
+    # The quality bar, through the defaults: the embedding alone predicts w at half the mean baseline's error or better.
     assert last["w_error"] <= 0.5 * last["w_error_mean_baseline"], last
-    assert evals(trained)[0]["w_error"] > last["w_error"]
+    assert last["w_explained"] == pytest.approx(1 - last["w_error"] / last["w_error_mean_baseline"])
+    assert history[0]["w_explained"] < last["w_explained"]
+    # ... while z still spreads the faces of one embedding.
+    assert 0.02 < last["z_spread"] < 1, last
+    assert "warning" not in last and "warning" not in output
+    assert f"explains {last['w_explained']:.0%} of w's variance" in output
     # The other metrics are there and sane.
     assert 0 < last["clip_consistency"] <= last["clip_consistency_ceiling"] + 1e-6
     assert abs(last["clip_consistency_ceiling"] - 1) < 1e-4   # G(w) re-embedded gives back e
-    assert last["diversity"] > 0 and last["w_error_posterior"] > 0
+    assert 0 < last["w_error_posterior"]
 
 
 def test_run_layout(trained):
     names = set(os.listdir(trained))
-    assert {"options.json", "pairs", "checkpoint.pt", "stats.jsonl", "config.json", "model.safetensors", "bank.safetensors"} <= names
+    assert {"options.json", "pairs", "checkpoint.pt", "stats.jsonl", "config.json", "model.safetensors", "bank.safetensors",
+            "grids", "report.html"} <= names
     options = json.loads((trained / "options.json").read_text())
-    assert set(options) == {"kind", "synth", "fit", "bank"} and options["synth"]["identity"]["samples"] == 6000
+    assert set(options) == {"kind", "synth", "fit", "bank"}
+    assert options["synth"]["identity"]["samples"] == PRESET_BUDGETS["tiny"]["samples"]
+    assert options["fit"]["identity"]["steps"] == PRESET_BUDGETS["tiny"]["steps"]
     assert options["kind"] == "t2f-train-run" and options["synth"]["clip_spec"] == "tiny"
     config = json.loads((trained / "config.json").read_text())
     assert config["kind"] == "t2f-mapper" and config["generator"]["name"] == "tiny" and config["clip"]["name"] == "tiny"
     manifest = json.loads((trained / "pairs" / "manifest.json").read_text())
-    assert [s["count"] for s in manifest["shards"]] == [1000] * 6
-    assert load_bank(trained / "bank.safetensors").embeddings.shape == (6000, 128)
+    assert sum(s["count"] for s in manifest["shards"]) == PRESET_BUDGETS["tiny"]["samples"]
+    assert load_bank(trained / "bank.safetensors").embeddings.shape == (PRESET_BUDGETS["tiny"]["samples"], 128)
+
+
+def test_report_shows_curves_and_a_grid_per_evaluation(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    steps = [e["step"] for e in evals(run)]
+    grids = sorted(os.listdir(run / "grids"))
+    assert grids == ["rows.json"] + [f"step-{s:07d}.png" for s in steps]
+    layout = json.loads((run / "grids" / "rows.json").read_text())
+    assert [r["label"] for r in layout["rows"][:len(PROMPTS)]] == list(PROMPTS) and len(layout["rows"]) == len(PROMPTS) + 4
+    grid = np.asarray(PIL.Image.open(run / "grids" / grids[-1]))
+    assert grid.shape == (len(layout["rows"]) * 64, len(layout["columns"]) * 64, 3)
+    assert (grid[:64 * len(PROMPTS), :64] == 255).all() and grid[-64:, :64].std() > 0   # blank, then a held-out truth
+    assert grid[:64, 64:128].std() > 0 and not np.array_equal(grid[:64, 64:], grid[64:128, 64:])   # rows differ
+
+    (run / "report.html").unlink()
+    assert "report.html" in train(["report", "--out", run]).output
+    page = (run / "report.html").read_text()
+    assert page.count("src='data:image/png;base64,") == 2 + len(steps)   # two plots, one grid per evaluation
+    assert "http://" not in page and "https://" not in page                 # self-contained
+    for s in steps:
+        assert f"faces at step {s}" in page
+    assert "w_explained" in page and "z_spread" in page and "warning" not in page
+    for label in PROMPTS:
+        assert label in page
+    # The embedded plots are real PNGs.
+    import base64
+    import io
+    first = page.split("src='data:image/png;base64,")[1].split("'")[0]
+    assert PIL.Image.open(io.BytesIO(base64.b64decode(first))).size[0] > 300
+
+
+@pytest.mark.parametrize("case,fragment", [("missing", "does not exist"), ("file", "is not a directory"),
+                                           ("empty", "not a t2f-train run"), ("no-fit", "no training statistics yet")])
+def test_report_bad_input_is_one_line(small_pairs, tmp_path, case, fragment):
+    run = tmp_path / "run"
+    if case == "file":
+        run.write_text("x")
+    elif case == "empty":
+        run.mkdir()
+    elif case == "no-fit":
+        shutil.copytree(small_pairs, run)
+    result = train(["report", "--out", run], expect=1)
+    assert fragment in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "run" / "report.html").exists()
+
+
+def test_a_fit_that_ignores_the_text_ends_with_a_warning(small_pairs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    result = train(["fit", "--out", run, "--no-progress", "--steps", 10, "--eval-every", 10])
+    last = evals(run)[-1]
+    assert last["w_explained"] < 0.25 and "embedding explains only" in last["warning"]
+    assert last["warning"] in result.output
+    assert last["warning"] in (run / "report.html").read_text().replace("&#x27;", "'")
 
 
 @pytest.mark.parametrize("mode", ["text", "knn", "image"])
@@ -154,10 +225,14 @@ def test_fit_interrupted_and_resumed_equals_straight(small_pairs, tmp_path):
             assert "stopped at step 130" in result.output and not (runs[name] / "model.safetensors").exists()
             with open(runs[name] / "stats.jsonl", "a") as f:   # a line logged after the checkpoint, then killed
                 f.write(json.dumps({"step": 131, "loss": 0.0}) + "\n")
+            (runs[name] / "grids" / "step-0000150.png").write_bytes(b"stale")   # a grid from after the checkpoint
         train(fit)
     a, b = (load_file(str(runs[n] / "model.safetensors")) for n in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert without_timing((runs["straight"] / "stats.jsonl").read_text()) == without_timing((runs["resumed"] / "stats.jsonl").read_text())
+    assert sorted(os.listdir(runs["resumed"] / "grids")) == ["rows.json", "step-0000150.png", "step-0000300.png"]
+    for name in ("step-0000150.png", "step-0000300.png"):
+        assert (runs["straight"] / "grids" / name).read_bytes() == (runs["resumed"] / "grids" / name).read_bytes()
 
 
 # ----------------------------------------------------------------------------
@@ -175,8 +250,26 @@ def test_dry_run_prints_and_writes_nothing(tmp_path):
     result = train([*BASE, "--out", tmp_path / "run", "--samples", 10, "--dry-run"])
     resolved = json.loads(result.output)
     assert resolved["stages"] == ["synth", "fit", "bank"] and resolved["options"]["samples"] == 10
-    assert resolved["options"]["fit"]["noise_min"] == 0.75
+    assert resolved["options"]["fit"]["noise_min"] == 0.0 and resolved["options"]["fit"]["noise_max"] == 1.0
+    assert resolved["options"]["fit"]["prior_weight"] == 1.0 and resolved["options"]["fit"]["clip_prior"] is True
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("generator,samples,steps", [("tiny", PRESET_BUDGETS["tiny"]["samples"], PRESET_BUDGETS["tiny"]["steps"]),
+                                                     ("ffhq-1024", 100_000, 20_000)])
+def test_presets_have_their_own_budget(tmp_path, generator, samples, steps):
+    resolved = json.loads(train(["--generator", generator, "--out", tmp_path / "run", "--dry-run"]).output)
+    assert (resolved["options"]["samples"], resolved["options"]["fit"]["steps"]) == (samples, steps)
+    explicit = json.loads(train(["--generator", generator, "--out", tmp_path / "run", "--dry-run", "--samples", 7, "--steps", 9]).output)
+    assert (explicit["options"]["samples"], explicit["options"]["fit"]["steps"]) == (7, 9)
+
+
+def test_fit_takes_the_budget_of_the_runs_generator(small_pairs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_pairs, run)
+    resolved = json.loads(train(["fit", "--out", run, "--dry-run"]).output)
+    assert resolved["options"]["fit"]["steps"] == PRESET_BUDGETS["tiny"]["steps"]
+    assert json.loads(train(["fit", "--out", tmp_path / "new", "--dry-run"]).output)["options"]["fit"]["steps"] == 20_000
 
 
 def test_a_directory_holding_a_different_run_is_refused(small_pairs, tmp_path):

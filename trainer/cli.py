@@ -19,6 +19,23 @@ FIT_DEFAULTS = FitOptions()
 # Options that do not change the trained weights: they may differ when a run is resumed.
 FIT_FREE = ("checkpoint_every", "log_every", "eval_every")
 
+# The budget a real generator needs, and the budgets of the random-weight presets (a first run
+# on the tiny models takes a couple of minutes on a 2-core CPU). Explicit options override them.
+BUDGET = dict(samples=100_000, steps=FIT_DEFAULTS.steps, eval_every=FIT_DEFAULTS.eval_every)
+PRESET_BUDGETS = {
+    "tiny": dict(samples=10_000, steps=2000, eval_every=250),
+}
+
+
+def _budget_help(key: str) -> str:
+    return f"[default: {BUDGET[key]}; " + "; ".join(f"{name}: {b[key]}" for name, b in PRESET_BUDGETS.items()) + "]"
+
+
+def _apply_budget(kw: dict, generator: str | None) -> dict:
+    """Fill the budget options left at their default from the generator's budget."""
+    budget = PRESET_BUDGETS.get(generator, BUDGET)
+    return {**kw, **{k: budget[k] for k in budget if k in kw and kw[k] is None}}
+
 
 def _range(text: str) -> tuple[float, float]:
     try:
@@ -55,28 +72,31 @@ COMMON = _options(
 SYNTH = _options(
     click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True),
     click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True),
-    click.option("--samples",      help="Pairs to synthesize", metavar="INT", type=Pos, default=100_000, show_default=True),
+    click.option("--samples",      help=f"Pairs to synthesize {_budget_help('samples')}", metavar="INT", type=Pos),
     click.option("--shard-size",   help="Pairs per shard", metavar="INT", type=Pos, default=5000, show_default=True),
     click.option("--synth-batch",  help="Images per synth batch", metavar="INT", type=Pos, default=16, show_default=True),
     click.option("--downsample",   help="Area-resize images to this size before CLIP; 0 = CLIP's resize only", metavar="INT", type=NonNeg, default=256, show_default=True),
     click.option("--max-shards",   help="Stop after this many new shards, per process (resume later)", metavar="INT", type=Pos),
 )
 FIT = _options(
-    click.option("--steps",        help="Optimizer steps", metavar="INT", type=Pos, default=FIT_DEFAULTS.steps, show_default=True),
+    click.option("--steps",        help=f"Optimizer steps {_budget_help('steps')}", metavar="INT", type=Pos),
     click.option("--batch",        help="Global batch size", metavar="INT", type=Pos, default=FIT_DEFAULTS.batch, show_default=True),
     click.option("--lr",           help="Peak learning rate", metavar="FLOAT", type=FiniteFloatRange(min=0, min_open=True, max=1), default=FIT_DEFAULTS.lr, show_default=True),
     click.option("--warmup",       help="Learning-rate warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.warmup, show_default=True),
     click.option("--kl",           help="KL weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.kl, show_default=True),
     click.option("--kl-warmup",    help="KL weight warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.kl_warmup, show_default=True),
+    click.option("--prior-weight", help="Prior-path loss weight (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.prior_weight, show_default=True),
     click.option("--embed-noise",  help="Embedding noise scale MIN:MAX (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
+    click.option("--standardize/--no-standardize", help="Standardize embeddings with the training pairs' mean and spread", default=FIT_DEFAULTS.standardize, show_default=True),
     click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
     click.option("--clip-every",   help="CLIP-consistency loss every k steps; 0 = off", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.clip_every, show_default=True),
+    click.option("--clip-prior/--clip-posterior", help="CLIP-consistency loss on a prior sample (as at inference) or on the posterior's", default=FIT_DEFAULTS.clip_prior, show_default=True),
     click.option("--clip-batch",   help="Samples through G and CLIP for that loss, per process", metavar="INT", type=Pos, default=FIT_DEFAULTS.clip_batch, show_default=True),
     click.option("--ema",          help="EMA decay", metavar="FLOAT", type=FiniteFloatRange(0, 1, max_open=True), default=FIT_DEFAULTS.ema, show_default=True),
     click.option("--val-fraction", help="Held-out share of the pairs", metavar="FLOAT", type=FiniteFloatRange(0, 0.5, min_open=True), default=FIT_DEFAULTS.val_fraction, show_default=True),
     click.option("--checkpoint-every", help="Steps between checkpoints", metavar="INT", type=Pos, default=FIT_DEFAULTS.checkpoint_every, show_default=True),
     click.option("--log-every",    help="Steps between stats lines", metavar="INT", type=Pos, default=FIT_DEFAULTS.log_every, show_default=True),
-    click.option("--eval-every",   help="Steps between held-out metrics", metavar="INT", type=Pos, default=FIT_DEFAULTS.eval_every, show_default=True),
+    click.option("--eval-every",   help=f"Steps between held-out metrics and face grids {_budget_help('eval_every')}", metavar="INT", type=Pos),
     click.option("--z-dim",        help="Mapper latent size", metavar="INT", type=Pos, default=FIT_DEFAULTS.z_dim, show_default=True),
     click.option("--hidden",       help="Mapper hidden width", metavar="INT", type=Pos, default=FIT_DEFAULTS.hidden, show_default=True),
     click.option("--layers",       help="Mapper linear layers", metavar="INT", type=click.IntRange(min=2), default=FIT_DEFAULTS.layers, show_default=True),
@@ -116,6 +136,16 @@ def _fit_options(kw: dict) -> FitOptions:
 def _fit_identity(options: FitOptions) -> tuple[dict, dict]:
     d = dataclasses.asdict(options)
     return {k: v for k, v in d.items() if k not in FIT_FREE}, {k: d[k] for k in FIT_FREE}
+
+
+def _recorded_generator(out: str) -> str | None:
+    """The generator name the run's synth stage recorded (None if there is none yet, or the run is unreadable)."""
+    from .run import Run, RunError
+
+    try:
+        return (Run(out).options().get("synth") or {}).get("generator")
+    except (RunError, OSError):
+        return None
 
 
 def _require_out(out):
@@ -212,8 +242,18 @@ def run_fit(ctx: _Context, kw: dict) -> bool:
     ident = dict(synth_section["identity"], generator=synth_section.get("generator"))
     reached = fit(ctx.run, W, E, ctx.generator, ctx.clip, options, ident, ctx.dist, ctx.device,
                   progress=kw["progress"], stop_after=kw["stop_after"])
-    if reached < options.steps and ctx.dist.main:
-        click.echo(f"fit stopped at step {reached} of {options.steps}; run the same command again to resume")
+    if ctx.dist.main:
+        from .report import condition_warning, read_stats
+
+        if reached < options.steps:
+            click.echo(f"fit stopped at step {reached} of {options.steps}; run the same command again to resume")
+        evals = [e for e in read_stats(ctx.run) if "w_explained" in e]
+        if evals:
+            last = evals[-1]
+            click.echo(f"held-out at step {last['step']}: the embedding explains {last['w_explained']:.0%} of w's variance, "
+                       f"z spreads one embedding's faces by {last['z_spread']:.0%} of the data's; report: {ctx.run.out / 'report.html'}")
+            if reached == options.steps and (message := condition_warning(last)):
+                click.echo(message, err=True)
     return reached == options.steps
 
 
@@ -264,7 +304,9 @@ def main(cctx, **kw):
 
     \b
     Examples:
+    t2f-train --generator tiny --clip tiny --out runs/tiny          # a first run: random-weight models, about 2 minutes on a CPU
     t2f-train --generator ffhq-1024 --clip ViT-B-32:openai --out runs/ffhq
+    t2f-train report --out runs/ffhq                                 # report.html: curves and faces over training
     t2f-train synth --generator ffhq-1024 --clip ViT-B-32:openai --out runs/ffhq --samples 200000
     t2f-train fit --out runs/ffhq --steps 50000
     torchrun --nproc_per_node 8 -m t2f.trainer.cli --out runs/ffhq      # multi-GPU
@@ -276,6 +318,7 @@ def main(cctx, **kw):
             raise click.UsageError(f"{', '.join(given)} must come after the subcommand ({cctx.invoked_subcommand})")
         return
     _require_out(kw["out"])
+    kw = _apply_budget(kw, kw["generator"])
     if kw["dry_run"]:
         return _dry_run(["synth", "fit", "bank"], kw)
     start = time.perf_counter()
@@ -300,6 +343,7 @@ def main(cctx, **kw):
 def synth(**kw):
     """Stage 1: sample z -> w -> image -> CLIP image embedding, in resumable shards."""
     _require_out(kw["out"])
+    kw = _apply_budget(kw, kw["generator"])
     if kw["dry_run"]:
         return _dry_run(["synth"], kw)
     with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
@@ -315,6 +359,7 @@ def synth(**kw):
 def fit(**kw):
     """Stage 2: train the conditional VAE on the pairs (resumes from the checkpoint)."""
     _require_out(kw["out"])
+    kw = _apply_budget(kw, _recorded_generator(kw["out"]))
     if kw["dry_run"]:
         return _dry_run(["fit"], kw)
     _fit_options(kw)
@@ -333,6 +378,20 @@ def bank(**kw):
         return _dry_run(["bank"], kw)
     with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
         run_bank(ctx, kw)
+
+
+@main.command(context_settings=dict(help_option_names=["-h", "--help"]))
+@click.option("--out", help="Run directory", metavar="DIR", type=click.Path(), required=True)
+def report(out):
+    """Write RUN/report.html: loss and held-out metric curves, and the face grids of every evaluation.
+
+    fit writes it too, when it stops or finishes. The page is self-contained (images embedded).
+    """
+    from .report import write_report
+    from .run import Run
+
+    with _errors_as_clicks():
+        click.echo(f"report: {write_report(Run(out))}")
 
 
 if __name__ == "__main__":

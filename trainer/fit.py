@@ -27,9 +27,10 @@ from torch import nn
 
 from t2f.clip import Clip
 from t2f.io import atomic_path, write_model_files
-from t2f.mapper import MAPPER_KIND, Mapper, MapperConfig
+from t2f.mapper import MAPPER_KIND, Mapper, MapperConfig, embedding_statistics
 from t2f.stylegan2 import Generator
 
+from . import report
 from .run import Dist, Run, RunError
 from .synth import image_embeddings
 
@@ -42,12 +43,15 @@ class FitOptions:
     warmup: int = 500                  # Linear learning-rate warm-up steps; 0 = none.
     kl: float = 0.2                    # KL weight (the KL is divided by z_dim).
     kl_warmup: int = 2000              # Steps over which the KL weight ramps up from 0; 0 = none.
-    noise_min: float = 0.75            # Embedding noise scale, drawn uniformly in [noise_min, noise_max] per sample.
+    prior_weight: float = 1.0          # Weight of the prior-path loss (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE.
+    noise_min: float = 0.0             # Embedding noise scale, drawn uniformly in [noise_min, noise_max] per sample.
     noise_max: float = 1.0
+    standardize: bool = True           # Standardize the mapper's embedding input with the training pairs' mean and spread.
     clip_weight: float = 1.0           # Weight of the CLIP-consistency loss.
     clip_every: int = 10               # Apply it every k steps; 0 = never.
     clip_batch: int = 8                # Samples that go through G and CLIP for it.
-    ema: float = 0.999                 # EMA decay of the mapper's weights.
+    clip_prior: bool = True            # Apply it to a prior sample (z ~ N(0, I), as at inference) rather than the posterior's.
+    ema: float = 0.999                 # EMA decay of the mapper's weights (lower in the first steps: ema_decay).
     val_fraction: float = 0.02         # Held-out share of the pairs (at least one pair).
     checkpoint_every: int = 1000       # Steps between checkpoints (also at the end and at --stop-after).
     log_every: int = 100               # Steps between loss lines in stats.jsonl.
@@ -71,6 +75,11 @@ def get_lr(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def ema_decay(step: int, ema: float) -> float:
+    """The EMA decay at a step: (1 + step) / (10 + step), capped at `ema`, so a short run's EMA is not its first weights."""
+    return min(ema, (1 + step) / (10 + step))
+
+
 def augment_embedding(e: torch.Tensor, scale: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
     """normalize(normalize(e) + scale * unit(direction)); scale [B, 1], direction [B, D]."""
     return F.normalize(F.normalize(e, dim=-1) + scale * F.normalize(direction, dim=-1), dim=-1)
@@ -85,48 +94,78 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([int(seed), int(step)]).generate_state(1, np.uint64)[0]))
 
 
+def energy_score(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Energy score of two samples [B, 2, ...] per target [B, ...]: E|X - w| - E|X - X'| / 2, per element scale, batch mean.
+
+    A strictly proper scoring rule: its expectation is smallest when the samples' distribution is the
+    true conditional distribution of w, so it trains the mean towards E[w | e] without pulling the
+    samples together (an MSE on prior samples would, and z would stop mattering).
+    """
+    a, b, t = samples[:, 0].flatten(1), samples[:, 1].flatten(1), target.flatten(1)
+
+    def norm(x):
+        return (x.square().sum(dim=1) + 1e-12).sqrt()
+
+    return ((norm(a - t) + norm(b - t)) / 2 - norm(a - b) / 2).mean() / math.sqrt(t.shape[1])
+
+
 class CVAEPass(nn.Module):
-    """(w [B, w_dim], embedding [B, D], eps [B, z_dim]) -> (ws_hat [B, num_ws, w_dim], mu, logvar): one training pass."""
+    """One training pass, both paths of the CVAE.
+
+    (w [B, w_dim], embedding [B, D], eps [B, z_dim], z_prior [B, k, z_dim]) ->
+    (ws_hat [B, num_ws, w_dim] through the posterior, mu, logvar, ws_prior [B, k, num_ws, w_dim] through the prior)
+    """
 
     def __init__(self, mapper: Mapper):
         super().__init__()
         self.mapper = mapper
 
-    def forward(self, w: torch.Tensor, embedding: torch.Tensor, eps: torch.Tensor):
+    def forward(self, w: torch.Tensor, embedding: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor):
         ws = w.unsqueeze(1).expand(-1, self.mapper.num_ws, -1)
-        mu, logvar = self.mapper.encoder(self.mapper.w_offset(ws), embedding)
+        mu, logvar = self.mapper.encode(ws, embedding)
         z = mu + (0.5 * logvar).exp() * eps
-        return self.mapper(embedding, z), mu, logvar
+        b, k = z_prior.shape[:2]
+        ws_prior = self.mapper(embedding.repeat_interleave(k, dim=0), z_prior.flatten(0, 1)).unflatten(0, (b, k))
+        return self.mapper(embedding, z), mu, logvar, ws_prior
 
 
 # ----------------------------------------------------------------------------
 # Metrics.
 
 
+EVAL_SAMPLES = 16   # Prior samples of z per held-out embedding.
+
+
 @torch.no_grad()
 def evaluate(mapper: Mapper, w: torch.Tensor, e: torch.Tensor, w_mean: torch.Tensor, generator: Generator | None,
              clip: Clip | None, downsample: int, seed: int) -> dict:
-    """Held-out metrics of a mapper on pairs (w [N, w_dim], e [N, D])."""
-    zeros = torch.zeros(w.shape[0], mapper.z_dim, device=w.device)
-    w_prior = mapper(e, zeros)[:, 0]
+    """Held-out metrics of a mapper on pairs (w [N, w_dim], e [N, D]), through the path inference takes: z ~ N(0, I).
+
+    The embedding-only prediction of w is the mean of EVAL_SAMPLES decoded prior samples (the same z for every pair).
+    w_explained = 1 - w_error / w_error_mean_baseline is the share of w's variance the embedding explains;
+    z_spread is the variance of w over z for one embedding, relative to the data's (both summed over w's elements).
+    For a model whose z covers exactly what the embedding leaves open, z_spread is about 1 - w_explained.
+    """
+    n, k = w.shape[0], EVAL_SAMPLES
+    z = torch.randn([k, mapper.z_dim], generator=step_generator(seed, 0)).to(w.device)  # step 0 is never a training step
+    samples = mapper(e.repeat_interleave(k, dim=0), z.repeat(n, 1))[:, 0].reshape(n, k, -1)   # [N, k, w_dim]
+    prediction = samples.mean(dim=1)
+    baseline = (w_mean - w).square().mean().item()
+    w_error = (prediction - w).square().mean().item()
     ws = w.unsqueeze(1).expand(-1, mapper.num_ws, -1)
-    mu, _ = mapper.encoder(mapper.w_offset(ws), e)
+    mu, _ = mapper.encode(ws, e)
     stats = dict(
-        w_error=(w_prior - w).square().mean().item(),                          # prior mean (z = 0) vs true w
-        w_error_mean_baseline=(w_mean - w).square().mean().item(),             # predicting the training mean w
+        w_error=w_error,                                                       # embedding only, mean over z
+        w_error_mean_baseline=baseline,                                        # predicting the training mean w
         w_error_posterior=(mapper(e, mu)[:, 0] - w).square().mean().item(),    # through the encoder's mean
+        w_explained=1 - w_error / baseline,
+        z_spread=(samples - prediction.unsqueeze(1)).square().mean().item() * k / (k - 1) / baseline,
     )
-    # Diversity: mean pairwise distance of 8 prior samples for each of up to 8 embeddings.
-    g = step_generator(seed, 0)  # step 0 is never a training step
-    k, count = 8, min(8, e.shape[0])
-    z = torch.randn([count * k, mapper.z_dim], generator=g).to(w.device)
-    samples = mapper(e[:count].repeat_interleave(k, dim=0), z)[:, 0].reshape(count, k, -1)
-    stats["diversity"] = torch.cdist(samples, samples).sum().item() / (count * k * (k - 1))
     if generator is not None and clip is not None:
         count = min(16, e.shape[0])
-        e_hat = image_embeddings(generator, clip, mapper(e[:count], zeros[:count]), downsample)
+        e_hat = image_embeddings(generator, clip, samples[:count, 0].unsqueeze(1).expand(-1, mapper.num_ws, -1), downsample)
         e_true = image_embeddings(generator, clip, ws[:count], downsample)
-        stats["clip_consistency"] = (e_hat * e[:count]).sum(-1).mean().item()        # cos(CLIP(G(w_hat)), e)
+        stats["clip_consistency"] = (e_hat * e[:count]).sum(-1).mean().item()        # cos(CLIP(G(w_hat)), e), one prior z
         stats["clip_consistency_ceiling"] = (e_true * e[:count]).sum(-1).mean().item()  # cos(CLIP(G(w)), e)
     return stats
 
@@ -194,6 +233,10 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(o.seed)
         mapper = Mapper(config, w_avg=generator.w_avg.cpu())
+    if o.standardize:
+        mean, scale = embedding_statistics(E[train_idx])
+        mapper.embed_mean.copy_(mean)
+        mapper.embed_scale.copy_(scale)
     ema = copy.deepcopy(mapper).requires_grad_(False)
     # On the device before the optimizer exists: its loaded state then lands beside the parameters.
     mapper.to(device).train()
@@ -213,6 +256,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     if dist.main:
         with atomic_path(run.stats_path) as tmp:
             tmp.write_text("".join(line + "\n" for line in stats_lines))
+        report.remove_grids_after(run, start)
 
     generator.to(device).eval().requires_grad_(False)
     if clip is not None:
@@ -226,6 +270,16 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     per_rank = o.batch // dist.world
     downsample = identity.get("downsample", 0)
     end = o.steps if stop_after is None else min(o.steps, start + stop_after)
+
+    # The fixed rows of the progress grids: the prompts (through CLIP's text encoder) and a few held-out pairs.
+    grid_rows = [val_e[:report.HELD_OUT_ROWS]]
+    if dist.main and clip is not None:
+        with torch.no_grad():
+            grid_rows.insert(0, clip.encode_text(list(report.PROMPTS)).to(device))
+    grid_conditions, grid_truths = torch.cat(grid_rows), val_w[:report.HELD_OUT_ROWS].unsqueeze(1).expand(-1, generator.num_ws, -1)
+    grid_z = report.grid_latents(o.z_dim, o.seed)
+    if dist.main:
+        report.write_grid_layout(run, report.grid_layout(len(grid_rows) == 2, grid_truths.shape[0]))
 
     def log(entry: dict) -> None:
         if dist.main:
@@ -253,19 +307,21 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
             scale = o.noise_min + (o.noise_max - o.noise_min) * torch.rand([o.batch, 1], generator=g)
             direction = torch.randn([o.batch, E.shape[1]], generator=g)
             eps = torch.randn([o.batch, o.z_dim], generator=g)
+            z_prior = torch.randn([o.batch, 2, o.z_dim], generator=g)
             mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
             w, e = W_train[idx][mine].to(device), E_train[idx][mine].to(device)
             e_aug = augment_embedding(e, scale[mine].to(device), direction[mine].to(device))
 
-            ws_hat, mu, logvar = model(w, e_aug, eps[mine].to(device))
+            ws_hat, mu, logvar, ws_prior = model(w, e_aug, eps[mine].to(device), z_prior[mine].to(device))
             reconstruction = (ws_hat - w.unsqueeze(1)).square().mean()
             kl = kl_divergence(mu, logvar)
             kl_weight = o.kl * (min(1.0, step / o.kl_warmup) if o.kl_warmup else 1.0)
-            loss = reconstruction + kl_weight * kl
+            prior = energy_score(ws_prior, w.unsqueeze(1).expand(-1, ws_hat.shape[1], -1))
+            loss = reconstruction + kl_weight * kl + o.prior_weight * prior
             clip_loss = None
             if o.clip_every and clip is not None and step % o.clip_every == 0:
                 n = min(o.clip_batch, w.shape[0])
-                e_hat = image_embeddings(generator, clip, ws_hat[:n], downsample)
+                e_hat = image_embeddings(generator, clip, (ws_prior[:n, 0] if o.clip_prior else ws_hat[:n]), downsample)
                 clip_loss = (1 - (e_hat * F.normalize(e[:n], dim=-1)).sum(-1)).mean()
                 loss = loss + o.clip_weight * clip_loss
 
@@ -281,17 +337,21 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
             optimizer.step()
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), mapper.parameters()):
-                    p_ema.lerp_(p, 1 - o.ema)
+                    p_ema.lerp_(p, 1 - ema_decay(step, o.ema))
             bar.update(1)
 
             is_eval = step % o.eval_every == 0 or step == o.steps
             if step % o.log_every == 0 or is_eval:
-                entry = dict(step=step, lr=lr, loss=loss.item(), reconstruction=reconstruction.item(), kl=kl.item(),
+                entry = dict(step=step, lr=lr, loss=loss.item(), reconstruction=reconstruction.item(), kl=kl.item(), prior=prior.item(),
                              kl_weight=kl_weight, steps_per_s=(step - start) / (time.perf_counter() - t0))
                 if clip_loss is not None:
                     entry["clip_loss"] = clip_loss.item()
                 if is_eval:
                     entry.update(evaluate(ema, val_w, val_e, w_mean, generator, clip, downsample, o.seed))
+                    if step == o.steps and (message := report.condition_warning(entry)):
+                        entry["warning"] = message
+                    if dist.main:
+                        report.write_grid(run, step, report.face_grid(ema, generator, grid_conditions, grid_truths, grid_z))
                 log(entry)
             if step % o.checkpoint_every == 0 or step == end:
                 checkpoint(step)
@@ -301,5 +361,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
         write_model_files(run.out, MAPPER_KIND, config.to_dict(), ema.state_dict(),
                           generator=dict(name=identity["generator"], fingerprint=identity["generator_fingerprint"]),
                           clip=dict(name=identity["clip"], fingerprint=identity["clip_fingerprint"]))
+    if dist.main:
+        report.write_report(run)
     dist.barrier()
     return end

@@ -1,0 +1,86 @@
+"""Fit ablation: the default fit options against one changed knob at a time, on one set of pairs.
+
+Each variant copies the pairs of a synth run (made once with `t2f-train synth`) into its own run
+directory and runs `t2f-train fit` there; a finished variant is skipped, a stopped one resumes.
+The table holds each variant's last held-out evaluation.
+
+    t2f-train synth --generator tiny --clip tiny --out runs/pairs-tiny --samples 12000
+    python benchmarks/fit_ablation.py --pairs runs/pairs-tiny --out runs/ablation-tiny --steps 3000
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+
+# name -> the fit options it changes. "defaults" first; each other row undoes one change of issue 8
+# or tries one knob the issue names.
+VARIANTS = {
+    "defaults": [],
+    "no prior-path loss": ["--prior-weight", "0"],
+    "CLIP loss on the posterior's sample": ["--clip-posterior"],
+    "embedding noise 0.75:1 (clip2latent)": ["--embed-noise", "0.75:1"],
+    "no embedding standardization": ["--no-standardize"],
+    "the old defaults (all four reverted)": ["--prior-weight", "0", "--clip-posterior", "--embed-noise", "0.75:1", "--no-standardize"],
+    # Other knobs the issue names, tried on the old objective: do they fix it alone?
+    "old defaults + z-dim 8": ["--prior-weight", "0", "--clip-posterior", "--embed-noise", "0.75:1", "--no-standardize", "--z-dim", "8"],
+    "old defaults + KL 1": ["--prior-weight", "0", "--clip-posterior", "--embed-noise", "0.75:1", "--no-standardize", "--kl", "1"],
+}
+
+
+def last_eval(run: Path) -> dict | None:
+    stats = run / "stats.jsonl"
+    if not stats.is_file():
+        return None
+    evals = [e for e in map(json.loads, stats.read_text().splitlines()) if "w_error" in e]
+    return evals[-1] if evals else None
+
+
+@click.command()
+@click.option("--pairs",   help="A run directory whose synth stage is complete", metavar="DIR", type=click.Path(exists=True, file_okay=False), required=True)
+@click.option("--out",     help="Directory for one run per variant", metavar="DIR", type=click.Path(file_okay=False), required=True)
+@click.option("--steps",   help="Fit steps of every variant", metavar="INT", type=click.IntRange(min=1), default=3000, show_default=True)
+@click.option("--only",    help="Run only these variants (by name; repeat)", metavar="NAME", multiple=True)
+@click.option("--device",  help="Device for fit", metavar="STR", default="cpu", show_default=True)
+def main(pairs, out, steps, only, device):
+    """Run the variants one after another and print a markdown table of their last held-out evaluation."""
+    unknown = [n for n in only if n not in VARIANTS]
+    if unknown:
+        raise click.BadParameter(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}", param_hint="--only")
+    out = Path(out)
+    rows = []
+    for i, (name, args) in enumerate(VARIANTS.items()):
+        if only and name not in only:
+            continue
+        run = out / f"{i:02d}"
+        if not run.exists():
+            shutil.copytree(Path(pairs) / "pairs", run / "pairs")
+            shutil.copy(Path(pairs) / "options.json", run / "options.json")
+        cmd = [sys.executable, "-m", "t2f.trainer.cli", "fit", "--out", str(run), "--steps", str(steps), "--device", device, "--no-progress", *args]
+        last = last_eval(run)
+        if not (last and last["step"] == steps and (run / "model.safetensors").exists()):
+            start = time.perf_counter()
+            print(f"[{name}] {shlex.join(cmd)}", flush=True)
+            with open(run / "fit.log", "a") as log:
+                subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
+            print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
+            last = last_eval(run)
+        rows.append((name, args, last))
+
+    print("\n| variant | fit options changed | w_error / baseline | w_explained | z_spread | w_error_posterior / baseline | clip_consistency |")
+    print("|---|---|---|---|---|---|---|")
+    for name, args, e in rows:
+        b = e["w_error_mean_baseline"]
+        print(f"| {name} | `{shlex.join(args) or '(none)'}` | {e['w_error'] / b:.3f} | {e['w_explained']:.3f} | {e['z_spread']:.3f} | "
+              f"{e['w_error_posterior'] / b:.3f} | {e.get('clip_consistency', float('nan')):.3f} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

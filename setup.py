@@ -21,6 +21,7 @@ setup(
         "safetensors>=0.4",
         "tqdm>=4.60",
         "pillow>=10",
+        "matplotlib>=3.8,<4",  # t2f-train report: plots of a training run
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index

@@ -144,7 +144,8 @@ def test_report_shows_curves_and_a_grid_per_evaluation(trained, tmp_path):
 
 
 @pytest.mark.parametrize("case,fragment", [("missing", "does not exist"), ("file", "is not a directory"),
-                                           ("empty", "not a t2f-train run"), ("no-fit", "no training statistics yet")])
+                                           ("empty", "no training statistics yet"), ("no-fit", "no training statistics yet"),
+                                           ("foreign", "not a t2f-train run")])
 def test_report_bad_input_is_one_line(small_pairs, tmp_path, case, fragment):
     run = tmp_path / "run"
     if case == "file":
@@ -153,6 +154,10 @@ def test_report_bad_input_is_one_line(small_pairs, tmp_path, case, fragment):
         run.mkdir()
     elif case == "no-fit":
         shutil.copytree(small_pairs, run)
+    elif case == "foreign":
+        run.mkdir()
+        (run / "options.json").write_text(json.dumps({"learning_rate": 3}))
+        (run / "stats.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     result = train(["report", "--out", run], expect=1)
     assert fragment in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "report.html").exists()
@@ -250,7 +255,8 @@ def test_dry_run_prints_and_writes_nothing(tmp_path):
     result = train([*BASE, "--out", tmp_path / "run", "--samples", 10, "--dry-run"])
     resolved = json.loads(result.output)
     assert resolved["stages"] == ["synth", "fit", "bank"] and resolved["options"]["samples"] == 10
-    assert resolved["options"]["fit"]["noise_min"] == 0.0 and resolved["options"]["fit"]["noise_max"] == 1.0
+    assert (resolved["options"]["fit"]["noise_min"], resolved["options"]["fit"]["noise_max"]) == (0.0, 1.5)
+    assert resolved["options"]["fit"]["noise_relative"] is True and resolved["options"]["fit"]["lr"] == 2e-3
     assert resolved["options"]["fit"]["prior_weight"] == 1.0 and resolved["options"]["fit"]["clip_prior"] is True
     assert not (tmp_path / "run").exists()
 

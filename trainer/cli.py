@@ -23,7 +23,7 @@ FIT_FREE = ("checkpoint_every", "log_every", "eval_every")
 # on the tiny models takes a couple of minutes on a 2-core CPU). Explicit options override them.
 BUDGET = dict(samples=100_000, steps=FIT_DEFAULTS.steps, eval_every=FIT_DEFAULTS.eval_every)
 PRESET_BUDGETS = {
-    "tiny": dict(samples=10_000, steps=2000, eval_every=250),
+    "tiny": dict(samples=10_000, steps=1500, eval_every=250),
 }
 
 
@@ -86,7 +86,8 @@ FIT = _options(
     click.option("--kl",           help="KL weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.kl, show_default=True),
     click.option("--kl-warmup",    help="KL weight warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.kl_warmup, show_default=True),
     click.option("--prior-weight", help="Prior-path loss weight (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.prior_weight, show_default=True),
-    click.option("--embed-noise",  help="Embedding noise scale MIN:MAX (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
+    click.option("--embed-noise",  help="Embedding noise scale MIN:MAX, in units of the pairs' embedding spread (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
+    click.option("--embed-noise-relative/--embed-noise-absolute", "noise_relative", help="Noise scale relative to the embedding spread, or absolute (clip2latent's)", default=FIT_DEFAULTS.noise_relative, show_default=True),
     click.option("--standardize/--no-standardize", help="Standardize embeddings with the training pairs' mean and spread", default=FIT_DEFAULTS.standardize, show_default=True),
     click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
     click.option("--clip-every",   help="CLIP-consistency loss every k steps; 0 = off", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.clip_every, show_default=True),

@@ -1,10 +1,16 @@
 """Stage 2, fit: train the conditional VAE on the generator's own (w, CLIP image embedding) pairs.
 
-Losses: w reconstruction through the posterior, KL (weight with linear warm-up, divided by
-z_dim as in Fast text2StyleGAN), embedding noise augmentation to bridge CLIP's text/image gap
-(clip2latent), and an optional CLIP-consistency loss 1 - cos(CLIP(G(w_hat)), e) through the
-generator and CLIP's image encoder every k steps. Adam with a cosine schedule, an EMA of the
-weights, a held-out split.
+Both paths of the CVAE are trained. The posterior path (the encoder sees the true w): w
+reconstruction and a KL (weight with linear warm-up, divided by z_dim as in Fast text2StyleGAN).
+The prior path, the one inference takes (z ~ N(0, I)): an energy score of two decoded prior
+samples against w, and Fast text2StyleGAN's CLIP-consistency loss 1 - cos(CLIP(G(w_hat)), e)
+through the generator and CLIP's image encoder every k steps, on a prior sample. Trained on the
+posterior path alone, the decoder reads w out of z and ignores the embedding (issue 8; the
+ablation is in benchmarks/RESULTS.md). Embedding noise augmentation bridges CLIP's text/image gap
+(clip2latent), scaled by the training embeddings' spread; the mapper standardizes its embedding
+input with their mean and spread. Adam with a cosine schedule, an EMA of the weights, a held-out
+split whose metrics say whether the embedding and z each do their job (evaluate), and a grid of
+faces at each evaluation (report.py).
 
 Every random number of step s comes from a CPU generator seeded with (seed, s), so a run
 that is stopped and resumed from its checkpoint takes exactly the steps a straight run takes.
@@ -39,13 +45,14 @@ from .synth import image_embeddings
 class FitOptions:
     steps: int = 20000                 # Optimizer steps.
     batch: int = 256                   # Global batch size (split across torchrun ranks).
-    lr: float = 2e-4                   # Peak learning rate (Adam).
+    lr: float = 2e-3                   # Peak learning rate (Adam; the layers are equalized-lr, as in StyleGAN2).
     warmup: int = 500                  # Linear learning-rate warm-up steps; 0 = none.
     kl: float = 0.2                    # KL weight (the KL is divided by z_dim).
     kl_warmup: int = 2000              # Steps over which the KL weight ramps up from 0; 0 = none.
     prior_weight: float = 1.0          # Weight of the prior-path loss (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE.
-    noise_min: float = 0.0             # Embedding noise scale, drawn uniformly in [noise_min, noise_max] per sample.
-    noise_max: float = 1.0
+    noise_min: float = 0.0             # Embedding noise scale, drawn uniformly in [noise_min, noise_max] per sample,
+    noise_max: float = 1.5             # in units of the training embeddings' spread (noise_relative) or absolute.
+    noise_relative: bool = True        # Scale the noise by the spread: the same signal-to-noise ratio for every CLIP and domain.
     standardize: bool = True           # Standardize the mapper's embedding input with the training pairs' mean and spread.
     clip_weight: float = 1.0           # Weight of the CLIP-consistency loss.
     clip_every: int = 10               # Apply it every k steps; 0 = never.
@@ -233,10 +240,11 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(o.seed)
         mapper = Mapper(config, w_avg=generator.w_avg.cpu())
+    mean, spread = embedding_statistics(E[train_idx])   # spread: RMS distance of the unit embeddings from their mean
     if o.standardize:
-        mean, scale = embedding_statistics(E[train_idx])
         mapper.embed_mean.copy_(mean)
-        mapper.embed_scale.copy_(scale)
+        mapper.embed_scale.copy_(spread)
+    noise_unit = spread.item() if o.noise_relative else 1.0
     ema = copy.deepcopy(mapper).requires_grad_(False)
     # On the device before the optimizer exists: its loaded state then lands beside the parameters.
     mapper.to(device).train()
@@ -304,7 +312,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
         for step in range(start + 1, end + 1):
             g = step_generator(o.seed, step)
             idx = torch.randint(W_train.shape[0], [o.batch], generator=g)
-            scale = o.noise_min + (o.noise_max - o.noise_min) * torch.rand([o.batch, 1], generator=g)
+            scale = noise_unit * (o.noise_min + (o.noise_max - o.noise_min) * torch.rand([o.batch, 1], generator=g))
             direction = torch.randn([o.batch, E.shape[1]], generator=g)
             eps = torch.randn([o.batch, o.z_dim], generator=g)
             z_prior = torch.randn([o.batch, 2, o.z_dim], generator=g)

@@ -239,9 +239,7 @@ def write_report(run: Run) -> Path:
     """Write RUN/report.html from the run's stats, grids and options; RunError if there is nothing to show."""
     if not run.out.is_dir():
         raise RunError(f"{run.out} {'is not a directory' if run.out.exists() else 'does not exist'}; pass the --out of a t2f-train run")
-    options = run.options()
-    if not options:
-        raise RunError(f"{run.out} is not a t2f-train run (no options.json)")
+    options = run.options()                        # {} without options.json (fit called as a library); refuses a foreign one
     entries = read_stats(run)
     if not entries:
         raise RunError(f"{run.out} has no training statistics yet (stats.jsonl is missing or empty); run `t2f-train fit` first")
@@ -255,8 +253,8 @@ def write_report(run: Run) -> Path:
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>t2f-train report: {esc(run.out.name)}</title>"
              f"<style>{STYLE}</style></head><body>",
              f"<h1>t2f-train report: {esc(str(run.out))}</h1>",
-             f"<p>Generator <b>{esc(str(synth.get('generator')))}</b>, CLIP <b>{esc(str(synth.get('identity', {}).get('clip')))}</b>, "
-             f"{esc(str(synth.get('identity', {}).get('samples')))} pairs. Fit reached step <b>{entries[-1]['step']}</b>"
+             f"<p>Generator <b>{esc(str(synth.get('generator', '?')))}</b>, CLIP <b>{esc(str(synth.get('identity', {}).get('clip', '?')))}</b>, "
+             f"{esc(str(synth.get('identity', {}).get('samples', '?')))} pairs. Fit reached step <b>{entries[-1]['step']}</b>"
              f"{f' of {steps_total}' if steps_total else ''}"
              f"{' (finished)' if (run.out / 'model.safetensors').is_file() and entries[-1]['step'] == steps_total else ''}.</p>"]
     if last is None:

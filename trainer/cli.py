@@ -382,7 +382,7 @@ def bank(**kw):
 
 
 @main.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--out", help="Run directory", metavar="DIR", type=click.Path(), required=True)
+@click.option("--out", help="Run directory", metavar="DIR", type=click.Path(), required=True, callback=nonempty_path)
 def report(out):
     """Write RUN/report.html: loss and held-out metric curves, and the face grids of every evaluation.
 

@@ -133,7 +133,7 @@ def test_report_shows_curves_and_a_grid_per_evaluation(trained, tmp_path):
     assert "http://" not in page and "https://" not in page                 # self-contained
     for s in steps:
         assert f"faces at step {s}" in page
-    assert "w_explained" in page and "z_spread" in page and "warning" not in page
+    assert "w_explained" in page and "z_spread" in page and "class='warning'" not in page and "class='ok'" in page
     for label in PROMPTS:
         assert label in page
     # The embedded plots are real PNGs.

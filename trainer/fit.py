@@ -369,7 +369,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
         write_model_files(run.out, MAPPER_KIND, config.to_dict(), ema.state_dict(),
                           generator=dict(name=identity["generator"], fingerprint=identity["generator_fingerprint"]),
                           clip=dict(name=identity["clip"], fingerprint=identity["clip_fingerprint"]))
-    if dist.main:
+    if dist.main and report.read_stats(run):        # nothing to show before the first stats line
         report.write_report(run)
     dist.barrier()
     return end

@@ -335,7 +335,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
 
             if not all_finite(loss, dist):
                 raise RunError(f"fit step {step}: the loss is not finite (reconstruction {reconstruction.item():.4g}, "
-                               f"kl {kl.item():.4g}); stopped before writing anything from this step; "
+                               f"kl {kl.item():.4g}, prior {prior.item():.4g}); stopped before writing anything from this step; "
                                "resume from the last checkpoint with a lower --lr")
             lr = get_lr(step, o.steps, o.lr, o.warmup)
             for group in optimizer.param_groups:

@@ -20,7 +20,7 @@ FIT_DEFAULTS = FitOptions()
 FIT_FREE = ("checkpoint_every", "log_every", "eval_every")
 
 # The budget a real generator needs, and the budgets of the random-weight presets (a first run
-# on the tiny models takes a couple of minutes on a 2-core CPU). Explicit options override them.
+# on the tiny models takes a few minutes on an idle 2-core CPU). Explicit options override them.
 BUDGET = dict(samples=100_000, steps=FIT_DEFAULTS.steps, eval_every=FIT_DEFAULTS.eval_every)
 PRESET_BUDGETS = {
     "tiny": dict(samples=10_000, steps=1500, eval_every=250),
@@ -305,7 +305,7 @@ def main(cctx, **kw):
 
     \b
     Examples:
-    t2f-train --generator tiny --clip tiny --out runs/tiny          # a first run: random-weight models, about 2 minutes on a CPU
+    t2f-train --generator tiny --clip tiny --out runs/tiny          # a first run: random-weight models, a few minutes on a CPU
     t2f-train --generator ffhq-1024 --clip ViT-B-32:openai --out runs/ffhq
     t2f-train report --out runs/ffhq                                 # report.html: curves and faces over training
     t2f-train synth --generator ffhq-1024 --clip ViT-B-32:openai --out runs/ffhq --samples 200000

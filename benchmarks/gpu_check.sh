@@ -43,14 +43,7 @@ $PY -c "import torch, t2f; print('torch', torch.__version__, 'cuda', torch.cuda.
     2>&1 | tee -a "$OUT/0-setup.log"
 
 : > "$OUT/summary.txt"
-step() {   # step NAME SECONDS COMMAND...: run under `timeout`, tee into $OUT/NAME.log, record rc and time
-    local name=$1 limit=$2 start=$SECONDS rc
-    shift 2
-    echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    rc=${PIPESTATUS[0]}
-    echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
-}
+source benchmarks/gpu_steps.sh
 
 TESTS=(tests)
 [ "$DRY" = 1 ] && TESTS=(tests/test_backends.py tests/test_engine.py)   # the dry run: the selection logic, quickly

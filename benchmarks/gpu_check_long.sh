@@ -16,14 +16,7 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . || exit 1
 
 : > "$OUT/summary.txt"
-step() {
-    local name=$1 limit=$2 start=$SECONDS rc
-    shift 2
-    echo "== $name (limit ${limit}s): $*" | tee "$OUT/$name.log"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    rc=${PIPESTATUS[0]}
-    echo "$name rc=$rc seconds=$((SECONDS - start))" | tee -a "$OUT/summary.txt"
-}
+source benchmarks/gpu_steps.sh
 step 1-suite 200 $PY -m pytest -q -p no:cacheprovider -rs tests
 step 2-bench-1024-p99 130 $PY -m t2f.engine.bench --generator random-1024 --clip ViT-B-32:random --device cuda \
     --backends torch,torch-cudagraph --batches 1,8,32 --warmup 5 --iters 100 \

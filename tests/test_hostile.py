@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from t2f.convert import main as convert_main
 from t2f.engine.bench import main as bench_main
 from t2f.engine.cli import main as infer_main
+from t2f.engine.serve import main as serve_main
 from t2f.export.cli import main as export_main
 from t2f.trainer.cli import main as train_main
 
@@ -154,8 +155,8 @@ TRAIN = ["--generator", "tiny", "--clip", "tiny", "--no-progress"]
 FLOAT_OPTIONS = [
     (infer_main, [*TINY, "a face"], "--truncation"),
     (infer_main, [*TINY, "a face", "--mode", "knn", "--bank", "b.safetensors"], "--knn-alpha"),
-    *[(train_main, TRAIN, option) for option in ("--lr", "--kl", "--clip-weight", "--ema", "--val-fraction")],
-    *[(train_main, ["fit"], option) for option in ("--lr", "--kl", "--clip-weight", "--ema", "--val-fraction")],
+    *[(train_main, TRAIN, option) for option in ("--lr", "--kl", "--clip-weight", "--ema", "--val-fraction", "--prior-weight")],
+    *[(train_main, ["fit"], option) for option in ("--lr", "--kl", "--clip-weight", "--ema", "--val-fraction", "--prior-weight")],
 ]
 
 
@@ -169,7 +170,8 @@ def _float_options(command):
             if isinstance(p.type, click.types.FloatParamType) or isinstance(p.type, FiniteFloatRange)]
 
 
-@pytest.mark.parametrize("command", [infer_main, train_main, export_main, bench_main, convert_main], ids=lambda c: c.name)
+@pytest.mark.parametrize("command", [infer_main, train_main, export_main, bench_main, convert_main, serve_main],
+                         ids=lambda c: c.name)
 def test_every_float_option_of_every_command_is_finite(command):
     from t2f.cli_errors import FiniteFloatRange
 

@@ -19,7 +19,7 @@ from t2f.precision import Precision
 from t2f.presets import load_mapper
 from t2f.stylegan2 import NOISE_MODES, Generator
 
-from .backends import BackendUnavailable, make_backend
+from .backends import BackendUnavailable, make_backend, pad_rows
 
 
 class DeviceFallbackWarning(UserWarning):
@@ -79,6 +79,19 @@ def check_sampling(n: int, truncation_psi: float) -> None:
         raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
 
 
+def blocks(rows: int, *tensors: torch.Tensor):
+    """Cut tensors [B, ...] into blocks of exactly `rows` rows each: yields (real rows, padded tensors).
+
+    The last block is padded by repeating its last row. A graph called at one fixed row count computes
+    each row the same way whatever the rows beside it: GEMM and convolution kernels pick their
+    algorithm, blocking and reduction split from the row count (measured on the CPU: a row computed
+    with 1 to 3 rows differs from the same row computed with 4 or more, ws by ~1e-6, images by one level).
+    """
+    for start in range(0, tensors[0].shape[0], rows):
+        chunk = [t[start : start + rows] for t in tensors]
+        yield chunk[0].shape[0], [pad_rows(c, rows) for c in chunk]
+
+
 def noise_seed(seed: int, i: int, j: int) -> int:
     """Seed of image j of row i's noise in "random" mode."""
     return int(np.random.SeedSequence([int(seed), int(i), int(j), 2]).generate_state(1, np.uint64)[0]) >> 1   # int first: numpy 1.x has no uint64 >> int
@@ -96,7 +109,9 @@ class TextToFace:
     """prompts (or face images) -> faces. The same seed gives the same images on the same device and precision.
 
     A row is one condition: a prompt (modes "text" and "knn") or a face image (mode "image").
-    Image j of row i depends only on (seed, i, j) and the condition, not on how many were asked for.
+    Image j of row i depends only on (seed, i, j) and the condition, not on how many were asked for:
+    every graph runs on blocks of exactly `batch_size` rows (see `blocks`), so for one batch_size,
+    backend, device and precision a row is bit for bit the same alone or beside any other rows.
     """
 
     def __init__(self,
@@ -105,7 +120,8 @@ class TextToFace:
         mapper: Mapper,
         device: str | torch.device = "auto",   # "auto" = the best that works here: CUDA when available and the backend runs there, else cpu.
         precision: Precision | str = Precision.FP32,   # FP16 (CUDA only): CLIP under autocast, the generator's fp16 blocks in half.
-        batch_size: int = 8,                    # Images synthesized at once; bounds memory.
+        batch_size: int = 8,                    # Rows per graph call, always (a short last block is padded): bounds memory,
+                                                # and a row's result depends on it but never on the rows beside it.
         bank: Bank | None = None,               # Embedding bank for mode "knn".
         backend: str = "torch",                 # "torch", "torch-cudagraph", "onnxruntime", "tensorrt", ... or "auto".
         artifacts: str | None = None,           # t2f-export output for onnxruntime / tensorrt (onnxruntime: exported to the cache if None).
@@ -147,11 +163,11 @@ class TextToFace:
     def text_conditions(self, prompts: list[str]) -> torch.Tensor:
         check_prompts(prompts)
         tokens = self.clip.tokenize(list(prompts)).to(self.device)
-        return torch.cat([self.backend.encode(chunk).float().clone() for chunk in tokens.split(self.batch_size)])
+        return torch.cat([self.backend.encode(t)[:count].float().clone() for count, (t,) in blocks(self.batch_size, tokens)])
 
     def image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
-        return self.clip.encode_image(images.to(self.device)).float()
+        return torch.cat([self.clip.encode_image(x.to(self.device))[:count].float() for count, (x,) in blocks(self.batch_size, images)])
 
     def knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
         if not (math.isfinite(float(alpha)) and alpha > 0):
@@ -186,8 +202,8 @@ class TextToFace:
     def _render(self, conditions: torch.Tensor, z: torch.Tensor, psi: torch.Tensor, noise: list[int], noise_mode: str):
         """conditions [B, D], z [B, z_dim], psi [B] and each image's noise seed -> (ws, uint8 images) on the CPU."""
         conditions, z, psi = conditions.to(self.device), z.to(self.device), psi.to(self.device)
-        ws = torch.cat([self.backend.map(c, zc, pc).clone()                # [B, num_ws, w_dim]
-                        for c, zc, pc in zip(conditions.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size))])
+        ws = torch.cat([self.backend.map(c, zc, pc)[:count].clone()        # [B, num_ws, w_dim]
+                        for count, (c, zc, pc) in blocks(self.batch_size, conditions, z, psi)])
         images = []
         if noise_mode != "const":
             if noise_mode not in self.backend.noise_modes:
@@ -199,18 +215,18 @@ class TextToFace:
                     torch.manual_seed(s)
                     images.append(to_host(self.backend.synthesize(w, noise_mode=noise_mode)))
         else:
-            for chunk in ws.split(self.batch_size):
-                images.append(to_host(self.backend.synthesize(chunk)))
+            for count, (chunk,) in blocks(self.batch_size, ws):
+                images.append(to_host(self.backend.synthesize(chunk)[:count]))
         return ws.float().cpu(), torch.cat(images)
 
     def _render_text(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor):
         """tokens [B, context], z, psi -> (ws, uint8 images) on the CPU, through the backend's whole pipeline."""
         tokens, z, psi = tokens.to(self.device, torch.int32), z.to(self.device), psi.to(self.device)
         ws, images = [], []
-        for t, zc, pc in zip(tokens.split(self.batch_size), z.split(self.batch_size), psi.split(self.batch_size)):
+        for count, (t, zc, pc) in blocks(self.batch_size, tokens, z, psi):
             w, image = self.backend.full(t, zc, pc)
-            ws.append(w.float().cpu())
-            images.append(to_host(image))
+            ws.append(w[:count].float().cpu().clone())                  # a backend's output buffer is reused by the next block
+            images.append(to_host(image[:count]))
         return torch.cat(ws), torch.cat(images)
 
     @torch.no_grad()
@@ -235,7 +251,8 @@ class TextToFace:
     ) -> Faces:
         """Independent requests in one batch (what a server's batcher merges): row r is the image that
         `self([prompts[r]], n=samples[r] + 1, seed=seeds[r], truncation_psi=truncations[r])` gives last
-        (in mode "image" with images[r] as the condition), up to the float rounding that batching changes.
+        (in mode "image" with images[r] as the condition), bit for bit: each row is computed the same whatever
+        rows share its batch (see `blocks`).
         """
         if (prompts is None) == (images is None):
             raise ValueError("give either prompts (mode text) or images (mode image)")

@@ -50,6 +50,19 @@ def test_onnxruntime_buffers_are_allocated_once_per_batch(pipe):
     assert ort(*inputs(pipe, 1)).data_ptr() != pointer
 
 
+def test_onnxruntime_pipeline_rows_do_not_depend_on_their_batch(pipe):
+    """The exported graphs on the CPU too: a row alone and beside others, bit for bit (fixed-size blocks; and each
+    block's ws is copied out of the backend's reused output buffer before the next block overwrites it)."""
+    ort_pipe = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="onnxruntime", batch_size=2)
+    alone = ort_pipe.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
+    five = ort_pipe.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+                                      prompts=["a child", "a smiling woman", "an old man", "b", "c"])
+    assert torch.equal(five.images[1], alone.images[0]) and torch.equal(five.ws[1], alone.ws[0])
+    assert not torch.equal(five.ws[0], five.ws[2])
+    infer = ort_pipe(["a smiling woman"], n=2, seed=5, truncation_psi=0.7)
+    assert torch.equal(infer.images[1], alone.images[0]) and torch.equal(infer.ws[1], alone.ws[0])
+
+
 def test_pipeline_on_onnxruntime_equals_torch(pipe):
     ort_pipe = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="onnxruntime")
     a = pipe(["a smiling woman", "a child"], n=2, seed=1, truncation_psi=0.7)

@@ -5,6 +5,7 @@ import torch
 
 from engine_helpers import tiny_pipeline
 from t2f.engine import TextToFace, load_pipeline, resolve_device, sample_z
+from t2f.engine.pipeline import face_tensor
 from t2f.engine import MissingMapperError
 from t2f.mapper import Mapper, MapperConfig
 from t2f.presets import random_generator
@@ -64,6 +65,32 @@ def test_batch_size_does_not_change_results():
     b = tiny_pipeline(batch_size=8)(["a"], n=3, seed=2)
     assert torch.allclose(a.ws, b.ws, atol=1e-5)          # batching changes float rounding only
     assert (a.images.int() - b.images.int()).abs().max() <= 1
+
+
+def test_a_rows_result_does_not_depend_on_the_rows_beside_it(pipe):
+    """Bit for bit (the graphs run on fixed-size blocks): alone, as t2f-infer's sample, and inside batches of other sizes."""
+    pipe = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", batch_size=4)
+    row = dict(prompt="a smiling woman", seed=5, sample=1, psi=0.7)
+
+    def batch(others: list[tuple], at: int, **kwargs):
+        rows = others[:at] + [tuple(row.values())] + others[at:]
+        faces = pipe.generate_requests([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+                                       prompts=[r[0] for r in rows], **kwargs)
+        return faces.images[at], faces.ws[at]
+
+    others = [("an old man", 1, 0, 1.0), ("a child", 2, 3, 0.5), ("a smiling woman", 9, 0, 0.7), ("a", 0, 0, 0.2), ("b", 3, 2, 0.9)]
+    alone = batch([], 0)
+    infer = pipe([row["prompt"]], n=row["sample"] + 1, seed=row["seed"], truncation_psi=row["psi"])     # t2f-infer --n 2
+    results = [(infer.images[1], infer.ws[1]), batch(others[:2], 1), batch(others[:3], 3), batch(others, 4), batch(others, 0)]
+    for images, ws in results:                       # batches of 1, 2, 3, 4 and 6 rows (a full block and a padded one)
+        assert torch.equal(images, alone[0]) and torch.equal(ws, alone[1])
+    random = [batch(others[:k], k, noise_mode="random") for k in (0, 2, 5)]     # text conditions in blocks, one noise stream each
+    assert all(torch.equal(r[0], random[0][0]) and torch.equal(r[1], random[0][1]) for r in random)
+    face = alone[0].numpy()                          # mode image: CLIP's image tower in blocks too
+    faces = torch.stack([face_tensor(face), face_tensor(255 - face), face_tensor(face[::-1].copy())])
+    one = pipe.generate_requests([4], [1], [0.7], images=faces[:1])
+    three = pipe.generate_requests([1, 4, 4], [0, 1, 1], [1.0, 0.7, 0.7], images=faces[[1, 0, 2]])
+    assert torch.equal(one.images[0], three.images[1]) and torch.equal(one.ws[0], three.ws[1])
 
 
 def test_sample_z_is_prompt_major():

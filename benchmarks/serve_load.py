@@ -77,13 +77,14 @@ def start_server(args: list[str], http: int, threads: int, timeout_s: float = 60
 @click.option("--requests",       help="Requests per client (M)", type=click.IntRange(1, 10_000), default=8, show_default=True)
 @click.option("--max-seconds",    help="Stop issuing requests after this long", type=FiniteFloatRange(1, 3600), default=120, show_default=True)
 @click.option("--protocol",       type=click.Choice(["http", "grpc"]), default="grpc", show_default=True)
+@click.option("--batch",          help="Rows per graph call in both paths [default: 1 on the CPU, 8 on a GPU]", type=click.IntRange(1, 256))
 @click.option("--max-batch",      type=click.IntRange(1, 256), default=32, show_default=True)
 @click.option("--queue-delay-us", type=click.IntRange(0, 1_000_000), default=0, show_default=True)
 @click.option("--truncation",     type=FiniteFloatRange(-1, 2), default=0.7, show_default=True)
 @click.option("--threads",        help="CPU threads of torch in both paths (OMP_NUM_THREADS for the server); 0 = torch's default",
               type=click.IntRange(0, 256), default=0, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
-def main(generator, clip, mapper, backend, device, precision, clients, requests, max_seconds, protocol, max_batch, queue_delay_us,
+def main(generator, clip, mapper, backend, device, precision, clients, requests, max_seconds, protocol, batch, max_batch, queue_delay_us,
          truncation, threads, json_path):
     import torch
 
@@ -98,7 +99,7 @@ def main(generator, clip, mapper, backend, device, precision, clients, requests,
         import tritonclient.grpc as client_module
 
     # Direct pipeline, in this process.
-    pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=device, precision=precision, batch_size=max_batch,
+    pipe = load_pipeline(generator=generator, clip=clip, mapper=mapper, device=device, precision=precision, batch_size=batch,
                          backend=backend, progress=False)
     pipe(["a warm-up prompt"], n=1, seed=0, truncation_psi=truncation)
     count = clients * requests
@@ -117,13 +118,14 @@ def main(generator, clip, mapper, backend, device, precision, clients, requests,
         pipe.generate_requests(list(range(clients)), [0] * clients, [truncation] * clients, prompts=[f"a face, client {k}" for k in range(clients)])
         latencies.append(time.perf_counter() - t0)
     direct_batch = summary(latencies, time.perf_counter() - start, 3 * clients)
-    resolved = str(pipe.device)
+    resolved, blocks = str(pipe.device), pipe.batch_size
     del pipe
 
     # The server, in a process of its own.
     http, grpc, metrics = free_port(), free_port(), free_port()
     args = ["--generator", generator, "--clip", clip, "--mapper", mapper, "--backend", backend, "--device", device,
             "--precision", precision, "--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
+            *(["--batch", str(batch)] if batch else []),
             "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     process = start_server(args, http, threads)
     try:
@@ -179,7 +181,7 @@ def main(generator, clip, mapper, backend, device, precision, clients, requests,
 
     record = dict(generator=generator, clip=clip, mapper=mapper, backend=backend, device=resolved, precision=precision,
                   clients=clients, requests=requests, protocol=protocol, threads=threads or torch.get_num_threads(),
-                  max_batch=max_batch, queue_delay_us=queue_delay_us,
+                  batch=blocks, max_batch=max_batch, queue_delay_us=queue_delay_us,
                   cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), torch=torch.__version__,
                   date=time.strftime("%Y-%m-%d"), direct_one_by_one=direct_one, direct_batch=direct_batch, served=served)
     rows = [("direct, one image per call", direct_one), (f"direct, {clients} images per call", direct_batch),

@@ -140,7 +140,7 @@ def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 @click.option("--interactive",  help="Read prompts from standard input, one per line; write OUT-NNNN.png for each", is_flag=True)
 @click.option("--device",       help="auto, cpu, cuda or cuda:N", metavar="STR", default="auto", show_default=True)
 @click.option("--precision",    help="Compute precision (fp16 needs CUDA)", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
-@click.option("--batch",        help="Images synthesized at once", metavar="INT", type=click.IntRange(1, 256), default=8, show_default=True)
+@click.option("--batch",        help="Rows per graph call (bounds memory; t2f-serve --batch the same gives the same images bit for bit) [default: 1 on the CPU, 8 on a GPU]", metavar="INT", type=click.IntRange(1, 256))
 @click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
 def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images, save_ws, generator, clip, mapper, bank,
          knn_k, knn_m, knn_alpha, backend, artifacts, interactive, device, precision, batch, cache):

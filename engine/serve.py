@@ -10,8 +10,13 @@ Prometheus metrics; the models' Python code runs in this process, fed by PyTrito
 
 Every input has one value per row and a request carries up to the max batch of rows. Row r is
 image `sample` of `t2f-infer PROMPT --n sample+1 --seed SEED --truncation PSI` (t2f_image:
-`t2f-infer --mode image --image FACE ...`), whichever requests the batcher merged it with, up to
-the float rounding that the batch size changes (see TextToFace.generate_requests).
+`t2f-infer --mode image --image FACE ...`) at the same --batch, bit for bit, whichever requests the
+batcher merged it with (the graphs run on fixed blocks of --batch rows: see pipeline.blocks).
+
+Each request is checked on its own. A bad one is answered with an error that names its problem,
+and the requests merged with it are answered as if it had not been sent: the callable returns
+{ERROR_KEY: message} in its place and the proxy model that Triton runs turns that into the
+request's own error response (PyTriton 0.7 answers a batch as a whole; see proxy_model_files).
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ MAX_SEED = 2**63 - 1
 TRUNCATION_RANGE = (-1.0, 2.0)  # t2f-infer's --truncation range.
 MAX_FACE_SIDE = 4096           # t2f_image: largest side of an input face.
 MAX_WORKSPACE_PATH = 78        # A Unix socket path holds 107 bytes; PyTriton adds up to "/t2f_image_0_99-server.sock".
+ERROR_KEY = "t2f_error"        # A response dict holding only this (bytes [1]) refuses its request with that message.
+HANDSHAKE_TIMEOUT_S = 60       # How long a model instance waits for the first instance's handshake server while loading.
 
 
 class BadRequest(ValueError):
@@ -137,27 +144,44 @@ def parse_request(data: dict, pipe, image_mode: bool) -> Rows:
     return out
 
 
+def refusal(message: str) -> dict:
+    """The response that refuses one request with `message` (see proxy_model_files)."""
+    return {ERROR_KEY: np.array([message.encode("utf-8")], dtype=np.bytes_)}
+
+
+@dataclasses.dataclass
+class Served:
+    """What one model instance (one pipeline) has answered; updated under the pipeline's lock."""
+    device: str
+    calls: int = 0                # pipeline calls (one per noise mode in a batch)
+    requests: int = 0             # requests answered with faces
+    rows: int = 0
+    refused: int = 0              # requests answered with an error
+
+
 class ModelCallable:
     """PyTriton's inference callable for one model on one pipeline: a batch of requests -> one response each.
 
-    Requests merged into one batch run as one call per noise mode. PyTriton answers a batch as a
-    whole, so a bad request fails the batch it was merged into; its message names the request.
+    Requests merged into one batch run as one pipeline call per noise mode. Each request is checked
+    on its own: a bad one gets refusal(its problem) and the others run without it.
     """
 
-    def __init__(self, pipe, lock: threading.Lock, image_mode: bool):
+    def __init__(self, pipe, lock: threading.Lock, image_mode: bool, served: Served | None = None):
         self.pipe, self.lock, self.image_mode = pipe, lock, image_mode
+        self.served = served if served is not None else Served(str(pipe.device))
 
     def __call__(self, requests) -> list[dict]:
+        outputs: list[dict] = [dict() for _ in requests]
         parsed = []
         for k, request in enumerate(requests):
             try:
-                parsed.append(parse_request(request.data, self.pipe, self.image_mode))
+                parsed.append((k, parse_request(request.data, self.pipe, self.image_mode)))
             except BadRequest as e:
-                where = f" (request {k + 1} of the {len(requests)} merged into this batch)" if len(requests) > 1 else ""
-                raise BadRequest(f"bad request{where}: {e}") from None
-        outputs = [dict() for _ in parsed]
-        for noise_mode in sorted({rows.noise_mode for rows in parsed}):
-            group = [(k, rows) for k, rows in enumerate(parsed) if rows.noise_mode == noise_mode]
+                outputs[k] = refusal(f"bad request: {e}")
+        with self.lock:
+            self.served.refused += len(requests) - len(parsed)
+        for noise_mode in sorted({rows.noise_mode for _, rows in parsed}):
+            group = [(k, rows) for k, rows in parsed if rows.noise_mode == noise_mode]
             flat = {key: [v for _, rows in group for v in getattr(rows, key)] for key in ("seeds", "samples", "truncations")}
             with self.lock:
                 if self.image_mode:
@@ -170,6 +194,9 @@ class ModelCallable:
                 else:
                     prompts = [p for _, rows in group for p in rows.prompts]
                     result = self.pipe.generate_requests(**flat, prompts=prompts, noise_mode=noise_mode)
+                self.served.calls += 1
+                self.served.requests += len(group)
+                self.served.rows += len(flat["seeds"])
             images, ws = result.images.numpy(), result.ws.numpy()
             start = 0
             for k, rows in group:
@@ -177,6 +204,77 @@ class ModelCallable:
                 outputs[k] = dict(image=images[start:end], ws=ws[start:end])
                 start = end
         return outputs
+
+
+# ----------------------------------------------------------------------------
+# The proxy model Triton runs: PyTriton's, with a per-request error.
+
+
+PROXY_SHIM = f'''
+
+# ---- Appended by t2f-serve (t2f.engine.serve.proxy_model_files) to PyTriton's proxy model. ----
+import time as _t2f_time
+
+# A response holding {ERROR_KEY!r} becomes that request's own error response; the other requests of
+# the batch are answered by PyTriton's _wrap_response as before. BatchResponsesHandler looks the
+# name _wrap_response up when it answers, so this definition is the one it calls.
+_t2f_pytriton_wrap_response = _wrap_response
+
+
+def _wrap_response(response, requested_outputs_names, model_outputs_dict):
+    if response.data is not None and {ERROR_KEY!r} in response.data:
+        message = bytes(response.data[{ERROR_KEY!r}].reshape(-1)[0]).decode("utf-8", "replace")
+        code = getattr(pb_utils.TritonError, "INVALID_ARG", None)          # HTTP 400 / gRPC INVALID_ARGUMENT
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        return pb_utils.InferenceResponse(error=error)
+    return _t2f_pytriton_wrap_response(response, requested_outputs_names, model_outputs_dict)
+
+
+# Instance 0 of a model serves the handshake that the other instances (loaded at the same time) read.
+# Its socket file appears at bind(), before listen(), and PyTriton gives up at the first refused
+# connection or after 1 s: with several instances a model then failed to load now and then.
+_t2f_pytriton_get_config = get_config_from_handshake_server
+
+
+def get_config_from_handshake_server(socket_path, timeout_s=1.0):
+    deadline = _t2f_time.monotonic() + {HANDSHAKE_TIMEOUT_S}
+    while True:
+        try:
+            return _t2f_pytriton_get_config(socket_path, timeout_s)
+        except (ConnectionRefusedError, FileNotFoundError, TimeoutError):
+            if _t2f_time.monotonic() > deadline:
+                raise
+            _t2f_time.sleep(0.05)
+'''
+PROXY_NAMES = (b"\ndef _wrap_response(response", b"get_config_from_handshake_server(handshake_socket)")   # what PROXY_SHIM redefines
+
+
+def proxy_model_files(files: dict[str, bytes]) -> dict[str, bytes]:
+    """PyTriton's proxy model files (Model.get_proxy_model_files) with PROXY_SHIM appended to model.py.
+
+    RuntimeError, before Triton loads anything, where that model.py has no module-level
+    _wrap_response or get_config_from_handshake_server to redefine (a PyTriton other than the 0.7
+    series that setup.py pins).
+    """
+    names = [name for name in files if name.rsplit("/", 1)[-1] == "model.py"]
+    if len(names) != 1 or not all(name in files[names[0]] for name in PROXY_NAMES):
+        from importlib.metadata import version
+
+        raise RuntimeError(f"nvidia-pytriton {version('nvidia-pytriton')}'s proxy model has no _wrap_response(response, ...) or "
+                           "get_config_from_handshake_server, which t2f-serve redefines (t2f.engine.serve.PROXY_SHIM); "
+                           "install nvidia-pytriton>=0.7,<0.8")
+    return {**files, names[0]: files[names[0]] + PROXY_SHIM.encode("utf-8")}
+
+
+def refuse_requests_alone(triton, model_names: tuple[str, ...]) -> None:
+    """Make the bound models `model_names` load with proxy_model_files (checked now, so a mismatch fails at startup)."""
+    models = [m for m in getattr(getattr(triton, "_model_manager", None), "models", ()) if m.model_name in model_names]
+    if len(models) != len(model_names) or not all(hasattr(m, "get_proxy_model_files") for m in models):
+        raise RuntimeError("this nvidia-pytriton binds models in a way t2f-serve does not know; install nvidia-pytriton>=0.7,<0.8")
+    for model in models:
+        pytriton_files = model.get_proxy_model_files
+        proxy_model_files(pytriton_files())
+        model.get_proxy_model_files = lambda files=pytriton_files: proxy_model_files(files())
 
 
 # ----------------------------------------------------------------------------
@@ -242,6 +340,7 @@ class Server:
     def __init__(self,
         pipelines: list,                    # TextToFace objects; one model instance per pipeline (one per GPU).
         endpoints: Endpoints = Endpoints(),
+        max_batch: int = 32,                # Dynamic batcher: most rows in one batch (the pipelines run them in blocks of their batch_size).
         queue_delay_us: int = 0,            # Dynamic batcher: how long a request may wait for others; 0 = batch what is queued.
         cache: str | None = None,           # Workspace parent; None = $T2F_CACHE or ~/.cache/t2f.
         verbose: bool = False,              # Triton's and PyTriton's logs on the console (else in the workspace's triton.log).
@@ -249,8 +348,8 @@ class Server:
     ):
         if not pipelines:
             raise ValueError("give at least one pipeline")
-        self.pipelines, self.endpoints, self.queue_delay_us = list(pipelines), endpoints, queue_delay_us
-        self.max_batch = min(p.batch_size for p in self.pipelines)
+        self.pipelines, self.endpoints, self.max_batch, self.queue_delay_us = list(pipelines), endpoints, max_batch, queue_delay_us
+        self.served = [Served(str(p.device)) for p in self.pipelines]
         self.cache, self.verbose, self.exit_timeout_s = cache, verbose, exit_timeout_s
         self.triton = None
         self.workspace = None
@@ -295,12 +394,15 @@ class Server:
         outputs = [Tensor(name="image", dtype=np.uint8, shape=(res, res, channels)), Tensor(name="ws", dtype=np.float32, shape=(num_ws, w_dim))]
         model_config = ModelConfig(max_batch_size=self.max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=self.queue_delay_us))
         locks = [threading.Lock() for _ in self.pipelines]          # the two models share each pipeline
+        instances = list(zip(self.pipelines, locks, self.served))
         try:
             with python_library_path():
-                self.triton.bind(model_name=TEXT_MODEL, infer_func=[ModelCallable(p, lock, False) for p, lock in zip(self.pipelines, locks)],
-                                 inputs=[Tensor(name="prompt", dtype=bytes, shape=(1,))] + common, outputs=outputs, config=model_config, strict=True)
-                self.triton.bind(model_name=IMAGE_MODEL, infer_func=[ModelCallable(p, lock, True) for p, lock in zip(self.pipelines, locks)],
-                                 inputs=[Tensor(name="image", dtype=np.uint8, shape=(-1, -1, 3))] + common, outputs=outputs, config=model_config, strict=True)
+                # strict=False: PyTriton's strict check refuses any output not in the config, and a refusal holds ERROR_KEY only.
+                self.triton.bind(model_name=TEXT_MODEL, infer_func=[ModelCallable(p, lock, False, served) for p, lock, served in instances],
+                                 inputs=[Tensor(name="prompt", dtype=bytes, shape=(1,))] + common, outputs=outputs, config=model_config, strict=False)
+                self.triton.bind(model_name=IMAGE_MODEL, infer_func=[ModelCallable(p, lock, True, served) for p, lock, served in instances],
+                                 inputs=[Tensor(name="image", dtype=np.uint8, shape=(-1, -1, 3))] + common, outputs=outputs, config=model_config, strict=False)
+                refuse_requests_alone(self.triton, (TEXT_MODEL, IMAGE_MODEL))
                 self.triton.run()
         except BaseException as e:
             log = self._log_errors(os.path.join(workspace, "triton.log"))
@@ -315,6 +417,11 @@ class Server:
         with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
             return " | ".join([line.strip() for line in f if line.startswith("E")][-lines:])
         return ""
+
+    def summary(self) -> str:
+        """What each model instance answered, one clause each."""
+        return "; ".join(f"instance {i} ({s.device}): {s.requests} request(s), {s.rows} row(s) in {s.calls} pipeline call(s), "
+                         f"{s.refused} refused" for i, s in enumerate(self.served))
 
     def serve_forever(self, stop: threading.Event) -> None:
         """Block until `stop` is set or Triton exits."""
@@ -339,8 +446,9 @@ class Server:
 @click.option("--backend",        help="How to run the graphs (auto = the fastest available)", type=click.Choice(("auto",) + BACKENDS), default="torch", show_default=True)
 @click.option("--artifacts",      help="t2f-export output for onnxruntime / tensorrt", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--precision",      help="Compute precision (fp16 needs CUDA)", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
-@click.option("--device",         help="auto, cpu, cuda or cuda:N; repeat for one model instance per device", metavar="STR", multiple=True, default=["auto"], show_default=True)
-@click.option("--max-batch",      help="Largest batch the batcher forms (capped by the backend's)", metavar="INT", type=click.IntRange(1, 256), default=32, show_default=True)
+@click.option("--device",         help="auto, cpu, cuda or cuda:N; repeat for one model instance per device (twice: two on it)", metavar="STR", multiple=True, default=["auto"], show_default=True)
+@click.option("--batch",          help="Rows per graph call, as t2f-infer --batch (the same gives the same images bit for bit) [default: 1 on the CPU, 8 on a GPU]", metavar="INT", type=click.IntRange(1, 256))
+@click.option("--max-batch",      help="Largest batch the batcher forms (run in blocks of --batch rows)", metavar="INT", type=click.IntRange(1, 256), default=32, show_default=True)
 @click.option("--queue-delay-us", help="How long a request may wait for others to batch with", metavar="INT", type=click.IntRange(0, 10_000_000), default=0, show_default=True)
 @click.option("--host",           help="Address to bind (0.0.0.0 = every interface)", metavar="ADDR", default="127.0.0.1", show_default=True)
 @click.option("--http-port",      help="Triton HTTP port (KServe v2)", metavar="INT", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -350,7 +458,7 @@ class Server:
 @click.option("--web-port",       help="Port of the page", metavar="INT", type=click.IntRange(1, 65535), default=8080, show_default=True)
 @click.option("--cache",          help="Download cache and workspace [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--verbose",        help="Triton's and PyTriton's logs", is_flag=True)
-def main(mapper, generator, clip, backend, artifacts, precision, device, max_batch, queue_delay_us, host, http_port, grpc_port,
+def main(mapper, generator, clip, backend, artifacts, precision, device, batch, max_batch, queue_delay_us, host, http_port, grpc_port,
          metrics_port, web, web_port, cache, verbose):
     """Serve text -> faces on Triton Inference Server (HTTP and gRPC, dynamic batching), and optionally a live page.
 
@@ -379,8 +487,6 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
         resolved = [resolve_device(d) for d in device]
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
-    if len(set(map(str, resolved))) != len(resolved):
-        raise click.BadParameter("each --device once", param_hint="--device")
     precision = Precision.parse(precision)
     try:
         for d in resolved:
@@ -395,7 +501,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     with user_errors(OSError, BackendUnavailable, ExportError):
-        pipes = [load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(d), precision=precision, batch_size=max_batch,
+        pipes = [load_pipeline(generator=generator, clip=clip, mapper=mapper, device=str(d), precision=precision, batch_size=batch,
                                cache=cache, backend=backend, artifacts=artifacts) for d in device]   # "auto" keeps its CPU fallback
         for pipe in pipes:                                   # kernels, allocations, graph capture before the first client
             pipe.generate_requests([0], [0], [1.0], prompts=["a warm-up prompt"])
@@ -404,7 +510,8 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
     endpoints = Endpoints(host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port)
     page = None
     try:
-        with Server(pipes, endpoints, queue_delay_us=queue_delay_us, cache=cache, verbose=verbose) as server:
+        server = Server(pipes, endpoints, max_batch=max_batch, queue_delay_us=queue_delay_us, cache=cache, verbose=verbose)
+        with server:
             if web:
                 from .web import WebPage
 
@@ -415,7 +522,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
                     raise click.ClickException(f"{e} (is the port in use? pass --web-port)") from None
             where = "every interface" if host in ("0.0.0.0", "::") else host
             click.echo(f"serving {TEXT_MODEL} and {IMAGE_MODEL} on {where}: HTTP {http_port}, gRPC {grpc_port}, "
-                       f"metrics {endpoints.metrics_url}; max batch {server.max_batch}, {len(pipes)} instance(s) "
+                       f"metrics {endpoints.metrics_url}; max batch {server.max_batch} in blocks of {pipes[0].batch_size}, {len(pipes)} instance(s) "
                        f"({pipes[0].backend.name} on {', '.join(str(p.device) for p in pipes)}, {precision})", err=True)
             if page is not None:
                 click.echo(f"page: http://{endpoints.local}:{web_port}/", err=True)
@@ -431,6 +538,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, max_bat
             page.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    click.echo(f"served: {server.summary()}", err=True)
     click.echo("stopped", err=True)
 
 

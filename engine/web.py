@@ -33,11 +33,12 @@ def page_html() -> str:
 
 
 def triton_error(e: BaseException) -> str:
-    """The last line of a Triton error (its message, without PyTriton's traceback)."""
-    lines = [line.strip() for line in str(e).replace("\\n", "\n").splitlines() if line.strip()]
+    """What to show for a failed frame: a refused request's message, or the last line of another error (without a traceback)."""
+    message = e.message() if callable(getattr(e, "message", None)) else str(e)       # tritonclient's, without the status
+    lines = [line.strip() for line in str(message).replace("\\n", "\n").splitlines() if line.strip()]
     named = [line for line in lines if "BadRequest:" in line or "Error:" in line]
     text = (named or lines or [type(e).__name__])[-1]
-    return text.split("BadRequest: ", 1)[-1]
+    return text.split("BadRequest: ", 1)[-1].removeprefix("bad request: ")
 
 
 class Frames:

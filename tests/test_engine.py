@@ -55,6 +55,31 @@ def test_random_noise_is_per_image_and_seeded(pipe):
     assert not torch.equal(a.images, const.images)
 
 
+def test_random_noise_of_pipelines_on_two_threads_is_their_own(pipe):
+    """t2f-serve runs one pipeline per model instance on threads of its own; torch's generators are process-wide."""
+    import copy
+    import threading
+
+    from conftest import randomize
+
+    g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows
+    pipes = [TextToFace(copy.deepcopy(g), pipe.clip, pipe.mapper, device="cpu", batch_size=4) for _ in range(2)]
+    calls = [dict(prompts=[f"face {k}"], n=4, seed=k, noise_mode="random") for k in range(4)]
+    expected = [pipes[0](**call).images for call in calls]
+    wrong = []
+
+    def run(p):
+        for _ in range(2):
+            wrong.extend(k for k, call in enumerate(calls) if not torch.equal(p(**call).images, expected[k]))
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in pipes]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
+
+
 def test_truncation_zero_gives_the_average_w(pipe):
     faces = pipe(["a smiling woman", "a child"], n=2, truncation_psi=0.0)
     assert torch.allclose(faces.ws, pipe.generator.w_avg.expand_as(faces.ws), atol=1e-6)

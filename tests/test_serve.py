@@ -1,8 +1,8 @@
 """t2f-serve: the real Triton Inference Server on 127.0.0.1 with the tiny models, called over HTTP, gRPC and a browser.
 
-Results are compared with the direct pipeline. Batching changes float rounding only (as
-test_engine.test_batch_size_does_not_change_results shows for the pipeline itself), so ws are
-compared to 1e-5 and uint8 images to within one level.
+Results are compared with the direct pipeline at the same --batch bit for bit (the default, 1 on the CPU; and 4):
+the graphs run on fixed blocks of --batch rows, so a row does not depend on the requests the
+batcher merged it with (test_engine.test_a_rows_result_does_not_depend_on_the_rows_beside_it).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -53,10 +54,11 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Running:
     """A t2f-serve process on free ports."""
 
-    def __init__(self, cache, web: bool, extra=()):
+    def __init__(self, cache, web: bool, extra=(), devices=("cpu",), max_batch=MAX_BATCH):
         self.http, self.grpc, self.metrics, self.web = free_port(), free_port(), free_port(), free_port()
         self.cache = str(cache)
-        args = [sys.executable, "-m", "t2f.engine.serve", *TINY, "--device", "cpu", "--max-batch", str(MAX_BATCH), "--cache", self.cache,
+        args = [sys.executable, "-m", "t2f.engine.serve", *TINY, *[a for d in devices for a in ("--device", d)], "--max-batch", str(max_batch),
+                "--cache", self.cache,
                 "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra]
         if web:
             args += ["--web", "--web-port", str(self.web)]
@@ -126,7 +128,12 @@ def server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def direct():
-    return tiny_pipeline()
+    return tiny_pipeline(batch_size=None)          # t2f-infer's default --batch, as the server's (1 on the CPU)
+
+
+@pytest.fixture(scope="module")
+def direct4():
+    return tiny_pipeline(batch_size=4)             # t2f-infer --batch 4: the two-instance server's blocks, padded
 
 
 def text_inputs(module, prompts, seeds, truncations, samples=None, noise_mode=None):
@@ -146,10 +153,9 @@ def text_inputs(module, prompts, seeds, truncations, samples=None, noise_mode=No
 
 
 def assert_same(image, ws, faces, index):
-    """A served row against image `index` of a direct call: ws to 1e-5, uint8 within one level (batching's rounding)."""
-    assert image.shape == tuple(faces.images.shape[1:]) and image.dtype == np.uint8
-    assert np.abs(ws - faces.ws[index].numpy()).max() <= 1e-5
-    assert np.abs(image.astype(int) - faces.images[index].numpy().astype(int)).max() <= 1
+    """A served row against image `index` of a direct call at the same --batch: bit for bit."""
+    assert image.shape == tuple(faces.images.shape[1:]) and image.dtype == np.uint8 and ws.dtype == np.float32
+    assert np.array_equal(ws, faces.ws[index].numpy()) and np.array_equal(image, faces.images[index].numpy())
 
 
 ROWS = dict(prompts=["a smiling woman", "an old man with a beard", "a smiling woman"], seeds=[0, 7, 3], truncations=[0.7, 1.0, 0.5],
@@ -191,12 +197,18 @@ def test_image_model_is_t2f_infer_image_mode(server, direct):
         assert_same(result.as_numpy("image")[r], result.as_numpy("ws")[r], faces, r)
 
 
-def _counts(server) -> tuple[int, int]:
-    """(rows inferred, model executions) of model t2f, from Triton's Prometheus metrics."""
+def _metrics(server, *names: str) -> list[int]:
+    """Triton's Prometheus counters `names` of model t2f (summed over their other labels, such as a failure's reason)."""
     text = get(f"http://127.0.0.1:{server.metrics}/metrics")[1].decode()
-    count = re.search(r'^nv_inference_count\{model="t2f",version="1"\} (\d+)', text, re.M)
-    executions = re.search(r'^nv_inference_exec_count\{model="t2f",version="1"\} (\d+)', text, re.M)
-    return int(count.group(1)), int(executions.group(1))
+    values = [[int(v) for labels, v in re.findall(rf'^{name}\{{([^}}]*)\}} (\d+)$', text, re.M) if 'model="t2f"' in labels.split(",")]
+              for name in names]
+    assert all(values), f"no {names} for model t2f in Triton's metrics"
+    return [sum(v) for v in values]
+
+
+def _counts(server) -> tuple[int, int]:
+    """(rows inferred, model executions) of model t2f."""
+    return tuple(_metrics(server, "nv_inference_count", "nv_inference_exec_count"))
 
 
 def test_concurrent_requests_are_batched_and_each_is_right(server, direct):
@@ -285,6 +297,9 @@ def test_the_page_keeps_only_the_newest_prompt(server):
         ws.send(json.dumps(dict(type="text", id=99, prompt="a face", seed=0, truncation=float("nan"))))
         error = json.loads(ws.recv(timeout=60))
         assert error["type"] == "error" and "truncation" in error["message"]
+        ws.send(json.dumps(dict(type="text", id=100, prompt="face " * 100, seed=0, truncation=0.7, count=2)))   # refused by the model
+        error = json.loads(ws.recv(timeout=60))
+        assert error["type"] == "error" and error["id"] == 100 and error["message"].startswith("prompt is too long: "), error
 
 
 def _canvas_pixels(page, index: int) -> np.ndarray:
@@ -308,7 +323,7 @@ def test_browser_faces_follow_typing(server, direct, tmp_path):
             first = [_canvas_pixels(page, i) for i in range(4)]
             expected = direct(["a smiling woman"], n=4, seed=3, truncation_psi=0.7).images.numpy()
             for i in range(4):                                       # the page shows t2f-infer --n 4 --seed 3
-                assert np.abs(first[i].astype(int) - expected[i].astype(int)).max() <= 1
+                assert np.array_equal(first[i], expected[i])
             page.locator("#prompt").press_sequentially(" with red hair", delay=20)
             page.wait_for_function("document.getElementById('grid').dataset.label === 'a smiling woman with red hair'", timeout=60_000)
             assert not np.array_equal(_canvas_pixels(page, 0), first[0])
@@ -355,3 +370,109 @@ def test_usage_errors_exit_2():
     assert result.exit_code == 2 and "every port must differ" in result.output
     result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--precision", "fp16"])
     assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.output
+
+
+def test_a_pytriton_without_wrap_response_fails_at_startup_in_one_line():
+    from t2f.engine.serve import PROXY_SHIM, proxy_model_files
+
+    model = b"import x\n\ndef _wrap_response(response, names, outputs):\n    get_config_from_handshake_server(handshake_socket)\n"
+    assert proxy_model_files({"file:1/model.py": model, "file:1/data.py": b""})["file:1/model.py"] == model + PROXY_SHIM.encode()
+    for changed in (model.replace(b"_wrap_response", b"wrap_response"), model.replace(b"get_config_from", b"config_from")):
+        with pytest.raises(RuntimeError, match=r"^nvidia-pytriton \S+'s proxy model has no _wrap_response\(response, \.\.\.\)[^\n]*$"):
+            proxy_model_files({"file:1/model.py": changed})
+
+
+# Two instances, last: the shared-memory check after stopping them holds while the other servers are idle.
+
+
+@pytest.fixture(scope="module")
+def two_instances(tmp_path_factory):
+    """Two model instances (two pipelines) on the CPU, graphs in blocks of 4 rows; batches of up to 4 rows that wait up to 0.5 s to fill."""
+    running = Running(tmp_path_factory.mktemp("serve2"), web=False, devices=("cpu", "cpu"), max_batch=4,
+                      extra=["--queue-delay-us", "500000", "--batch", "4"])
+    yield running
+    if running.process.poll() is None:                  # (the last test stops it and checks what it leaves)
+        assert running.stop(signal.SIGTERM) == 0, running.final_output
+        assert not running.leftovers()
+
+
+def _at_once(calls: list) -> list:
+    """Run the calls on threads of their own, released together; each one's result or exception."""
+    barrier = threading.Barrier(len(calls))
+
+    def run(call):
+        barrier.wait()
+        try:
+            return call()
+        except InferenceServerException as e:
+            return e
+
+    with concurrent.futures.ThreadPoolExecutor(len(calls)) as pool:
+        return list(pool.map(run, calls))
+
+
+MERGED_BAD = [(dict(prompts=[""]), "prompt is empty"), (dict(truncations=[float("nan")]), "truncation must be a finite number"),
+              (dict(prompts=["face " * 100]), "prompt is too long"), (dict(seeds=[-1]), "seed must be in")]   # Triton merges
+# only requests with the same inputs: a bad noise_mode would need one in every request of the batch
+
+
+@pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
+def test_a_bad_request_fails_alone_in_the_batch_it_was_merged_into(two_instances, direct4, module):
+    url = f"127.0.0.1:{two_instances.http if module is httpclient else two_instances.grpc}"
+    good = [dict(prompts=["a smiling woman"], seeds=[3], truncations=[0.7], samples=[1]),
+            dict(prompts=["an old man"], seeds=[8], truncations=[0.5], samples=[0]),
+            dict(prompts=["a child"], seeds=[1], truncations=[1.0], samples=[2])]
+    expected = [direct4(g["prompts"], n=g["samples"][0] + 1, seed=g["seeds"][0], truncation_psi=g["truncations"][0]) for g in good]
+
+    def call(args):
+        with module.InferenceServerClient(url) as client:
+            return client.infer("t2f", text_inputs(module, **args))
+
+    for change, message in MERGED_BAD:
+        bad = {**dict(prompts=["a smiling woman"], seeds=[0], truncations=[0.7], samples=[0]), **change}
+        for attempt in range(3):                   # the 4 requests fill a batch of 4 unless one comes 0.5 s late
+            executions, requests = _metrics(two_instances, "nv_inference_exec_count", "nv_inference_request_success")
+            answers = _at_once([lambda a=args: call(a) for args in [good[0], bad, good[1], good[2]]])
+            for answer, args, faces in zip(answers[:1] + answers[2:], good, expected):
+                assert not isinstance(answer, Exception), answer
+                assert_same(answer.as_numpy("image")[0], answer.as_numpy("ws")[0], faces, args["samples"][0])
+            assert isinstance(answers[1], InferenceServerException) and message in str(answers[1]), answers[1]
+            deadline = time.monotonic() + 30       # Triton records a request's statistics after answering it
+            while (after := _metrics(two_instances, "nv_inference_exec_count", "nv_inference_request_success"))[1] < requests + 4:
+                assert time.monotonic() < deadline, (after, requests)
+                time.sleep(0.05)
+            assert after[1] == requests + 4        # Triton counts a request refused by its own response as a success
+            if after[0] - executions == 1:         # one execution answered all four: they were merged
+                break
+        else:
+            pytest.fail(f"the 4 requests were never merged into one batch ({message})")
+    with module.InferenceServerClient(url) as client:
+        assert client.is_server_live() and client.is_model_ready("t2f")
+
+
+def test_two_instances_on_one_device_both_serve_the_same_faces(two_instances, direct4):
+    # 32 requests from 16 threads, batches of at most 4 rows: several batches at once, so both instances work.
+    jobs = [(f"person {k}", 200 + k, 0.6 + (k % 3) * 0.1, j, "random" if k % 2 == 0 else "const") for k in range(8) for j in range(4)]
+
+    def call(chunk):
+        with httpclient.InferenceServerClient(f"127.0.0.1:{two_instances.http}", connection_timeout=300, network_timeout=300) as client:
+            out = []
+            for prompt, seed, psi, sample, noise in chunk:
+                result = client.infer("t2f", text_inputs(httpclient, [prompt], [seed], [psi], samples=[sample], noise_mode=noise))
+                out.append((result.as_numpy("image")[0], result.as_numpy("ws")[0]))
+            return out
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        chunks = [jobs[t::16] for t in range(16)]
+        answers = dict(zip([job for chunk in chunks for job in chunk], [a for c in pool.map(call, chunks) for a in c]))
+    for k in range(8):                   # t2f-infer PROMPT --n 4 --seed SEED --truncation PSI [--noise-mode random]
+        prompt, seed, psi, _, noise = jobs[4 * k]
+        faces = direct4([prompt], n=4, seed=seed, truncation_psi=psi, noise_mode=noise)
+        for j in range(4):
+            assert_same(*answers[(prompt, seed, psi, j, noise)], faces, j)
+    assert two_instances.stop(signal.SIGTERM) == 0, two_instances.final_output
+    served = re.findall(r"instance (\d) \(cpu\): (\d+) request\(s\), (\d+) row\(s\)", two_instances.final_output)
+    assert [i for i, _, _ in served] == ["0", "1"], two_instances.final_output
+    assert all(int(requests) > 0 for _, requests, _ in served), served           # each instance answered requests
+    assert sum(int(rows) for _, _, rows in served) >= len(jobs)
+    assert not two_instances.leftovers()

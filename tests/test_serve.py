@@ -477,3 +477,35 @@ def test_two_instances_on_one_device_both_serve_the_same_faces(two_instances, di
     assert all(int(requests) > 0 for _, requests, _ in served), served           # each instance answered requests
     assert sum(int(rows) for _, _, rows in served) >= len(jobs)
     assert not two_instances.leftovers()
+
+
+def test_the_proxy_appendix_waits_for_the_first_instances_handshake(tmp_path):
+    """Another instance of a model that asks while the first one's handshake socket exists but does not listen yet:
+    PyTriton's own call gives up (the model failed to load); the appendix's asks again until it answers."""
+    from pytriton.proxy import communication
+
+    from t2f.engine.serve import PROXY_SHIM
+
+    appendix = dict(_wrap_response=None, get_config_from_handshake_server=communication.get_config_from_handshake_server)
+    exec(PROXY_SHIM, appendix)
+    path = tmp_path / "t2f-config.sock"
+    early = socket.socket(socket.AF_UNIX)
+    early.bind(str(path))                            # bound, not listening: what the first instance is for a moment
+    with pytest.raises(ConnectionRefusedError):
+        communication.get_config_from_handshake_server(path)
+    servers = []
+
+    def listen_later():
+        time.sleep(0.5)
+        early.close()
+        path.unlink()
+        servers.append(communication.HandshakeServer(path, {"data_socket": "t2f-data.sock"}))
+        servers[0].start()
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    try:
+        assert appendix["get_config_from_handshake_server"](path) == {"data_socket": "t2f-data.sock"}
+    finally:
+        thread.join()
+        servers[0].close()

@@ -31,6 +31,7 @@ class MapperConfig:
     hidden: int = 512             # Width of the hidden layers.
     layers: int = 4               # Linear layers in the decoder, and in the encoder.
     w_plus: bool = False          # Predict one w per style instead of one broadcast w.
+    mean_head: bool = False       # A z-free MLP predicts E[w | e]; the CVAE decoder adds z's residual to it.
 
     def __post_init__(self):
         for name in ("embed_dim", "w_dim", "num_ws", "z_dim", "hidden"):
@@ -61,15 +62,31 @@ def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Se
 
 
 class Decoder(nn.Module):
-    """(condition [batch, embed_dim], z [batch, z_dim]) -> w offset [batch, out_dim]; condition = Mapper.condition(embedding)."""
+    """(condition [batch, embed_dim], z [batch, z_dim]) -> w offset [batch, out_dim]; condition = Mapper.condition(embedding).
+
+    With a mean head the offset is mean(condition) + residual(condition, z): the condition has a
+    z-free path of its own, which fit trains by regression to E[w | e], and the CVAE's net adds
+    what z leaves open as (net(c, z) - net(c, -z)) / 2. That residual is odd in z, so its mean over
+    the prior N(0, I) is exactly zero: the faces a prompt gives are spread around mean(condition),
+    and z cannot move their centre away from what the text implies.
+    """
 
     def __init__(self, config: MapperConfig):
         super().__init__()
         self.net = _mlp(config.embed_dim + config.z_dim, config.hidden, config.out_dim, config.layers)
+        self.mean = _mlp(config.embed_dim, config.hidden, config.out_dim, config.layers) if config.mean_head else None
+
+    def residual(self, condition: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The z-dependent part of the offset (all of it without a mean head)."""
+        z = normalize_2nd_moment(z)
+        if self.mean is None:
+            return self.net(torch.cat([condition, z], dim=1))
+        pair = self.net(torch.cat([torch.cat([condition, z], dim=1), torch.cat([condition, -z], dim=1)]))
+        return (pair[:z.shape[0]] - pair[z.shape[0]:]) / 2
 
     def forward(self, condition: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([condition, normalize_2nd_moment(z)], dim=1)
-        return self.net(x)
+        residual = self.residual(condition, z)
+        return residual if self.mean is None else self.mean(condition) + residual
 
 
 class Encoder(nn.Module):
@@ -117,7 +134,10 @@ class Mapper(nn.Module):
         return (normalize_2nd_moment(embedding.to(torch.float32)) - self.embed_mean) / self.embed_scale
 
     def forward(self, embedding: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        offset = self.decoder(self.condition(embedding), z.to(torch.float32))
+        return self.ws(self.decoder(self.condition(embedding), z.to(torch.float32)))
+
+    def ws(self, offset: torch.Tensor) -> torch.Tensor:
+        """A decoder offset [batch, out_dim] -> ws [batch, num_ws, w_dim]."""
         offset = offset.reshape(-1, self.num_ws if self.config.w_plus else 1, self.w_dim)
         return (self.w_avg + offset).expand(-1, self.num_ws, -1)
 

@@ -29,7 +29,7 @@ GENERATOR_ARCHS = {
 }
 
 MAPPER_ARCHS = {
-    TINY: dict(z_dim=16, hidden=64, layers=4),
+    TINY: dict(z_dim=16, hidden=64, layers=4, mean_head=True),
 }
 
 # ----------------------------------------------------------------------------

@@ -7,15 +7,16 @@ from t2f.io import WeightsError
 from t2f.mapper import Mapper, MapperConfig, load_mapper_dir, save_mapper
 
 
-def make(w_plus=False, seed=0):
+def make(w_plus=False, seed=0, mean_head=False):
     torch.manual_seed(seed)
-    return Mapper(MapperConfig(embed_dim=32, w_dim=16, num_ws=6, z_dim=8, hidden=24, layers=3, w_plus=w_plus),
+    return Mapper(MapperConfig(embed_dim=32, w_dim=16, num_ws=6, z_dim=8, hidden=24, layers=3, w_plus=w_plus, mean_head=mean_head),
                   w_avg=torch.randn(16))
 
 
+@pytest.mark.parametrize("mean_head", [False, True])
 @pytest.mark.parametrize("w_plus", [False, True])
-def test_decoder_shapes_and_w_avg_offset(w_plus):
-    m = make(w_plus)
+def test_decoder_shapes_and_w_avg_offset(w_plus, mean_head):
+    m = make(w_plus, mean_head=mean_head)
     e = torch.nn.functional.normalize(torch.randn(4, 32), dim=-1)
     z = torch.randn(4, 8)
     ws = m(e, z)
@@ -29,6 +30,24 @@ def test_decoder_shapes_and_w_avg_offset(w_plus):
 
 
 @pytest.mark.parametrize("w_plus", [False, True])
+def test_mean_head_centres_the_faces_of_an_embedding(w_plus):
+    """With a mean head, z's part is odd in z: z and -z land symmetrically around the mean head's w, whatever the weights."""
+    m = make(w_plus, mean_head=True)
+    e, z = torch.randn(5, 32), torch.randn(5, 8)
+    centre = m.ws(m.decoder.mean(m.condition(e)))
+    assert torch.allclose((m(e, z) + m(e, -z)) / 2, centre, atol=1e-6)
+    assert not torch.allclose(m(e, z), centre, atol=1e-3)                          # z still moves the face
+    plain = make(w_plus, mean_head=False)
+    assert not torch.allclose((plain(e, z) + plain(e, -z)) / 2, plain(e, torch.zeros(5, 8)), atol=1e-3)
+
+
+def test_config_without_mean_head_field_loads_as_before():
+    """Mapper directories written before the mean head existed have no such field: they load as plain CVAEs."""
+    config = MapperConfig.from_dict(dict(embed_dim=32, w_dim=16, num_ws=6, z_dim=8, hidden=24, layers=3, w_plus=False))
+    assert config.mean_head is False and Mapper(config).decoder.mean is None
+
+
+@pytest.mark.parametrize("w_plus", [False, True])
 def test_encoder(w_plus):
     m = make(w_plus)
     ws = torch.randn(4, 6, 16)
@@ -37,8 +56,9 @@ def test_encoder(w_plus):
     assert mu.shape == logvar.shape == (4, 8)
 
 
-def test_save_load_round_trip(tmp_path):
-    m = make()
+@pytest.mark.parametrize("mean_head", [False, True])
+def test_save_load_round_trip(tmp_path, mean_head):
+    m = make(mean_head=mean_head)
     save_mapper(m, tmp_path / "m", generator="tiny", clip="tiny")
     loaded, meta = load_mapper_dir(tmp_path / "m")
     assert meta["clip"] == "tiny" and loaded.config == m.config

@@ -87,6 +87,7 @@ FIT = _options(
     click.option("--kl-warmup",    help="KL weight warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.kl_warmup, show_default=True),
     click.option("--prior-weight", help="Prior-path loss weight (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.prior_weight, show_default=True),
     click.option("--embed-noise",  help="Embedding noise scale MIN:MAX, in units of the pairs' embedding spread (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
+    click.option("--embed-noise-share", "noise_share", help="Share of the samples that get embedding noise (the rest stay clean)", metavar="FLOAT", type=FiniteFloatRange(0, 1), default=FIT_DEFAULTS.noise_share, show_default=True),
     click.option("--embed-noise-relative/--embed-noise-absolute", "noise_relative", help="Noise scale relative to the embedding spread, or absolute (clip2latent's)", default=FIT_DEFAULTS.noise_relative, show_default=True),
     click.option("--standardize/--no-standardize", help="Standardize embeddings with the training pairs' mean and spread", default=FIT_DEFAULTS.standardize, show_default=True),
     click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
@@ -102,6 +103,8 @@ FIT = _options(
     click.option("--hidden",       help="Mapper hidden width", metavar="INT", type=Pos, default=FIT_DEFAULTS.hidden, show_default=True),
     click.option("--layers",       help="Mapper linear layers", metavar="INT", type=click.IntRange(min=2), default=FIT_DEFAULTS.layers, show_default=True),
     click.option("--w-plus",       help="Predict one w per style", is_flag=True),
+    click.option("--mean-head/--no-mean-head", help="A z-free head predicts E[w | e] (regression), the CVAE adds z's residual", default=FIT_DEFAULTS.mean_head, show_default=True),
+    click.option("--mean-weight",  help="Mean head's regression loss weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.mean_weight, show_default=True),
     click.option("--stop-after",   help="Stop (with a checkpoint) after this many steps in this run; resume later", metavar="INT", type=Pos),
 )
 BANK = _options(

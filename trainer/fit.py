@@ -1,16 +1,21 @@
 """Stage 2, fit: train the conditional VAE on the generator's own (w, CLIP image embedding) pairs.
 
-Both paths of the CVAE are trained. The posterior path (the encoder sees the true w): w
-reconstruction and a KL (weight with linear warm-up, divided by z_dim as in Fast text2StyleGAN).
-The prior path, the one inference takes (z ~ N(0, I)): an energy score of two decoded prior
-samples against w, and Fast text2StyleGAN's CLIP-consistency loss 1 - cos(CLIP(G(w_hat)), e)
-through the generator and CLIP's image encoder every k steps, on a prior sample. Trained on the
-posterior path alone, the decoder reads w out of z and ignores the embedding (issue 8; the
-ablation is in benchmarks/RESULTS.md). Embedding noise augmentation bridges CLIP's text/image gap
-(clip2latent), scaled by the training embeddings' spread; the mapper standardizes its embedding
-input with their mean and spread. Adam with a cosine schedule, an EMA of the weights, a held-out
-split whose metrics say whether the embedding and z each do their job (evaluate), and a grid of
-faces at each evaluation (report.py).
+The mapper's decoder has a z-free mean head and a residual that is odd in z (mapper.Decoder): the
+mean head is trained by regression to w alone, so it learns E[w | e], and z can spread the faces
+of a prompt around it but cannot move their centre. The CVAE terms train the residual, on both
+paths. The posterior path (the encoder sees the true w): w reconstruction and a KL (weight with
+linear warm-up, divided by z_dim as in Fast text2StyleGAN). The prior path, the one inference
+takes (z ~ N(0, I)): an energy score of two decoded prior samples against w, and Fast
+text2StyleGAN's CLIP-consistency loss 1 - cos(CLIP(G(w_hat)), e) through the generator and CLIP's
+image encoder every k steps, on a prior sample. Trained on the posterior path alone, the decoder
+reads w out of z and ignores the embedding (issue 8; the ablation is in benchmarks/RESULTS.md).
+Embedding noise augmentation bridges CLIP's text/image gap (clip2latent), scaled by the training
+embeddings' spread, on half of the samples (the other half keeps the clean image embeddings that
+KNN and image modes give); the mapper standardizes its embedding input with their mean and
+spread. Adam with a cosine schedule (the layers are equalized-lr, so the learning rate is a
+relative step of the N(0, 1) weights: 1e-2), an EMA of the weights, a held-out split whose
+metrics say whether the embedding and z each do their job (evaluate), and a grid of faces at
+each evaluation (report.py).
 
 Every random number of step s comes from a CPU generator seeded with (seed, s), so a run
 that is stopped and resumed from its checkpoint takes exactly the steps a straight run takes.
@@ -45,13 +50,14 @@ from .synth import image_embeddings
 class FitOptions:
     steps: int = 20000                 # Optimizer steps.
     batch: int = 256                   # Global batch size (split across torchrun ranks).
-    lr: float = 2e-3                   # Peak learning rate (Adam; the layers are equalized-lr, as in StyleGAN2).
+    lr: float = 1e-2                   # Peak learning rate (Adam; the layers are equalized-lr: weights ~ N(0, 1), scaled at run time).
     warmup: int = 500                  # Linear learning-rate warm-up steps; 0 = none.
     kl: float = 0.2                    # KL weight (the KL is divided by z_dim).
     kl_warmup: int = 2000              # Steps over which the KL weight ramps up from 0; 0 = none.
     prior_weight: float = 1.0          # Weight of the prior-path loss (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE.
     noise_min: float = 0.0             # Embedding noise scale, drawn uniformly in [noise_min, noise_max] per sample,
     noise_max: float = 1.5             # in units of the training embeddings' spread (noise_relative) or absolute.
+    noise_share: float = 0.5           # Share of the samples that get noise; the rest keep their clean embedding.
     noise_relative: bool = True        # Scale the noise by the spread: the same signal-to-noise ratio for every CLIP and domain.
     standardize: bool = True           # Standardize the mapper's embedding input with the training pairs' mean and spread.
     clip_weight: float = 1.0           # Weight of the CLIP-consistency loss.
@@ -67,6 +73,8 @@ class FitOptions:
     hidden: int = 512                  # Mapper: hidden width.
     layers: int = 4                    # Mapper: linear layers in decoder and encoder.
     w_plus: bool = False               # Mapper: one w per style.
+    mean_head: bool = True             # Mapper: a z-free head for E[w | e], trained by regression; z's part is odd in z.
+    mean_weight: float = 1.0           # Weight of the mean head's regression loss (MSE against w).
     seed: int = 0                      # Initialization, split and every step's random numbers.
 
 
@@ -128,12 +136,19 @@ class CVAEPass(nn.Module):
         self.mapper = mapper
 
     def forward(self, w: torch.Tensor, embedding: torch.Tensor, eps: torch.Tensor, z_prior: torch.Tensor):
-        ws = w.unsqueeze(1).expand(-1, self.mapper.num_ws, -1)
-        mu, logvar = self.mapper.encode(ws, embedding)
+        m = self.mapper
+        ws = w.unsqueeze(1).expand(-1, m.num_ws, -1)
+        mu, logvar = m.encode(ws, embedding)
         z = mu + (0.5 * logvar).exp() * eps
         b, k = z_prior.shape[:2]
-        ws_prior = self.mapper(embedding.repeat_interleave(k, dim=0), z_prior.flatten(0, 1)).unflatten(0, (b, k))
-        return self.mapper(embedding, z), mu, logvar, ws_prior
+        condition = m.condition(embedding)
+        # With a mean head, regression alone trains it: the CVAE terms see it detached and train the residual.
+        mean = m.decoder.mean(condition) if m.decoder.mean is not None else None
+        base = 0 if mean is None else mean.detach()
+        residual_prior = m.decoder.residual(condition.repeat_interleave(k, dim=0), z_prior.flatten(0, 1))
+        ws_prior = m.ws((base if mean is None else base.repeat_interleave(k, dim=0)) + residual_prior).unflatten(0, (b, k))
+        ws_hat = m.ws(base + m.decoder.residual(condition, z))
+        return ws_hat, mu, logvar, ws_prior, (None if mean is None else m.ws(mean))
 
 
 # ----------------------------------------------------------------------------
@@ -148,13 +163,15 @@ def evaluate(mapper: Mapper, w: torch.Tensor, e: torch.Tensor, w_mean: torch.Ten
              clip: Clip | None, downsample: int, seed: int) -> dict:
     """Held-out metrics of a mapper on pairs (w [N, w_dim], e [N, D]), through the path inference takes: z ~ N(0, I).
 
-    The embedding-only prediction of w is the mean of EVAL_SAMPLES decoded prior samples (the same z for every pair).
+    The embedding-only prediction of w is the mean of EVAL_SAMPLES decoded prior samples (the same z for every pair,
+    in antithetic pairs z and -z).
     w_explained = 1 - w_error / w_error_mean_baseline is the share of w's variance the embedding explains;
     z_spread is the variance of w over z for one embedding, relative to the data's (both summed over w's elements).
     For a model whose z covers exactly what the embedding leaves open, z_spread is about 1 - w_explained.
     """
     n, k = w.shape[0], EVAL_SAMPLES
-    z = torch.randn([k, mapper.z_dim], generator=step_generator(seed, 0)).to(w.device)  # step 0 is never a training step
+    z = torch.randn([k // 2, mapper.z_dim], generator=step_generator(seed, 0)).to(w.device)  # step 0 is never a training step
+    z = torch.cat([z, -z])     # antithetic pairs: an unbiased estimate of the mean over z with less Monte Carlo error
     samples = mapper(e.repeat_interleave(k, dim=0), z.repeat(n, 1))[:, 0].reshape(n, k, -1)   # [N, k, w_dim]
     prediction = samples.mean(dim=1)
     baseline = (w_mean - w).square().mean().item()
@@ -236,7 +253,8 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     check_fit(W, o, dist)
     train_idx, val_idx = _split(W.shape[0], o.val_fraction, o.seed)
     config = MapperConfig(embed_dim=E.shape[1], w_dim=W.shape[1], num_ws=generator.num_ws, z_dim=o.z_dim,
-                          hidden=o.hidden, layers=o.layers, w_plus=o.w_plus)
+                          hidden=o.hidden, layers=o.layers, w_plus=o.w_plus,
+                          mean_head=o.mean_head)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(o.seed)
         mapper = Mapper(config, w_avg=generator.w_avg.cpu())
@@ -313,6 +331,7 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
             g = step_generator(o.seed, step)
             idx = torch.randint(W_train.shape[0], [o.batch], generator=g)
             scale = noise_unit * (o.noise_min + (o.noise_max - o.noise_min) * torch.rand([o.batch, 1], generator=g))
+            scale = scale * (torch.rand([o.batch, 1], generator=g) < o.noise_share)
             direction = torch.randn([o.batch, E.shape[1]], generator=g)
             eps = torch.randn([o.batch, o.z_dim], generator=g)
             z_prior = torch.randn([o.batch, 2, o.z_dim], generator=g)
@@ -320,12 +339,16 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
             w, e = W_train[idx][mine].to(device), E_train[idx][mine].to(device)
             e_aug = augment_embedding(e, scale[mine].to(device), direction[mine].to(device))
 
-            ws_hat, mu, logvar, ws_prior = model(w, e_aug, eps[mine].to(device), z_prior[mine].to(device))
+            ws_hat, mu, logvar, ws_prior, ws_mean = model(w, e_aug, eps[mine].to(device), z_prior[mine].to(device))
             reconstruction = (ws_hat - w.unsqueeze(1)).square().mean()
             kl = kl_divergence(mu, logvar)
             kl_weight = o.kl * (min(1.0, step / o.kl_warmup) if o.kl_warmup else 1.0)
             prior = energy_score(ws_prior, w.unsqueeze(1).expand(-1, ws_hat.shape[1], -1))
             loss = reconstruction + kl_weight * kl + o.prior_weight * prior
+            regression = None
+            if ws_mean is not None:
+                regression = (ws_mean - w.unsqueeze(1)).square().mean()
+                loss = loss + o.mean_weight * regression
             clip_loss = None
             if o.clip_every and clip is not None and step % o.clip_every == 0:
                 n = min(o.clip_batch, w.shape[0])
@@ -354,6 +377,8 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
                              kl_weight=kl_weight, steps_per_s=(step - start) / (time.perf_counter() - t0))
                 if clip_loss is not None:
                     entry["clip_loss"] = clip_loss.item()
+                if regression is not None:
+                    entry["regression"] = regression.item()
                 if is_eval:
                     entry.update(evaluate(ema, val_w, val_e, w_mean, generator, clip, downsample, o.seed))
                     if step == o.steps and (message := report.condition_warning(entry)):

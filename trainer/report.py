@@ -206,6 +206,7 @@ def _plots(entries: list[dict]) -> list[tuple[str, str]]:
 
 
 LOSSES = (("loss", "total"), ("reconstruction", "w reconstruction (posterior)"), ("prior", "w from the embedding (prior path)"),
+          ("regression", "mean head's regression"),
           ("kl", "KL per z dimension"), ("clip_loss", "CLIP 1 - cos"))
 
 METRICS = (

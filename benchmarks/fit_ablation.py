@@ -43,12 +43,16 @@ VARIANTS = {
 }
 
 
-def last_eval(run: Path) -> dict | None:
+def evals(run: Path) -> list[dict]:
     stats = run / "stats.jsonl"
     if not stats.is_file():
-        return None
-    evals = [e for e in map(json.loads, stats.read_text().splitlines()) if "w_error" in e]
-    return evals[-1] if evals else None
+        return []
+    return [e for e in map(json.loads, stats.read_text().splitlines()) if "w_error" in e]
+
+
+def finished(run: Path, steps: int) -> bool:
+    history = evals(run)
+    return bool(history) and history[-1]["step"] == steps and (run / "model.safetensors").exists()
 
 
 @click.command()
@@ -57,8 +61,12 @@ def last_eval(run: Path) -> dict | None:
 @click.option("--steps",   help="Fit steps of every variant", metavar="INT", type=click.IntRange(min=1), default=1500, show_default=True)
 @click.option("--only",    help="Run only these variants (by name; repeat)", metavar="NAME", multiple=True)
 @click.option("--device",  help="Device for fit", metavar="STR", default="cpu", show_default=True)
-def main(pairs, out, steps, only, device):
-    """Run the variants one after another and print a markdown table of their last held-out evaluation."""
+@click.option("--table",   help="Run nothing: print the table of the variants finished so far", is_flag=True)
+def main(pairs, out, steps, only, device, table):
+    """Run the variants one after another and print a markdown table of their last held-out evaluation.
+
+    Several processes may share one --out with disjoint --only lists (each variant has its own run directory).
+    """
     unknown = [n for n in only if n not in VARIANTS]
     if unknown:
         raise click.BadParameter(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}", param_hint="--only")
@@ -68,26 +76,32 @@ def main(pairs, out, steps, only, device):
         if only and name not in only:
             continue
         run = out / f"{i:02d}"
+        if table:
+            rows.append((name, args, evals(run) if finished(run, steps) else []))
+            continue
         if not run.exists():
             shutil.copytree(Path(pairs) / "pairs", run / "pairs")
             shutil.copy(Path(pairs) / "options.json", run / "options.json")
         cmd = [sys.executable, "-m", "t2f.trainer.cli", "fit", "--out", str(run), "--steps", str(steps), "--device", device, "--no-progress", *args]
-        last = last_eval(run)
-        if not (last and last["step"] == steps and (run / "model.safetensors").exists()):
+        if not finished(run, steps):
             start = time.perf_counter()
             print(f"[{name}] {shlex.join(cmd)}", flush=True)
             with open(run / "fit.log", "a") as log:
                 subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=True)
             print(f"[{name}] {time.perf_counter() - start:.0f} s", flush=True)
-            last = last_eval(run)
-        rows.append((name, args, last))
+        rows.append((name, args, evals(run)))
 
-    print("\n| variant | fit options changed | w_error / baseline | w_explained | z_spread | w_error_posterior / baseline | clip_consistency |")
+    print("\n| variant | fit options changed | w_error / baseline | z_spread | w_error_posterior / baseline | clip_consistency (ceiling) | w_error / baseline over the run |")
     print("|---|---|---|---|---|---|---|")
-    for name, args, e in rows:
-        b = e["w_error_mean_baseline"]
-        print(f"| {name} | `{shlex.join(args) or '(none)'}` | {e['w_error'] / b:.3f} | {e['w_explained']:.3f} | {e['z_spread']:.3f} | "
-              f"{e['w_error_posterior'] / b:.3f} | {e.get('clip_consistency', float('nan')):.3f} |")
+    for name, args, history in rows:
+        if not history:
+            print(f"| {name} | `{shlex.join(args) or '(none)'}` | not run | | | | |")
+            continue
+        e, b = history[-1], history[-1]["w_error_mean_baseline"]
+        curve = " / ".join(f"{h['w_error'] / h['w_error_mean_baseline']:.3f}" for h in history)
+        print(f"| {name} | `{shlex.join(args) or '(none)'}` | {e['w_error'] / b:.3f}{' (warning)' if 'warning' in e else ''} | "
+              f"{e['z_spread']:.3f} | {e['w_error_posterior'] / b:.3f} | {e.get('clip_consistency', float('nan')):.3f} "
+              f"({e.get('clip_consistency_ceiling', float('nan')):.3f}) | {curve} |")
 
 
 if __name__ == "__main__":

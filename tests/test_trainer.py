@@ -256,8 +256,9 @@ def test_dry_run_prints_and_writes_nothing(tmp_path):
     resolved = json.loads(result.output)
     assert resolved["stages"] == ["synth", "fit", "bank"] and resolved["options"]["samples"] == 10
     assert (resolved["options"]["fit"]["noise_min"], resolved["options"]["fit"]["noise_max"]) == (0.0, 1.5)
-    assert resolved["options"]["fit"]["noise_relative"] is True and resolved["options"]["fit"]["lr"] == 2e-3
+    assert resolved["options"]["fit"]["noise_relative"] is True and resolved["options"]["fit"]["lr"] == 1e-2
     assert resolved["options"]["fit"]["prior_weight"] == 1.0 and resolved["options"]["fit"]["clip_prior"] is True
+    assert resolved["options"]["fit"]["mean_head"] is True and resolved["options"]["fit"]["noise_share"] == 0.5
     assert not (tmp_path / "run").exists()
 
 

@@ -271,8 +271,9 @@ def write_report(run: Run) -> Path:
                 parts.append(f"<tr><th>{key}</th><td>{fmt.format(last[key])}</td><td>{esc(meaning)}</td></tr>")
         parts.append("</table>")
     parts.append("<h2>Curves</h2><p>Left of the held-out plot: below the dashed line the text predicts w better than the "
-                 "mean w; the dotted line is the quality bar (half the baseline). The posterior path sees the true w, so it "
-                 "is always better; a large gap between the two means the decoder reads w from z instead of the text.</p>")
+                 "mean w; the dotted line is the quality bar (half the baseline). The posterior path sees the true w; far "
+                 "below the embedding-only curve while that one stays high, it means the decoder reads w from z instead of "
+                 "the text.</p>")
     for title, png in _plots(entries):
         parts.append(f"<p><img alt='{esc(title)}' src='data:image/png;base64,{png}'></p>")
     parts.append(_grids_html(run))

@@ -144,9 +144,9 @@ class CVAEPass(nn.Module):
         condition = m.condition(embedding)
         # With a mean head, regression alone trains it: the CVAE terms see it detached and train the residual.
         mean = m.decoder.mean(condition) if m.decoder.mean is not None else None
-        base = 0 if mean is None else mean.detach()
+        base = mean.detach() if mean is not None else condition.new_zeros([b, 1])
         residual_prior = m.decoder.residual(condition.repeat_interleave(k, dim=0), z_prior.flatten(0, 1))
-        ws_prior = m.ws((base if mean is None else base.repeat_interleave(k, dim=0)) + residual_prior).unflatten(0, (b, k))
+        ws_prior = m.ws(base.repeat_interleave(k, dim=0) + residual_prior).unflatten(0, (b, k))
         ws_hat = m.ws(base + m.decoder.residual(condition, z))
         return ws_hat, mu, logvar, ws_prior, (None if mean is None else m.ws(mean))
 

@@ -9,8 +9,9 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     # One `t2f` namespace: the core package plus the card's top-level folders under it.
-    packages=["t2f", "t2f.engine", "t2f.export", "t2f.trainer"],
-    package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.export": "export", "t2f.trainer": "trainer"},
+    packages=["t2f", "t2f.engine", "t2f.engine.backends", "t2f.export", "t2f.trainer"],
+    package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.engine.backends": "engine/backends", "t2f.export": "export",
+                 "t2f.trainer": "trainer"},
     package_data={"t2f": ["clip_configs/*.json"], "t2f.engine": ["static/*.html"]},
     install_requires=[
         "torch>=2.10,<2.15",  # weights_only loading: 2.10 fixes the last known bypass
@@ -28,7 +29,8 @@ setup(
         # t2f-serve: Triton Inference Server through PyTriton (which pins numpy<2), its clients, and the page.
         "serve": ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.50,<3", "starlette>=0.40,<2", "uvicorn[standard]>=0.30,<1",
                   "websockets>=12,<18"],
-        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18", "playwright>=1.45,<2"],
+        "openvino": ["openvino>=2025.1", "onnx>=1.16", "onnxruntime>=1.18"],    # the openvino backend (CPU, fp32 and bf16)
+        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18", "openvino>=2025.1", "playwright>=1.45,<2"],
     },
     entry_points={
         "console_scripts": [

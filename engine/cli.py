@@ -12,9 +12,8 @@ import warnings
 import click
 import numpy as np
 
-from t2f.cli_errors import FiniteFloatRange, nonempty_path
-from t2f.io import OutputPathError, check_output_dir, check_output_file
-from t2f.precision import PRECISIONS, Precision
+from t2f.cli_errors import DeviceParam, FiniteFloatRange, PrecisionChoice, check_precision_device, check_writable, nonempty_path, write_files
+from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES
 
 from .backends import BACKENDS, BackendUnavailable
@@ -23,27 +22,6 @@ from .pipeline import MODES
 MAX_N = 64                # Images per prompt.
 MAX_IMAGE_PIXELS = 40_000_000   # A conditioning image (CLIP sees 224x224): a 13000x13000 PNG is refused before decoding.
 MAX_IMAGES = 256          # Images per run.
-
-
-def _check_writable(path: str, param: str, directory: bool = False) -> None:
-    """Refuse an output that could not be written: an unwritable or non-directory parent, or the wrong kind of path."""
-    try:
-        (check_output_dir if directory else check_output_file)(path)
-    except OutputPathError as e:
-        raise click.BadParameter(str(e), param_hint=param) from None
-    if directory and os.path.exists(path):
-        if not os.path.isdir(path):
-            raise click.BadParameter(f"{path} is not a directory", param_hint=param)
-        if not os.access(path, os.W_OK):
-            raise click.BadParameter(f"cannot write to {path}", param_hint=param)
-        return
-    if not directory and os.path.isdir(path):
-        raise click.BadParameter(f"{path} is a directory", param_hint=param)
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise click.BadParameter(f"cannot write to {parent}", param_hint=param)
 
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}   # --out extension -> what is written
@@ -73,18 +51,6 @@ def _image_bytes(array: np.ndarray, info: dict, path: str = "image.png") -> byte
     else:
         image.save(buf, format="JPEG", quality=95, comment=json.dumps(info, sort_keys=True).encode())
     return buf.getvalue()
-
-
-def _write_all(files: dict[str, bytes]) -> None:
-    """t2f.io.write_all (every file or none), with an OSError as one clear line."""
-    from t2f.io import write_all
-
-    try:
-        write_all(files)
-    except OutputPathError as e:
-        raise click.ClickException(f"cannot write {e}") from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
 
 
 def _load_images(paths: list[str]):
@@ -135,11 +101,11 @@ def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
 @click.option("--knn-k",        help="KNN: nearest bank embeddings considered", metavar="INT", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--knn-m",        help="KNN: embeddings combined (farthest-point pick)", metavar="INT", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--knn-alpha",    help="KNN: Dirichlet concentration", metavar="FLOAT", type=FiniteFloatRange(0, 100, min_open=True), default=0.3, show_default=True)
-@click.option("--backend",      help="How to run the graphs (auto = the fastest available)", type=click.Choice(("auto",) + BACKENDS), default="torch", show_default=True)
+@click.option("--backend",      help="How to run the graphs (auto = the fastest accurate one here)", type=click.Choice(("auto",) + BACKENDS), default="auto", show_default=True)
 @click.option("--artifacts",    help="t2f-export output for onnxruntime / tensorrt [onnxruntime: exported into the cache]", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--interactive",  help="Read prompts from standard input, one per line; write OUT-NNNN.png for each", is_flag=True)
-@click.option("--device",       help="auto, cpu, cuda or cuda:N", metavar="STR", default="auto", show_default=True)
-@click.option("--precision",    help="Compute precision (fp16 needs CUDA)", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--device",       help="auto, cpu, cuda or cuda:N", metavar="STR", type=DeviceParam(), default="auto", show_default=True)
+@click.option("--precision",    help="Compute precision: auto = the backend's fastest accurate one here (fp16 needs CUDA, bf16 a CPU with bf16 instructions)", type=PrecisionChoice(), default="auto", show_default=True)
 @click.option("--batch",        help="Rows per graph call (bounds memory; t2f-serve --batch the same gives the same images bit for bit) [default: 1 on the CPU, 8 on a GPU]", metavar="INT", type=click.IntRange(1, 256))
 @click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
 def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images, save_ws, generator, clip, mapper, bank,
@@ -175,11 +141,12 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
                                                           mode=mode, images=request.images, knn=knn))
     elapsed = time.perf_counter() - start
     info = dict(mode=mode, labels=request.labels, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
-                generator=generator, clip=clip, mapper=mapper, precision=str(request.precision), device=str(pipe.device))
+                generator=generator, clip=clip, mapper=mapper, precision=str(pipe.precision), backend=pipe.backend.name,
+                device=str(pipe.device))
     _write(faces, request.labels, n, info, out, save_images, save_ws)
     h, w = faces.images.shape[1:3]
-    click.echo(f"wrote {out}: {len(request.labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s on {pipe.device} "
-               f"({request.precision}, mode {mode})")
+    click.echo(f"wrote {out}: {len(request.labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s, "
+               f"{pipe.summary}, mode {mode}")
 
 
 def _is_random(name: str | None) -> bool:
@@ -191,14 +158,12 @@ def _is_random(name: str | None) -> bool:
 @dataclasses.dataclass
 class _Request:
     labels: list[str]                 # one per row: the prompts, or the --image paths
-    precision: Precision
+    precision: Precision | None      # None = auto
     images: object                    # mode image: [rows, 3, 256, 256] in [-1, 1]; else None
 
 
 def _validate(prompts, mode, image, n, interactive, mapper, bank, device, precision, out, save_images, save_ws) -> _Request:
     """Every usage check, before any model is loaded: click.BadParameter (exit 2) for the first problem."""
-    from t2f.devices import resolve_device
-
     from .pipeline import is_blank
 
     prompts = [p.strip() for p in prompts]
@@ -224,19 +189,11 @@ def _validate(prompts, mode, image, n, interactive, mapper, bank, device, precis
         raise click.BadParameter(f"{len(labels)} rows x {n} images is more than {MAX_IMAGES} images per run", param_hint="--n")
     if mode == "knn" and bank is None and (mapper is None or not os.path.isdir(mapper)):
         raise click.BadParameter("--mode knn needs --bank PATH or a --mapper run directory holding bank.safetensors", param_hint="--bank")
-    precision = Precision.parse(precision)
-    try:
-        resolved = resolve_device(device)
-    except ValueError as e:
-        raise click.BadParameter(str(e), param_hint="--device") from None
-    try:
-        precision.check_device(resolved)
-    except ValueError:
-        raise click.BadParameter("fp16 needs a CUDA device; use --precision fp32 on the CPU", param_hint="--precision") from None
+    check_precision_device(precision, device)
     outputs = [(out, "--out", False), (save_images, "--save-images", True), (save_ws, "--save-ws", False)]
     for path, param, is_dir in outputs:
         if path is not None:
-            _check_writable(path, param, directory=is_dir)
+            check_writable(path, param, directory=is_dir)
     if save_ws is not None and os.path.abspath(save_ws) == os.path.abspath(out):
         raise click.BadParameter("--save-ws must not be the --out file", param_hint="--save-ws")
     return _Request(labels=labels, precision=precision, images=_load_images(labels) if mode == "image" else None)
@@ -274,7 +231,7 @@ def _write(faces, labels: list[str], n: int, info: dict, out: str, save_images: 
         buf = io.BytesIO()
         np.save(buf, faces.ws.numpy())
         files[save_ws] = buf.getvalue()
-    _write_all(files)
+    write_files(files)
 
 
 def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
@@ -288,7 +245,7 @@ def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
 
     generate("a warm-up prompt")                                   # kernels, allocations, graph capture
     stem, ext = os.path.splitext(out)
-    click.echo(f"ready ({pipe.backend.name} on {pipe.device}); one prompt per line, end with Ctrl-D", err=True)
+    click.echo(f"ready ({pipe.summary}); one prompt per line, end with Ctrl-D", err=True)
     count = 0
     for line in sys.stdin:
         prompt = line.strip()
@@ -300,7 +257,7 @@ def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
         count += 1
         path = f"{stem}-{count:04d}{ext}"
         info = dict(mode=mode, labels=[prompt], n=n, seed=seed, truncation=truncation, backend=pipe.backend.name)
-        _write_all({path: _image_bytes(_grid(faces.images.numpy(), 1, n), info, path)})
+        write_files({path: _image_bytes(_grid(faces.images.numpy(), 1, n), info, path)})
         click.echo(f"{elapsed:8.1f} ms  {path}  {prompt}")
     click.echo(f"{count} prompt(s)", err=True)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import threading
 import unicodedata
 import warnings
 
@@ -20,7 +19,7 @@ from t2f.precision import Precision
 from t2f.presets import load_mapper
 from t2f.stylegan2 import NOISE_MODES, Generator
 
-from .backends import BackendUnavailable, make_backend, pad_rows
+from .backends import BackendUnavailable, Models, make_backend, pad_rows
 
 
 class DeviceFallbackWarning(UserWarning):
@@ -61,7 +60,6 @@ def check_compatible(generator: Generator, clip: Clip, mapper: Mapper) -> None:
 
 
 MODES = ("text", "knn", "image")
-SEEDED_NOISE = threading.Lock()      # held while torch's global generators are reseeded for noise_mode "random"
 
 
 def is_blank(prompt: str) -> bool:
@@ -92,6 +90,14 @@ def blocks(rows: int, *tensors: torch.Tensor):
     for start in range(0, tensors[0].shape[0], rows):
         chunk = [t[start : start + rows] for t in tensors]
         yield chunk[0].shape[0], [pad_rows(c, rows) for c in chunk]
+
+
+def _noise_blocks(rows: int, ws: torch.Tensor, seeds: list[int]):
+    """blocks() of ws with each block's noise seeds (the last block's padding repeats the last seed)."""
+    for start in range(0, ws.shape[0], rows):
+        chunk = seeds[start : start + rows]
+        count = len(chunk)
+        yield count, (pad_rows(ws[start : start + rows], rows), chunk + chunk[-1:] * (rows - count))
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -130,45 +136,54 @@ class TextToFace:
         clip: Clip,
         mapper: Mapper,
         device: str | torch.device = "auto",   # "auto" = the best that works here: CUDA when available and the backend runs there, else cpu.
-        precision: Precision | str = Precision.FP32,   # FP16 (CUDA only): CLIP under autocast, the generator's fp16 blocks in half.
+        precision: Precision | None = Precision.FP32,  # None = the chosen backend's fastest accurate precision here (see
+                                                # backends.choose); FP16 (CUDA) / BF16 (CPU with bf16 instructions).
         batch_size: int | None = None,          # Rows per graph call, always (a short last block is padded): bounds memory,
                                                 # and a row's result depends on it but never on the rows beside it.
                                                 # None = default_batch_size(the device).
         bank: Bank | None = None,               # Embedding bank for mode "knn".
-        backend: str = "torch",                 # "torch", "torch-cudagraph", "onnxruntime", "tensorrt", ... or "auto".
-        artifacts: str | None = None,           # t2f-export output for onnxruntime / tensorrt (onnxruntime: exported to the cache if None).
+        backend: str = "torch",                 # "torch", "torch-compile", "onnxruntime", "openvino", ... or "auto".
+        artifacts: str | None = None,           # t2f-export output for the exported-graph backends (exported to the cache if None).
         noise_mode: str = "const",              # The noise mode the runs will use: "auto" picks a backend that supports it.
     ):
-        precision = Precision.parse(precision)
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         check_compatible(generator, clip, mapper)
         if bank is not None:
             check_bank(bank, clip)
-        self.precision, self.bank = precision, bank
-        self.device, self.backend = self._backend(device, precision, backend, generator, clip, mapper, artifacts, noise_mode)
+        self.bank = bank
+        self.device, self.backend = self._backend(device, precision, backend, Models(generator, clip, mapper), artifacts, noise_mode)
+        self.precision = self.backend.precision
         self.generator = generator.eval().requires_grad_(False).to(self.device)
         self.mapper = mapper.eval().requires_grad_(False).to(self.device)
         self.clip = clip.to(self.device)
         self.batch_size = min(batch_size or default_batch_size(self.device), self.backend.max_batch)
 
     @staticmethod
-    def _backend(device, precision: Precision, name: str, generator, clip, mapper, artifacts, noise_mode):
+    def _backend(device, precision: Precision | None, name: str, models: Models, artifacts, noise_mode):
         """(device, backend): on the requested device; with "auto", on the CPU (with a note) where the backend
         cannot run on the GPU (onnxruntime without a CUDA provider, say)."""
         resolved = resolve_device(device)
-        precision.check_device(resolved)
+        if precision is not None:
+            precision = Precision.parse(precision)
+            precision.check_device(resolved)
         candidates = [resolved]
-        if str(device) == "auto" and resolved.type == "cuda" and precision.runs_on("cpu"):
+        if str(device) == "auto" and resolved.type == "cuda" and (precision is None or precision.runs_on("cpu")):
             candidates.append(torch.device("cpu"))
         for i, dev in enumerate(candidates):
             try:
-                return dev, make_backend(name, generator, clip, mapper, dev, precision, artifacts, noise_mode=noise_mode)
+                return dev, make_backend(name, models, dev, precision, artifacts, noise_mode=noise_mode)
             except BackendUnavailable as e:
                 if i == len(candidates) - 1:
                     raise
                 warnings.warn(f"{e}; running on the CPU instead (--device auto)", DeviceFallbackWarning, stacklevel=3)
         raise AssertionError("unreachable")
+
+    @property
+    def summary(self) -> str:
+        """One line: the backend, device and the precision of each graph ("openvino on cpu, bf16 (mapper fp32)")."""
+        odd = [f"{g} {p}" for g, p in self.backend.graph_precisions.items() if p != self.precision]
+        return f"{self.backend.name} on {self.device}, {self.precision}" + (f" ({', '.join(odd)})" if odd else "")
 
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
@@ -220,13 +235,10 @@ class TextToFace:
         if noise_mode != "const":
             if noise_mode not in self.backend.noise_modes:
                 raise ValueError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
-            # One noise stream per image, so an image does not depend on its batch. torch's generators are process-wide
-            # (manual_seed seeds every device's), so pipelines on other threads (t2f-serve's instances) take turns here.
-            devices = [self.device] if self.device.type == "cuda" else []
-            with SEEDED_NOISE, torch.random.fork_rng(devices=devices):
-                for w, s in zip(ws.split(1), noise):
-                    torch.manual_seed(s)
-                    images.append(to_host(self.backend.synthesize(w, noise_mode=noise_mode)))
+            # One noise stream per image (its own seed), so an image does not depend on its batch: each block's
+            # noise is drawn row by row from per-row generators and passed in, then the block runs at once.
+            for count, (chunk, seeds) in _noise_blocks(self.batch_size, ws, noise):
+                images.append(to_host(self.backend.synthesize(chunk, noise_mode=noise_mode, noise_seeds=seeds)[:count]))
         else:
             for count, (chunk,) in blocks(self.batch_size, ws):
                 images.append(to_host(self.backend.synthesize(chunk)[:count]))
@@ -362,7 +374,7 @@ def load_pipeline(
     clip: str = "ViT-B-32:openai",    # open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or "tiny".
     mapper: str | None = None,        # Mapper directory (a t2f-train run) or "tiny"; None = fail with how to get one.
     device: str = "auto",
-    precision: Precision | str = Precision.FP32,
+    precision: Precision | str | None = Precision.FP32,   # None = the backend's fastest accurate precision here.
     batch_size: int | None = None,    # Rows per graph call; None = default_batch_size(the device).
     cache: str | None = None,         # Download cache; None = $T2F_CACHE or ~/.cache/t2f.
     progress: bool = True,

@@ -58,6 +58,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from t2f.graphs import GRAPHS, ModelDims, graph_specs
+from t2f.precision import cpu_has_bf16, has_bf16_flag  # noqa: F401  (re-exported)
 from t2f.precision import Precision
 
 STAGES = (*GRAPHS, "end_to_end")
@@ -108,24 +109,6 @@ def stage_flops(generator, clip, mapper, batch: int) -> dict[str, float]:
 
 # ----------------------------------------------------------------------------
 # This machine's peak.
-
-
-@functools.lru_cache(maxsize=1)
-def cpu_has_bf16() -> bool:
-    """True where the CPU has native bf16 instructions (avx512_bf16 or amx_bf16 in /proc/cpuinfo's flags)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return has_bf16_flag(f.read())
-    except OSError:
-        return False
-
-
-def has_bf16_flag(cpuinfo: str) -> bool:
-    """Whether the first "flags" line of a /proc/cpuinfo text names avx512_bf16 or amx_bf16."""
-    for line in cpuinfo.splitlines():
-        if line.startswith("flags"):
-            return bool(set(line.partition(":")[2].split()) & {"avx512_bf16", "amx_bf16"})
-    return False
 
 
 def peak_runs(device: torch.device | str, dtype: torch.dtype) -> bool:

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import click
 
-from t2f.cli_errors import nonempty_path
+from t2f.cli_errors import PrecisionChoice, nonempty_path
+from t2f.graphs import DEFAULT_PROFILE
+from t2f.precision import Precision
 
 
 def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
@@ -53,13 +55,14 @@ def _trained_for(mapper: str) -> dict:
 @click.option("--generator",    help="Generator [default: the one the mapper was trained for]", metavar="NAME|PATH")
 @click.option("--clip",         help="CLIP [default: the one the mapper was trained for]", metavar="SPEC")
 @click.option("--out",          help="Output directory", metavar="DIR", type=click.Path(file_okay=False), required=True, callback=nonempty_path)
-@click.option("--fp16",         help="fp16 graphs (fp32 LayerNorm, softmax, demodulation) and engines", is_flag=True)
-@click.option("--batch",        help="TensorRT profile (parity at MIN and at MAX up to 3)", metavar="MIN:OPT:MAX", default="1:1:8", show_default=True, callback=_batch_range)
+@click.option("--fp16",         help="fp16 graphs (fp32 LayerNorm, softmax, demodulation) and engines: --precision fp16", is_flag=True)
+@click.option("--precision",    help="fp32; fp16 (graphs and engines for CUDA); bf16 (the fp32 graphs with each graph's bf16 parity in OpenVINO, for CPUs; ONNX only)", type=PrecisionChoice(auto=False))
+@click.option("--batch",        help="TensorRT profile (parity at MIN and at MAX up to 3)", metavar="MIN:OPT:MAX", default=":".join(map(str, DEFAULT_PROFILE)), show_default=True, callback=_batch_range)
 @click.option("--onnx-only",    help="Stop after the ONNX graphs (no TensorRT)", is_flag=True)
 @click.option("--opt-level",    help="TensorRT builder optimization level", metavar="INT", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--timing-cache", help="TensorRT timing cache [default: OUT/timing.cache]", metavar="PATH", type=click.Path(dir_okay=False))
 @click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
-def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing_cache, cache):
+def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_level, timing_cache, cache):
     """Export the text encoder, mapper and synthesis network to ONNX, then TensorRT engines.
 
     Re-running with the same models and options rebuilds nothing. A parity table (each graph
@@ -67,15 +70,15 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
 
     \b
     Examples:
-    t2f-export --mapper runs/ffhq --out engines/ffhq --fp16 --batch 1:1:32
+    t2f-export --mapper runs/ffhq --out engines/ffhq --fp16 --batch 1:8:32
+    t2f-export --mapper runs/ffhq --out engines/ffhq --precision bf16          # for OpenVINO on the CPU
     t2f-export --mapper tiny --generator tiny --clip tiny --out /tmp/tiny --onnx-only
     """
     import t2f
-    from t2f.io import OutputPathError, check_output_dir, directory_lock, sha256_file, write_json
-    from t2f.precision import Precision
+    from t2f.io import OutputPathError, check_output_dir, directory_lock, sha256_file
     from t2f.presets import TINY, load_mapper
 
-    from .onnx_export import MANIFEST, export_artifacts, foreign_files, format_table, remove_stale_temporaries, specs_of
+    from .onnx_export import export_artifacts, foreign_files, format_table, remove_stale_temporaries, specs_of
     from .tensorrt import build_engine, runtime_info
 
     out = Path(out)
@@ -97,7 +100,12 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
     clip = clip or recorded.get("clip")
     if not generator or not clip:
         raise click.BadParameter("the mapper records no generator or CLIP; pass --generator and --clip", param_hint="--mapper")
-    precision = Precision.from_flag(fp16)
+    if fp16 and precision not in (None, Precision.FP16):
+        raise click.BadParameter(f"--fp16 contradicts --precision {precision}", param_hint="--fp16")
+    precision = precision or Precision.from_flag(fp16)
+    if precision is Precision.BF16 and not onnx_only:
+        click.echo("note: bf16 runs on the CPU through OpenVINO; writing the ONNX graphs only (no TensorRT engines)", err=True)
+        onnx_only = True
     start = time.perf_counter()
     with _errors_as_clicks(), contextlib.ExitStack() as held:
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
@@ -114,15 +122,18 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
         specs = specs_of(G, C, M)
 
         if onnx_only:
-            click.echo(f"wrote {out}: ONNX {precision} ({len(specs)} graphs, parity ok) in {time.perf_counter() - start:.1f} s")
+            runs = ""
+            if precision is Precision.BF16:
+                runs = "; " + ", ".join(f"{g} runs {p}" for g, p in manifest.graph_precisions["bf16"].items())
+            click.echo(f"wrote {out}: ONNX {precision} ({len(specs)} graphs, parity ok{runs}) in {time.perf_counter() - start:.1f} s")
             return
-        built = manifest.get("tensorrt") or {}
+        built = manifest.tensorrt
         engines = dict(built.get("engines", {})) if built.get("gpu") == info["gpu"] else {}
         cache_path = Path(timing_cache) if timing_cache else out / "timing.cache"
         for spec in specs.values():
             onnx_name, engine = spec.file_name(precision), out / spec.file_name(precision, "plan")
             profiles = spec.profile(batch)
-            record = dict(onnx=onnx_name, onnx_sha256=manifest["onnx"][onnx_name]["sha256"], precision=str(precision),
+            record = dict(onnx=onnx_name, onnx_sha256=manifest.sha256(onnx_name), precision=str(precision),
                           opt_level=opt_level, profiles={k: [list(s) for s in v] for k, v in profiles.items()}, **info)
             known = engines.get(engine.name, {})
             if known.get("record") == record and engine.is_file() and known.get("sha256") == sha256_file(engine):
@@ -130,8 +141,8 @@ def main(mapper, generator, clip, out, fp16, batch, onnx_only, opt_level, timing
                 continue
             build_engine(out / onnx_name, engine, profiles, precision, cache_path, opt_level, log=click.echo)
             engines[engine.name] = dict(record=record, sha256=sha256_file(engine))
-        manifest["tensorrt"] = dict(info, engines=engines)
-        write_json(out / MANIFEST, manifest)
+        manifest.tensorrt = dict(info, engines=engines)
+        manifest.write(out)
     click.echo(f"wrote {out}: ONNX and TensorRT {precision} engines in {time.perf_counter() - start:.1f} s")
 
 

@@ -10,6 +10,12 @@ with eager PyTorch fp32; relative error ||onnx - eager|| / ||eager||. The synthe
 compared before its uint8 conversion: its float image is read from the artifact's own graph,
 given one extra output (so the artifact is traced and run once, not twin-exported), and its
 uint8 image must be within one level of eager's uint8 image in fp32.
+
+bf16 runs the fp32 graphs in OpenVINO with bf16 inference precision. Its parity is measured
+the same way, with OpenVINO in bf16 against eager fp32, per graph; a graph outside BF16_BOUNDS
+runs fp32 in bf16 runs (the manifest's `graph_precisions` records which), so bf16 is never less
+accurate than its bounds. Graphs are simplified with onnxslim where it is installed (constant
+folding; the parity check runs on the simplified file).
 """
 
 from __future__ import annotations
@@ -28,45 +34,23 @@ import torch
 import t2f
 from t2f.clip import Clip
 from t2f.graphs import GRAPHS, ExportError, GraphSpec, MapperGraph, ModelDims, graph_specs
-from t2f.io import atomic_path, fingerprint, sha256_file, write_json
+from t2f.io import atomic_path, fingerprint, sha256_file
+
+from .manifest import MANIFEST, Manifest, is_export_manifest_file
 from t2f.mapper import Mapper
 from t2f.precision import Precision
 from t2f.stylegan2 import Generator, to_uint8
 
 OPSET = 17
-BOUNDS = {Precision.FP32: 1e-4, Precision.FP16: 2e-2}
-MANIFEST = "manifest.json"
+BOUNDS = {Precision.FP32: 1e-4, Precision.FP16: 2e-2, Precision.BF16: 5e-2}   # relative error of each graph's float output
+BF16_BOUNDS = dict(text_encoder_cosine=0.999,  # the embedding's cosine to fp32's, every row (CLIP retrieval keeps its order)
+                   synthesis_relative=5e-2,    # the float image's relative error
+                   uint8_mean=2.0)             # mean |uint8 difference| in levels (max and p99 are reported, not bounded)
 CONTROL_FLOW = ("If", "Loop", "Scan")          # TensorRT's ONNX parser rejects an If with branches of unequal rank
-
-
-def read_manifest(out: Path) -> dict:
-    """`out`'s export manifest; {} if there is none or it is unreadable (an export then starts afresh)."""
-    try:
-        return check_manifest(out)
-    except ExportError:
-        return {}
 
 
 def specs_of(generator: Generator, clip: Clip, mapper: Mapper) -> dict[str, GraphSpec]:
     return graph_specs(ModelDims.of(generator, clip, mapper))
-
-
-def check_manifest(out: Path) -> dict:
-    """`out`'s export manifest, or ExportError saying why `out` is not a t2f-export output."""
-    path = out / MANIFEST
-    if not path.is_file():
-        raise ExportError(f"{out} has no {MANIFEST}: it is not a t2f-export output; run t2f-export --out {out}")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
-        raise ExportError(f"{path} is unreadable or not JSON ({type(e).__name__}); run t2f-export --out {out} again") from None
-    if not is_export_manifest(manifest):
-        raise ExportError(f"{path} is not a t2f-export manifest; run t2f-export into another directory")
-    return manifest
-
-
-def is_export_manifest(manifest) -> bool:
-    return isinstance(manifest, dict) and isinstance(manifest.get("onnx"), dict) and "t2f" in manifest
 
 
 # What an export directory holds: the graphs, engines, their record, and temporaries of a killed export.
@@ -80,12 +64,8 @@ def foreign_files(out: Path) -> list[str]:
         return []
     names = sorted(p.name for p in out.iterdir())
     foreign = [n for n in names if not EXPORT_NAMES.fullmatch(n)]
-    if MANIFEST in names:
-        try:
-            if not (out / MANIFEST).is_file() or not is_export_manifest(json.loads((out / MANIFEST).read_text())):
-                foreign.append(MANIFEST)                   # a FIFO there is never opened
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            foreign.append(MANIFEST)
+    if MANIFEST in names and not is_export_manifest_file(out / MANIFEST):
+        foreign.append(MANIFEST)                           # a FIFO there is never opened
     return foreign
 
 
@@ -128,7 +108,8 @@ def on_cpu(generator: Generator, clip: Clip, mapper: Mapper):
 
 
 def export_onnx(module: torch.nn.Module, inputs: tuple, spec: GraphSpec, path: Path) -> None:
-    """Trace `module` to ONNX at `path` (atomically), with the spec's names and dynamic axes, and check it."""
+    """Trace `module` to ONNX at `path` (atomically), with the spec's names and dynamic axes, simplify it (onnxslim,
+    where installed), and check it: a valid model without control flow."""
     import onnx
 
     with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -136,10 +117,30 @@ def export_onnx(module: torch.nn.Module, inputs: tuple, spec: GraphSpec, path: P
         with torch.no_grad():
             torch.onnx.export(module, inputs, str(tmp), input_names=spec.input_names, output_names=spec.output_names,
                               dynamic_axes=spec.dynamic_axes, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        simplify(tmp)
         onnx.checker.check_model(str(tmp))
         found = sorted({n.op_type for n in onnx.load(str(tmp), load_external_data=False).graph.node} & set(CONTROL_FLOW))
         if found:
             raise ExportError(f"{path.name} holds control flow ({', '.join(found)}), which TensorRT cannot build")
+
+
+def simplify(path: Path) -> bool:
+    """Fold constants and shape arithmetic of the ONNX file at `path` in place with onnxslim; False where it is not
+    installed (the traced graph is kept). Parity is checked afterwards on the file as written."""
+    import contextlib
+    import importlib.util
+    import io
+
+    import onnx
+
+    if importlib.util.find_spec("onnxslim") is None:
+        return False
+    import onnxslim
+
+    with contextlib.redirect_stdout(io.StringIO()):                      # onnxslim prints a summary table
+        model = onnxslim.slim(onnx.load(str(path)))
+    onnx.save(model, str(path))
+    return True
 
 
 def onnx_session(path: str | os.PathLike, expected_sha256: str | None = None):
@@ -174,23 +175,75 @@ def with_float_image(path: Path) -> bytes:
     raise ExportError(f"{path.name}: no NCHW -> NHWC transpose before the uint8 image")
 
 
+# ----------------------------------------------------------------------------
+# Parity.
+
+
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
 
 
-def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int], generator: Generator, clip: Clip,
-           mapper: Mapper, sha: str) -> list[dict]:
-    """Rows of the parity table for one exported graph: ONNX Runtime (CPU) against eager PyTorch fp32."""
-    import onnxruntime
+def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest cosine between matching rows of a and b [B, D]."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
+    return float(cos.min())
 
-    if spec.name == "synthesis":
+
+def uint8_diff(a: np.ndarray, b: np.ndarray) -> dict:
+    """Mean, 99th percentile and max |a - b| of two uint8 images, in levels."""
+    d = np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32))
+    return dict(uint8_mean_diff=float(d.mean()), uint8_p99_diff=float(np.percentile(d, 99)), uint8_max_diff=int(d.max()))
+
+
+class _OrtRunner:
+    """A graph in ONNX Runtime on the CPU (the synthesis graph with its float image as a second output)."""
+
+    def __init__(self, spec: GraphSpec, path: Path, sha: str):
+        import onnxruntime
+
+        if spec.name == "synthesis":
+            if sha256_file(path) != sha:
+                raise ExportError(f"{path} changed while it was checked; run t2f-export again")
+            self.session = onnxruntime.InferenceSession(with_float_image(path), providers=["CPUExecutionProvider"])
+        else:
+            self.session = onnx_session(path, sha)
+
+    def __call__(self, feeds: dict) -> list:
+        return self.session.run(None, feeds)
+
+
+class _OpenVINORunner:
+    """A graph in OpenVINO's CPU plugin in bf16 (the synthesis graph with its float image as a second output)."""
+
+    def __init__(self, spec: GraphSpec, path: Path, sha: str):
+        import importlib.util
+
+        if importlib.util.find_spec("openvino") is None:
+            raise ExportError('bf16 parity is measured with OpenVINO, which is not installed (pip install "t2f[openvino]")')
+        import openvino
+
         if sha256_file(path) != sha:
             raise ExportError(f"{path} changed while it was checked; run t2f-export again")
-        session = onnxruntime.InferenceSession(with_float_image(path), providers=["CPUExecutionProvider"])
-    else:
-        session = onnx_session(path, sha)
-    bound = BOUNDS[spec.compute_precision(precision)]
+        core = openvino.Core()
+        model = core.read_model(with_float_image(path) if spec.name == "synthesis" else path.read_bytes(), b"")
+        from t2f.engine.backends.base import cpu_threads
+
+        self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": cpu_threads()})
+
+    def __call__(self, feeds: dict) -> list:
+        result = self.compiled(feeds)
+        return [result[out] for out in self.compiled.outputs]
+
+
+def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int], generator: Generator, clip: Clip,
+           mapper: Mapper, sha: str) -> list[dict]:
+    """Rows of the parity table for one exported graph against eager PyTorch fp32: ONNX Runtime (CPU) for fp32 and fp16
+    files, OpenVINO in bf16 for bf16 (the mapper, fp32 in every precision, is checked in ONNX Runtime)."""
+    compute = spec.compute_precision(precision)
+    runner = (_OpenVINORunner if compute is Precision.BF16 else _OrtRunner)(spec, path, sha)
+    bound = BOUNDS[compute]
     rows = []
     for batch in batches:
         inputs = spec.example_inputs(batch, 1000 + batch, generator, clip, mapper)
@@ -202,43 +255,57 @@ def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int]
                 reference = MapperGraph(mapper, generator.w_avg)(*inputs)
             else:
                 reference = generator.synthesis(inputs[0], noise_mode="const")
-        outputs = session.run(None, feeds)
-        row = dict(graph=spec.name, precision=str(precision), batch=batch, bound=bound,
+        outputs = runner(feeds)
+        row = dict(graph=spec.name, precision=str(precision), batch=batch, bound=bound, runs=str(compute),
                    relative_error=relative_error(outputs[-1], reference.numpy()))
         row["ok"] = row["relative_error"] <= bound
+        if spec.name == "text_encoder":
+            row["cosine"] = min_cosine(outputs[0], reference.numpy())
         if spec.name == "synthesis":
-            image = outputs[0].astype(np.int32)
-            row["uint8_max_diff"] = int(np.abs(image - to_uint8(reference).numpy().astype(np.int32)).max())
-            row["ok"] = row["ok"] and (precision.half or row["uint8_max_diff"] <= 1)
+            row.update(uint8_diff(outputs[0], to_uint8(reference).numpy()))
+            if compute is Precision.FP32:
+                row["ok"] = row["ok"] and row["uint8_max_diff"] <= 1
+        if compute is Precision.BF16:
+            row["ok"] = row["ok"] and (row["cosine"] >= BF16_BOUNDS["text_encoder_cosine"] if spec.name == "text_encoder" else
+                                       row["uint8_mean_diff"] <= BF16_BOUNDS["uint8_mean"])
         rows.append(row)
     return rows
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| graph | precision | batch | relative error | bound | uint8 max diff | ok |", "|---|---|---|---|---|---|---|"]
+    lines = ["| graph | precision | runs in | batch | relative error | bound | embedding cosine | uint8 mean / p99 / max diff | ok |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['graph']} | {r['precision']} | {r['batch']} | {r['relative_error']:.2e} | {r['bound']:.0e} | "
-                     f"{r.get('uint8_max_diff', '')} | {'yes' if r['ok'] else 'NO'} |")
+        cosine = f"{r['cosine']:.6f}" if "cosine" in r else ""
+        u8 = f"{r['uint8_mean_diff']:.2f} / {r['uint8_p99_diff']:.0f} / {r['uint8_max_diff']}" if "uint8_mean_diff" in r else ""
+        ok = "yes" if r["ok"] else ("no: runs fp32" if r["precision"] == "bf16" else "NO")
+        lines.append(f"| {r['graph']} | {r['precision']} | {r.get('runs', r['precision'])} | {r['batch']} | {r['relative_error']:.2e} | "
+                     f"{r['bound']:.0e} | {cosine} | {u8} | {ok} |")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Export.
 
 
 def run_onnx_exports(out: Path, generator: Generator, clip: Clip, mapper: Mapper, precision: Precision, batches: list[int],
                      log=print) -> tuple[dict, list[dict]]:
     """Export (or reuse) the three graphs into `out`; returns ({file: entry}, parity rows).
 
-    Parity is checked again only for graphs that were exported now, or that lack a passed check.
+    bf16 exports (reuses) the fp32 files. Parity is checked again only for graphs that were exported now, or that lack
+    a passed check in this precision.
     """
-    precision = Precision.parse(precision)
+    files = precision.onnx
     generator, clip, mapper = on_cpu(generator, clip, mapper)
     specs = specs_of(generator, clip, mapper)
-    keys = graph_keys(generator, clip, mapper, precision)          # before anything is written
+    keys = graph_keys(generator, clip, mapper, files)              # before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(out)
-    previous, previous_rows = manifest.get("onnx", {}), (manifest.get("parity") or {}).get(precision.value, [])
+    manifest = Manifest.read_or_new(out)
+    previous, previous_rows = manifest.onnx, manifest.parity.get(precision.value, [])
     graphs, rows = {}, []
     for name in GRAPHS:
         spec = specs[name]
-        path = out / spec.file_name(precision)
+        path = out / spec.file_name(files)
         entry = previous.get(path.name)
         cached = bool(entry and entry.get("key") == keys[name] and path.is_file() and sha256_file(path) == entry.get("sha256"))
         if cached:
@@ -246,42 +313,58 @@ def run_onnx_exports(out: Path, generator: Generator, clip: Clip, mapper: Mapper
         else:
             log(f"export {path.name}")
             try:
-                module = spec.module(generator, clip, mapper, precision)
+                module = spec.module(generator, clip, mapper, files)
                 export_onnx(module, spec.example_inputs(2, 0, generator, clip, mapper), spec, path)
             except (RuntimeError, ValueError, TypeError) as e:
                 raise ExportError(f"cannot export {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         sha = sha256_file(path)
         old_rows = [r for r in previous_rows if r["graph"] == name and r["batch"] in batches]
-        if cached and entry.get("parity_ok") and len(old_rows) == len(batches):
+        checked = (entry or {}).get("checked", [files.value] if (entry or {}).get("parity_ok") else [])
+        if cached and precision.value in checked and len(old_rows) == len(batches):
             graph_rows = old_rows
         else:
             graph_rows = parity(spec, path, precision, batches, generator, clip, mapper, sha)
+            checked = ([c for c in checked if c != precision.value] if cached else []) + [precision.value]
         rows += graph_rows
-        graphs[path.name] = dict(graph=name, precision=str(spec.compute_precision(precision)), sha256=sha, key=keys[name],
+        passed = all(r["ok"] for r in graph_rows)
+        graphs[path.name] = dict(graph=name, precision=str(spec.compute_precision(files)), sha256=sha, key=keys[name],
                                  cached=cached, inputs=spec.input_names, outputs=spec.output_names,
-                                 parity_ok=all(r["ok"] for r in graph_rows))
+                                 # bf16 runs the fp32 file: its own (fp32) check stands, bf16's rows choose its precision
+                                 parity_ok=passed if files is precision else bool(cached and entry.get("parity_ok")),
+                                 checked=checked)
     return graphs, rows
 
 
-def check_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, precision: Precision) -> dict:
-    """The manifest of `out` if it holds all three graphs of exactly these models and precision, each unchanged since
-    export and within its parity bounds; ExportError saying what differs otherwise."""
-    precision = Precision.parse(precision)
-    manifest = check_manifest(out)
-    entries = manifest.get("onnx", {})
+def check_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, precision: Precision,
+                    error: type[Exception] = ExportError) -> Manifest:
+    """The manifest of `out` if it holds all three graphs of exactly these models for `precision`, each unchanged since
+    export and checked in that precision; `error` (ExportError by default) saying in one line what differs otherwise."""
+    try:
+        return _check_artifacts(Path(out), generator, clip, mapper, Precision.parse(precision))
+    except ExportError as e:
+        if error is ExportError:
+            raise
+        raise error(str(e)) from None
+
+
+def _check_artifacts(out: Path, generator, clip, mapper, precision: Precision) -> Manifest:
+    manifest = Manifest.read(out)
     specs = specs_of(generator, clip, mapper)
-    for graph, key in graph_keys(generator, clip, mapper, precision).items():
-        name = specs[graph].file_name(precision)
-        entry = entries.get(name)
+    flag = {Precision.FP16: " --fp16", Precision.BF16: " --precision bf16"}.get(precision, "")
+    for graph, key in graph_keys(generator, clip, mapper, precision.onnx).items():
+        name = specs[graph].file_name(precision.onnx)
+        entry = manifest.onnx.get(name)
         if not entry:
-            raise ExportError(f"{out} has no {name}; run t2f-export{' --fp16' if precision.half else ''} --out {out}")
+            raise ExportError(f"{out} has no {name}; run t2f-export{flag} --out {out}")
         if entry.get("key") != key:
             raise ExportError(f"{out / name} was exported from other models or versions; run t2f-export again for these")
         if not (out / name).is_file() or sha256_file(out / name) != entry.get("sha256"):
             raise ExportError(f"{out / name} does not match its manifest (missing, corrupt or changed); run t2f-export again")
         if not entry.get("parity_ok"):
             raise ExportError(f"{out / name} failed its parity check; see {out / 'parity.md'}")
-    if ModelDims.from_manifest(manifest.get("models") or {}) != ModelDims.of(generator, clip, mapper):
+        if precision.value not in entry.get("checked", [precision.onnx.value]):
+            raise ExportError(f"{out / name} has no {precision} parity check yet; run t2f-export{flag} --out {out}")
+    if manifest.dims != ModelDims.of(generator, clip, mapper):
         raise ExportError(f"{out / MANIFEST} records other model sizes; run t2f-export again")
     return manifest
 
@@ -295,31 +378,39 @@ def artifacts_current(out: Path, generator: Generator, clip: Clip, mapper: Mappe
 
 
 def export_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, precision: Precision, batches: list[int],
-                     sources: dict, log=print, profile: tuple[int, int, int] | None = None) -> tuple[dict, list[dict]]:
+                     sources: dict, log=print, profile: tuple[int, int, int] | None = None) -> tuple[Manifest, list[dict]]:
     """Export (or reuse) the ONNX graphs, check parity, write parity.md and manifest.json; (manifest, parity rows).
 
-    `profile` (MIN, OPT, MAX batch) is recorded for the runtimes that build engines from the graphs.
+    bf16 first makes sure the fp32 graphs exist and passed their fp32 check, then measures bf16 parity per graph and
+    records which graphs run bf16 (the others run fp32). `profile` (MIN, OPT, MAX batch) is recorded for the runtimes
+    that build engines from the graphs.
     """
     import datetime
 
-    precision = Precision.parse(precision)
+    precision = Precision.parse(precision)                   # a library entry point: "fp32" is accepted too
+    if precision is Precision.BF16:
+        export_artifacts(out, generator, clip, mapper, Precision.FP32, batches, sources, log, profile)
     onnx, rows = run_onnx_exports(out, generator, clip, mapper, precision, batches, log=log)
     dims = ModelDims.of(generator, clip, mapper)
-    manifest = read_manifest(out)
-    manifest.update(t2f=t2f.__version__, updated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    manifest["models"] = dict(
+    manifest = Manifest.read_or_new(out)
+    manifest.t2f = t2f.__version__
+    manifest.updated = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    manifest.models = dict(
         generator=dict(name=sources.get("generator"), fingerprint=fingerprint(generator), resolution=dims.resolution,
                        num_ws=dims.num_ws, w_dim=dims.w_dim, img_channels=dims.img_channels),
         clip=dict(name=clip.name, fingerprint=clip.fingerprint, context_length=dims.context_length, embed_dim=dims.embed_dim),
         mapper=dict(source=sources.get("mapper"), fingerprint=fingerprint(mapper), z_dim=dims.z_dim),
     )
     if profile is not None:
-        manifest["batch_profile"] = list(profile)
-    manifest.setdefault("onnx", {}).update(onnx)
-    manifest.setdefault("parity", {})[precision.value] = rows
+        manifest.batch_profile = tuple(profile)
+    if precision is Precision.BF16:
+        manifest.graph_precisions["bf16"] = {g: ("bf16" if all(r["ok"] for r in rows if r["graph"] == g) and
+                                                 not specs_of(generator, clip, mapper)[g].fp32_only else "fp32") for g in GRAPHS}
+    manifest.onnx.update(onnx)
+    manifest.parity[precision.value] = rows
     with atomic_path(out / "parity.md") as tmp:
-        tmp.write_text("\n".join(f"## {p}\n\n{format_table(r)}\n" for p, r in sorted(manifest["parity"].items())))
-    write_json(out / MANIFEST, manifest)
-    if not all(r["ok"] for r in rows):
+        tmp.write_text("\n".join(f"## {p}\n\n{format_table(r)}\n" for p, r in sorted(manifest.parity.items())))
+    manifest.write(out)
+    if precision is not Precision.BF16 and not all(r["ok"] for r in rows):
         raise ExportError(f"parity outside the bounds for {precision}; see {out / 'parity.md'}")
     return manifest, rows

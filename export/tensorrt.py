@@ -40,9 +40,9 @@ def runtime_info(device=None) -> dict:
     return dict(tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}")
 
 
-def check_compatible(manifest: dict, runtime: dict) -> None:
-    """Refuse engines built with another TensorRT version or for another GPU, saying to re-export."""
-    built = manifest.get("tensorrt") or {}
+def check_compatible(manifest, runtime: dict) -> None:
+    """Refuse engines built with another TensorRT version or for another GPU (the manifest's record), saying to re-export."""
+    built = manifest.tensorrt
     for key, what in (("tensorrt", "TensorRT version"), ("gpu", "GPU"), ("compute_capability", "compute capability")):
         if built.get(key) != runtime.get(key):
             raise ExportError(f"the engines were built for {what} {built.get(key)!r}, this machine has {runtime.get(key)!r}; "
@@ -94,7 +94,7 @@ def build_engine(
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def load_engine(path: str | os.PathLike, manifest: dict, device=None):
+def load_engine(path: str | os.PathLike, manifest, device=None):
     """Deserialize an engine on `device` (default: the current one) after checking it was built for this TensorRT and GPU."""
     import torch
 

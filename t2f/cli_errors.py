@@ -50,3 +50,90 @@ def nonempty_path(ctx, param, value):
     if value is not None and not str(value).strip():
         raise click.BadParameter("must not be empty", ctx=ctx, param=param)
     return value
+
+
+class PrecisionChoice(click.Choice):
+    """--precision: fp32, fp16, bf16 or (with auto=True) auto; converts to a Precision, or None for auto.
+
+    Whether the precision runs on the command's device is checked once, by `check_precision_device`.
+    """
+
+    def __init__(self, auto: bool = True):
+        from .precision import PRECISIONS
+
+        super().__init__((("auto",) if auto else ()) + PRECISIONS)
+
+    def convert(self, value, param, ctx):
+        from .precision import Precision
+
+        if value is None or isinstance(value, Precision):
+            return value
+        value = super().convert(value, param, ctx)
+        return None if value == "auto" else Precision(value)
+
+
+class DeviceParam(click.ParamType):
+    """--device: auto, cpu, cuda or cuda:N; converts to "auto" or a torch.device that exists here."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        import torch
+
+        from .devices import resolve_device
+
+        if isinstance(value, torch.device) or value == "auto":
+            return value
+        try:
+            return resolve_device(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+def check_precision_device(precision, device, param_hint: str = "--precision") -> None:
+    """click.BadParameter (exit 2, one line) where `precision` cannot run on `device` ("auto" = the device auto gives)."""
+    from .devices import resolve_device
+
+    if precision is None:
+        return
+    try:
+        precision.check_device(resolve_device(device))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint=param_hint) from None
+
+
+def check_writable(path: str, param: str, directory: bool = False) -> None:
+    """Refuse an output that could not be written: an unwritable or non-directory parent, or the wrong kind of path."""
+    import os
+
+    from .io import OutputPathError, check_output_dir, check_output_file
+
+    try:
+        (check_output_dir if directory else check_output_file)(path)
+    except OutputPathError as e:
+        raise click.BadParameter(str(e), param_hint=param) from None
+    if directory and os.path.exists(path):
+        if not os.path.isdir(path):
+            raise click.BadParameter(f"{path} is not a directory", param_hint=param)
+        if not os.access(path, os.W_OK):
+            raise click.BadParameter(f"cannot write to {path}", param_hint=param)
+        return
+    if not directory and os.path.isdir(path):
+        raise click.BadParameter(f"{path} is a directory", param_hint=param)
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise click.BadParameter(f"cannot write to {parent}", param_hint=param)
+
+
+def write_files(files: dict[str, bytes]) -> None:
+    """t2f.io.write_all (every file or none), with an OSError as one clear line."""
+    from .io import OutputPathError, write_all
+
+    try:
+        write_all(files)
+    except OutputPathError as e:
+        raise click.ClickException(f"cannot write {e}") from None
+    except OSError as e:
+        raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None

@@ -4,8 +4,9 @@ TextEncoderGraph:  tokens [B, context] int32 -> embedding [B, D] float32, L2-nor
 MapperGraph:       embedding [B, D], z [B, z_dim], psi [B] (float32) -> ws [B, num_ws, w_dim] float32
 SynthesisGraph:    ws [B, num_ws, w_dim] float32 -> image [B, H, W, C] uint8 (or float NCHW for parity checks)
 
-Token ids are int32 and the end-of-text position is found by ArgMax over a float copy:
-TensorRT's ArgMax does not take int64. No graph holds control flow (If, Loop, Scan): TensorRT's
+Token ids are int32 and the end-of-text position is found by ArgMax over a 0/1 float mask of
+the end token (TensorRT's ArgMax does not take int64, and the ids themselves do not survive a
+bf16 runtime). No graph holds control flow (If, Loop, Scan): TensorRT's
 ONNX parser rejects an If whose branches differ in rank. In fp16 the text encoder keeps LayerNorm
 and softmax in fp32 and scales q before q @ k^T (as PyTorch's attention does, so the product
 stays in fp16 range); the synthesis network runs the generator's fp16 resolutions in half
@@ -32,6 +33,7 @@ from .precision import Precision
 from .stylegan2 import Generator, to_uint8, truncate
 
 GRAPHS = ("text_encoder", "mapper", "synthesis")
+DEFAULT_PROFILE = (1, 8, 32)        # engines' (MIN, OPT, MAX) batch where none is asked for: t2f-export and every runtime
 
 
 class ExportError(Exception):
@@ -68,10 +70,11 @@ class TextEncoderGraph(nn.Module):
         weight = projection.weight.detach().t() if isinstance(projection, nn.Linear) else projection.detach()
         self.text_projection = nn.Parameter(weight.clone())
         self.register_buffer("attn_mask", clip_model.attn_mask.detach().clone().float())
+        self.eot_token = int(self.token_embedding.num_embeddings) - 1
         self.dtype = precision.dtype
         self.requires_grad_(False).eval()
-        if precision.half:
-            self.half()
+        if precision.reduced:
+            self.to(precision.dtype)
             for module in self.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.float()
@@ -81,8 +84,8 @@ class TextEncoderGraph(nn.Module):
         b, n, d = x.shape
         heads = attn.num_heads
         q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-        q, k, v = (t.reshape(b, n, heads, d // heads).transpose(1, 2) for t in (q, k, v))   # [B, heads, n, d/heads]
-        q = q * (d // heads) ** -0.5                       # scaled before the product, which stays in fp16 range
+        q, k, v = (t.reshape(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))   # [B, heads, n, d/heads]
+        q = q * float(attn.head_dim) ** -0.5               # a constant, scaled before the product (stays in fp16 range)
         scores = (q @ k.transpose(-1, -2)).float() + self.attn_mask[:n, :n]
         out = scores.softmax(dim=-1).to(x.dtype) @ v
         return attn.out_proj(out.transpose(1, 2).reshape(b, n, d))
@@ -93,7 +96,9 @@ class TextEncoderGraph(nn.Module):
             x = x + block.ls_1(self._attention(block.attn, _layer_norm_fp32(block.ln_1, x)))
             x = x + block.ls_2(block.mlp(_layer_norm_fp32(block.ln_2, x)))
         x = _layer_norm_fp32(self.ln_final, x)
-        eot = tokens.float().argmax(dim=-1)                                   # the end token has the largest id
+        # open_clip pools at argmax(tokens): the end token, the vocabulary's largest id. Found by comparing ids as
+        # integers: a float copy of the ids (49406 and 49407 are one value in bfloat16) lost it in a bf16 runtime.
+        eot = (tokens == self.eot_token).to(torch.float32).argmax(dim=-1)
         x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]   # [B, width]; no Squeeze/If
         return F.normalize((x @ self.text_projection).float(), dim=-1)
 

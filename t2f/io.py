@@ -206,6 +206,28 @@ def umask() -> int:
     return mask
 
 
+def read_json_file(path: str | os.PathLike, max_bytes: int):
+    """JSON from a regular file of at most `max_bytes`; ValueError with one line otherwise (a FIFO or device is never
+    opened for reading, nesting too deep for the parser is refused rather than raised as RecursionError)."""
+    import stat
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if st.st_size > max_bytes:
+        raise ValueError(f"{path} is {st.st_size} bytes, more than the {max_bytes} such a file may have")
+    with open(path, "rb") as f:
+        raw = f.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ValueError(f"{path} grew past {max_bytes} bytes while it was read")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not UTF-8 JSON ({type(e).__name__})") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a t2f file") from None
+
+
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -273,7 +273,7 @@ class SynthesisLayer(nn.Module):
         if self.up:
             self.register_buffer("blur_kernel", self.blur_kernel.to(dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, noise_mode: str = "const", generators: list | None = None) -> torch.Tensor:
         styles = self.affine(w)  # [batch, in_channels], fp32
         if getattr(self, "folded_conv", None) is not None and self.folded_conv.dtype == x.dtype:
             conv, demod = self.folded_conv, self.folded_demod
@@ -295,7 +295,11 @@ class SynthesisLayer(nn.Module):
         if noise_mode == "const":
             x = x + (self.noise_const * self.noise_strength).to(x.dtype)
         elif noise_mode == "random":
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device, dtype=torch.float32)
+            shape = [1, self.resolution, self.resolution]
+            if generators is None:           # torch's global generator
+                noise = torch.randn([x.shape[0], *shape], device=x.device, dtype=torch.float32)
+            else:                            # one generator per row: a row's noise depends only on its own seed
+                noise = torch.stack([torch.randn(shape, device=x.device, dtype=torch.float32, generator=g) for g in generators])
             x = x + (noise * self.noise_strength).to(x.dtype)
         x = lrelu(x + self.bias.to(x.dtype)[None, :, None, None])
         if self.conv_clamp is not None:
@@ -360,13 +364,14 @@ class SynthesisBlock(nn.Module):
         ws: torch.Tensor,                # [batch, num_conv + num_torgb, w_dim] fp32
         dtype: torch.dtype,              # Compute dtype of this block.
         noise_mode: str,
+        generators: list | None = None,  # noise_mode "random": one torch.Generator per row; None = torch's global one.
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.in_channels == 0:
             x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
-            x = self.conv1(x, ws[:, 0], noise_mode)
+            x = self.conv1(x, ws[:, 0], noise_mode, generators)
         else:
-            x = self.conv0(x.to(dtype), ws[:, 0], noise_mode)
-            x = self.conv1(x, ws[:, 1], noise_mode)
+            x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, generators)
+            x = self.conv1(x, ws[:, 1], noise_mode, generators)
         y = self.torgb(x, ws[:, self.num_conv]).to(torch.float32)
         img = y if img is None else upsample2d(img, self.up_kernel) + y
         return x, img
@@ -393,7 +398,8 @@ class SynthesisNetwork(nn.Module):
             setattr(self, f"b{res}", block)
 
     def block_dtype(self, block: SynthesisBlock, precision: Precision) -> torch.dtype:
-        return torch.float16 if precision.half and block.use_fp16 else torch.float32
+        """The dtype a block runs in: the reduced precision's (fp16 or bf16) for the generator's fp16 blocks, else float32."""
+        return precision.dtype if precision.reduced and block.use_fp16 else torch.float32
 
     def fold(self, precision: Precision) -> None:
         """Fold every layer's weight-only computation for `precision` into buffers (for export; see SynthesisLayer.fold)."""
@@ -406,19 +412,26 @@ class SynthesisNetwork(nn.Module):
     def forward(self,
         ws: torch.Tensor,                         # [batch, num_ws, w_dim], used in float32 whatever the precision.
         noise_mode: str = "const",                # "const", "random" or "none".
-        precision: Precision = Precision.FP32,    # FP16: the fp16 blocks run in half precision.
+        precision: Precision = Precision.FP32,    # FP16 / BF16: the fp16 blocks run in that 16-bit type.
+        noise_seeds: list[int] | None = None,     # noise_mode "random": one seed per row (its noise depends on it alone);
+                                                  # None = torch's global generator.
     ) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         precision = Precision.parse(precision)
         ws = ws.to(torch.float32)
+        generators = None
+        if noise_mode == "random" and noise_seeds is not None:
+            if len(noise_seeds) != ws.shape[0]:
+                raise ValueError(f"{len(noise_seeds)} noise seeds for {ws.shape[0]} rows")
+            generators = [torch.Generator(ws.device).manual_seed(int(s)) for s in noise_seeds]
         x = img = None
         w_idx = 0
         for res in self.block_resolutions:
             block = getattr(self, f"b{res}")
             dtype = self.block_dtype(block, precision)
             block_ws = ws[:, w_idx : w_idx + block.num_conv + block.num_torgb]
-            x, img = block(x, img, block_ws, dtype, noise_mode)
+            x, img = block(x, img, block_ws, dtype, noise_mode, generators)
             w_idx += block.num_conv
         return img
 

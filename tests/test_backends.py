@@ -9,8 +9,12 @@ import pytest
 import torch
 
 from engine_helpers import tiny_pipeline
-from t2f.engine.backends import BackendUnavailable, CudaGraphBackend, OnnxRuntimeBackend, TorchBackend, auto_backend, make_backend
+from t2f.engine.backends import (BackendUnavailable, CudaGraphBackend, Models, OnnxRuntimeBackend, OpenVINOBackend, TorchBackend,
+                                 choose, make_backend)
 from t2f.engine.pipeline import TextToFace, sample_z
+from t2f.precision import Precision
+
+CPU = torch.device("cpu")
 
 pytest.importorskip("onnxruntime")
 
@@ -20,6 +24,10 @@ def pipe():
     return tiny_pipeline()
 
 
+def models(pipe, generator=None):
+    return Models(generator or pipe.generator, pipe.clip, pipe.mapper)
+
+
 def inputs(pipe, batch):
     prompts = ["a smiling woman", "an old man with white hair", "a child"] * batch
     tokens = pipe.clip.tokenize(prompts[:batch]).to(torch.int32)
@@ -27,8 +35,8 @@ def inputs(pipe, batch):
 
 
 def test_onnxruntime_matches_eager(pipe):
-    eager = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
-    ort = make_backend("onnxruntime", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+    eager = TorchBackend.create(models(pipe), CPU, Precision.FP32)
+    ort = make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)
     assert isinstance(ort, OnnxRuntimeBackend)
     for batch in (1, 3):
         tokens, z, psi = inputs(pipe, batch)
@@ -42,7 +50,7 @@ def test_onnxruntime_matches_eager(pipe):
 
 
 def test_onnxruntime_buffers_are_allocated_once_per_batch(pipe):
-    ort = make_backend("onnxruntime", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+    ort = make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)
     first = ort(*inputs(pipe, 2))
     pointer = first.data_ptr()
     second = ort(*inputs(pipe, 2))
@@ -73,19 +81,40 @@ def test_pipeline_on_onnxruntime_equals_torch(pipe):
         ort_pipe(["a"], noise_mode="random")
 
 
-def test_auto_and_unavailable_backends(pipe):
-    assert auto_backend(torch.device("cpu"), None) == "onnxruntime"
+def test_auto_and_unavailable_backends(pipe, monkeypatch):
+    import importlib.util
+
+    import t2f.precision
+
+    from t2f.precision import cpu_has_bf16
+
+    # The CPU's preference list: OpenVINO bf16 where the CPU has bf16 and OpenVINO is there, else OpenVINO fp32, ...
+    expected = (OpenVINOBackend, Precision.BF16 if cpu_has_bf16() else Precision.FP32)
+    assert choose(CPU) == expected
+    assert choose(CPU, precision=Precision.FP32) == (OpenVINOBackend, Precision.FP32)
+    assert choose(CPU, "onnxruntime") == (OnnxRuntimeBackend, Precision.FP32)
+    assert choose(CPU, "torch") == (TorchBackend, Precision.FP32)
+    assert choose(CPU, noise_mode="random") == (TorchBackend, Precision.FP32)
+    monkeypatch.setattr(t2f.precision, "cpu_has_bf16", lambda: False)
+    assert choose(CPU) == (OpenVINOBackend, Precision.FP32)
+    with pytest.raises(BackendUnavailable, match="bf16 needs a CPU with bfloat16 instructions"):
+        choose(CPU, "openvino", Precision.BF16)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    assert choose(CPU) == (OnnxRuntimeBackend, Precision.FP32)
+    with pytest.raises(BackendUnavailable, match='openvino.*not installed.*t2f\\[openvino\\]'):
+        choose(CPU, "openvino")
     with pytest.raises(BackendUnavailable, match="tensorrt needs a CUDA device"):
-        make_backend("tensorrt", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+        make_backend("tensorrt", models(pipe), CPU)
     with pytest.raises(BackendUnavailable, match="CUDA"):
-        CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+        make_backend("torch-cudagraph", models(pipe), CPU)
 
 
 @pytest.mark.gpu
 def test_cudagraph_matches_eager_fp16():
     pipe = tiny_pipeline(device="cuda")
-    eager = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"), "fp16")
-    graph = CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"))
+    eager = TorchBackend.create(models(pipe), torch.device("cuda"), Precision.FP16)
+    graph = CudaGraphBackend.create(models(pipe), torch.device("cuda"), Precision.FP16)
     tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
     a, b = eager(tokens, z, psi), graph(tokens, z, psi).clone()
     assert (a.float() - b.float()).abs().mean() < 2.0
@@ -110,7 +139,7 @@ def test_interactive_loop(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 2 and lines[0].split()[1] == "ms" and lines[0].endswith("a smiling woman")
     assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".png")) == ["out-0001.png", "out-0002.png"]
-    assert "ready (onnxruntime on cpu)" in proc.stderr and "2 prompt(s)" in proc.stderr
+    assert "ready (onnxruntime on cpu, fp32" in proc.stderr and "2 prompt(s)" in proc.stderr
 
 
 def test_interactive_refuses_prompt_arguments(tmp_path):
@@ -154,20 +183,20 @@ def test_artifacts_of_other_models_are_refused(pipe, tmp_path):
 
     out = tmp_path / "artifacts"
     export_artifacts(out, pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
-    OnnxRuntimeBackend(out, torch.device("cpu"), (pipe.generator, pipe.clip, pipe.mapper))   # the right models: fine
+    OnnxRuntimeBackend(out, CPU, models(pipe))   # the right models: fine
     other = randomize(random_generator("tiny"), seed=7)
     with pytest.raises(BackendUnavailable, match="exported from other models"):
-        make_backend("onnxruntime", other, pipe.clip, pipe.mapper, torch.device("cpu"), artifacts=str(out))
+        make_backend("onnxruntime", models(pipe, other), CPU, artifacts=str(out))
     # Same weights, another conv_clamp: another graph.
     clamped = Generator(GeneratorConfig.from_dict(dict(pipe.generator.config.to_dict(), conv_clamp=0.05)))
     clamped.load_state_dict(pipe.generator.state_dict())
     with pytest.raises(BackendUnavailable, match="exported from other models"):
-        make_backend("onnxruntime", clamped, pipe.clip, pipe.mapper, torch.device("cpu"), artifacts=str(out))
+        make_backend("onnxruntime", models(pipe, clamped), CPU, artifacts=str(out))
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["onnx"]["synthesis.onnx"]["parity_ok"] = False
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BackendUnavailable, match="failed its parity check"):
-        make_backend("onnxruntime", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"), artifacts=str(out))
+        make_backend("onnxruntime", models(pipe), CPU, artifacts=str(out))
 
 
 def test_infer_with_mismatched_artifacts_gives_one_line(pipe, tmp_path):
@@ -185,10 +214,6 @@ def test_infer_with_mismatched_artifacts_gives_one_line(pipe, tmp_path):
     assert not (tmp_path / "faces.png").exists()
 
 
-def test_auto_backend_choices():
-    assert auto_backend(torch.device("cpu"), None, noise_mode="random") == "torch"
-
-
 # ----------------------------------------------------------------------------
 # GPU-path rules that the CPU can check: pure functions and our own control flow.
 
@@ -204,6 +229,9 @@ def test_precision_is_one_type():
     with pytest.raises(ValueError, match="one of fp32, fp16"):
         Precision.parse("fp8")
     assert Precision.FP32.runs_on("cpu") and not Precision.FP16.runs_on("cpu")
+    assert (Precision.BF16.dtype, Precision.BF16.suffix, Precision.BF16.onnx) == (torch.bfloat16, "", Precision.FP32)
+    with pytest.raises(ValueError, match="bf16 is the CPU's reduced precision here; use fp16 on CUDA"):
+        Precision.BF16.check_device("cuda")
 
 
 def test_onnxruntime_providers_order_with_torch_and_trt_is_opt_in():
@@ -214,10 +242,13 @@ def test_onnxruntime_providers_order_with_torch_and_trt_is_opt_in():
     assert ort_providers("cuda", torch.device("cpu"), 0) == ["CPUExecutionProvider"]
     assert ort_providers("cuda", cuda, 1234) == [("CUDAExecutionProvider", {
         "device_id": "1", "user_compute_stream": "1234", "has_user_compute_stream": "1"})]     # no TensorRT by default
+    assert ort_providers("cuda", torch.device("cuda"), 1234, device_id=3)[0][1]["device_id"] == "3"   # plain cuda: the current one
     spec = graph_specs(ModelDims(16, 128, 16, 10, 32, 64, 3))["mapper"]
     providers = ort_providers("tensorrt", cuda, 1234, spec, (1, 2, 8), "art/cache")
-    assert [p for p, _ in providers] == ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+    assert [p for p, _ in providers] == ["TensorrtExecutionProvider"]          # no silent fallback to the CUDA provider
     trt = providers[0][1]
+    assert trt["trt_fp16_enable"] == "False"
+    assert ort_providers("tensorrt", cuda, 1, spec, (1, 2, 8), "c", Precision.FP16)[0][1]["trt_fp16_enable"] == "True"
     assert trt["user_compute_stream"] == "1234" and trt["device_id"] == "1"
     assert trt["trt_engine_cache_enable"] == trt["trt_timing_cache_enable"] == "True"
     assert trt["trt_engine_cache_path"] == trt["trt_timing_cache_path"] == "art/cache"
@@ -266,19 +297,19 @@ def test_backends_declare_what_they_can_do():
     assert BACKEND_CLASSES["torch-cudagraph"].stage_timing == "eager" and BACKEND_CLASSES["onnxruntime"].stage_timing == "graph"
     for name in ("torch-cudagraph", "tensorrt", "onnxruntime-tensorrt"):
         with pytest.raises(BackendUnavailable, match="needs a CUDA device"):
-            BACKEND_CLASSES[name].check_available(torch.device("cpu"), Precision.FP16 if name == "torch-cudagraph" else Precision.FP32)
+            BACKEND_CLASSES[name].check_available(CPU, Precision.FP16 if name == "torch-cudagraph" else Precision.FP32)
 
 
 def test_providers_are_checked_before_any_export(pipe, monkeypatch):
     """A backend that cannot run here is refused before minutes of ONNX export."""
-    import t2f.engine.backends as backends
+    import t2f.engine.backends.registry as registry
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported before checking the providers")
 
-    monkeypatch.setattr(backends, "ensure_onnx", no_export)
+    monkeypatch.setattr(registry, "ensure_onnx", no_export)
     with pytest.raises(BackendUnavailable, match="needs a CUDA device"):
-        make_backend("onnxruntime-tensorrt", pipe.generator, pipe.clip, pipe.mapper, torch.device("cpu"))
+        make_backend("onnxruntime-tensorrt", models(pipe), CPU)
 
 
 def test_device_auto_falls_back_to_the_cpu_with_a_note(pipe, monkeypatch):
@@ -289,11 +320,11 @@ def test_device_auto_falls_back_to_the_cpu_with_a_note(pipe, monkeypatch):
     real = pipeline.make_backend
     tried = []
 
-    def make_backend_here(name, generator, clip, mapper, device, *args, **kwargs):
+    def make_backend_here(name, models, device, *args, **kwargs):
         tried.append(device.type)
         if device.type == "cuda":
             raise BackendUnavailable("onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu)")
-        return real(name, generator, clip, mapper, device, *args, **kwargs)
+        return real(name, models, device, *args, **kwargs)
 
     monkeypatch.setattr(pipeline, "resolve_device", lambda device: torch.device("cuda" if device == "auto" else device))
     monkeypatch.setattr(pipeline, "make_backend", make_backend_here)
@@ -326,13 +357,13 @@ def test_bench_skips_a_failed_export_and_keeps_every_row(tmp_path, monkeypatch):
     assert "out of disk" in reasons["onnxruntime"] and "needs a CUDA device" in reasons["torch-cudagraph"]
     stages = report["results"][0]["stages"]["end_to_end"]
     assert stages["samples"] == 2 and "p99_ms" not in stages and stages["max_ms"] >= stages["median_ms"]
-    assert "median (max) ms over 2 runs" in (tmp_path / "b.md").read_text()
+    assert "median (max) ms over 2 interleaved rounds" in (tmp_path / "b.md").read_text()
 
-    # Killed while measuring the second backend: the rows measured so far are on disk.
+    # Killed in the second round: the rows of the first round are on disk.
     real_measure, calls = bench.measure, []
 
     def measure_then_stop(*args, **kwargs):
-        if calls:
+        if len(calls) == 2:                               # two rows (torch, onnxruntime) per round
             raise KeyboardInterrupt
         calls.append(1)
         return real_measure(*args, **kwargs)
@@ -342,7 +373,8 @@ def test_bench_skips_a_failed_export_and_keeps_every_row(tmp_path, monkeypatch):
     (tmp_path / "b.json").unlink()
     CliRunner().invoke(bench.main, [a if a != "onnxruntime,torch-cudagraph" else "onnxruntime" for a in args])
     report = json.loads((tmp_path / "b.json").read_text())
-    assert [(r["backend"], r["batch"]) for r in report["results"]] == [("torch", 1)] and report["skipped"] == []
+    assert [(r["backend"], r["batch"]) for r in report["results"]] == [("torch", 1), ("onnxruntime", 1)]
+    assert report["skipped"] == [] and all(r["stages"]["end_to_end"]["samples"] == 1 for r in report["results"])
 
 
 # ----------------------------------------------------------------------------
@@ -372,7 +404,7 @@ def test_cudagraph_on_an_explicit_device_index_and_replays_match_eager_twins():
     """cuda:0 by index (the device guards), and the captured pipeline's ws equal its eager stages' ws exactly."""
     device = torch.device("cuda", 0)
     pipe = tiny_pipeline(device="cpu")
-    graph = CudaGraphBackend(pipe.generator, pipe.clip, pipe.mapper, device)
+    graph = CudaGraphBackend.create(models(pipe), device, Precision.FP16)
     tokens, z, psi = (t.to(device) for t in inputs(pipe, 3))
     ws, image = graph.full(tokens, z, psi)
     eager_ws = graph.map(graph.encode(tokens), z, psi)
@@ -386,8 +418,8 @@ def test_fp16_eager_keeps_ws_in_fp32_on_cuda():
     from t2f.precision import Precision
 
     pipe = tiny_pipeline(device="cuda")
-    eager = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"), Precision.FP16)
-    full = TorchBackend(pipe.generator, pipe.clip, pipe.mapper, torch.device("cuda"), Precision.FP32)
+    eager = TorchBackend.create(models(pipe), torch.device("cuda"), Precision.FP16)
+    full = TorchBackend.create(models(pipe), torch.device("cuda"), Precision.FP32)
     tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
     e = full.encode(tokens)
     assert torch.equal(eager.map(e, z, psi), full.map(e, z, psi))         # the mapper is fp32 in both

@@ -210,7 +210,7 @@ def test_outputs_have_the_usual_permissions(tmp_path):
 def test_a_failed_write_leaves_no_output(tmp_path):
     import click
 
-    from t2f.engine.cli import _write_all
+    from t2f.cli_errors import write_files as _write_all
 
     (tmp_path / "blocker").write_text("a file where a directory should be")
     with pytest.raises(click.ClickException, match="cannot write"):

@@ -45,7 +45,7 @@ def test_files_and_manifest(exported):
     for name, entry in manifest["onnx"].items():
         assert entry["sha256"] == hashlib.sha256((exported / name).read_bytes()).hexdigest()
     assert manifest["models"]["generator"]["resolution"] == 64 and manifest["models"]["clip"]["name"] == "tiny"
-    assert manifest.get("tensorrt") is None
+    assert manifest["tensorrt"] == {} and manifest["graph_precisions"] == {}
 
 
 @pytest.mark.parametrize("precision,bound", [("fp32", 1e-4), ("fp16", 2e-2)])
@@ -147,17 +147,20 @@ def test_tensorrt_missing_fails_before_any_work(tmp_path):
 
 
 def test_engines_for_another_gpu_or_tensorrt_are_refused():
-    built = {"tensorrt": {"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"}}
-    check_compatible(built, dict(built["tensorrt"]))
+    from t2f.export.manifest import Manifest
+
+    built = Manifest(tensorrt={"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
+    check_compatible(built, dict(built.tensorrt))
     with pytest.raises(ExportError, match="TensorRT version '10.3.0'.*run t2f-export again"):
-        check_compatible(built, dict(built["tensorrt"], tensorrt="10.8.0"))
+        check_compatible(built, dict(built.tensorrt, tensorrt="10.8.0"))
     with pytest.raises(ExportError, match="GPU 'NVIDIA H100 80GB HBM3'"):
-        check_compatible(built, dict(built["tensorrt"], gpu="NVIDIA H200"))
+        check_compatible(built, dict(built.tensorrt, gpu="NVIDIA H200"))
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is needed (it cannot be installed on our machines)")
 def test_tensorrt_engines_build_and_load(tmp_path):
+    from t2f.export.manifest import Manifest
     from t2f.export.tensorrt import load_engine
 
     out = tmp_path / "trt"
@@ -165,7 +168,7 @@ def test_tensorrt_engines_build_and_load(tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert set(manifest["tensorrt"]["engines"]) == {"text_encoder.fp16.plan", "mapper.fp16.plan", "synthesis.fp16.plan"}
     for name in manifest["tensorrt"]["engines"]:
-        assert load_engine(out / name, manifest) is not None
+        assert load_engine(out / name, Manifest.read(out)) is not None
     result = export([*TINY, "--out", out, "--fp16", "--batch", "1:2:4"])
     assert result.output.count("cached ") == 6
 
@@ -240,7 +243,7 @@ def test_image_channels_come_from_the_manifest(tiny_clip, tmp_path):
     generator = Generator(config).eval().requires_grad_(False)
     mapper = random_mapper(generator, tiny_clip.embed_dim)
     manifest, _ = export_artifacts(tmp_path / "gray", generator, tiny_clip, mapper, "fp32", [1], {})
-    assert manifest["models"]["generator"]["img_channels"] == 1
+    assert manifest.models["generator"]["img_channels"] == 1
     backend = OnnxRuntimeBackend(tmp_path / "gray", torch.device("cpu"), (generator, tiny_clip, mapper))
     ws = generator.mapping(torch.randn(3, config.z_dim))
     image = backend.synthesize(ws)

@@ -1,0 +1,147 @@
+"""The backend contract: what every way of running the three graphs answers and how it is made.
+
+    encode(tokens [B, context] int32)                  -> embedding [B, D] float32
+    map(embedding [B, D], z [B, z_dim], psi [B])       -> ws [B, num_ws, w_dim] float32
+    synthesize(ws [B, num_ws, w_dim])                  -> image [B, H, W, C] uint8
+    full(tokens, z, psi)                               -> (ws, image), the three in a row
+    __call__(tokens, z, psi)                           -> image
+
+Torch tensors in, torch tensors out, on the backend's device. Backends other than `torch` allocate
+their output buffers once per batch size and return those buffers: a result is valid until the next
+call with the same batch size (copy it to keep it).
+
+Every backend class answers `check_available(device, precision, artifacts, noise_mode)` (raises
+BackendUnavailable with one line, before any work) and is made by `create(models, device, precision,
+artifacts)`. Each declares what it can do (`devices`, `precisions`, `noise_modes`, `stage_timing`,
+`separate_uint8`, `max_batch`); callers ask it, they never test its type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from t2f.clip import Clip
+from t2f.graphs import GraphSpec
+from t2f.mapper import Mapper
+from t2f.precision import Precision
+from t2f.stylegan2 import Generator
+
+
+class BackendUnavailable(Exception):
+    """A backend that cannot run here (missing library, GPU or artifacts, or a precision it does not run)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The three models a pipeline runs."""
+    generator: Generator
+    clip: Clip
+    mapper: Mapper
+
+    def __iter__(self):
+        return iter((self.generator, self.clip, self.mapper))
+
+
+def cpu_threads() -> int:
+    """Threads of every CPU backend: torch's intra-op count (torch.set_num_threads / OMP_NUM_THREADS set it)."""
+    return torch.get_num_threads()
+
+
+class Backend:
+    name = "base"
+    devices: tuple[str, ...] = ("cpu", "cuda")      # device types it runs on
+    precisions: tuple[Precision, ...] = (Precision.FP32, Precision.FP16)
+    noise_modes: tuple[str, ...] = ("const",)      # exported graphs hold constant noise
+    modules: tuple[str, ...] = ()                  # Python packages it needs
+    stage_timing = "graph"          # what t2f-bench's per-stage columns time: "graph" (each stage's own graph or
+                                    # eager module, as `full` runs it) or "eager" (eager twins of a captured pipeline)
+    separate_uint8 = False          # True: synthesize_float(ws) + to_uint8 are separate steps (eager PyTorch)
+    uses_artifacts = False          # runs exported graphs (from an artifact directory)
+    exports_on_demand = False       # exports its ONNX graphs into the cache when no artifacts are given
+    min_batch = 1                   # smallest batch one call runs (engines' profiles; a smaller one is padded up to it)
+    max_batch = 1 << 30             # largest batch one call takes (engines have a profile)
+
+    def __init__(self, device: torch.device, precision: Precision):
+        self.device, self.precision = device, precision
+        self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
+
+    # --- the contract ---------------------------------------------------------
+
+    @classmethod
+    def check_available(cls, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
+                        noise_mode: str = "const") -> None:
+        """BackendUnavailable with one line, before any work, where this backend cannot run as asked."""
+        if device.type not in cls.devices:
+            raise BackendUnavailable(f"{cls.name} needs a CUDA device" if cls.devices == ("cuda",) else
+                                     f"{cls.name} runs on the CPU only" if cls.devices == ("cpu",) else
+                                     f"{cls.name} runs on {' or '.join(cls.devices)}, not {device.type}")
+        if precision not in cls.precisions:
+            raise BackendUnavailable(f"{cls.name} runs in {' or '.join(map(str, cls.precisions))}, not {precision}")
+        try:
+            precision.check_device(device)
+        except ValueError as e:
+            raise BackendUnavailable(str(e)) from None
+        if noise_mode not in cls.noise_modes:
+            raise BackendUnavailable(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
+        missing = [m for m in cls.modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise BackendUnavailable(f"{cls.name} needs the Python package {missing[0]}, which is not installed"
+                                     f"{cls.install_hint()}")
+        if cls.uses_artifacts and artifacts is None and not cls.exports_on_demand:
+            raise BackendUnavailable(f"--backend {cls.name} needs --artifacts DIR with engines made by t2f-export")
+        cls.check_runtime(device, precision)
+
+    @classmethod
+    def install_hint(cls) -> str:
+        return ""
+
+    @classmethod
+    def check_runtime(cls, device: torch.device, precision: Precision) -> None:
+        """The backend's own checks of its runtime (providers, plugins); BackendUnavailable where it cannot run."""
+
+    @classmethod
+    def create(cls, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None) -> "Backend":
+        raise NotImplementedError
+
+    # --- running ----------------------------------------------------------------
+
+    def __call__(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        return self.full(tokens, z, psi)[1]
+
+    def full(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ws, image) of the whole pipeline; backends with a captured graph replay it here."""
+        ws = self.map(self.encode(tokens), z, psi)
+        return ws, self.synthesize(ws)
+
+
+class ArtifactBackend(Backend):
+    """Runs exported graphs by spec: subclasses implement _run(spec, feeds) -> output tensor."""
+
+    uses_artifacts = True
+    specs: dict[str, GraphSpec]
+
+    def encode(self, tokens):
+        return self._run(self.specs["text_encoder"], {"tokens": tokens.to(torch.int32)})
+
+    def map(self, embedding, z, psi):
+        return self._run(self.specs["mapper"], {"embedding": embedding.float(), "z": z.float(), "psi": psi.float()})
+
+    def synthesize(self, ws):
+        return self._run(self.specs["synthesis"], {"ws": ws.float()})
+
+
+def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` with its last row repeated up to `rows` rows (a short block, or a batch below a profile's minimum)."""
+    missing = rows - tensor.shape[0]
+    return tensor if missing <= 0 else torch.cat([tensor, tensor[-1:].expand(missing, *tensor.shape[1:])])
+
+
+def runnable_batch(batch: int, min_batch: int, max_batch: int) -> int:
+    """The batch an engine runs for `batch` rows: padded up to its profile's minimum; ValueError above its maximum."""
+    if batch > max_batch:
+        raise ValueError(f"batch {batch} is above the engines' profile (at most {max_batch}); re-export with a larger --batch")
+    return max(batch, min_batch)

@@ -1,0 +1,103 @@
+"""OpenVINO on the CPU: the exported ONNX graphs, fp32 or bf16 (`INFERENCE_PRECISION_HINT`).
+
+bf16 runs the fp32 graphs with OpenVINO lowering their matrix products and convolutions to bfloat16
+(AVX512_BF16 / AMX); each graph does so only where its bf16 parity, measured once at export and
+recorded in the manifest, is within bounds (`t2f.export.onnx_export.BF16_BOUNDS`); else it stays fp32.
+Each graph is compiled once per block size with static shapes, with OpenVINO's model cache in
+T2F_CACHE/openvino, so a second start loads compiled blobs instead of compiling again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from t2f.graphs import GraphSpec, graph_specs
+from t2f.precision import Precision
+
+from .base import ArtifactBackend, BackendUnavailable, Models, cpu_threads
+
+OV_PRECISIONS = {Precision.FP32: "f32", Precision.BF16: "bf16"}
+
+
+def openvino_cache() -> Path:
+    from t2f.download import cache_dir
+
+    path = cache_dir() / "openvino"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class OpenVINOBackend(ArtifactBackend):
+    """The exported ONNX graphs through OpenVINO's CPU plugin, fp32 or bf16, static shapes per block size."""
+
+    name = "openvino"
+    devices = ("cpu",)
+    precisions = (Precision.FP32, Precision.BF16)
+    modules = ("openvino",)
+    exports_on_demand = True
+
+    @classmethod
+    def install_hint(cls):
+        return ' (pip install "t2f[openvino]")'
+
+    @classmethod
+    def check_runtime(cls, device, precision):
+        if precision is Precision.BF16:
+            import openvino
+
+            if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+                raise BackendUnavailable("OpenVINO's CPU plugin does not offer bf16 on this CPU; use fp32")
+
+    @classmethod
+    def create(cls, models: Models, device, precision, artifacts=None):
+        from .registry import ensure_onnx
+
+        return cls(ensure_onnx(models, precision, artifacts), device, models, precision)
+
+    def __init__(self, artifacts, device: torch.device, models: Models, precision: Precision = Precision.FP32):
+        import openvino
+
+        from t2f.export.onnx_export import check_artifacts, onnx_session
+
+        super().__init__(device, precision)
+        artifacts = Path(artifacts)
+        manifest = check_artifacts(artifacts, *models, precision, error=BackendUnavailable)
+        self.specs = graph_specs(manifest.dims)
+        self.core = openvino.Core()
+        self.cache = openvino_cache()
+        self.core.set_property({"CACHE_DIR": str(self.cache)})
+        self.paths = {}
+        for graph, spec in self.specs.items():
+            name = spec.file_name(precision.onnx)
+            onnx_session(artifacts / name, manifest.sha256(name))          # checksum and loadability, before OpenVINO reads it
+            self.paths[graph] = artifacts / name
+            self.graph_precisions[graph] = Precision.parse(manifest.graph_precision(graph, precision))
+        self.requests: dict[tuple[str, int], object] = {}
+        self.outputs: dict[tuple[str, int], torch.Tensor] = {}
+
+    def _request(self, spec: GraphSpec, batch: int):
+        """An infer request of `spec`'s graph compiled for exactly `batch` rows (from OpenVINO's cache where it is there)."""
+        key = (spec.name, batch)
+        if key not in self.requests:
+            model = self.core.read_model(str(self.paths[spec.name]))
+            model.reshape({t.name: [batch, *t.shape] for t in spec.inputs})
+            config = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[self.graph_precisions[spec.name]],
+                      "INFERENCE_NUM_THREADS": cpu_threads(), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+            try:
+                compiled = self.core.compile_model(model, "CPU", config)
+            except RuntimeError as e:
+                raise RuntimeError(f"OpenVINO cannot compile {spec.name}: {str(e).splitlines()[0]}") from None
+            self.requests[key] = compiled.create_infer_request()
+            self.outputs[key] = torch.empty(spec.output_shape(batch), dtype=spec.output.dtype)
+        return self.requests[key], self.outputs[key]
+
+    def _run(self, spec: GraphSpec, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        batch = next(iter(feeds.values())).shape[0]
+        request, out = self._request(spec, batch)
+        inputs = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in feeds.items()}
+        request.infer(inputs, share_inputs=True)
+        out.copy_(torch.from_numpy(request.get_output_tensor(0).data))     # the request's own buffer is reused too
+        return out

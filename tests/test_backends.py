@@ -1,5 +1,6 @@
 """Backends beside eager PyTorch, the interactive loop, and t2f-bench, on the CPU with the tiny models."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -426,3 +427,105 @@ def test_fp16_eager_keeps_ws_in_fp32_on_cuda():
     ws = full.map(e, z, psi)
     a, b = full.synthesize_float(ws), eager.synthesize_float(ws)
     assert ((a - b).norm() / a.norm()).item() < 2e-2
+
+
+# ----------------------------------------------------------------------------
+# OpenVINO, bf16 and torch.compile on the CPU.
+
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
+needs_openvino = pytest.mark.skipif(not HAVE_OPENVINO, reason='the openvino backend needs OpenVINO: pip install -e ".[openvino]"')
+
+
+def _precisions_here():
+    from t2f.precision import cpu_has_bf16
+
+    return [Precision.FP32] + ([Precision.BF16] if cpu_has_bf16() else [])
+
+
+@needs_openvino
+@pytest.mark.parametrize("precision", _precisions_here(), ids=str)
+def test_openvino_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe, precision):
+    ov = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="openvino", precision=precision, batch_size=2)
+    assert ov.backend.name == "openvino" and ov.precision is precision
+    alone = ov.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
+    five = ov.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+                                prompts=["a child", "a smiling woman", "an old man", "b", "c"])
+    assert torch.equal(five.images[1], alone.images[0]) and torch.equal(five.ws[1], alone.ws[0])
+    assert not torch.equal(five.images[0], five.images[2])
+    eager = pipe.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+                                   prompts=["a child", "a smiling woman", "an old man", "b", "c"])
+    diff = (five.images.int() - eager.images.int()).abs()
+    if precision is Precision.FP32:                       # the same bounds as the export's parity table
+        assert ((five.ws - eager.ws).norm() / eager.ws.norm()) < 1e-5 and diff.max() <= 1
+    else:
+        e = ov.text_conditions(["a child", "an old man"])
+        cos = torch.nn.functional.cosine_similarity(e, pipe.text_conditions(["a child", "an old man"]), dim=-1)
+        assert cos.min() >= 0.999 and diff.float().mean() <= 2.0 and 0 < diff.max()
+
+
+@needs_openvino
+def test_openvino_second_start_loads_its_compiled_graphs_from_the_cache(pipe):
+    from t2f.engine.backends.openvino_runtime import openvino_cache
+
+    first = make_backend("openvino", models(pipe), CPU, Precision.FP32)
+    first(*inputs(pipe, 2))
+    blobs = {p.name: p.stat().st_mtime_ns for p in openvino_cache().iterdir()}
+    assert len([b for b in blobs if b.endswith(".blob")]) >= 3           # one per graph at this block size
+    second = make_backend("openvino", models(pipe), CPU, Precision.FP32)
+    assert torch.equal(second(*inputs(pipe, 2)), first(*inputs(pipe, 2)))
+    assert {p.name: p.stat().st_mtime_ns for p in openvino_cache().iterdir()} == blobs   # nothing compiled or written again
+
+
+@needs_openvino
+def test_a_graph_that_fails_its_bf16_parity_runs_fp32(pipe, tmp_path, monkeypatch):
+    from t2f.export import onnx_export
+    from t2f.precision import cpu_has_bf16
+
+    if not cpu_has_bf16():
+        pytest.skip("this CPU has no bf16 instructions")
+    monkeypatch.setitem(onnx_export.BF16_BOUNDS, "text_encoder_cosine", 1.5)       # no embedding can pass
+    manifest, rows = onnx_export.export_artifacts(tmp_path / "a", pipe.generator, pipe.clip, pipe.mapper, "bf16", [1], {})
+    assert manifest.graph_precisions["bf16"] == {"text_encoder": "fp32", "mapper": "fp32", "synthesis": "bf16"}
+    assert "no: runs fp32" in (tmp_path / "a" / "parity.md").read_text()
+    backend = make_backend("openvino", models(pipe), CPU, Precision.BF16, artifacts=str(tmp_path / "a"))
+    assert backend.graph_precisions == {"text_encoder": Precision.FP32, "mapper": Precision.FP32, "synthesis": Precision.BF16}
+    ov = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="openvino", precision="bf16",
+                    artifacts=str(tmp_path / "a"))
+    assert ov.summary == "openvino on cpu, bf16 (text_encoder fp32, mapper fp32)"
+    e = ov.text_conditions(["a child"])
+    assert ((e - pipe.text_conditions(["a child"])).norm() / e.norm()) < 1e-5        # the fp32 graph ran
+
+
+def test_bf16_is_refused_with_one_line_where_the_cpu_lacks_it(monkeypatch, tmp_path):
+    import t2f.precision
+
+    monkeypatch.setattr(t2f.precision, "cpu_has_bf16", lambda: False)
+    with pytest.raises(BackendUnavailable, match="bf16 needs a CPU with bfloat16 instructions"):
+        choose(CPU, "torch", Precision.BF16)
+    from click.testing import CliRunner
+
+    from engine_helpers import TINY
+    from t2f.engine.cli import main as infer_main
+
+    result = CliRunner().invoke(infer_main, [*TINY, "--precision", "bf16", "--device", "cpu", "a", "--out", str(tmp_path / "f.png")])
+    assert result.exit_code == 2 and "bf16 needs a CPU with bfloat16 instructions" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "f.png").exists()
+
+
+@pytest.mark.slow
+def test_torch_compile_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe):
+    """Inductor on the CPU (a C++ compiler is needed): compiles each stage once per block size (tens of seconds)."""
+    from t2f.engine.backends import TorchCompileBackend
+
+    try:
+        TorchCompileBackend.check_available(CPU, Precision.FP32)
+    except BackendUnavailable as e:
+        pytest.skip(str(e))
+    compiled = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="torch-compile", batch_size=2)
+    alone = compiled.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
+    three = compiled.generate_requests([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
+    assert torch.equal(three.images[1], alone.images[0]) and torch.equal(three.ws[1], alone.ws[0])
+    eager = pipe.generate_requests([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
+    assert ((three.ws - eager.ws).norm() / eager.ws.norm()) < 1e-5
+    assert (three.images.int() - eager.images.int()).abs().max() <= 1
+    assert os.listdir(compiled.backend.cache)                          # Inductor's cache is in t2f's cache directory

@@ -177,16 +177,18 @@ def _load() -> str:
 
 
 def runs_for(names: list[str], device: torch.device) -> list[tuple[str, object]]:
-    """(backend, precision) pairs to time: eager fp32 first, then each named backend in every precision it has on this
-    device (those that cannot run here are kept, to be listed as skipped with the reason)."""
+    """(backend, precision) pairs to time: eager fp32 first, then each named backend ("NAME" or "NAME:PRECISION") in
+    the precision named, or in every precision it has on this device (those that cannot run here are kept, to be
+    listed as skipped with the reason)."""
     from t2f.precision import Precision
 
     from .backends import BACKEND_CLASSES
 
     runs = [("torch", Precision.FP32)]
-    for name in names:
-        precisions = BACKEND_CLASSES[name].precisions
-        runs += [(name, p) for p in precisions if (name, p) not in runs and (p.runs_on(device) or len(precisions) == 1)]
+    for entry in names:
+        name, _, fixed = entry.partition(":")
+        precisions = (Precision(fixed),) if fixed else BACKEND_CLASSES[name].precisions
+        runs += [(name, p) for p in precisions if (name, p) not in runs and (fixed or p.runs_on(device) or len(precisions) == 1)]
     return runs
 
 
@@ -313,10 +315,15 @@ def _batches(ctx, param, value: str) -> list[int]:
 def _backends(ctx, param, value: str) -> list[str]:
     from .backends import BACKENDS
 
+    from t2f.precision import PRECISIONS
+
     names = list(BACKENDS) if value == "all" else [b.strip() for b in value.split(",")]
-    unknown = [b for b in names if b not in BACKENDS]
+    unknown = [b for b in names if b.partition(":")[0] not in BACKENDS]
     if unknown:
         raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    odd = [b for b in names if b.partition(":")[2] not in ("",) + PRECISIONS]
+    if odd:
+        raise click.BadParameter(f"unknown precision in {odd}; NAME:PRECISION takes one of {', '.join(PRECISIONS)}")
     return names
 
 
@@ -324,7 +331,7 @@ def _backends(ctx, param, value: str) -> list[str]:
 @click.option("--generator",  help="Generator", metavar="NAME|PATH", default="tiny", show_default=True)
 @click.option("--clip",       help="CLIP", metavar="SPEC", default="tiny", show_default=True)
 @click.option("--mapper",     help="Mapper directory or tiny (random weights are fine for timing)", metavar="DIR|NAME", default="tiny", show_default=True)
-@click.option("--backends",   help="Comma-separated backends beside eager fp32, or all", metavar="LIST", default="all", show_default=True, callback=_backends)
+@click.option("--backends",   help="Comma-separated backends (NAME or NAME:PRECISION) beside eager fp32, or all", metavar="LIST", default="all", show_default=True, callback=_backends)
 @click.option("--batches",    help="Comma-separated batch sizes", metavar="LIST", default="1,8,32", show_default=True, callback=_batches)
 @click.option("--warmup",     help="Untimed rounds first", metavar="INT", type=click.IntRange(0, 1000), default=3, show_default=True)
 @click.option("--iters",      help="Timed rounds", metavar="INT", type=click.IntRange(1, 10000), default=20, show_default=True)

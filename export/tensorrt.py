@@ -76,6 +76,8 @@ def build_engine(
     config = builder.create_builder_config()
     if Precision.parse(precision).half and not strongly_typed:
         config.set_flag(trt.BuilderFlag.FP16)
+    if hasattr(trt.BuilderFlag, "TF32"):
+        config.clear_flag(trt.BuilderFlag.TF32)        # fp32 layers are true fp32 (TensorRT allows TF32 by default)
     config.builder_optimization_level = optimization_level
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in profiles.items():

@@ -20,3 +20,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
     return resolved
+
+
+def pin_cuda_numerics() -> None:
+    """What t2f's fp32 and bit-for-bit claims need on CUDA, set process-wide when a CUDA backend is made.
+
+    True fp32: no TF32 in cuBLAS or cuDNN (PyTorch lets cuDNN's convolutions use TF32 by default, so an "fp32"
+    synthesis on an A100/H100/H200 would be TF32). Deterministic cuDNN: no autotuning by timing (which can pick
+    another algorithm per run) and no non-deterministic kernels (conv_transpose2d's backward-data kernels among
+    them), so the same inputs give the same bits run after run and a row's result does not depend on its block.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False

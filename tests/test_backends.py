@@ -242,7 +242,7 @@ def test_onnxruntime_providers_order_with_torch_and_trt_is_opt_in():
     cuda = torch.device("cuda", 1)
     assert ort_providers("cuda", torch.device("cpu"), 0) == ["CPUExecutionProvider"]
     assert ort_providers("cuda", cuda, 1234) == [("CUDAExecutionProvider", {
-        "device_id": "1", "user_compute_stream": "1234", "has_user_compute_stream": "1"})]     # no TensorRT by default
+        "device_id": "1", "user_compute_stream": "1234", "has_user_compute_stream": "1", "use_tf32": "0"})]   # no TensorRT by default
     assert ort_providers("cuda", torch.device("cuda"), 1234, device_id=3)[0][1]["device_id"] == "3"   # plain cuda: the current one
     spec = graph_specs(ModelDims(16, 128, 16, 10, 32, 64, 3))["mapper"]
     providers = ort_providers("tensorrt", cuda, 1234, spec, (1, 2, 8), "art/cache")
@@ -529,3 +529,44 @@ def test_torch_compile_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe):
     assert ((three.ws - eager.ws).norm() / eager.ws.norm()) < 1e-5
     assert (three.images.int() - eager.images.int()).abs().max() <= 1
     assert os.listdir(compiled.backend.cache)                          # Inductor's cache is in t2f's cache directory
+
+
+def test_random_noise_runs_whole_blocks_and_a_row_keeps_its_own_noise(pipe, monkeypatch):
+    """noise_mode random: one synthesis call per block (not per image, not under a process-wide lock), and each row's
+    noise comes from its own seed, so a row is the same alone or in a block."""
+    from conftest import randomize
+    from t2f.presets import random_generator
+
+    g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows
+    four = TextToFace(g, pipe.clip, pipe.mapper, device="cpu", backend="torch", batch_size=4)
+    calls = []
+    real = four.backend.synthesize
+    monkeypatch.setattr(four.backend, "synthesize", lambda ws, **kw: calls.append(ws.shape[0]) or real(ws, **kw))
+    rows = four.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0] * 5, prompts=["a", "b", "c", "d", "e"], noise_mode="random")
+    assert calls == [4, 4]
+    alone = four.generate_requests([5], [1], [1.0], prompts=["b"], noise_mode="random")
+    assert torch.equal(rows.images[1], alone.images[0])
+    const = four.generate_requests([5], [1], [1.0], prompts=["b"])
+    assert not torch.equal(const.images[0], alone.images[0])           # the noise is there
+
+
+@pytest.mark.gpu
+def test_cuda_numerics_are_pinned_and_rows_are_bit_for_bit():
+    """True fp32 (no TF32) and deterministic cuDNN on CUDA: rows alone and in blocks equal, in fp32, fp16 and random
+    noise; CUDA fp32 within fp32's bounds of the CPU."""
+    cpu = tiny_pipeline(device="cpu")
+    for precision in (Precision.FP32, Precision.FP16):
+        gpu = TextToFace(cpu.generator, cpu.clip, cpu.mapper, device="cuda", backend="torch", precision=precision, batch_size=2)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
+        for noise in ("const", "random"):
+            alone = gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"], noise_mode=noise)
+            five = gpu.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+                                         prompts=["a child", "a smiling woman", "an old man", "b", "c"], noise_mode=noise)
+            assert torch.equal(five.images[1], alone.images[0]) and torch.equal(five.ws[1], alone.ws[0]), (precision, noise)
+            again = gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"], noise_mode=noise)
+            assert torch.equal(again.images, alone.images)
+        if precision is Precision.FP32:
+            ref = cpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
+            assert ((alone.ws - ref.ws).norm() / ref.ws.norm()) < 1e-5
+            assert (gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"]).images.int() - ref.images.int()).abs().max() <= 1

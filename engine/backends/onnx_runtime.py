@@ -51,7 +51,7 @@ def ort_providers(provider: str, device: torch.device, stream: int, spec: GraphS
     index = device.index if device_id is None else device_id
     common = {"device_id": str(index or 0), "user_compute_stream": str(stream), "has_user_compute_stream": "1"}
     if provider != "tensorrt":
-        return [("CUDAExecutionProvider", dict(common))]
+        return [("CUDAExecutionProvider", dict(common, use_tf32="0"))]    # fp32 is fp32 (TF32 is on by default)
     profile = spec.profile(batch)
     options = dict(common, trt_engine_cache_enable="True", trt_engine_cache_path=str(cache),
                    trt_timing_cache_enable="True", trt_timing_cache_path=str(cache),

@@ -16,6 +16,7 @@ import shutil
 
 import torch
 
+from t2f.devices import pin_cuda_numerics
 from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, to_uint8
@@ -33,6 +34,8 @@ class TorchBackend(Backend):
 
     def __init__(self, models: Models, device: torch.device, precision: Precision):
         super().__init__(device, precision)
+        if device.type == "cuda":
+            pin_cuda_numerics()
         self.clip = models.clip.to(device)
         self.text = TextEncoderGraph(models.clip.model, precision).to(device)
         self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
@@ -65,6 +68,8 @@ class _StageModules(Backend):
     """The three stage modules on the device (text encoder and synthesis in the backend's precision)."""
 
     def _stages(self, models: Models, device: torch.device, precision: Precision):
+        if device.type == "cuda":
+            pin_cuda_numerics()
         self.text = TextEncoderGraph(models.clip.model, precision).to(device)
         self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
         self.synthesis = SynthesisGraph(models.generator, precision).to(device)

@@ -25,12 +25,12 @@ setup(
         "matplotlib>=3.8,<4",  # t2f-train report: plots of a training run
     ],
     extras_require={
-        "export": ["onnx>=1.16", "onnxruntime>=1.18"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index
+        "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxslim>=0.1.50"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index
         # t2f-serve: Triton Inference Server through PyTriton (which pins numpy<2), its clients, and the page.
         "serve": ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.50,<3", "starlette>=0.40,<2", "uvicorn[standard]>=0.30,<1",
                   "websockets>=12,<18"],
-        "openvino": ["openvino>=2025.1", "onnx>=1.16", "onnxruntime>=1.18"],    # the openvino backend (CPU, fp32 and bf16)
-        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18", "openvino>=2025.1", "playwright>=1.45,<2"],
+        "openvino": ["openvino>=2025.1", "onnx>=1.16", "onnxruntime>=1.18", "onnxslim>=0.1.50"],    # the openvino backend (CPU, fp32 and bf16)
+        "test": ["pytest>=8", "onnx>=1.16", "onnxruntime>=1.18", "openvino>=2025.1", "onnxslim>=0.1.50", "playwright>=1.45,<2"],
     },
     entry_points={
         "console_scripts": [

@@ -8,7 +8,9 @@
 #                                                            ($OUT/2-parity-1024.log, .json)
 #   3. t2f-bench at 1024 px, torch and torch-cudagraph, batches 1, 8, 32, speed-up over eager fp32
 #                                                            ($OUT/3-bench-1024.log, .json, .md)
-#   4. trainer throughput at 1024 px with ViT-B-32           ($OUT/4-train-1024.log, .json)
+#   4. t2f-bench at 1024 px, torch-compile fp16 (Inductor, CUDA graphs) beside eager fp32, batches 1, 8, 32,
+#      with its first-call (compile) time                    ($OUT/4-compile-1024.log, .json, .md)
+#   5. trainer throughput at 1024 px with ViT-B-32           ($OUT/5-train-1024.log, .json)
 # $OUT/summary.txt: one line per step with its exit code and seconds (124 = its timeout).
 # Longer work (the whole suite, export, more samples) is in benchmarks/gpu_check_long.sh.
 #
@@ -25,13 +27,15 @@ PY=${PYTHON:-python3}
 
 if [ "$DRY" = 1 ]; then
     # Tiny models on the CPU, same steps and options otherwise; timeouts for a contended 2-core machine.
-    DEVICE=cpu GEN=tiny CLIP=tiny T_TESTS=300 T_PARITY=300 T_BENCH=400 T_TRAIN=400
+    DEVICE=cpu GEN=tiny CLIP=tiny T_TESTS=300 T_PARITY=300 T_BENCH=400 T_COMPILE=400 T_TRAIN=400
     TRAIN_ARGS=(--samples 64 --synth-batch 16 --steps 20 --batch 32)
     BENCH_ARGS=(--warmup 1 --iters 3)
+    COMPILE_ARGS=(--warmup 0 --iters 2)
 else
-    DEVICE=cuda GEN=random-1024 CLIP=ViT-B-32:random T_TESTS=100 T_PARITY=100 T_BENCH=200 T_TRAIN=110
+    DEVICE=cuda GEN=random-1024 CLIP=ViT-B-32:random T_TESTS=80 T_PARITY=70 T_BENCH=140 T_COMPILE=170 T_TRAIN=80
     TRAIN_ARGS=(--samples 256 --synth-batch 32 --steps 40 --batch 64 --clip-every 10)
     BENCH_ARGS=(--warmup 3 --iters 20)
+    COMPILE_ARGS=(--warmup 2 --iters 10)
     # Set-up (about 20 s): the wheels, then t2f itself, from the working tree.
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         2>&1 | tee "$OUT/0-setup.log" || { echo "no wheels in .whl (see benchmarks/README.md)" | tee -a "$OUT/0-setup.log"; exit 1; }
@@ -53,6 +57,11 @@ step 2-parity-1024 "$T_PARITY" $PY benchmarks/gpu_parity.py --generator "$GEN" -
 step 3-bench-1024 "$T_BENCH" $PY -m t2f.engine.bench --generator "$GEN" --clip "$CLIP" --device "$DEVICE" \
     --backends torch,torch-cudagraph --batches 1,8,32 "${BENCH_ARGS[@]}" \
     --json "$OUT/3-bench-1024.json" --markdown "$OUT/3-bench-1024.md"
-step 4-train-1024 "$T_TRAIN" $PY benchmarks/train_throughput.py --generator "$GEN" --clip "$CLIP" --device "$DEVICE" \
-    "${TRAIN_ARGS[@]}" --json "$OUT/4-train-1024.json"
+COMPILE=torch-compile:fp16 COMPILE_BATCHES=1,8,32
+[ "$DRY" = 1 ] && COMPILE=torch-compile:fp32 COMPILE_BATCHES=1       # fp16 runs on CUDA only; Inductor on 2 CPU cores is slow
+step 4-compile-1024 "$T_COMPILE" $PY -m t2f.engine.bench --generator "$GEN" --clip "$CLIP" --device "$DEVICE" \
+    --backends "$COMPILE" --batches "$COMPILE_BATCHES" "${COMPILE_ARGS[@]}" \
+    --json "$OUT/4-compile-1024.json" --markdown "$OUT/4-compile-1024.md"
+step 5-train-1024 "$T_TRAIN" $PY benchmarks/train_throughput.py --generator "$GEN" --clip "$CLIP" --device "$DEVICE" \
+    "${TRAIN_ARGS[@]}" --json "$OUT/5-train-1024.json"
 cat "$OUT/summary.txt"

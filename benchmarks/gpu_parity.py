@@ -38,7 +38,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def main(generator, clip, device, batch, json_path):
     import t2f
     from t2f.devices import resolve_device
-    from t2f.engine.backends import BackendUnavailable, make_backend
+    from t2f.engine.backends import BackendUnavailable, Models, make_backend
     from t2f.engine.pipeline import sample_z
     from t2f.precision import Precision
     from t2f.presets import load_mapper
@@ -59,11 +59,14 @@ def main(generator, clip, device, batch, json_path):
     backends = {}
     for name, precision in (("torch", Precision.FP32), ("torch", Precision.FP16), ("torch-cudagraph", Precision.FP16)):
         try:
-            backends[(name, precision)] = make_backend(name, G, C, M, dev, precision)
+            backends[(name, precision)] = make_backend(name, Models(G, C, M), dev, precision)
         except BackendUnavailable as e:
             skipped.append(dict(backend=name, precision=str(precision), reason=str(e)))
             click.echo(f"skip {name} {precision}: {e}")
     eager = backends[("torch", Precision.FP32)]
+    if dev.type == "cuda":
+        check("true fp32 and deterministic cuDNN pinned", not torch.backends.cudnn.allow_tf32 and
+              not torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark)
     with torch.no_grad():
         embedding = eager.encode(tokens)
         ws = eager.map(embedding, z, psi).clone()

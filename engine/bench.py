@@ -150,8 +150,8 @@ def markdown(report: dict) -> str:
              f"of the float image, \"in synthesis\" where the graph outputs uint8; \"eager\": that stage timed outside the "
              f"CUDA graph (end_to_end replays it)", "",
              "| backend | precision | batch | " + " | ".join(STAGES) +
-             " | images/s | speed-up | first call ms | GFLOP/s | of fp32 / row peak | emb. cosine | ws rel. err | uint8 mean / max | peak MB |",
-             "|" + "---|" * (len(STAGES) + 12)]
+             " | images/s | speed-up | startup s | first call ms | GFLOP/s | of fp32 / row peak | emb. cosine | ws rel. err | uint8 mean / max | peak MB |",
+             "|" + "---|" * (len(STAGES) + 13)]
     for r in report["results"]:
         cells = [_cell(r, s) for s in STAGES]
         a, d = r.get("accuracy") or {}, r.get("distance") or {}
@@ -159,7 +159,7 @@ def markdown(report: dict) -> str:
                if a else "- | - | -")
         mark = " **auto**" if r.get("auto") else ""
         lines.append(f"| {r['backend']}{mark} | {r['precision']} | {r['batch']} | " + " | ".join(cells) +
-                     f" | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['first_call_ms']:.0f} | "
+                     f" | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['startup_s']:.1f} | {r['first_call_ms']:.0f} | "
                      f"{d.get('gflops_per_s', 0):.0f} | {_share(d.get('share_of_fp32_peak'))} / {_share(d.get('share_of_peak'))} | "
                      f"{acc} | {r['peak_memory_mb']:.0f} |")
     for s in report["skipped"]:

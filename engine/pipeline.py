@@ -37,7 +37,7 @@ def sample_z(seed: int, num_prompts: int, n: int, z_dim: int) -> torch.Tensor:
     the same seed gives the same latents on every device, and an image's latent does not
     depend on how many prompts or images were asked for.
     """
-    return latents([(seed, i, j) for i in range(num_prompts) for j in range(n)], z_dim)
+    return latents(_keys(seed, num_prompts, n), z_dim)
 
 
 def latents(keys: list[tuple[int, int, int]], z_dim: int) -> torch.Tensor:
@@ -189,8 +189,7 @@ class TextToFace:
 
     def text_conditions(self, prompts: list[str]) -> torch.Tensor:
         check_prompts(prompts)
-        tokens = self.clip.tokenize(list(prompts)).to(self.device)
-        return torch.cat([self.backend.encode(t)[:count].float().clone() for count, (t,) in blocks(self.batch_size, tokens)])
+        return self._encode(self.clip.tokenize(list(prompts)))
 
     def image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
@@ -203,28 +202,35 @@ class TextToFace:
             raise ValueError("mode knn needs an embedding bank")
         return knn_condition(self.text_conditions(prompts), self.bank.embeddings, n, seed, k=k, m=m, alpha=alpha)
 
+    # The one row-based core: every caller says, per image row, its latent key, its truncation and its condition.
+
     @torch.no_grad()
-    def generate(self,
-        conditions: torch.Tensor,               # [rows, D], or [rows * n, D] (one per image), row-major.
-        labels: list[str],                      # One per row.
-        n: int = 1,                             # Images per row.
-        seed: int = 0,                          # Seed of the mapper latents (and of the noise in "random" mode).
-        truncation_psi: float = 1.0,            # Pull ws toward the generator's w_avg; 1 = none.
-        noise_mode: str = "const",              # "const", "random" or "none".
-    ) -> Faces:
-        rows = len(labels)
-        check_sampling(n, truncation_psi)
+    def render(self,
+        keys: list[tuple[int, int, int]],       # Per row: the key (seed, i, j) of its latent and of its random noise.
+        psi: list[float],                       # Per row: truncation psi.
+        tokens: torch.Tensor | None = None,     # [B, context]: rows conditioned on text, tokenized ...
+        conditions: torch.Tensor | None = None, # [B, D]: ... or on a CLIP embedding (image, KNN, or text already encoded).
+        noise_mode: str = "const",
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ws [B, num_ws, w_dim] float32, images [B, H, W, C] uint8), on the CPU, row r from keys[r], psi[r] and its
+        tokens or condition alone. Text with constant noise runs the backend's whole pipeline (its CUDA graph, where it
+        has one); otherwise the condition goes through map and synthesize."""
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        if conditions.shape[0] == rows:
-            conditions = conditions.repeat_interleave(n, dim=0)             # [rows * n, D]
-        if conditions.shape[0] != rows * n:
-            raise ValueError(f"{conditions.shape[0]} conditions for {rows} rows of {n}")
-        z = sample_z(seed, rows, n, self.mapper.z_dim)
-        psi = torch.full([rows * n], float(truncation_psi))
-        noise = [noise_seed(seed, *divmod(idx, n)) for idx in range(rows * n)]
-        ws, images = self._render(conditions, z, psi, noise, noise_mode)
-        return check_finite(Faces(images=images, ws=ws, labels=list(labels), n=n))
+        for p in psi:
+            check_sampling(1, p)
+        z, psi = latents(list(keys), self.mapper.z_dim), torch.tensor([float(p) for p in psi])
+        if tokens is not None and noise_mode == "const":
+            return self._render_text(tokens, z, psi)
+        if conditions is None:
+            conditions = self._encode(tokens)
+        if conditions.shape[0] != len(keys):
+            raise ValueError(f"{conditions.shape[0]} conditions for {len(keys)} rows")
+        return self._render(conditions, z, psi, [noise_seed(*k) for k in keys], noise_mode)
+
+    def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(self.device)
+        return torch.cat([self.backend.encode(t)[:count].float().clone() for count, (t,) in blocks(self.batch_size, tokens)])
 
     def _render(self, conditions: torch.Tensor, z: torch.Tensor, psi: torch.Tensor, noise: list[int], noise_mode: str):
         """conditions [B, D], z [B, z_dim], psi [B] and each image's noise seed -> (ws, uint8 images) on the CPU."""
@@ -254,15 +260,33 @@ class TextToFace:
             images.append(to_host(image[:count]))
         return torch.cat(ws), torch.cat(images)
 
+    # Callers of the core.
+
+    @torch.no_grad()
+    def generate(self,
+        conditions: torch.Tensor,               # [rows, D], or [rows * n, D] (one per image), row-major.
+        labels: list[str],                      # One per row.
+        n: int = 1,                             # Images per row.
+        seed: int = 0,                          # Seed of the mapper latents (and of the noise in "random" mode).
+        truncation_psi: float = 1.0,            # Pull ws toward the generator's w_avg; 1 = none.
+        noise_mode: str = "const",              # "const", "random" or "none".
+    ) -> Faces:
+        rows = len(labels)
+        check_sampling(n, truncation_psi)
+        if conditions.shape[0] == rows:
+            conditions = conditions.repeat_interleave(n, dim=0)             # [rows * n, D]
+        if conditions.shape[0] != rows * n:
+            raise ValueError(f"{conditions.shape[0]} conditions for {rows} rows of {n}")
+        ws, images = self.render(_keys(seed, rows, n), [truncation_psi] * (rows * n), conditions=conditions, noise_mode=noise_mode)
+        return check_finite(Faces(images=images, ws=ws, labels=list(labels), n=n))
+
     @torch.no_grad()
     def generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
         """Text mode with constant noise through the backend's whole pipeline (its CUDA graph, where it has one)."""
         check_prompts(prompts)
         check_sampling(n, truncation_psi)
         tokens = self.clip.tokenize(list(prompts)).repeat_interleave(n, dim=0)
-        z = sample_z(seed, len(prompts), n, self.mapper.z_dim)
-        psi = torch.full([len(prompts) * n], float(truncation_psi))
-        ws, images = self._render_text(tokens, z, psi)
+        ws, images = self.render(_keys(seed, len(prompts), n), [truncation_psi] * (len(prompts) * n), tokens=tokens)
         return check_finite(Faces(images=images, ws=ws, labels=list(prompts), n=n))
 
     @torch.no_grad()
@@ -284,19 +308,13 @@ class TextToFace:
         rows = len(prompts) if prompts is not None else images.shape[0]
         if not rows or not len(seeds) == len(samples) == len(truncations) == rows:
             raise ValueError(f"{rows} rows need one seed, sample and truncation each")
-        for psi in truncations:
-            check_sampling(1, psi)
-        if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
-        z = latents([(s, 0, j) for s, j in zip(seeds, samples)], self.mapper.z_dim)
-        psi = torch.tensor([float(p) for p in truncations])
-        labels = list(prompts) if prompts is not None else [f"image {r}" for r in range(rows)]
-        if prompts is not None and noise_mode == "const":
+        keys = [(s, 0, j) for s, j in zip(seeds, samples)]
+        if prompts is not None:
             check_prompts(prompts)
-            ws, out = self._render_text(self.clip.tokenize(list(prompts)), z, psi)
+            ws, out = self.render(keys, truncations, tokens=self.clip.tokenize(list(prompts)), noise_mode=noise_mode)
         else:
-            conditions = self.text_conditions(prompts) if prompts is not None else self.image_conditions(images)
-            ws, out = self._render(conditions, z, psi, [noise_seed(s, 0, j) for s, j in zip(seeds, samples)], noise_mode)
+            ws, out = self.render(keys, truncations, conditions=self.image_conditions(images), noise_mode=noise_mode)
+        labels = list(prompts) if prompts is not None else [f"image {r}" for r in range(rows)]
         return check_finite(Faces(images=out, ws=ws, labels=labels, n=1))
 
     def __call__(self,
@@ -323,6 +341,11 @@ class TextToFace:
         else:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         return self.generate(conditions, list(prompts), n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
+
+
+def _keys(seed: int, rows: int, n: int) -> list[tuple[int, int, int]]:
+    """Latent keys of `rows` rows of `n` images each, row-major: image j of row i is (seed, i, j)."""
+    return [(seed, i, j) for i in range(rows) for j in range(n)]
 
 
 FACE_SIZE = 256      # Side a face image is resized to before CLIP's own preprocessing (mode "image").

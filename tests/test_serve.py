@@ -524,7 +524,7 @@ def test_shared_memory_is_private_and_one_big_request_does_not_pin_more(server, 
     # Case 5: the largest request the front lets through (16 faces of 1024 x 1024: 48 MiB), twice.
     face = direct(["a smiling woman"], n=1, seed=1, truncation_psi=0.7).images[0].numpy()
     big = np.ascontiguousarray(np.broadcast_to(np.kron(face, np.ones([16, 16, 1], np.uint8))[None], [16, 1024, 1024, 3]))
-    sizes = []
+    sizes, rss_before = [], _stub_rss_mib(server)
     with httpclient.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=600, connection_timeout=600) as client:
         for _ in range(2):
             inputs = [httpclient.InferInput("image", list(big.shape), "UINT8")]
@@ -535,7 +535,7 @@ def test_shared_memory_is_private_and_one_big_request_does_not_pin_more(server, 
     assert sizes[1] <= sizes[0] and sizes[0] < 256 * 2**20, sizes           # reused, not grown again; bounded by the limits
     with capsys.disabled():
         print(f"\nshared memory after a 48 MiB request: {sizes[0] / 2**20:.0f} MiB, after a second {sizes[1] / 2**20:.0f} MiB; "
-              f"stub RSS {[round(r) for r in _stub_rss_mib(server)]} MiB")
+              f"stub RSS {[round(r) for r in rss_before]} MiB before, {[round(r) for r in _stub_rss_mib(server)]} MiB after")
 
 
 def test_cross_site_websockets_and_foreign_hosts_are_refused(server):
@@ -583,13 +583,12 @@ def test_a_second_server_on_the_same_ports_says_so_and_leaves_nothing(server, go
         f"Error: port {server.http} on 127.0.0.1 is in use (--http-port): Address already in use", output
     second.log.close()
     assert not second.leftovers()
-    for port in (server.grpc, server.metrics):                            # Triton's ports: the same, after the front's
-        third = Running(tmp_path / f"p{port}", web=False, ports=(free_port(), *(server.grpc, server.metrics)), wait=False)
-        assert third.process.wait(timeout=120) == 1
-        assert f"Error: port {server.grpc} on 127.0.0.1 is in use (--grpc-port)" in third.output() and "Traceback" not in third.output()
-        third.log.close()
-        assert not third.leftovers()
-        break
+    (tmp_path / "grpc").mkdir()
+    third = Running(tmp_path / "grpc", web=False, ports=(free_port(), server.grpc, server.metrics), wait=False)   # Triton's port
+    assert third.process.wait(timeout=120) == 1
+    assert f"Error: port {server.grpc} on 127.0.0.1 is in use (--grpc-port)" in third.output() and "Traceback" not in third.output()
+    third.log.close()
+    assert not third.leftovers()
     assert request(server.http, "POST", "/v2/models/t2f/infer", GOOD_BODY) == (200, good_answer)
 
 
@@ -640,7 +639,7 @@ def test_the_written_repository_is_the_served_one(server, tmp_path):
 
     out = tmp_path / "repository"
     result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--max-batch", str(MAX_BATCH), "--queue-delay-us", "5000",
-                                       "--write-repository", str(out)])
+                                       "--cache", server.cache, "--write-repository", str(out)])
     assert result.exit_code == 0, result.output
     served = os.path.join(server.cache, "serve", [n for n in os.listdir(os.path.join(server.cache, "serve"))][0], "repository")
     for relative in ("t2f/config.pbtxt", "t2f/1/model.py", "t2f_image/config.pbtxt", "t2f_image/1/model.py"):

@@ -103,6 +103,8 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
     # The repository for NVIDIA's Triton container (docs/serving.md):
     t2f-serve --mapper /models/ffhq --device cuda --write-repository ./t2f-repository
     """
+    if not verbose:                 # grpc's "skipping fork() handlers" notes when Triton is started: not the user's business
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from t2f.devices import resolve_device
 
     from .repository import ModelOptions, write_repository as write

@@ -156,6 +156,20 @@ class Workspace:
         self._lock.close()
 
 
+def processes_naming(text: str) -> list[int]:
+    """This user's processes whose command line holds `text` (Triton and its stubs name their workspace's repository)."""
+    found, marker = [], text.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        found.append(int(entry))
+    return found
+
+
 def clean_stale_workspaces(parent: str) -> list[str]:
     """Remove the workspaces (and shared memory) under `parent` whose server is gone (its lock is free); their names."""
     removed = []
@@ -175,6 +189,9 @@ def clean_stale_workspaces(parent: str) -> list[str]:
                 lock.close()
                 continue                                       # a live server's
             try:
+                for pid in processes_naming(path):           # a Triton or stub that outlived its t2f-serve (kill -9)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
                 with contextlib.suppress(OSError, ValueError), open(os.path.join(path, "workspace.json")) as f:
                     prefix = str(json.load(f)["shm_prefix"])
                     if prefix.startswith("t2f"):
@@ -213,11 +230,17 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
 
 
-def log_errors(path: str, lines: int = 3) -> str:
-    """Triton's error lines, each cut at its first embedded newline (a Python traceback), joined by " | "."""
+BENIGN_ERRORS = ("CudaDriverHelper has not been initialized",)     # Triton logs it at every start on a machine without CUDA
+
+
+def log_errors(path: str, lines: int = 3, offset: int = 0) -> str:
+    """Triton's error lines after byte `offset`, each cut at its first embedded newline (a Python traceback), joined by " | "."""
     found = []
     with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
         for line in f:
+            if any(benign in line for benign in BENIGN_ERRORS):
+                continue
             if line.startswith("E") or line.startswith("error:"):
                 text = line.split("] ", 1)[-1].strip().strip('"').split("\\n")[0].strip()
                 if text and text not in found:
@@ -244,6 +267,7 @@ class Triton:
         self.process: subprocess.Popen | None = None
         self.log_path = os.path.join(workspace.path, "triton.log")
         self.starts = 0
+        self.log_offset = 0                 # where this start's lines begin in the log
 
     @property
     def grpc_url(self) -> str:
@@ -273,6 +297,8 @@ class Triton:
         check_port_free(self.grpc_host, self.grpc_port, "--grpc-port")
         check_port_free("127.0.0.1", self.metrics_port, "--metrics-port")
         remove_shared_memory(self.workspace.shm_prefix)          # a previous run's, after a crash
+        with contextlib.suppress(OSError):
+            self.log_offset = os.path.getsize(self.log_path)
         log = None if self.verbose else open(self.log_path, "ab")
         try:
             self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT if log else None,
@@ -322,7 +348,7 @@ class Triton:
                 time.sleep(0.1)
 
     def _log_suffix(self) -> str:
-        errors = log_errors(self.log_path)
+        errors = log_errors(self.log_path, offset=self.log_offset)
         return f": {errors}" if errors else (" (run with --verbose for its log)" if not self.verbose else "")
 
     def exit_reason(self) -> str:
@@ -360,12 +386,4 @@ class Triton:
                 os.kill(pid, signal.SIGKILL)
 
     def stub_pids(self) -> list[int]:
-        found = []
-        marker = self.workspace.shm_prefix.encode()
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError):
-                    with open(f"/proc/{entry}/cmdline", "rb") as f:
-                        if marker in f.read():
-                            found.append(int(entry))
-        return found
+        return processes_naming(self.workspace.shm_prefix)

@@ -26,7 +26,7 @@ setup(
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxslim>=0.1.50"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index
-        # t2f-serve: Triton Inference Server through PyTriton (which pins numpy<2), its clients, and the page.
+        # t2f-serve: the tritonserver and Python backend bundled in nvidia-pytriton (which pins numpy<2), its clients, the front and the page.
         "serve": ["nvidia-pytriton>=0.7,<0.8", "tritonclient[http,grpc]>=2.50,<3", "starlette>=0.40,<2", "uvicorn[standard]>=0.30,<1",
                   "websockets>=12,<18"],
         "openvino": ["openvino>=2025.1", "onnx>=1.16", "onnxruntime>=1.18", "onnxslim>=0.1.50"],    # the openvino backend (CPU, fp32 and bf16)

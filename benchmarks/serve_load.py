@@ -12,6 +12,9 @@ p50 / p95 / p99 latency of a request and images/s, and the same for the direct p
 process: one `TextToFace` call per image in a row (what t2f-infer does per prompt), and one call
 of --clients images (the best a batch of that size does without a server). Model loading and
 warm-up are excluded. Prints a markdown table and one JSON object (written with --json).
+
+--protocol http goes through t2f's checking front (body checks, then gRPC to Triton); --protocol
+grpc goes to Triton directly: the difference between two runs is what the front's hop costs.
 """
 
 from __future__ import annotations

@@ -1,13 +1,17 @@
-"""t2f-serve: the real Triton Inference Server on 127.0.0.1 with the tiny models, called over HTTP, gRPC and a browser.
+"""t2f-serve: the real Triton Inference Server (a static model repository) on 127.0.0.1 with the tiny models,
+called through t2f's HTTP front, Triton's gRPC and a browser; and the crafted requests of issue 16.
 
 Results are compared with the direct pipeline at the same --batch bit for bit (the default, 1 on the CPU; and 4):
 the graphs run on fixed blocks of --batch rows, so a row does not depend on the requests the
 batcher merged it with (test_engine.test_a_rows_result_does_not_depend_on_the_rows_beside_it).
+Crafted requests are answered with a 4xx, and the next good request gets the same bytes as before.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import gzip
+import http.client
 import json
 import os
 import re
@@ -20,21 +24,23 @@ import tempfile
 import threading
 import time
 import urllib.request
+import zlib
 
 import numpy as np
 import pytest
 
-pytest.importorskip("pytriton", reason='t2f-serve needs the serve extra: pip install -e ".[serve]"')
 httpclient = pytest.importorskip("tritonclient.http", reason='t2f-serve tests need tritonclient: pip install -e ".[serve]"')
 grpcclient = pytest.importorskip("tritonclient.grpc", reason='t2f-serve tests need tritonclient: pip install -e ".[serve]"')
+pytest.importorskip("pytriton", reason='t2f-serve\'s default tritonserver comes with nvidia-pytriton: pip install -e ".[serve]"')
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from engine_helpers import TINY, tiny_pipeline  # noqa: E402
 from t2f.engine.pipeline import face_tensor  # noqa: E402
-from t2f.engine.serve import MAX_SAMPLE, python_library_path  # noqa: E402
+from t2f.engine.protocol import MAX_SAMPLE  # noqa: E402
 
 MAX_BATCH = 16
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+TOKEN = "test-token-0123456789abcdef"
 
 
 def free_port() -> int:
@@ -54,21 +60,26 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Running:
     """A t2f-serve process on free ports."""
 
-    def __init__(self, cache, web: bool, extra=(), devices=("cpu",), max_batch=MAX_BATCH):
-        self.http, self.grpc, self.metrics, self.web = free_port(), free_port(), free_port(), free_port()
+    def __init__(self, cache, web: bool, extra=(), devices=("cpu",), max_batch=MAX_BATCH, ports=None, wait=True):
+        self.http, self.grpc, self.metrics = ports or (free_port(), free_port(), free_port())
         self.cache = str(cache)
         args = [sys.executable, "-m", "t2f.engine.serve", *TINY, *[a for d in devices for a in ("--device", d)], "--max-batch", str(max_batch),
                 "--cache", self.cache,
                 "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra]
         if web:
-            args += ["--web", "--web-port", str(self.web)]
+            args += ["--web"]
         self.shm_before = set(os.listdir("/dev/shm"))
+        self.tmp_before = set(os.listdir(tempfile.gettempdir()))
         env = dict(os.environ, T2F_OFFLINE="1", PYTHONUNBUFFERED="1")
-        self.log_path = os.path.join(self.cache, "serve.log")
-        self.log = open(self.log_path, "a")                                 # appends, whatever the offset
+        self.log_path = os.path.join(self.cache, f"serve-{len([n for n in os.listdir(self.cache) if n.startswith('serve-')])}.log")
+        self.log = open(self.log_path, "a")                                 # one log per server started on this cache
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + 180
-        while "ready; Ctrl-C to stop" not in self.output():            # both models loaded, and the page up
+        if wait:
+            self.wait_for("ready; Ctrl-C to stop")
+
+    def wait_for(self, text: str, count: int = 1, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while self.output().count(text) < count:                        # both models loaded, and the front up
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 pytest.fail(f"t2f-serve did not start:\n{self.output()}")
@@ -107,20 +118,25 @@ class Running:
                         cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
                 except OSError:
                     continue
-                if os.path.join(self.cache, "serve") in cmdline or f"pytrtion{pid}-" in cmdline:
+                if os.path.join(self.cache, "serve") in cmdline:          # tritonserver and its stubs name the repository
                     found.append(f"process {entry}: {cmdline[:120]}")
-        # Triton's stub segments carry the server's pid; PyTriton's tensor store segments (psm_*) are the new ones.
-        found += [f"/dev/shm/{name}" for name in os.listdir("/dev/shm")
-                  if name.startswith(f"pytrtion{pid}-") or (name.startswith("psm_") and name not in self.shm_before)]
+        found += [f"/dev/shm/{name}" for name in os.listdir("/dev/shm") if name.startswith("t2f") and name not in self.shm_before]
         serve_dir = os.path.join(self.cache, "serve")
         found += [os.path.join(serve_dir, name) for name in (os.listdir(serve_dir) if os.path.isdir(serve_dir) else [])]
-        found += [name for name in os.listdir(tempfile.gettempdir()) if name.startswith(f"t2f-serve-{pid}-")]   # a long cache path's workspace
+        found += [name for name in os.listdir(tempfile.gettempdir()) if name.startswith("folder") and name not in self.tmp_before]
         return found
+
+    def workspace(self) -> dict:
+        """The live server's workspace.json (its pid and shared-memory prefix)."""
+        serve_dir = os.path.join(self.cache, "serve")
+        (name,) = [n for n in os.listdir(serve_dir) if n.startswith(f"{self.process.pid}-")]
+        with open(os.path.join(serve_dir, name, "workspace.json")) as f:
+            return json.load(f)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    running = Running(tmp_path_factory.mktemp("serve"), web=True, extra=["--queue-delay-us", "5000"])
+    running = Running(tmp_path_factory.mktemp("serve"), web=True, extra=["--queue-delay-us", "5000", "--allow-origin", "http://allowed.example"])
     yield running
     assert running.stop(signal.SIGTERM) == 0, running.final_output
     assert not running.leftovers()
@@ -282,7 +298,7 @@ def test_bad_requests_are_refused_by_name_and_the_server_goes_on(server, direct,
 
 def test_the_page_keeps_only_the_newest_prompt(server):
     websockets = pytest.importorskip("websockets.sync.client", reason="needs websockets")
-    with websockets.connect(f"ws://127.0.0.1:{server.web}/ws", max_size=None) as ws:
+    with websockets.connect(f"ws://127.0.0.1:{server.http}/ws", max_size=None) as ws:
         prompts = [f"a face {'x' * k}" for k in range(1, 21)]
         for k, prompt in enumerate(prompts):                        # typing: one message per keystroke
             ws.send(json.dumps(dict(type="text", id=k, prompt=prompt, seed=0, truncation=0.7, count=2)))
@@ -316,7 +332,7 @@ def test_browser_faces_follow_typing(server, direct, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
         try:
             page = browser.new_page(viewport=dict(width=1000, height=800))
-            page.goto(f"http://127.0.0.1:{server.web}/")
+            page.goto(f"http://127.0.0.1:{server.http}/")
             page.fill("#seed", "3")
             page.locator("#prompt").press_sequentially("a smiling woman", delay=20)
             page.wait_for_function("document.getElementById('grid').dataset.label === 'a smiling woman'", timeout=60_000)
@@ -340,28 +356,311 @@ def test_browser_faces_follow_typing(server, direct, tmp_path):
             browser.close()
 
 
-def test_ctrl_c_stops_triton_and_leaves_nothing(tmp_path):
-    cache = tmp_path / ("a-cache-directory-with-a-long-name" * 2)        # too long for Triton's sockets: workspace in /tmp
-    cache.mkdir()
-    running = Running(cache, web=False)
-    assert running.stop(signal.SIGINT, group=True) == 0, running.final_output        # Triton gets the SIGINT too
-    assert "stopped" in running.final_output and "workspace in" in running.final_output
-    assert not running.leftovers()
+# ----------------------------------------------------------------------------
+# Issue 16: crafted requests, each refused in one line (a 4xx), and the next good request answered as before.
 
 
-def test_python_library_path_is_set_for_triton_and_restored(monkeypatch):
-    import sysconfig
+def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 120):
+    """(status, body) of one raw HTTP request to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
 
-    monkeypatch.setenv("LD_LIBRARY_PATH", "/opt/other")
-    libdir = sysconfig.get_config_var("LIBDIR")
-    has_lib = any(name.startswith("libpython") for name in os.listdir(libdir))
-    with python_library_path():
-        inside = os.environ["LD_LIBRARY_PATH"]
-    assert inside == (f"{libdir}:/opt/other" if has_lib else "/opt/other")
-    assert os.environ["LD_LIBRARY_PATH"] == "/opt/other"
+
+GOOD_BODY = json.dumps(dict(inputs=[dict(name="prompt", datatype="BYTES", shape=[2, 1], data=["a smiling woman", "an old man"]),
+                                    dict(name="seed", datatype="INT64", shape=[2, 1], data=[3, 4]),
+                                    dict(name="truncation", datatype="FP32", shape=[2, 1], data=[0.7, 0.5])],
+                            parameters=dict(binary_data_output=True))).encode()
 
 
-def test_usage_errors_exit_2():
+@pytest.fixture(scope="module")
+def good_answer(server):
+    status, body = request(server.http, "POST", "/v2/models/t2f/infer", GOOD_BODY)
+    assert status == 200 and b'"binary_data_size"' in body
+    return body
+
+
+def _seed_shape(shape) -> bytes:
+    return json.dumps(dict(inputs=[dict(name="prompt", datatype="BYTES", shape=[1, 1], data=["a"]),
+                                   dict(name="seed", datatype="INT64", shape=shape, data=[0]),
+                                   dict(name="truncation", datatype="FP32", shape=[1, 1], data=[0.7])])).encode()
+
+
+def _gzip_bomb(size: int = 2**30) -> bytes:
+    packer, zeros = zlib.compressobj(9, zlib.DEFLATED, 31), bytes(16 * 2**20)
+    return b"".join(packer.compress(zeros) for _ in range(size // len(zeros))) + packer.flush()
+
+
+def _face_body(shape) -> tuple[bytes, dict]:
+    rows = shape[0]
+    header = json.dumps(dict(inputs=[dict(name="image", datatype="UINT8", shape=shape, parameters=dict(binary_data_size=int(np.prod(shape)))),
+                                     dict(name="seed", datatype="INT64", shape=[rows, 1], data=[0] * rows),
+                                     dict(name="truncation", datatype="FP32", shape=[rows, 1], data=[0.7] * rows)])).encode()
+    return header + bytes(int(np.prod(shape))), {"Inference-Header-Content-Length": str(len(header))}
+
+
+CRAFTED = {   # issue 16's case number: (path, body, headers, status, message)
+    "1-shape-2^40-rows": lambda: ("t2f", _seed_shape([1099511627776, 1]), {}, 400, "seed has 1099511627776 rows, the other inputs 1"),
+    "1-shape-2^62-rows": lambda: ("t2f", _seed_shape([2**62, 1]), {}, 400, f"seed has {2**62} rows, the other inputs 1"),
+    "1-shape-2^62-wide": lambda: ("t2f", _seed_shape([1, 2**62]), {}, 400, "expects [rows, 1]"),
+    "2-nested-300000": lambda: ("t2f", b"[" * 300_000, {}, 400, "nests deeper than 16"),
+    "2-nested-100000": lambda: ("t2f", b"[" * 100_000, {}, 400, "nests deeper than 16"),
+    "4-gzip-1GiB": lambda: ("t2f", _gzip_bomb(), {"Content-Encoding": "gzip"}, 413, "expands past"),
+    "4-body-200MB": lambda: ("t2f", b"{" + b" " * 1000, {"Content-Length": str(200 * 2**20)}, 413, "more than"),
+    "4-brotli": lambda: ("t2f", b"x", {"Content-Encoding": "br"}, 415, "not supported"),
+    "5-faces-8x4096x4096": lambda: ("t2f_image", *_face_body([1, 16, 16, 3])[:1], {"Content-Length": str(8 * 4096 * 4096 * 3 + 500)}, 413, "more than"),
+    "5-face-side-1025": lambda: ("t2f_image", *_face_body([1, 1025, 8, 3]), 400, "image sides must be 1..1024"),
+    "9-zero-size-face": lambda: ("t2f_image", *_face_body([1, 0, 0, 3]), 400, "image sides must be 1..1024, got 0 x 0"),
+    "repository-load": lambda: ("/v2/repository/models/t2f/load", b"{}", {}, 404, "Not Found"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_crafted_requests_get_a_4xx_and_the_next_good_request_the_same_bytes(server, good_answer, case):
+    model, body, headers, status, message = CRAFTED[case]()
+    path = model if model.startswith("/") else f"/v2/models/{model}/infer"
+    got, text = request(server.http, "POST", path, body, headers)   # a Content-Length over the limit: refused before reading
+    assert got == status and message in text.decode(), (got, text[:300])
+    assert b"Traceback" not in text and text.count(b"\n") <= 1
+    again = request(server.http, "POST", "/v2/models/t2f/infer", GOOD_BODY)
+    assert again == (200, good_answer)                   # the server stayed up, and answers byte for byte as before
+    assert "Traceback" not in server.output()
+
+
+def test_crafted_shapes_over_grpc_are_refused_and_a_zero_face_in_one_line(server, good_answer):
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}") as client:
+        for shape in ([1099511627776, 1], [2**62, 1], [1, 2**62]):
+            seed = grpcclient.InferInput("seed", shape, "INT64")
+            seed._raw_content = b"\0" * 8                                  # a shape that claims far more than it carries
+            good = text_inputs(grpcclient, ["a"], [0], [0.7])
+            with pytest.raises(InferenceServerException):
+                client.infer("t2f", [good[0], seed, good[2]])
+        face = grpcclient.InferInput("image", [1, 0, 0, 3], "UINT8")        # case 9 straight to Triton: the model refuses it
+        face.set_data_from_numpy(np.zeros([1, 0, 0, 3], np.uint8))
+        with pytest.raises(InferenceServerException) as info:
+            client.infer("t2f_image", [face] + text_inputs(grpcclient, ["x"], [0], [0.7])[1:])
+        assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and "image sides must be 1..1024, got 0 x 0" in str(info.value)
+        assert "Traceback" not in str(info.value) and "\n" not in str(info.value)
+        for call in (lambda: client.load_model("t2f"), lambda: client.unload_model("t2f")):            # case 3: no load API
+            with pytest.raises(InferenceServerException, match="not allowed"):
+                call()
+        assert client.is_model_ready("t2f") and client.is_model_ready("t2f_image")
+    assert request(server.http, "POST", "/v2/models/t2f/infer", GOOD_BODY) == (200, good_answer)
+
+
+def _cmdlines_of(root_pid: int) -> dict[int, bytes]:
+    """Command lines of `root_pid` and its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(parent, []).append(int(entry))
+    found, todo = {}, [root_pid]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                found[pid] = f.read()
+        except OSError:
+            continue
+        todo += children.get(pid, [])
+    return found
+
+
+def test_no_secret_on_a_command_line_and_no_repository_route(two_instances):
+    cmdlines = _cmdlines_of(two_instances.process.pid)
+    assert len(cmdlines) >= 4, cmdlines                       # t2f-serve, tritonserver, a stub per model instance
+    assert any(b"tritonserver" in c and b"--model-control-mode\0none" in c for c in cmdlines.values())
+    assert not [c for c in cmdlines.values() if TOKEN.encode() in c or b"access-token" in c or b"restricted" in c]
+    for path in ("/v2/repository/index", "/v2/repository/models/t2f/load", "/v2/repository/models/t2f/unload"):
+        assert request(two_instances.http, "POST", path, b"{}", AUTH)[0] == 404
+
+
+def test_the_token_guards_everything_but_health(two_instances):
+    status, text = request(two_instances.http, "POST", "/v2/models/t2f/infer", GOOD_BODY)
+    assert status == 401 and b"Bearer" in text
+    assert request(two_instances.http, "POST", "/v2/models/t2f/infer", GOOD_BODY, {"Authorization": "Bearer wrong-token-0123456789"})[0] == 401
+    assert request(two_instances.http, "GET", "/v2/models/t2f")[0] == 401
+    assert request(two_instances.http, "GET", "/v2/health/ready")[0] == 200
+    assert request(two_instances.http, "POST", "/v2/models/t2f/infer", GOOD_BODY, AUTH)[0] == 200
+    five = json.dumps(dict(inputs=[dict(name="prompt", datatype="BYTES", shape=[5, 1], data=["a"] * 5),
+                                   dict(name="seed", datatype="INT64", shape=[5, 1], data=[0] * 5),
+                                   dict(name="truncation", datatype="FP32", shape=[5, 1], data=[0.7] * 5)])).encode()
+    status, text = request(two_instances.http, "POST", "/v2/models/t2f/infer", five, AUTH)
+    assert status == 400 and b"5 rows; a request takes 1..4" in text             # through the token: the checks still hold
+    with httpclient.InferenceServerClient(f"127.0.0.1:{two_instances.http}") as client:
+        assert client.is_model_ready("t2f", headers=AUTH)
+        assert not client.is_model_ready("t2f")                                  # 401: not ready for this client
+
+
+def _shm_regions(prefix: str) -> dict[str, os.stat_result]:
+    return {name: os.stat(f"/dev/shm/{name}") for name in os.listdir("/dev/shm") if name.startswith(prefix)}
+
+
+def _stub_rss_mib(server) -> list[float]:
+    rss = []
+    for pid, cmdline in _cmdlines_of(server.process.pid).items():
+        if b"triton_python_backend_stub" in cmdline:
+            with open(f"/proc/{pid}/status") as f:
+                rss += [int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:")]
+    return rss
+
+
+def test_shared_memory_is_private_and_one_big_request_does_not_pin_more(server, direct, capsys):
+    prefix = server.workspace()["shm_prefix"]
+    regions = _shm_regions(prefix)
+    assert len(regions) == 2, regions                              # one per model instance
+    assert all(info.st_mode & 0o777 == 0o600 and info.st_uid == os.getuid() for info in regions.values())   # case 7
+    if os.getuid() == 0:                                           # as another user: the regions cannot be opened
+        path = f"/dev/shm/{next(iter(regions))}"
+        probe = subprocess.run([sys.executable, "-c", f"import os; os.setgid(65534); os.setuid(65534); open({path!r}, 'rb')"],
+                               capture_output=True, text=True)
+        assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
+    # Case 5: the largest request the front lets through (16 faces of 1024 x 1024: 48 MiB), twice.
+    face = direct(["a smiling woman"], n=1, seed=1, truncation_psi=0.7).images[0].numpy()
+    big = np.ascontiguousarray(np.broadcast_to(np.kron(face, np.ones([16, 16, 1], np.uint8))[None], [16, 1024, 1024, 3]))
+    sizes, rss_before = [], _stub_rss_mib(server)
+    with httpclient.InferenceServerClient(f"127.0.0.1:{server.http}", network_timeout=600, connection_timeout=600) as client:
+        for _ in range(2):
+            inputs = [httpclient.InferInput("image", list(big.shape), "UINT8")]
+            inputs[0].set_data_from_numpy(big)
+            inputs += text_inputs(httpclient, ["x"] * 16, [4] * 16, [0.7] * 16)[1:]
+            assert client.infer("t2f_image", inputs).as_numpy("image").shape[0] == 16
+            sizes.append(sum(info.st_blocks * 512 for info in _shm_regions(prefix).values()))
+    assert sizes[1] <= sizes[0] and sizes[0] < 256 * 2**20, sizes           # reused, not grown again; bounded by the limits
+    with capsys.disabled():
+        print(f"\nshared memory after a 48 MiB request: {sizes[0] / 2**20:.0f} MiB, after a second {sizes[1] / 2**20:.0f} MiB; "
+              f"stub RSS {[round(r) for r in rss_before]} MiB before, {[round(r) for r in _stub_rss_mib(server)]} MiB after")
+
+
+def test_cross_site_websockets_and_foreign_hosts_are_refused(server):
+    websockets = pytest.importorskip("websockets.sync.client", reason="needs websockets")
+    from websockets.exceptions import InvalidStatus
+
+    url = f"ws://127.0.0.1:{server.http}/ws"
+    for headers in ({"Origin": "http://evil.example"}, {"Origin": f"http://127.0.0.1:{server.http + 1}"}):   # case 6
+        with pytest.raises(InvalidStatus) as info:
+            websockets.connect(url, additional_headers=headers).close()
+        assert info.value.response.status_code == 403
+    with websockets.connect(url, additional_headers={"Origin": "http://allowed.example"}) as ws:    # --allow-origin
+        ws.send(json.dumps(dict(type="text", id=1, prompt="a face", seed=0, truncation=0.7, count=1)))
+        assert json.loads(ws.recv(timeout=60))["type"] == "frame"
+    with websockets.connect(url, additional_headers={"Origin": f"http://127.0.0.1:{server.http}"}) as ws:   # the page's own
+        ws.send(json.dumps(dict(type="text", id=1, prompt="a face", seed=0, truncation=0.7, count=1)))
+        assert json.loads(ws.recv(timeout=60))["type"] == "frame"
+    assert request(server.http, "GET", "/", headers={"Host": "rebound.example"})[0] == 421                 # DNS rebinding
+    assert request(server.http, "GET", "/", headers={"Host": f"localhost:{server.http}"})[0] == 200
+
+
+@pytest.mark.parametrize("frame, code", [(b"\x00\x01", 1003), ("[" * 10_000, 1007), ("[" * 100_000, 1009), ("not json", 1007),
+                                         ("[1, 2]", 1007)], ids=["binary", "nested-10000", "nested-100000", "not-json", "not-object"])
+def test_odd_websocket_frames_close_with_a_code(server, frame, code):
+    websockets = pytest.importorskip("websockets.sync.client", reason="needs websockets")
+    from websockets.exceptions import ConnectionClosed
+
+    before = server.output()
+    with websockets.connect(f"ws://127.0.0.1:{server.http}/ws") as ws:                                   # case 11
+        ws.send(frame)
+        with pytest.raises(ConnectionClosed) as info:
+            ws.recv(timeout=60)
+    assert info.value.rcvd is not None and info.value.rcvd.code == code, info.value
+    assert "Traceback" not in server.output()[len(before):]
+    with websockets.connect(f"ws://127.0.0.1:{server.http}/ws") as ws:
+        ws.send(json.dumps(dict(type="text", id=2, prompt="a face", seed=0, truncation=0.7, count=1)))
+        assert json.loads(ws.recv(timeout=60))["type"] == "frame"
+
+
+def test_a_second_server_on_the_same_ports_says_so_and_leaves_nothing(server, good_answer, tmp_path):
+    second = Running(tmp_path, web=True, ports=(server.http, server.grpc, server.metrics), wait=False)       # case 8
+    assert second.process.wait(timeout=120) == 1
+    output = second.output()
+    assert "Traceback" not in output and output.strip().splitlines()[-1] == \
+        f"Error: port {server.http} on 127.0.0.1 is in use (--http-port): Address already in use", output
+    second.log.close()
+    assert not second.leftovers()
+    (tmp_path / "grpc").mkdir()
+    third = Running(tmp_path / "grpc", web=False, ports=(free_port(), server.grpc, server.metrics), wait=False)   # Triton's port
+    assert third.process.wait(timeout=120) == 1
+    assert f"Error: port {server.grpc} on 127.0.0.1 is in use (--grpc-port)" in third.output() and "Traceback" not in third.output()
+    third.log.close()
+    assert not third.leftovers()
+    assert request(server.http, "POST", "/v2/models/t2f/infer", GOOD_BODY) == (200, good_answer)
+
+
+def test_triton_dying_is_restarted_and_kill_9_then_a_start_leaves_nothing(tmp_path):
+    first = Running(tmp_path, web=False)
+    body = request(first.http, "POST", "/v2/models/t2f/infer", GOOD_BODY)
+    assert body[0] == 200
+    (triton,) = [pid for pid, c in _cmdlines_of(first.process.pid).items() if c.split(b"\0")[0].endswith(b"tritonserver")]
+    os.kill(triton, signal.SIGKILL)                                             # Triton dies (as on bad_alloc)
+    first.wait_for("ready again", timeout_s=240)
+    assert re.search(r"\nTriton Inference Server was killed by SIGKILL[^\n]*; restarting \(1 of 3\)\nready again\n", first.output())
+    assert request(first.http, "POST", "/v2/models/t2f/infer", GOOD_BODY) == body
+    os.kill(first.process.pid, signal.SIGKILL)                                  # case 10: t2f-serve itself, kill -9
+    first.process.wait(timeout=60)
+    first.log.close()
+    stale = os.listdir(os.path.join(str(tmp_path), "serve"))
+    assert len(stale) == 1                                                       # its workspace (and shared memory) are left
+    second = Running(tmp_path, web=False)
+    assert not _processes_naming(os.path.join(str(tmp_path), "serve", stale[0]))  # the next start ended what was left of it
+    second.shm_before, second.tmp_before = first.shm_before, first.tmp_before
+    assert f"removed 1 workspace(s) of stopped servers: {stale[0]}" in second.output()
+    assert request(second.http, "POST", "/v2/models/t2f/infer", GOOD_BODY) == body
+    assert second.stop(signal.SIGINT, group=True) == 0, second.final_output       # Ctrl-C in a terminal
+    assert "stopped" in second.final_output and "Traceback" not in second.final_output
+    assert not second.leftovers()
+
+
+def _processes_naming(text: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+def test_the_written_repository_is_the_served_one(server, tmp_path):
+    from click.testing import CliRunner
+
+    from t2f.engine.serve import main
+
+    out = tmp_path / "repository"
+    result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--max-batch", str(MAX_BATCH), "--queue-delay-us", "5000",
+                                       "--cache", server.cache, "--write-repository", str(out)])
+    assert result.exit_code == 0, result.output
+    served = os.path.join(server.cache, "serve", [n for n in os.listdir(os.path.join(server.cache, "serve"))][0], "repository")
+    for relative in ("t2f/config.pbtxt", "t2f/1/model.py", "t2f_image/config.pbtxt", "t2f_image/1/model.py"):
+        with open(out / relative, "rb") as a, open(os.path.join(served, relative), "rb") as b:
+            assert a.read() == b.read(), relative
+    assert "--model-control-mode none" in result.output
+
+
+def test_triton_gets_this_interpreter(tmp_path):
+    from t2f.engine.tritonserver import Binaries, Triton, Workspace, python_libdir
+
+    workspace = Workspace(str(tmp_path))
+    try:
+        env = Triton(Binaries("tritonserver", str(tmp_path), tuple(python_libdir()) + ("/opt/libs",)), workspace).environment()
+    finally:
+        workspace.remove()
+    assert env["LD_LIBRARY_PATH"].split(":")[: len(python_libdir()) + 1] == python_libdir() + ["/opt/libs"]
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable)     # the stub's interpreter: this one
+
+
+def test_usage_errors_exit_2(tmp_path):
     from click.testing import CliRunner
 
     from t2f.engine.serve import main
@@ -370,16 +669,17 @@ def test_usage_errors_exit_2():
     assert result.exit_code == 2 and "every port must differ" in result.output
     result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--precision", "fp16"])
     assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.output
-
-
-def test_a_pytriton_without_wrap_response_fails_at_startup_in_one_line():
-    from t2f.engine.serve import PROXY_SHIM, proxy_model_files
-
-    model = b"import x\n\ndef _wrap_response(response, names, outputs):\n    get_config_from_handshake_server(handshake_socket)\n"
-    assert proxy_model_files({"file:1/model.py": model, "file:1/data.py": b""})["file:1/model.py"] == model + PROXY_SHIM.encode()
-    for changed in (model.replace(b"_wrap_response", b"wrap_response"), model.replace(b"get_config_from", b"config_from")):
-        with pytest.raises(RuntimeError, match=r"^nvidia-pytriton \S+'s proxy model has no _wrap_response\(response, \.\.\.\)[^\n]*$"):
-            proxy_model_files({"file:1/model.py": changed})
+    result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--host", "0.0.0.0"])
+    assert result.exit_code == 2 and "give --token-file" in result.output
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
+    token.chmod(0o644)
+    result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--token-file", str(token)])
+    assert result.exit_code == 2 and "can be read by other users" in result.output
+    token.chmod(0o600)
+    token.write_text("short")
+    result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--token-file", str(token)])
+    assert result.exit_code == 2 and "16..256 characters" in result.output
 
 
 # Two instances, last: the shared-memory check after stopping them holds while the other servers are idle.
@@ -387,9 +687,14 @@ def test_a_pytriton_without_wrap_response_fails_at_startup_in_one_line():
 
 @pytest.fixture(scope="module")
 def two_instances(tmp_path_factory):
-    """Two model instances (two pipelines) on the CPU, graphs in blocks of 4 rows; batches of up to 4 rows that wait up to 0.5 s to fill."""
-    running = Running(tmp_path_factory.mktemp("serve2"), web=False, devices=("cpu", "cpu"), max_batch=4,
-                      extra=["--queue-delay-us", "500000", "--batch", "4"])
+    """Two model instances (two pipelines) on the CPU, graphs in blocks of 4 rows; batches of up to 4 rows that wait up to 0.5 s to fill;
+    a bearer token (--token-file) that HTTP clients must send."""
+    cache = tmp_path_factory.mktemp("serve2")
+    token_file = cache / "token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
+    running = Running(cache, web=False, devices=("cpu", "cpu"), max_batch=4,
+                      extra=["--queue-delay-us", "500000", "--batch", "4", "--token-file", str(token_file)])
     yield running
     if running.process.poll() is None:                  # (the last test stops it and checks what it leaves)
         assert running.stop(signal.SIGTERM) == 0, running.final_output
@@ -411,6 +716,8 @@ def _at_once(calls: list) -> list:
         return list(pool.map(run, calls))
 
 
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
 MERGED_BAD = [(dict(prompts=[""]), "prompt is empty"), (dict(truncations=[float("nan")]), "truncation must be a finite number"),
               (dict(prompts=["face " * 100]), "prompt is too long"), (dict(seeds=[-1]), "seed must be in")]   # Triton merges
 # only requests with the same inputs: a bad noise_mode would need one in every request of the batch
@@ -426,7 +733,7 @@ def test_a_bad_request_fails_alone_in_the_batch_it_was_merged_into(two_instances
 
     def call(args):
         with module.InferenceServerClient(url) as client:
-            return client.infer("t2f", text_inputs(module, **args))
+            return client.infer("t2f", text_inputs(module, **args), headers=AUTH if module is httpclient else None)   # gRPC: Triton's own
 
     for change, message in MERGED_BAD:
         bad = {**dict(prompts=["a smiling woman"], seeds=[0], truncations=[0.7], samples=[0]), **change}
@@ -448,7 +755,8 @@ def test_a_bad_request_fails_alone_in_the_batch_it_was_merged_into(two_instances
         else:
             pytest.fail(f"the 4 requests were never merged into one batch ({message})")
     with module.InferenceServerClient(url) as client:
-        assert client.is_server_live() and client.is_model_ready("t2f")
+        headers = AUTH if module is httpclient else None
+        assert client.is_server_live(headers=headers) and client.is_model_ready("t2f", headers=headers)
 
 
 def test_two_instances_on_one_device_both_serve_the_same_faces(two_instances, direct4):
@@ -459,7 +767,7 @@ def test_two_instances_on_one_device_both_serve_the_same_faces(two_instances, di
         with httpclient.InferenceServerClient(f"127.0.0.1:{two_instances.http}", connection_timeout=300, network_timeout=300) as client:
             out = []
             for prompt, seed, psi, sample, noise in chunk:
-                result = client.infer("t2f", text_inputs(httpclient, [prompt], [seed], [psi], samples=[sample], noise_mode=noise))
+                result = client.infer("t2f", text_inputs(httpclient, [prompt], [seed], [psi], samples=[sample], noise_mode=noise), headers=AUTH)
                 out.append((result.as_numpy("image")[0], result.as_numpy("ws")[0]))
             return out
 
@@ -472,40 +780,8 @@ def test_two_instances_on_one_device_both_serve_the_same_faces(two_instances, di
         for j in range(4):
             assert_same(*answers[(prompt, seed, psi, j, noise)], faces, j)
     assert two_instances.stop(signal.SIGTERM) == 0, two_instances.final_output
-    served = re.findall(r"instance (\d) \(cpu\): (\d+) request\(s\), (\d+) row\(s\)", two_instances.final_output)
-    assert [i for i, _, _ in served] == ["0", "1"], two_instances.final_output
+    served = re.findall(r"t2f_0_(\d): (\d+) request\(s\), (\d+) row\(s\)", two_instances.final_output)
+    assert [i for i, _, _ in served] == ["0", "1"], two_instances.final_output      # the t2f model's two instances
     assert all(int(requests) > 0 for _, requests, _ in served), served           # each instance answered requests
     assert sum(int(rows) for _, _, rows in served) >= len(jobs)
     assert not two_instances.leftovers()
-
-
-def test_the_proxy_appendix_waits_for_the_first_instances_handshake(tmp_path):
-    """Another instance of a model that asks while the first one's handshake socket exists but does not listen yet:
-    PyTriton's own call gives up (the model failed to load); the appendix's asks again until it answers."""
-    from pytriton.proxy import communication
-
-    from t2f.engine.serve import PROXY_SHIM
-
-    appendix = dict(_wrap_response=None, get_config_from_handshake_server=communication.get_config_from_handshake_server)
-    exec(PROXY_SHIM, appendix)
-    path = tmp_path / "t2f-config.sock"
-    early = socket.socket(socket.AF_UNIX)
-    early.bind(str(path))                            # bound, not listening: what the first instance is for a moment
-    with pytest.raises(ConnectionRefusedError):
-        communication.get_config_from_handshake_server(path)
-    servers = []
-
-    def listen_later():
-        time.sleep(0.5)
-        early.close()
-        path.unlink()
-        servers.append(communication.HandshakeServer(path, {"data_socket": "t2f-data.sock"}))
-        servers[0].start()
-
-    thread = threading.Thread(target=listen_later)
-    thread.start()
-    try:
-        assert appendix["get_config_from_handshake_server"](path) == {"data_socket": "t2f-data.sock"}
-    finally:
-        thread.join()
-        servers[0].close()

@@ -1,0 +1,389 @@
+"""tritonserver as a child process of t2f-serve: its binaries, a private workspace, its shared memory, start, readiness, stop.
+
+Triton runs a static model repository (engine/repository.py) with `--model-control-mode none`: no
+load / unload API, no access token, no PyTriton. It listens on gRPC (127.0.0.1 unless told
+otherwise) and serves metrics on 127.0.0.1; its HTTP front end is off, t2f's own front
+(engine/web.py) takes HTTP. Nothing on its command line is a secret.
+
+Workspaces live in CACHE/serve/PID-TOKEN (0700) and hold a lock that the live server keeps: a
+start removes the workspaces and shared-memory regions of servers that died (kill -9 included).
+Triton's Python backend creates its shared-memory regions 0644 whatever the umask; they are
+tightened to 0600 as soon as they appear (see tighten_shared_memory for what remains).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import dataclasses
+import fcntl
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+
+SHM_DIR = "/dev/shm"
+
+
+class TritonError(RuntimeError):
+    """Triton did not start, or stopped; the message is one line."""
+
+
+# ----------------------------------------------------------------------------
+# Binaries.
+
+
+@dataclasses.dataclass(frozen=True)
+class Binaries:
+    tritonserver: str                   # the executable
+    backend_directory: str              # holds python/ (libtriton_python.so, triton_python_backend_utils.py, the stub)
+    library_path: tuple[str, ...]       # prepended to LD_LIBRARY_PATH
+
+
+def python_libdir() -> list[str]:
+    """This interpreter's lib directory where it holds libpython (the stub links it by name; pyenv / conda builds)."""
+    libdir = sysconfig.get_config_var("LIBDIR") or ""
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    has_lib = os.path.isdir(libdir) and any(name.startswith(f"libpython{version}") and ".so" in name for name in os.listdir(libdir))
+    return [libdir] if has_lib else []
+
+
+def embedded_binaries(workspace: str) -> Binaries:
+    """The tritonserver and Python backend bundled in the nvidia-pytriton wheel, with the stub for this interpreter."""
+    try:
+        import pytriton
+    except ImportError:
+        raise TritonError('t2f-serve needs the tritonserver of nvidia-pytriton (pip install "t2f[serve]") or --tritonserver PATH') from None
+    root = os.path.join(os.path.dirname(pytriton.__file__), "tritonserver")
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = os.path.join(root, "python_backend_stubs", version, "triton_python_backend_stub")
+    if not os.path.isfile(stub):
+        raise TritonError(f"nvidia-pytriton has no Python backend stub for Python {version}")
+    backends = os.path.join(workspace, "backends")
+    os.makedirs(os.path.join(backends, "python"), mode=0o700)
+    for source in (os.path.join(root, "backends", "python", "libtriton_python.so"),
+                   os.path.join(root, "backends", "python", "triton_python_backend_utils.py"), stub):
+        os.symlink(source, os.path.join(backends, "python", os.path.basename(source)))
+    libs = os.path.join(os.path.dirname(os.path.dirname(pytriton.__file__)), "nvidia_pytriton.libs")
+    return Binaries(os.path.join(root, "bin", "tritonserver"), backends, tuple(python_libdir() + ([libs] if os.path.isdir(libs) else [])))
+
+
+def user_binaries(tritonserver: str) -> Binaries:
+    """A user's own tritonserver (ROOT/bin/tritonserver) with its own ROOT/backends (NVIDIA's layout)."""
+    path = shutil.which(tritonserver) or tritonserver
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        raise TritonError(f"--tritonserver {tritonserver}: not an executable file")
+    backends = os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(path))), "backends")
+    if not os.path.isfile(os.path.join(backends, "python", "libtriton_python.so")):
+        raise TritonError(f"--tritonserver {tritonserver}: no Python backend in {backends}/python")
+    return Binaries(path, backends, tuple(python_libdir()))
+
+
+# ----------------------------------------------------------------------------
+# Shared memory.
+
+
+def shared_memory_regions(prefix: str) -> list[str]:
+    with contextlib.suppress(OSError):
+        return sorted(os.path.join(SHM_DIR, name) for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+    return []
+
+
+def tighten_shared_memory(prefix: str) -> list[str]:
+    """Make this server's regions 0600; TritonError where one is not ours (someone made it first). The paths tightened.
+
+    What remains: a process of another user that opened a region in the moment between Triton
+    creating it (0644) and this call keeps its descriptor. Serve other users' machines from a
+    container or a user of its own (docs/serving.md).
+    """
+    tightened = []
+    for path in shared_memory_regions(prefix):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise TritonError(f"shared memory {path}: {e.strerror}; another user's file has this server's name") from None
+        try:
+            info = os.fstat(fd)
+            if info.st_uid != os.getuid():
+                raise TritonError(f"shared memory {path} belongs to uid {info.st_uid}, not this server's; refusing to serve")
+            if info.st_mode & 0o077:
+                os.fchmod(fd, 0o600)
+                tightened.append(path)
+        finally:
+            os.close(fd)
+    return tightened
+
+
+def remove_shared_memory(prefix: str) -> None:
+    for path in shared_memory_regions(prefix):
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_uid == os.getuid():
+                os.unlink(path)
+
+
+# ----------------------------------------------------------------------------
+# Workspaces.
+
+
+class Workspace:
+    """A fresh private directory CACHE/serve/PID-TOKEN, locked while this server lives."""
+
+    def __init__(self, parent: str):
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        token = secrets.token_hex(4)
+        self.path = os.path.join(os.path.realpath(parent), f"{os.getpid()}-{token}")
+        self.shm_prefix = f"t2f{token}{os.getpid()}_"          # the Python backend's region names start with it
+        self.server_id = f"t2f-serve-{token}"                  # Triton's --id: the front checks it talks to its own Triton
+        os.mkdir(self.path, 0o700)
+        self._lock = open(os.path.join(self.path, "lock"), "w")
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with open(os.path.join(self.path, "workspace.json"), "w") as f:
+            json.dump(dict(pid=os.getpid(), shm_prefix=self.shm_prefix), f)
+        self.repository = os.path.join(self.path, "repository")
+
+    def remove(self) -> None:
+        remove_shared_memory(self.shm_prefix)
+        shutil.rmtree(self.path, ignore_errors=True)
+        self._lock.close()
+
+
+def processes_naming(text: str) -> list[int]:
+    """This user's processes whose command line holds `text` (Triton and its stubs name their workspace's repository)."""
+    found, marker = [], text.encode()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{entry}").st_uid != os.getuid():
+                    continue
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if marker in f.read():
+                        found.append(int(entry))
+    return found
+
+
+def clean_stale_workspaces(parent: str) -> list[str]:
+    """Remove the workspaces (and shared memory) under `parent` whose server is gone (its lock is free); their names."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for name in sorted(os.listdir(parent)):
+            path = os.path.join(parent, name)
+            if not os.path.isdir(path) or os.path.islink(path):
+                continue
+            try:
+                lock = open(os.path.join(path, "lock"), "a")
+            except OSError:
+                lock = None
+            try:
+                if lock is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                continue                                       # a live server's
+            try:
+                for pid in processes_naming(path):           # a Triton or stub that outlived its t2f-serve (kill -9)
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(OSError, ValueError), open(os.path.join(path, "workspace.json")) as f:
+                    prefix = str(json.load(f)["shm_prefix"])
+                    if prefix.startswith("t2f"):
+                        remove_shared_memory(prefix)
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(name)
+            finally:
+                if lock is not None:
+                    lock.close()
+    return removed
+
+
+# ----------------------------------------------------------------------------
+# Ports.
+
+
+def check_port_free(host: str, port: int, option: str) -> None:
+    """TritonError (one line) where `port` on `host` is taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise TritonError(f"port {port} on {host} is in use ({option}): {e.strerror}") from None
+
+
+# ----------------------------------------------------------------------------
+# The process.
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when t2f-serve dies (kill -9 included), and files private to this user."""
+    os.umask(0o077)
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)      # PR_SET_PDEATHSIG
+
+
+BENIGN_ERRORS = ("CudaDriverHelper has not been initialized",)     # Triton logs it at every start on a machine without CUDA
+
+
+def log_errors(path: str, lines: int = 3, offset: int = 0) -> str:
+    """Triton's error lines after byte `offset`, each cut at its first embedded newline (a Python traceback), joined by " | "."""
+    found = []
+    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
+        f.seek(offset)
+        for line in f:
+            if any(benign in line for benign in BENIGN_ERRORS):
+                continue
+            if line.startswith("E") or line.startswith("error:"):
+                text = line.split("] ", 1)[-1].strip().strip('"').split("\\n")[0].strip()
+                if text and text not in found:
+                    found.append(text)
+    return " | ".join(found[-lines:])
+
+
+class Triton:
+    """One tritonserver process on `repository`; start() waits until both models are ready."""
+
+    def __init__(self,
+        binaries: Binaries,
+        workspace: Workspace,
+        grpc_host: str = "127.0.0.1",       # Address of Triton's gRPC (KServe v2); the front forwards to it.
+        grpc_port: int = 8001,
+        metrics_port: int = 8002,           # Prometheus metrics, on 127.0.0.1 (the front passes GET /metrics on).
+        verbose: bool = False,              # Triton's log on the console (else WORKSPACE/triton.log).
+        exit_timeout_s: int = 5,            # On stop: how long Triton waits for requests in flight.
+        models: tuple[str, ...] = ("t2f", "t2f_image"),
+    ):
+        self.binaries, self.workspace = binaries, workspace
+        self.grpc_host, self.grpc_port, self.metrics_port = grpc_host, grpc_port, metrics_port
+        self.verbose, self.exit_timeout_s, self.models = verbose, exit_timeout_s, models
+        self.process: subprocess.Popen | None = None
+        self.log_path = os.path.join(workspace.path, "triton.log")
+        self.starts = 0
+        self.log_offset = 0                 # where this start's lines begin in the log
+
+    @property
+    def grpc_url(self) -> str:
+        host = "127.0.0.1" if self.grpc_host in ("0.0.0.0", "") else ("[::1]" if self.grpc_host == "::" else self.grpc_host)
+        return f"{host}:{self.grpc_port}"
+
+    def command(self) -> list[str]:
+        return [self.binaries.tritonserver, "--model-repository", self.workspace.repository, "--model-control-mode", "none",
+                "--backend-directory", self.binaries.backend_directory, "--id", self.workspace.server_id,
+                "--allow-http", "false", "--allow-sagemaker", "false", "--allow-vertex-ai", "false",
+                "--grpc-address", self.grpc_host, "--grpc-port", str(self.grpc_port),
+                "--allow-metrics", "true", "--allow-gpu-metrics", "false", "--allow-cpu-metrics", "false",
+                "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
+                "--backend-config", f"python,shm-region-prefix-name={self.workspace.shm_prefix}",
+                "--exit-timeout-secs", str(self.exit_timeout_s), "--log-verbose", "1" if self.verbose else "0",
+                "--strict-readiness", "true", "--exit-on-error", "true"]
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        env["LD_LIBRARY_PATH"] = ":".join([*self.binaries.library_path, *filter(None, [env.get("LD_LIBRARY_PATH")])])
+        # The stub finds its interpreter on PATH: this one, so a virtual environment's packages are the ones the models import.
+        env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        return env
+
+    def start(self, timeout_s: float = 600, cancel: threading.Event | None = None) -> None:
+        """Start Triton and wait until it and both models are ready; TritonError (one line) where it does not."""
+        check_port_free(self.grpc_host, self.grpc_port, "--grpc-port")
+        check_port_free("127.0.0.1", self.metrics_port, "--metrics-port")
+        remove_shared_memory(self.workspace.shm_prefix)          # a previous run's, after a crash
+        with contextlib.suppress(OSError):
+            self.log_offset = os.path.getsize(self.log_path)
+        log = None if self.verbose else open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT if log else None,
+                                            stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True)
+        except OSError as e:
+            raise TritonError(f"could not run {self.binaries.tritonserver}: {e.strerror}") from None
+        finally:
+            if log is not None:
+                log.close()
+        self.starts += 1
+        stop = threading.Event()
+        watcher = threading.Thread(target=self._tighten_while, args=(stop,), daemon=True)
+        watcher.start()
+        try:
+            self._wait_ready(timeout_s, cancel)
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            stop.set()
+            watcher.join()
+        tighten_shared_memory(self.workspace.shm_prefix)
+
+    def _tighten_while(self, stop: threading.Event) -> None:
+        while not stop.wait(0.005):
+            with contextlib.suppress(TritonError):
+                tighten_shared_memory(self.workspace.shm_prefix)
+
+    def _wait_ready(self, timeout_s: float, cancel: threading.Event | None) -> None:
+        import tritonclient.grpc as grpcclient
+
+        deadline = time.monotonic() + timeout_s
+        with grpcclient.InferenceServerClient(self.grpc_url) as client:
+            while True:
+                if self.process.poll() is not None:
+                    raise TritonError(f"Triton Inference Server {self.exit_reason()}")
+                with contextlib.suppress(Exception):
+                    if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models):
+                        name = client.get_server_metadata().name
+                        if name != self.workspace.server_id:
+                            raise TritonError(f"port {self.grpc_port} answers another Triton ({name}), not this server's")
+                        return
+                if cancel is not None and cancel.is_set():
+                    raise TritonError("stopped while starting")
+                if time.monotonic() > deadline:
+                    raise TritonError(f"Triton Inference Server was not ready after {timeout_s:.0f} s" + self._log_suffix())
+                time.sleep(0.1)
+
+    def _log_suffix(self) -> str:
+        errors = log_errors(self.log_path, offset=self.log_offset)
+        return f": {errors}" if errors else (" (run with --verbose for its log)" if not self.verbose else "")
+
+    def exit_reason(self) -> str:
+        code = self.process.returncode if self.process is not None else None
+        if code is None:
+            return "is running"
+        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        return how + self._log_suffix()
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """Stop Triton (SIGTERM, then SIGKILL), its stubs, and remove its shared memory."""
+        process = self.process
+        if process is not None and process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=self.exit_timeout_s + 15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait()
+        self._stop_stubs()
+        remove_shared_memory(self.workspace.shm_prefix)
+
+    def _stop_stubs(self, timeout_s: float = 15) -> None:
+        """The Python backend stubs name this server's region on their command line; end any that outlive Triton."""
+        deadline = time.monotonic() + timeout_s
+        while (stubs := self.stub_pids()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for pid in self.stub_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    def stub_pids(self) -> list[int]:
+        return processes_naming(self.workspace.shm_prefix)

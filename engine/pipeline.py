@@ -397,7 +397,7 @@ def load_pipeline(
     clip: str = "ViT-B-32:openai",    # open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or "tiny".
     mapper: str | None = None,        # Mapper directory (a t2f-train run) or "tiny"; None = fail with how to get one.
     device: str = "auto",
-    precision: Precision | str | None = Precision.FP32,   # None = the backend's fastest accurate precision here.
+    precision: Precision | str | None = Precision.FP32,   # None or "auto" = the backend's fastest accurate precision here.
     batch_size: int | None = None,    # Rows per graph call; None = default_batch_size(the device).
     cache: str | None = None,         # Download cache; None = $T2F_CACHE or ~/.cache/t2f.
     progress: bool = True,
@@ -408,6 +408,8 @@ def load_pipeline(
 ) -> TextToFace:
     from t2f import load_generator
 
+    if precision == "auto":
+        precision = None
     g = load_generator(generator, cache=cache, progress=progress)
     c = load_clip(clip, cache_dir=None if cache is None else os.path.join(cache, "clip"))
     m = load_mapper(mapper, g, generator, c)

@@ -24,7 +24,7 @@ import urllib.request
 
 import click
 
-from t2f.precision import PRECISIONS, Precision
+from t2f.cli_errors import PrecisionChoice
 
 from .backends import BACKENDS
 from .protocol import IMAGE_MODEL, TEXT_MODEL
@@ -66,9 +66,9 @@ def served_summary(metrics_text: str) -> str:
 @click.option("--mapper",           help="Mapper directory (a t2f-train run), or tiny (random weights)", metavar="DIR|NAME")
 @click.option("--generator",        help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True)
 @click.option("--clip",             help="open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True)
-@click.option("--backend",          help="How to run the graphs (auto = the fastest available)", type=click.Choice(("auto",) + BACKENDS), default="torch", show_default=True)
+@click.option("--backend",          help="How to run the graphs (auto = the fastest accurate one here)", type=click.Choice(("auto",) + BACKENDS), default="auto", show_default=True)
 @click.option("--artifacts",        help="t2f-export output for onnxruntime / tensorrt", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--precision",        help="Compute precision (fp16 needs CUDA)", type=click.Choice(PRECISIONS), default="fp32", show_default=True)
+@click.option("--precision",        help="Compute precision: auto = the backend's fastest accurate one (fp16 needs CUDA, bf16 a CPU with bf16 instructions)", type=PrecisionChoice(), default="auto", show_default=True)
 @click.option("--device",           help="cpu, cuda or cuda:N (auto = cuda where there is one); repeat for one model instance per device", metavar="STR", multiple=True, default=["auto"], show_default=True)
 @click.option("--batch",            help="Rows per graph call, as t2f-infer --batch (the same gives the same images bit for bit) [default: 1 on the CPU, 8 on a GPU]", metavar="INT", type=click.IntRange(1, 256))
 @click.option("--max-batch",        help="Largest batch the batcher forms, and most rows in one request", metavar="INT", type=click.IntRange(1, 256), default=32, show_default=True)
@@ -119,12 +119,18 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
         resolved = [resolve_device(d) for d in device]
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
-    precision = Precision.parse(precision)
     try:
         for d in resolved:
-            precision.check_device(d)
+            if precision is not None:
+                precision.check_device(d)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--precision") from None
+    try:                            # what "auto" resolves to here: the instances resolve it the same way
+        from .backends import BackendUnavailable, choose
+
+        chosen = [choose(d, backend, precision, artifacts) for d in resolved]
+    except BackendUnavailable as e:
+        raise click.BadParameter(str(e), param_hint="--backend") from None
     devices = ["cpu" if d.type == "cpu" else f"cuda:{d.index or 0}" for d in resolved]
     token = read_token(token_file) if token_file else None
     if not is_loopback(host) and token is None and write_repository is None:
@@ -134,7 +140,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
             raise click.BadParameter(f"{origin!r} is not an origin such as https://example.org:8443", param_hint="--allow-origin")
     absolute = lambda p: p if p is None or p in ("tiny",) or not os.path.exists(p) else os.path.abspath(p)   # noqa: E731
     options = ModelOptions(generator=absolute(generator), clip=clip, mapper=absolute(mapper), backend=backend, artifacts=absolute(artifacts),
-                           precision=str(precision), batch_size=batch, cache=os.path.abspath(cache) if cache else None)
+                           precision=str(precision or "auto"), batch_size=batch, cache=os.path.abspath(cache) if cache else None)
 
     if write_repository is not None:
         try:
@@ -172,7 +178,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
         where = "every interface" if host in ("0.0.0.0", "::") else host
         click.echo(f"serving {TEXT_MODEL} and {IMAGE_MODEL}: HTTP {where}:{http_port} (checked, to Triton's gRPC), "
                    f"gRPC {grpc_host}:{grpc_port}, metrics 127.0.0.1:{metrics_port}; max batch {max_batch}; "
-                   f"{backend} on {', '.join(devices)}, {precision}", err=True)
+                   + ", ".join(f"{cls.name} {p} on {d}" for (cls, p), d in zip(chosen, devices)), err=True)
         if token is not None:
             click.echo(f"token required: clients send Authorization: Bearer TOKEN (from {token_file}); "
                        f"gRPC on {grpc_host} has no token", err=True)

@@ -142,14 +142,22 @@ def server(tmp_path_factory):
     assert not running.leftovers()
 
 
+def defaults_pipeline(batch_size):
+    """t2f-infer's defaults (backend and precision auto), as the server's: the same choice is made on both sides."""
+    from t2f.engine import load_pipeline
+
+    return load_pipeline(generator="tiny", clip="tiny", mapper="tiny", device="cpu", backend="auto", precision="auto",
+                         batch_size=batch_size)
+
+
 @pytest.fixture(scope="module")
 def direct():
-    return tiny_pipeline(batch_size=None)          # t2f-infer's default --batch, as the server's (1 on the CPU)
+    return defaults_pipeline(batch_size=None)      # t2f-infer's default --batch, as the server's (1 on the CPU)
 
 
 @pytest.fixture(scope="module")
 def direct4():
-    return tiny_pipeline(batch_size=4)             # t2f-infer --batch 4: the two-instance server's blocks, padded
+    return defaults_pipeline(batch_size=4)         # t2f-infer --batch 4: the two-instance server's blocks, padded
 
 
 def text_inputs(module, prompts, seeds, truncations, samples=None, noise_mode=None):

@@ -157,7 +157,7 @@ def direct():
 
 @pytest.fixture(scope="module")
 def direct4():
-    return defaults_pipeline(batch_size=4)         # t2f-infer --batch 4: the two-instance server's blocks, padded
+    return tiny_pipeline(batch_size=4)             # t2f-infer --backend torch --precision fp32 --batch 4: the two-instance server's
 
 
 def text_inputs(module, prompts, seeds, truncations, samples=None, noise_mode=None):
@@ -198,10 +198,11 @@ def test_served_faces_match_the_direct_pipeline(server, direct, module):
             faces = direct([ROWS["prompts"][r]], n=ROWS["samples"][r] + 1, seed=ROWS["seeds"][r], truncation_psi=ROWS["truncations"][r])
             assert_same(images[r], ws[r], faces, ROWS["samples"][r])
         assert not np.array_equal(images[0], images[2])                    # same prompt, other seed and sample
-        # Without `sample`, each row is the first image of its seed; noise_mode random as t2f-infer --noise-mode random.
-        noisy = client.infer("t2f", text_inputs(module, ["a child"], [5], [0.8], noise_mode="random"))
-        faces = direct(["a child"], n=1, seed=5, truncation_psi=0.8, noise_mode="random")
-        assert_same(noisy.as_numpy("image")[0], noisy.as_numpy("ws")[0], faces, 0)
+        # The default backend (auto: exported graphs here) holds constant noise: noise_mode random is refused in one
+        # line that says how to get it (the two-instance server below runs --backend torch and serves it).
+        with pytest.raises(InferenceServerException, match="noise_mode random needs t2f-serve --backend torch"):
+            client.infer("t2f", text_inputs(module, ["a child"], [5], [0.8], noise_mode="random"))
+        assert client.is_model_ready("t2f")
 
 
 def test_image_model_is_t2f_infer_image_mode(server, direct):
@@ -695,14 +696,15 @@ def test_usage_errors_exit_2(tmp_path):
 
 @pytest.fixture(scope="module")
 def two_instances(tmp_path_factory):
-    """Two model instances (two pipelines) on the CPU, graphs in blocks of 4 rows; batches of up to 4 rows that wait up to 0.5 s to fill;
-    a bearer token (--token-file) that HTTP clients must send."""
+    """Two model instances (two pipelines, eager PyTorch fp32) on the CPU, graphs in blocks of 4 rows; batches of up to 4 rows that
+    wait up to 0.5 s to fill; a bearer token (--token-file) that HTTP clients must send (gRPC has none)."""
     cache = tmp_path_factory.mktemp("serve2")
     token_file = cache / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     running = Running(cache, web=False, devices=("cpu", "cpu"), max_batch=4,
-                      extra=["--queue-delay-us", "500000", "--batch", "4", "--token-file", str(token_file)])
+                      extra=["--queue-delay-us", "500000", "--batch", "4", "--token-file", str(token_file), "--backend", "torch",
+                             "--precision", "fp32"])
     yield running
     if running.process.poll() is None:                  # (the last test stops it and checks what it leaves)
         assert running.stop(signal.SIGTERM) == 0, running.final_output
@@ -725,6 +727,13 @@ def _at_once(calls: list) -> list:
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_random_noise_is_served_by_the_torch_backend_as_t2f_infer_makes_it(two_instances, direct4):
+    with grpcclient.InferenceServerClient(f"127.0.0.1:{two_instances.grpc}") as client:
+        noisy = client.infer("t2f", text_inputs(grpcclient, ["a child"], [5], [0.8], noise_mode="random"))
+    faces = direct4(["a child"], n=1, seed=5, truncation_psi=0.8, noise_mode="random")
+    assert_same(noisy.as_numpy("image")[0], noisy.as_numpy("ws")[0], faces, 0)
 
 MERGED_BAD = [(dict(prompts=[""]), "prompt is empty"), (dict(truncations=[float("nan")]), "truncation must be a finite number"),
               (dict(prompts=["face " * 100]), "prompt is too long"), (dict(seeds=[-1]), "seed must be in")]   # Triton merges

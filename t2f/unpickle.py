@@ -8,9 +8,24 @@ source is ignored), and refuses any other global by name. `safe_unpickle` reads 
 pickle, `safe_load_checkpoint` a torch zip checkpoint (torch.save's format); both refuse
 anything malformed with one WeightsError line.
 
-What it guarantees for any byte sequence: no code from the file runs (only the globals
-below resolve, each a checked stand-in), and the work and memory are bounded by the file's
-size (see SafeUnpickler, _Budget and check_object_graph).
+What it guarantees for any byte sequence of N bytes (docs/security.md states the bound):
+
+- no code from the file runs (only the globals below resolve, each a checked stand-in);
+- work is at most min(2^22, 2^16 + 4N) steps, each of bounded cost: every opcode is one step,
+  and every call the file makes (REDUCE, NEWOBJ, INST, OBJ) and every dict key or set member
+  also pays for the objects it touches (containers to four levels, str/bytes per 64 bytes,
+  ints per 512 bits), so one small object referenced many times cannot multiply the work;
+  dict keys are str, bytes, small ints or flat tuples of them, so they cannot be made to
+  collide (str and bytes hash with a random key);
+- tensor sizes, strides and offsets are checked against 2^63 before any arithmetic on them,
+  so a huge integer costs its length to read and nothing more;
+- memory: the bytes stand-ins copy out of the file (storages, latin1 strings) total at most
+  2N + 1 MiB, the bytes read from a zip archive's entries total at most N (stored entries that
+  do not overlap cannot hold more), and tensor views may not materialize more than 2N + 1 MiB
+  (a stride-0 view over a small storage is refused);
+- the loaded object graph is walked once per object, refusing cycles, nesting deeper than
+  MAX_PICKLE_DEPTH and a graph whose unfolded size (shared parts once per path) exceeds
+  max(2^20, 4N), so whatever later walks, prints or compares it is bounded too.
 """
 
 from __future__ import annotations
@@ -28,11 +43,12 @@ import zipfile
 import numpy as np
 import torch
 
-from .io import WeightsError
+from .io import WeightsError, open_regular_file
 
-MAX_PICKLE_OPS = 1 << 22          # Opcodes per file; NVIDIA's FFHQ pickle needs about 10^5.
+MAX_PICKLE_OPS = 1 << 22          # Steps per file, whatever its size; NVIDIA's FFHQ pickle needs about 10^5.
 MAX_PICKLE_DEPTH = 64             # Nesting of the loaded objects; a generator record needs about 10.
 MAX_TENSOR_DIMS = 16
+MAX_TENSOR_INDEX = 1 << 63        # Sizes, strides and offsets: torch's int64, checked before any arithmetic.
 
 
 @dataclasses.dataclass
@@ -62,14 +78,30 @@ _STORAGE_TYPES = {name: _StorageType(dtype) for name, dtype in (
     ("DoubleStorage", torch.float64), ("LongStorage", torch.int64), ("IntStorage", torch.int32),
     ("ShortStorage", torch.int16), ("CharStorage", torch.int8), ("ByteStorage", torch.uint8), ("BoolStorage", torch.bool))}
 
-_SCALARS = (str, bytes, int, float, complex, bool, type(None))
+_KEY_SCALARS = (str, bytes, bool, type(None))
+_MAX_INT_KEY = 1 << 31
+
+
+def _is_key_scalar(x) -> bool:
+    """str and bytes hash with a per-process random key; ints (optimizer state indices) must be small, so that
+    distinct keys have distinct hashes (ints, floats and tuples hash without one: a file could collide them)."""
+    return isinstance(x, _KEY_SCALARS) or (type(x) is int and -_MAX_INT_KEY <= x < _MAX_INT_KEY)
 
 
 def _check_keys(keys) -> None:
     """Dict keys and set members must hash in time linear in their size: scalars, or flat tuples of scalars."""
     for key in keys:
-        if not (isinstance(key, _SCALARS) or (type(key) is tuple and all(isinstance(k, _SCALARS) for k in key))):
+        if not (_is_key_scalar(key) or (type(key) is tuple and all(_is_key_scalar(k) for k in key))):
             raise pickle.UnpicklingError(f"refusing a {type(key).__name__} as a dict key or set member")
+
+
+def _scalar_cost(x) -> int:
+    """Steps to hash, compare or copy a scalar once: 1, plus 1 per 64 bytes of a string, 1 per 512 bits of an int."""
+    if isinstance(x, (str, bytes, bytearray)):
+        return 1 + len(x) // 64
+    if type(x) is int:
+        return 1 + x.bit_length() // 512
+    return 1
 
 
 def _reconstruct_persistent(meta):
@@ -105,13 +137,6 @@ def _numpy_scalar(dtype, data=None):
     return np.frombuffer(data, dtype=dtype, count=1)[0].item()
 
 
-def _latin1_bytes(text, encoding="latin1"):
-    """Protocol-2 pickles spell bytes as _codecs.encode(text, 'latin1')."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise pickle.UnpicklingError("only latin1 byte strings are allowed")
-    return text.encode("latin1")
-
-
 def _ordered_dict(items=()):
     items = list(items)
     if not all(type(item) in (tuple, list) and len(item) == 2 for item in items):
@@ -129,7 +154,6 @@ def _checked_set(kind):
 
 
 _SAFE_GLOBALS = {
-    ("_codecs", "encode"): _latin1_bytes,
     ("collections", "OrderedDict"): _ordered_dict,
     ("builtins", "set"): _checked_set(set),
     ("builtins", "frozenset"): _checked_set(frozenset),
@@ -147,24 +171,49 @@ _SAFE_GLOBALS = {
 }
 # Globals that need the unpickler's budget: resolved to its methods of these names.
 _BUDGETED_GLOBALS = {
+    ("_codecs", "encode"): "latin1_bytes",
     ("torch._utils", "_rebuild_tensor_v2"): "rebuild_tensor",
     ("torch.storage", "_load_from_bytes"): "storage_from_bytes",
 }
 
 
 class _Budget:
-    """What one file may still cost: opcodes run and tensor bytes materialized."""
+    """What one file may still cost: steps of work, bytes copied out of its data, tensor bytes materialized."""
 
     def __init__(self, file_size: int):
-        self.ops = MAX_PICKLE_OPS
-        self.tensor_bytes = 2 * file_size + (1 << 20)   # views of shared storages may repeat a little
+        self.ops = self.total_ops = min(MAX_PICKLE_OPS, (1 << 16) + 4 * file_size)
+        self.copied_bytes = 2 * file_size + (1 << 20)    # protocol 2 copies a storage twice: latin1 text, then bytes
+        self.tensor_bytes = 2 * file_size + (1 << 20)    # views of shared storages may repeat a little
+
+    def spend(self, steps: int) -> None:
+        self.ops -= steps
+        if self.ops < 0:
+            raise pickle.UnpicklingError(f"refusing a pickle that costs more than {self.total_ops} steps "
+                                         "(what a file of its size may cost)")
+
+    def copy(self, size: int) -> None:
+        self.copied_bytes -= size
+        if self.copied_bytes < 0:
+            raise pickle.UnpicklingError("refusing a pickle that copies more bytes than the file holds")
+
+    def walk(self, obj, depth: int = 4) -> None:
+        """Pay for touching `obj` and what it holds, `depth` levels down (a call's arguments, a key's parts)."""
+        self.spend(_scalar_cost(obj))
+        if depth <= 0:
+            return
+        if isinstance(obj, dict):
+            for key, value in obj.items():
+                self.walk(key, depth - 1)
+                self.walk(value, depth - 1)
+        elif isinstance(obj, (tuple, list, set, frozenset)):
+            self.spend(len(obj) // 64)
+            for item in obj:
+                self.walk(item, depth - 1)
 
 
 def _counted(op):
     def run(self):
-        self.budget.ops -= 1
-        if self.budget.ops < 0:
-            raise pickle.UnpicklingError(f"refusing a pickle of more than {MAX_PICKLE_OPS} operations")
+        self.budget.spend(1)
         op(self)
     return run
 
@@ -195,6 +244,31 @@ class SafeUnpickler(pickle._Unpickler):
     def __init__(self, file, budget: _Budget, storages=None):
         super().__init__(file)
         self.budget, self.storages, self.loaded_storages = budget, storages, {}
+
+    def _keys(self, keys) -> None:
+        """Check dict keys or set members and pay for hashing them."""
+        keys = list(keys)
+        _check_keys(keys)
+        for key in keys:
+            self.budget.walk(key, 1)
+
+    # Calls: each pays for its arguments before it runs.
+
+    def load_reduce(self):
+        self.budget.walk(self.stack[-1])
+        super().load_reduce()
+
+    def load_newobj(self):
+        self.budget.walk(self.stack[-1])
+        super().load_newobj()
+
+    def load_newobj_ex(self):
+        self.budget.walk(self.stack[-2:])
+        super().load_newobj_ex()
+
+    def _instantiate(self, klass, args):
+        self.budget.walk(args)
+        return super()._instantiate(klass, args)
 
     def find_class(self, module: str, name: str):
         if (module, name) in _BUDGETED_GLOBALS:
@@ -228,8 +302,8 @@ class SafeUnpickler(pickle._Unpickler):
         if type(size) not in (tuple, list) or type(stride) not in (tuple, list) or len(size) != len(stride) \
                 or len(size) > MAX_TENSOR_DIMS:
             raise pickle.UnpicklingError("malformed tensor shape")
-        if not all(type(v) is int and v >= 0 for v in (storage_offset, *size, *stride)):
-            raise pickle.UnpicklingError("malformed tensor shape")
+        if not all(type(v) is int and 0 <= v < MAX_TENSOR_INDEX for v in (storage_offset, *size, *stride)):
+            raise pickle.UnpicklingError("refusing a tensor size, stride or offset that is not an integer from 0 to 2**63")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # TypedStorage deprecation notices
             length, element_size = storage.size(), storage.element_size()
@@ -247,7 +321,15 @@ class SafeUnpickler(pickle._Unpickler):
         """A storage pickled by NVIDIA's code: torch's legacy format in a bytes object, read here, not by torch.load."""
         if not isinstance(data, (bytes, bytearray)):
             raise pickle.UnpicklingError("tensor storage is not bytes")
+        self.budget.copy(len(data))
         return _legacy_storage(io.BytesIO(data), self.budget)
+
+    def latin1_bytes(self, text, encoding="latin1"):
+        """Protocol-2 pickles spell bytes as _codecs.encode(text, 'latin1')."""
+        if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+            raise pickle.UnpicklingError("only latin1 byte strings are allowed")
+        self.budget.copy(len(text))
+        return text.encode("latin1")
 
     # Opcodes that hash keys or set state.
 
@@ -264,27 +346,28 @@ class SafeUnpickler(pickle._Unpickler):
         raise pickle.UnpicklingError(f"refusing to set state on a {type(inst).__name__}")
 
     def load_setitem(self):
-        _check_keys(self.stack[-2:-1])
+        self._keys(self.stack[-2:-1])
         super().load_setitem()
 
     def load_setitems(self):
-        _check_keys(self.stack[::2])
+        self._keys(self.stack[::2])
         super().load_setitems()
 
     def load_dict(self):
-        _check_keys(self.stack[::2])
+        self._keys(self.stack[::2])
         super().load_dict()
 
     def load_additems(self):
-        _check_keys(self.stack)
+        self._keys(self.stack)
         super().load_additems()
 
     def load_frozenset(self):
-        _check_keys(self.stack)
+        self._keys(self.stack)
         super().load_frozenset()
 
     for _name, _code in (("load_build", pickle.BUILD), ("load_setitem", pickle.SETITEM), ("load_setitems", pickle.SETITEMS),
-                         ("load_dict", pickle.DICT), ("load_additems", pickle.ADDITEMS), ("load_frozenset", pickle.FROZENSET)):
+                         ("load_dict", pickle.DICT), ("load_additems", pickle.ADDITEMS), ("load_frozenset", pickle.FROZENSET),
+                         ("load_reduce", pickle.REDUCE), ("load_newobj", pickle.NEWOBJ), ("load_newobj_ex", pickle.NEWOBJ_EX)):
         dispatch[_code[0]] = _counted(locals()[_name])
     del _name, _code
 
@@ -375,7 +458,7 @@ def _graph_budget(file_size: int) -> int:
 
 def safe_unpickle(path: str | os.PathLike):
     """Unpickle a file with `SafeUnpickler`; errors become WeightsError naming the file."""
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         data = f.read()
     result = _safe_load(path, lambda budget: SafeUnpickler(io.BytesIO(data), budget).load(), len(data), "pickle")
     check_object_graph(result, _graph_budget(len(data)), str(path))
@@ -408,37 +491,49 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
 def safe_load_checkpoint(path: str | os.PathLike):
     """A torch zip checkpoint (torch.save's format) unpickled with `SafeUnpickler`, never by torch.load.
 
-    Its storages must be stored uncompressed (torch.save never compresses), so nothing
-    read from the archive is larger than the archive itself.
+    Its entries must be stored uncompressed (torch.save never compresses), and the entries read
+    may hold no more bytes in all than the archive: stored entries that do not overlap cannot,
+    so overlapping entries (each one the whole file) are refused before they are read, on any
+    Python (zipfile's own overlap check came after 3.11.7).
     """
-    file_size = os.path.getsize(path)
+    with open_regular_file(path) as f:
+        file_size = os.fstat(f.fileno()).st_size
 
-    def load(budget: _Budget):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-            pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-            if len(pickles) != 1:
-                raise WeightsError(f"{path}: not a torch checkpoint (no single */data.pkl in the archive)")
-            prefix = pickles[0][: -len("data.pkl")]
+        def load(budget: _Budget):
+            with zipfile.ZipFile(f) as archive:
+                return _load_archive(archive, budget, file_size, path)
 
-            def read(name: str) -> bytes:
-                info = archive.getinfo(name)
-                if info.compress_type != zipfile.ZIP_STORED or info.file_size > file_size:
-                    raise pickle.UnpicklingError(f"refusing a compressed or oversized archive entry {name}")
-                return archive.read(info)
-
-            if prefix + "byteorder" in names and read(prefix + "byteorder") != b"little":
-                raise WeightsError(f"{path}: big-endian checkpoints are not supported")
-
-            def storage(key: str) -> bytes:
-                if not re.fullmatch(r"[A-Za-z0-9_.]+", key) or key.startswith("."):
-                    raise pickle.UnpicklingError("malformed storage key")
-                return read(f"{prefix}data/{key}")
-
-            return SafeUnpickler(io.BytesIO(read(pickles[0])), budget, storages=storage).load()
-
-    result = _safe_load(path, load, file_size, "checkpoint")
+        result = _safe_load(path, load, file_size, "checkpoint")
     check_object_graph(result, _graph_budget(file_size), str(path))
     return result
+
+
+def _load_archive(archive: zipfile.ZipFile, budget: _Budget, file_size: int, path):
+    names = archive.namelist()
+    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise WeightsError(f"{path}: not a torch checkpoint (no single */data.pkl in the archive)")
+    prefix = pickles[0][: -len("data.pkl")]
+    unread = [file_size]                                   # bytes the entries still to be read may hold in all
+
+    def read(name: str) -> bytes:
+        info = archive.getinfo(name)
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise pickle.UnpicklingError(f"refusing a compressed archive entry {name}")
+        unread[0] -= info.file_size
+        if unread[0] < 0 or info.header_offset + info.file_size > file_size:
+            raise pickle.UnpicklingError(f"refusing archive entries that hold more bytes in all than the file "
+                                         f"({file_size}): they overlap (at {name})")
+        return archive.read(info)
+
+    if prefix + "byteorder" in names and read(prefix + "byteorder") != b"little":
+        raise WeightsError(f"{path}: big-endian checkpoints are not supported")
+
+    def storage(key: str) -> bytes:
+        if not re.fullmatch(r"[A-Za-z0-9_.]+", key) or key.startswith("."):
+            raise pickle.UnpicklingError("malformed storage key")
+        return read(f"{prefix}data/{key}")
+
+    return SafeUnpickler(io.BytesIO(read(pickles[0])), budget, storages=storage).load()
 
 

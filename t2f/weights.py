@@ -8,6 +8,7 @@ the import fails naming what did not match.
 
 from __future__ import annotations
 
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import WeightsError, build_checked, load_model_dir, save_model_dir
+from .io import WeightsError, build_checked, is_regular_file, load_model_dir, open_regular_file, save_model_dir
 from .stylegan2 import Generator, GeneratorConfig, fir_filter
 from .unpickle import MAX_PICKLE_DEPTH, PersistentRecord, safe_load_checkpoint, safe_unpickle
 
@@ -96,21 +97,44 @@ def _nvidia_config(kwargs: dict, source: str) -> GeneratorConfig:
             raise WeightsError(f"{source}: mapping {key}={mapping[key]} is not supported")
     try:
         return GeneratorConfig(
-            resolution=int(kwargs["img_resolution"]),
-            z_dim=int(kwargs["z_dim"]),
-            w_dim=int(kwargs["w_dim"]),
-            img_channels=int(kwargs["img_channels"]),
-            mapping_layers=int(mapping.get("num_layers", 8)),
-            mapping_lr_multiplier=float(mapping.get("lr_multiplier", 0.01)),
-            channel_base=int(synthesis.get("channel_base", 32768)),
-            channel_max=int(synthesis.get("channel_max", 512)),
-            num_fp16_res=int(synthesis.get("num_fp16_res", default_fp16_res)),
-            conv_clamp=None if synthesis.get("conv_clamp") is None else float(synthesis["conv_clamp"]),
+            resolution=_integer(kwargs["img_resolution"], "img_resolution"),
+            z_dim=_integer(kwargs["z_dim"], "z_dim"),
+            w_dim=_integer(kwargs["w_dim"], "w_dim"),
+            img_channels=_integer(kwargs["img_channels"], "img_channels"),
+            mapping_layers=_integer(mapping.get("num_layers", 8), "num_layers"),
+            mapping_lr_multiplier=_number(mapping.get("lr_multiplier", 0.01), "lr_multiplier"),
+            channel_base=_integer(synthesis.get("channel_base", 32768), "channel_base"),
+            channel_max=_integer(synthesis.get("channel_max", 512), "channel_max"),
+            num_fp16_res=_integer(synthesis.get("num_fp16_res", default_fp16_res), "num_fp16_res"),
+            conv_clamp=None if synthesis.get("conv_clamp") is None else _number(synthesis["conv_clamp"], "conv_clamp"),
         )
     except KeyError as e:
         raise WeightsError(f"{source}: generator init_kwargs lack {e}") from None
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{source}: invalid generator options: {e}") from None
+
+
+def _integer(value, name: str) -> int:
+    """An int, or a float with an integral finite value (older pickles store some sizes as floats); else ValueError."""
+    if type(value) is int:
+        return value
+    if type(value) is float and math.isfinite(value) and value.is_integer():
+        return int(value)
+    shown = repr(value) if type(value) in (float, bool) or value is None else f"a {type(value).__name__}"
+    raise ValueError(f"{name} must be an integer, got {shown}")
+
+
+def _number(value, name: str) -> float:
+    """A finite float from an int or float; else ValueError (an int too large for a float is refused, not raised)."""
+    if type(value) in (int, float):
+        try:
+            result = float(value)
+        except OverflowError:
+            result = math.inf
+        if math.isfinite(result):
+            return result
+    shown = repr(value) if type(value) is float else f"a {type(value).__name__}"
+    raise ValueError(f"{name} must be a finite number, got {shown}")
 
 
 def _nvidia_name_table(config: GeneratorConfig) -> tuple[dict[str, str], list[str]]:
@@ -273,9 +297,9 @@ def load_generator_dir(directory: str | os.PathLike) -> Generator:
 
 
 def _is_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         head = f.read(2)
-    return len(head) == 2 and head[0] == 0x80 and head[1] >= 2 and not zipfile.is_zipfile(path)
+        return len(head) == 2 and head[0] == 0x80 and head[1] >= 2 and not zipfile.is_zipfile(f)
 
 
 def import_generator(source: str | os.PathLike) -> Generator:
@@ -286,7 +310,7 @@ def import_generator(source: str | os.PathLike) -> Generator:
         raise
     except OSError as e:
         raise WeightsError(f"{source}: cannot read ({e.strerror or e})") from None
-    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError, ZeroDivisionError) as e:
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError, ArithmeticError) as e:
         # A file that passed the safe loader but holds something other than a generator of a supported layout.
         raise WeightsError(f"{source}: not a supported StyleGAN2 generator ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
@@ -294,15 +318,19 @@ def import_generator(source: str | os.PathLike) -> Generator:
 def _import_generator(path: Path) -> Generator:
     if path.is_dir():
         generator = load_generator_dir(path)
-    elif path.is_file():
+    elif is_regular_file(path):
         if path.stat().st_size == 0:
             raise WeightsError(f"{path}: empty file")
-        if zipfile.is_zipfile(path) or path.suffix in (".pt", ".pth"):
+        with open_regular_file(path) as f:
+            is_zip = zipfile.is_zipfile(f)
+        if is_zip or path.suffix in (".pt", ".pth"):
             generator = load_rosinality(path)
         elif _is_pickle(path):
             generator = load_nvidia_pickle(path)
         else:
             raise WeightsError(f"{path}: not a pickle, a torch checkpoint or a t2f directory")
+    elif path.exists():
+        raise WeightsError(f"{path}: not a regular file or a directory; t2f reads weights from regular files only")
     else:
         raise WeightsError(f"{path}: no such file or directory")
     return generator.eval().requires_grad_(False)

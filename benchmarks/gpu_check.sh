@@ -12,7 +12,8 @@
 # $OUT/summary.txt: one line per step with its exit code and seconds (124 = its timeout).
 # Longer work (the whole suite, export, more samples) is in benchmarks/gpu_check_long.sh.
 #
-#   bash benchmarks/gpu_check.sh --cpu-dry-run     # the same steps on tiny models on this CPU (shell logic, seconds)
+#   bash benchmarks/gpu_check.sh --cpu-dry-run     # the same steps on tiny models on this CPU (shell logic, seconds),
+#                                                  # with matplotlib hidden as on the GPU image
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -336,6 +336,7 @@ class SafeUnpickler(pickle._Unpickler):
     def load_build(self):
         state = self.stack.pop()
         inst = self.stack[-1]
+        self.budget.walk(state, 1)                 # a shared state may be applied many times
         if isinstance(inst, np.dtype) and type(state) is tuple and state == inst.__reduce__()[2]:
             return
         if isinstance(inst, _PlainNamespace) and type(state) is dict and all(type(k) is str for k in state):

@@ -132,6 +132,23 @@ def test_a_long_flat_tuple_key_pays_for_each_hash(tmp_path):
     assert "costs more than" in import_error(path)
 
 
+def test_a_shared_state_applied_many_times_pays_each_time(tmp_path):
+    """One 20000-entry state dict set on 4000 Namespace stand-ins by BUILD: 8e7 updates for 200 KB, refused as the
+    work budget runs out."""
+    cls, state = struct.pack("<I", 1), struct.pack("<I", 2)
+    ops = bytearray(b"\x80\x02cargparse\nNamespace\nr" + cls + b"}(")
+    for i in range(20_000):
+        key = f"k{i}".encode()
+        ops += b"X" + struct.pack("<I", len(key)) + key + b"K\x01"
+    ops += b"ur" + state + b"("
+    ops += (b"j" + cls + b")\x81j" + state + b"b") * 4000            # cls.__new__(cls), then BUILD with the shared state
+    ops += b"l."
+    path = tmp_path / "build.pkl"
+    path.write_bytes(bytes(ops))
+    assert path.stat().st_size < 300 << 10
+    assert "costs more than" in import_error(path)
+
+
 # ----------------------------------------------------------------------------
 # 13. A checkpoint whose stored zip entries overlap: each one is nearly the whole file.
 

@@ -13,8 +13,9 @@ What it guarantees for any byte sequence of N bytes (docs/security.md states the
 - no code from the file runs (only the globals below resolve, each a checked stand-in);
 - work is at most min(2^22, 2^16 + 4N) steps, each of bounded cost: every opcode is one step,
   and every call the file makes (REDUCE, NEWOBJ, INST, OBJ), every state it sets (BUILD) and
-  every dict key or set member also pays for the objects it touches (containers to four levels, str/bytes per 64 bytes,
-  ints per 512 bits), so one small object referenced many times cannot multiply the work;
+  every dict key or set member also pays for the objects it touches (containers to four
+  levels, str/bytes per 64 bytes, ints per 512 bits), so one small object referenced many
+  times cannot multiply the work;
   dict keys are str, bytes, small ints or flat tuples of them, so they cannot be made to
   collide (str and bytes hash with a random key);
 - tensor sizes, strides and offsets are checked against 2^63 before any arithmetic on them,

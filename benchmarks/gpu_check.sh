@@ -14,7 +14,8 @@
 # $OUT/summary.txt: one line per step with its exit code and seconds (124 = its timeout).
 # Longer work (the whole suite, export, more samples) is in benchmarks/gpu_check_long.sh.
 #
-#   bash benchmarks/gpu_check.sh --cpu-dry-run     # the same steps on tiny models on this CPU (shell logic, seconds)
+#   bash benchmarks/gpu_check.sh --cpu-dry-run     # the same steps on tiny models on this CPU (shell logic, seconds),
+#                                                  # with matplotlib hidden as on the GPU image
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,8 +26,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 T2F_OFFLINE=1 HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 
+source benchmarks/gpu_steps.sh
 if [ "$DRY" = 1 ]; then
     # Tiny models on the CPU, same steps and options otherwise; timeouts for a contended 2-core machine.
+    # What the GPU image lacks is hidden here too, so a step that needs it fails here first.
+    hide_modules "$OUT/hidden-modules" matplotlib openvino onnxslim
+    if $PY -c "import matplotlib" 2>/dev/null; then echo "could not hide matplotlib" >&2; exit 1; fi
     DEVICE=cpu GEN=tiny CLIP=tiny T_TESTS=300 T_PARITY=300 T_BENCH=400 T_COMPILE=400 T_TRAIN=400
     TRAIN_ARGS=(--samples 64 --synth-batch 16 --steps 20 --batch 32)
     BENCH_ARGS=(--warmup 1 --iters 3)
@@ -47,7 +52,6 @@ $PY -c "import torch, t2f; print('torch', torch.__version__, 'cuda', torch.cuda.
     2>&1 | tee -a "$OUT/0-setup.log"
 
 : > "$OUT/summary.txt"
-source benchmarks/gpu_steps.sh
 
 TESTS=(tests)
 [ "$DRY" = 1 ] && TESTS=(tests/test_backends.py tests/test_engine.py)   # the dry run: the selection logic, quickly

@@ -58,20 +58,26 @@ def _load_images(paths: list[str]):
     import PIL.Image
     import torch
 
+    from t2f.io import InputPathError, open_regular_file
+
     from .pipeline import face_tensor
 
     out = []
     for path in paths:
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)     # our own limit is lower
-                im = PIL.Image.open(path)
-            with im:
-                if im.width * im.height > MAX_IMAGE_PIXELS:
-                    raise click.BadParameter(f"{path} is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} Mpixels); "
-                                             f"conditioning images may have at most {MAX_IMAGE_PIXELS / 1e6:.0f} Mpixels "
-                                             "(CLIP sees 224x224): downscale it first", param_hint="--image")
-                out.append(face_tensor(im))
+            with open_regular_file(path) as f:                  # a FIFO is refused, not waited on
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)     # our own limit is lower
+                    im = PIL.Image.open(f)
+                with im:
+                    if im.width * im.height > MAX_IMAGE_PIXELS:
+                        raise click.BadParameter(f"{path} is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} "
+                                                 f"Mpixels); conditioning images may have at most "
+                                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpixels (CLIP sees 224x224): downscale it first",
+                                                 param_hint="--image")
+                    out.append(face_tensor(im))
+        except InputPathError as e:
+            raise click.BadParameter(str(e), param_hint="--image") from None
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
             raise click.BadParameter(f"cannot read image {path}: {e}", param_hint="--image") from None
     return torch.stack(out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from pathlib import Path
@@ -43,9 +42,13 @@ def _errors_as_clicks():
 
 def _trained_for(mapper: str) -> dict:
     """The generator and CLIP names a mapper directory records."""
+    from t2f.io import read_json
+
     try:
-        meta = json.loads((Path(mapper) / "config.json").read_text())
+        meta = read_json(Path(mapper) / "config.json")
     except (OSError, ValueError):
+        return {}
+    if not isinstance(meta, dict):
         return {}
     return {k: (meta.get(k) or {}).get("name") for k in ("generator", "clip") if isinstance(meta.get(k), dict)}
 

@@ -18,10 +18,9 @@ import json
 from pathlib import Path
 
 from t2f.graphs import DEFAULT_PROFILE, ExportError, ModelDims
-from t2f.io import read_json_file, write_json
+from t2f.io import read_json, write_json
 
 MANIFEST = "manifest.json"
-MAX_MANIFEST_BYTES = 16 << 20          # a manifest holds hashes and a parity table: kilobytes
 
 
 @dataclasses.dataclass
@@ -45,7 +44,7 @@ class Manifest:
         if not path.is_file():
             raise ExportError(f"{out} has no {MANIFEST}: it is not a t2f-export output; run t2f-export --out {out}")
         try:
-            data = read_json_file(path, MAX_MANIFEST_BYTES)
+            data = read_json(path)
         except (ValueError, OSError) as e:
             raise ExportError(f"{path} is unreadable or not JSON ({e}); run t2f-export --out {out} again") from None
         if not is_export_manifest(data):
@@ -105,7 +104,7 @@ def is_export_manifest(data) -> bool:
 def is_export_manifest_file(path: Path) -> bool:
     """True for a regular file holding a t2f-export manifest (a FIFO or a device there is never opened)."""
     try:
-        return is_export_manifest(read_json_file(path, MAX_MANIFEST_BYTES))
+        return is_export_manifest(read_json(path))
     except (ValueError, OSError):
         return False
 

@@ -54,7 +54,7 @@ class ClipSpec:
     @property
     def name(self) -> str:
         """A stable identity, recorded by mappers trained for this CLIP."""
-        if self.model == TINY_MODEL_NAME:
+        if self.model == TINY_MODEL_NAME and self.pretrained is None:
             return TINY
         if self.pretrained is None:
             return f"{self.model}:{RANDOM_TAG}"
@@ -213,6 +213,8 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
     if not tag_cfg and not Path(parsed.pretrained).is_file():
         tags = open_clip.list_pretrained_tags_by_model(parsed.model)
         raise ClipLoadError(f"{parsed.pretrained!r} is neither a pretrained tag of {parsed.model} (tags: {', '.join(tags) or 'none'}) nor a file")
+    if not tag_cfg:
+        return Clip(_model_from_checkpoint(parsed.model, parsed.pretrained), tokenizer, parsed).to(device)
     try:
         model = open_clip.create_model(parsed.model, pretrained=parsed.pretrained, device="cpu", cache_dir=cache_dir,
                                        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
@@ -223,5 +225,70 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
             raise ClipLoadError(
                 f"CLIP weights {parsed.model}:{parsed.pretrained} are not cached and could not be downloaded from {where} "
                 f"({type(e).__name__}); download the checkpoint and pass --clip {parsed.model}:/path/to/checkpoint") from None
-        raise ClipLoadError(f"cannot load CLIP checkpoint {parsed.pretrained}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ClipLoadError(f"cannot load CLIP weights {parsed.model}:{parsed.pretrained}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return Clip(model, tokenizer, parsed).to(device)
+
+
+def _model_from_checkpoint(model_name: str, path: str) -> nn.Module:
+    """An open_clip model with the weights of a local checkpoint, read without torch.load.
+
+    A .safetensors file is read by safetensors; anything else must be a torch zip checkpoint
+    (torch.save's format), read by t2f's restricted unpickler: no code from the file runs, and
+    its work and memory are bounded by its size (t2f.unpickle). The state dict is then adapted
+    as open_clip's own load_checkpoint does (a "state_dict" entry, a "module." prefix, older
+    text-tower names, positional embeddings of another length) and loaded strictly.
+    """
+    import open_clip
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .io import InputPathError, WeightsError, is_regular_file
+    from .unpickle import safe_load_checkpoint
+
+    try:
+        if not is_regular_file(path):
+            raise InputPathError(path, "is not a regular file; t2f reads weights from regular files only")
+        if path.endswith(".safetensors"):
+            state = load_file(path)
+        else:
+            state = safe_load_checkpoint(path)
+    except WeightsError as e:
+        raise ClipLoadError(f"cannot load CLIP checkpoint {e}") from None
+    except (SafetensorError, ValueError) as e:
+        raise ClipLoadError(f"cannot load CLIP checkpoint {path}: truncated or corrupt safetensors file ({e})") from None
+    except InputPathError as e:
+        raise ClipLoadError(f"cannot load CLIP checkpoint {e}") from None
+    except OSError as e:
+        raise ClipLoadError(f"cannot load CLIP checkpoint {path}: cannot read ({e.strerror or e})") from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                           for k, v in state.items()):
+        raise ClipLoadError(f"cannot load CLIP checkpoint {path}: it holds no state dict of named tensors")
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+    try:
+        state = convert_state_dict(model, dict(state))
+        if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+            state = convert_to_custom_text_state_dict(state)
+        for name in ("logit_scale", "logit_bias"):
+            target = getattr(model, name, None)
+            if name in state and target is not None and target.ndim != state[name].ndim:
+                state[name] = state[name].reshape(target.shape)
+        if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+            state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+        state.pop("text.transformer.embeddings.position_ids", None)
+        resize_pos_embed(state, model)
+        resize_text_pos_embed(state, model)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        detail = lines[1] if len(lines) > 1 and lines[0].startswith("Error(s) in loading") else lines[0]
+        raise ClipLoadError(f"cannot load CLIP checkpoint {path}: its weights do not fit {model_name} ({detail[:300]})") from None
+    return model

@@ -82,6 +82,96 @@ def check_output_dir(path: str | os.PathLike, replace: bool = False) -> None:
         raise OutputPathError(path, f"is {kind}, not a directory")
 
 
+# ----------------------------------------------------------------------------
+# Inputs: opened only if they are regular files, so a FIFO or a device is refused at once instead of blocking.
+
+
+class InputPathError(OSError):
+    """An input path that t2f refuses to read: not a regular file (a FIFO, a device, a socket, a directory)."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(errno.EINVAL, reason, str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: {self.strerror}"
+
+
+def open_regular_file(path: str | os.PathLike, mode: str = "rb"):
+    """`open(path, mode)` for reading, refusing anything but a regular file before a byte is read.
+
+    The file is opened with O_NONBLOCK (a FIFO opens at once instead of waiting for a writer)
+    and checked with fstat on that descriptor, so nothing can be swapped in between the check
+    and the read. Raises InputPathError, or the OSError of a failed open.
+    """
+    if mode not in ("rb", "r"):
+        raise ValueError(f"open_regular_file reads only, not {mode!r}")
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        st_mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(st_mode):
+            kind = next((name for test, name in _KINDS if test(st_mode)), "not a regular file")
+            raise InputPathError(path, f"is {kind}; t2f reads regular files only")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode, encoding="utf-8" if mode == "r" else None)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def is_regular_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a regular file (following symlinks); never opens it."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
+MAX_JSON_DEPTH = 32          # t2f's own JSON files nest 4 deep at most.
+MAX_JSON_BYTES = 16 << 20    # and are a few KB.
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file t2f wrote (config.json, options.json, manifest.json), read only if it is a regular file of at
+    most MAX_JSON_BYTES, and nested at most MAX_JSON_DEPTH deep. ValueError (one line) for anything malformed;
+    OSError (InputPathError for a FIFO or device) for a file that cannot be read."""
+    with open_regular_file(path, "rb") as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB; t2f's JSON files are a few KB")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    _check_json_depth(text, path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except RecursionError:                     # unreachable after the depth check; kept as the last word
+        raise ValueError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels") from None
+
+
+def _check_json_depth(text: str, path) -> None:
+    """Refuse brackets nested deeper than MAX_JSON_DEPTH, outside strings, in one linear scan (before json parses it)."""
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels; t2f's JSON files nest 4 deep")
+        elif char in "]}":
+            depth -= 1
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success rename it over `path`, else delete it.
@@ -151,7 +241,7 @@ def write_all(files: dict[str | os.PathLike, bytes]) -> None:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular_file(path) as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -206,28 +296,6 @@ def umask() -> int:
     return mask
 
 
-def read_json_file(path: str | os.PathLike, max_bytes: int):
-    """JSON from a regular file of at most `max_bytes`; ValueError with one line otherwise (a FIFO or device is never
-    opened for reading, nesting too deep for the parser is refused rather than raised as RecursionError)."""
-    import stat
-
-    st = os.stat(path)
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"{path} is not a regular file")
-    if st.st_size > max_bytes:
-        raise ValueError(f"{path} is {st.st_size} bytes, more than the {max_bytes} such a file may have")
-    with open(path, "rb") as f:
-        raw = f.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise ValueError(f"{path} grew past {max_bytes} bytes while it was read")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not UTF-8 JSON ({type(e).__name__})") from None
-    except RecursionError:
-        raise ValueError(f"{path} is nested too deeply to be a t2f file") from None
-
-
 def write_json(path: str | os.PathLike, data) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -270,12 +338,14 @@ def read_model_dir(directory: str | os.PathLike, kind: str) -> tuple[dict, dict[
     directory = Path(directory)
     config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
     for p in (config_path, weights_path):
-        if not p.is_file():
+        if not p.exists():
             raise WeightsError(f"{directory} is not a t2f {kind} directory: {p.name} is missing")
+        if not is_regular_file(p):
+            raise WeightsError(str(InputPathError(p, "is not a regular file; t2f reads regular files only")))
     try:
-        meta = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"{config_path} is not valid JSON: {e}") from None
+        meta = read_json(config_path)
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
     except OSError as e:
         raise WeightsError(f"{config_path}: cannot read ({e.strerror or e})") from None
     if not isinstance(meta, dict) or meta.get("kind") != kind:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .io import WeightsError, fingerprint, load_model_dir, save_model_dir
-from .stylegan2 import FullyConnected, _config_from_dict, normalize_2nd_moment
+from .stylegan2 import FullyConnected, _config_from_dict, check_sizes, normalize_2nd_moment, shown
 
 MAPPER_KIND = "t2f-mapper"
 
@@ -34,12 +34,14 @@ class MapperConfig:
     mean_head: bool = False       # A z-free MLP predicts E[w | e]; the CVAE decoder adds z's residual to it.
 
     def __post_init__(self):
-        for name in ("embed_dim", "w_dim", "num_ws", "z_dim", "hidden"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.layers, int) or self.layers < 2:
-            raise ValueError(f"layers must be an integer >= 2, got {self.layers!r}")
+        # Caps far above any mapper t2f trains (CLIP embeddings are at most 1280 wide, StyleGAN2 has at most 26
+        # styles), so that a config file cannot describe a model too big to build on the meta device.
+        check_sizes(self, dict(embed_dim=8192, w_dim=8192, num_ws=64, z_dim=8192, hidden=16384))
+        if type(self.layers) is not int or not 2 <= self.layers <= 64:
+            raise ValueError(f"layers must be an integer from 2 to 64, got {shown(self.layers)}")
+        for name in ("w_plus", "mean_head"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be true or false, got {shown(getattr(self, name))}")
 
     @property
     def out_dim(self) -> int:

@@ -48,21 +48,20 @@ class GeneratorConfig:
 
     def __post_init__(self):
         res = self.resolution
-        if not isinstance(res, int) or res < 4 or res > 8192 or res & (res - 1):
-            raise ValueError(f"resolution must be a power of two from 4 to 8192, got {res!r}")
-        limits = dict(z_dim=8192, w_dim=8192, img_channels=16, mapping_layers=64, channel_base=1 << 24, channel_max=8192)
-        for name, limit in limits.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 0 < value <= limit:
-                raise ValueError(f"{name} must be an integer from 1 to {limit}, got {value!r}")
+        if type(res) is not int or res < 4 or res > 8192 or res & (res - 1):
+            raise ValueError(f"resolution must be a power of two from 4 to 8192, got {shown(res)}")
+        check_sizes(self, dict(z_dim=8192, w_dim=8192, img_channels=16, mapping_layers=64, channel_base=1 << 24,
+                               channel_max=8192))
         if self.channel_base < res:
             raise ValueError(f"channel_base {self.channel_base} leaves no channels at resolution {res}")
-        if not isinstance(self.num_fp16_res, int) or self.num_fp16_res < 0:
-            raise ValueError(f"num_fp16_res must be a non-negative integer, got {self.num_fp16_res!r}")
-        if self.conv_clamp is not None and not (self.conv_clamp > 0 and math.isfinite(self.conv_clamp)):
-            raise ValueError(f"conv_clamp must be a positive number or null, got {self.conv_clamp!r}")
-        if not (self.mapping_lr_multiplier > 0 and math.isfinite(self.mapping_lr_multiplier)):
-            raise ValueError(f"mapping_lr_multiplier must be positive, got {self.mapping_lr_multiplier!r}")
+        if type(self.num_fp16_res) is not int or not 0 <= self.num_fp16_res <= 64:
+            raise ValueError(f"num_fp16_res must be an integer from 0 to 64, got {shown(self.num_fp16_res)}")
+        if self.conv_clamp is not None and not (type(self.conv_clamp) in (int, float) and self.conv_clamp > 0
+                                                and math.isfinite(self.conv_clamp)):
+            raise ValueError(f"conv_clamp must be a positive number or null, got {shown(self.conv_clamp)}")
+        if not (type(self.mapping_lr_multiplier) in (int, float) and self.mapping_lr_multiplier > 0
+                and math.isfinite(self.mapping_lr_multiplier)):
+            raise ValueError(f"mapping_lr_multiplier must be positive, got {shown(self.mapping_lr_multiplier)}")
 
     @property
     def block_resolutions(self) -> list[int]:
@@ -89,6 +88,29 @@ class GeneratorConfig:
         return _config_from_dict(cls, data)
 
 
+def shown(value) -> str:
+    """A config value for an error message, short whatever the file held (a huge integer, a long string, a nested list)."""
+    if type(value) is int and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    if type(value) in (int, float, bool) or value is None:
+        return repr(value)
+    if type(value) is str and len(value) <= 40:
+        return repr(value)
+    return f"a {type(value).__name__}"
+
+
+def check_sizes(config, limits: dict[str, int]) -> None:
+    """Each named field of `config` must be an int (not a bool) from 1 to its limit; ValueError naming the first that is not.
+
+    The limits keep a config's model small enough to build on the meta device in bounded time
+    whatever a config file says; the weights file must then match it tensor for tensor (io.build_checked).
+    """
+    for name, limit in limits.items():
+        value = getattr(config, name)
+        if type(value) is not int or not 0 < value <= limit:
+            raise ValueError(f"{name} must be an integer from 1 to {limit}, got {shown(value)}")
+
+
 def _config_from_dict(cls, data: dict):
     """Build a frozen config dataclass, refusing unknown or missing keys by name."""
     if not isinstance(data, dict):
@@ -96,7 +118,7 @@ def _config_from_dict(cls, data: dict):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {unknown}")
+        raise ValueError(f"{cls.__name__}: unknown keys {[name[:40] for name in unknown[:8]]}")
     return cls(**data)
 
 

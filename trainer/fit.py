@@ -29,6 +29,7 @@ import io
 import json
 import math
 import pickle
+import sys
 import time
 
 import numpy as np
@@ -395,6 +396,8 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
                           generator=dict(name=identity["generator"], fingerprint=identity["generator_fingerprint"]),
                           clip=dict(name=identity["clip"], fingerprint=identity["clip_fingerprint"]))
     if dist.main and report.read_stats(run):        # nothing to show before the first stats line
-        report.write_report(run)
+        path = report.write_report(run)
+        if not report.can_plot():
+            print(f"note: {path}: {report.NO_MATPLOTLIB}", file=sys.stderr)
     dist.barrier()
     return end

@@ -157,8 +157,23 @@ def _series(entries: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+NO_MATPLOTLIB = ("matplotlib is not installed, so the report has no curves (pip install matplotlib, "
+                 "then `t2f-train report --out RUN` redraws it)")
+
+
+def can_plot() -> bool:
+    """Whether the report can draw its curves: matplotlib is optional (the GPU image, for one, lacks it)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _plots(entries: list[dict]) -> list[tuple[str, str]]:
-    """(title, base64 PNG) of the loss curves and the held-out metrics."""
+    """(title, base64 PNG) of the loss curves and the held-out metrics; none without matplotlib."""
+    if not can_plot():
+        return []
     import matplotlib
 
     matplotlib.use("Agg")
@@ -274,6 +289,8 @@ def write_report(run: Run) -> Path:
                  "mean w; the dotted line is the quality bar (half the baseline). The posterior path sees the true w; far "
                  "below the embedding-only curve while that one stays high, it means the decoder reads w from z instead of "
                  "the text.</p>")
+    if not can_plot():
+        parts.append(f"<p class='warning'>{esc(NO_MATPLOTLIB)}.</p>")
     for title, png in _plots(entries):
         parts.append(f"<p><img alt='{esc(title)}' src='data:image/png;base64,{png}'></p>")
     parts.append(_grids_html(run))

@@ -13,7 +13,6 @@ Layout of `--out`:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from t2f.devices import resolve_device
-from t2f.io import LOCK_NAME, write_json
+from t2f.io import LOCK_NAME, read_json, write_json
 
 
 RUN_KIND = "t2f-train-run"
@@ -78,12 +77,14 @@ class Run:
 
     def options(self) -> dict:
         """options.json: {"kind": RUN_KIND, stage: {"identity": {...}, ...}}; {} for a new run."""
-        if not self.options_path.is_file():
+        if not self.options_path.exists():
             return {}
         try:
-            options = json.loads(self.options_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise RunError(f"{self.options_path} is not valid JSON: {e}") from None
+            options = read_json(self.options_path)
+        except ValueError as e:
+            raise RunError(str(e)) from None
+        except OSError as e:
+            raise RunError(f"{self.options_path}: cannot read ({e.strerror or e})") from None
         if not isinstance(options, dict) or options.get("kind") != RUN_KIND:
             raise RunError(f"{self.out} holds an options.json that is not a t2f-train run's; choose another --out")
         for stage, section in options.items():

@@ -9,7 +9,6 @@ Under torchrun, shard k belongs to rank k % world_size.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -21,7 +20,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from t2f.clip import Clip
-from t2f.io import atomic_path, write_json
+from t2f.io import atomic_path, read_json, write_json
 from t2f.stylegan2 import Generator
 
 from .run import Dist, Run, RunError
@@ -104,9 +103,11 @@ def load_pairs(run: Run) -> tuple[torch.Tensor, torch.Tensor, dict]:
     if not run.manifest_path.is_file():
         raise RunError(f"{run.out} has no complete set of pairs (no {run.manifest_path.name}); run `t2f-train synth` first")
     try:
-        manifest = json.loads(run.manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RunError(f"{run.manifest_path} is not valid JSON: {e}") from None
+        manifest = read_json(run.manifest_path)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"{run.manifest_path}: cannot read ({e.strerror or e})") from None
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not shards:
         raise RunError(f"{run.manifest_path} lists no shards")

@@ -258,12 +258,13 @@ class DirectoryInUse(Exception):
 
 
 @contextlib.contextmanager
-def directory_lock(directory: str | os.PathLike, what: str):
+def directory_lock(directory: str | os.PathLike, what: str, wait: bool = False):
     """Hold an exclusive lock on `directory` (flock on its .t2f.lock, created if needed) while the block runs.
 
     The lock file records the holder (pid, host, command); a second process fails at once with
-    DirectoryInUse naming it. The kernel drops the lock when the holder exits, even on kill -9,
-    so a stale lock file never blocks anyone.
+    DirectoryInUse naming it, or with wait=True (a cache that another process is filling) waits
+    for it. The kernel drops the lock when the holder exits, even on kill -9, so a stale lock file
+    never blocks anyone.
     """
     import fcntl
     import socket
@@ -277,7 +278,7 @@ def directory_lock(directory: str | os.PathLike, what: str):
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OutputPathError(path, "is not a regular file")
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
             raise DirectoryInUse(f"{directory} is in use by another {what}: {holder}; wait for it to finish "

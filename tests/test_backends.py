@@ -570,3 +570,25 @@ def test_cuda_numerics_are_pinned_and_rows_are_bit_for_bit():
             ref = cpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
             assert ((alone.ws - ref.ws).norm() / ref.ws.norm()) < 1e-5
             assert (gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"]).images.int() - ref.images.int()).abs().max() <= 1
+
+
+def test_two_processes_exporting_into_the_cache_take_turns(pipe, tmp_path):
+    """A second pipeline (t2f-serve's second model, say) waits for the first one's export into the cache, then reuses it."""
+    import threading
+
+    from t2f.engine.backends import onnx_cache_dir
+    from t2f.io import directory_lock
+
+    out = onnx_cache_dir(models(pipe))
+    released = threading.Event()
+
+    def hold():
+        with directory_lock(out, "test"):
+            released.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    threading.Timer(1.0, released.set).start()
+    backend = make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)   # waits, then exports
+    holder.join()
+    assert released.is_set() and backend.name == "onnxruntime"

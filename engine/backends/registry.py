@@ -106,7 +106,7 @@ def ensure_onnx(models: Models, precision: Precision, artifacts: str | None = No
         return out
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with directory_lock(out, "t2f (ONNX export into the cache)"):
+        with directory_lock(out, "t2f (ONNX export into the cache)", wait=True):   # another process exporting: wait
             if not artifacts_current(out, *models, precision):
                 export_artifacts(out, *models, precision, [1, 2], dict(generator="in-memory", mapper="in-memory"),
                                  log=lambda *_: None)

@@ -592,3 +592,49 @@ def test_two_processes_exporting_into_the_cache_take_turns(pipe, tmp_path):
     backend = make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)   # waits, then exports
     holder.join()
     assert released.is_set() and backend.name == "onnxruntime"
+
+
+def test_onnxruntime_errors_are_one_line_and_a_silent_provider_fallback_is_refused(pipe, monkeypatch):
+    """ONNX Runtime's own exception types (not RuntimeError) become BackendUnavailable when a session is made (so
+    --device auto falls back and t2f-bench skips the row) and RuntimeError when it runs; a session whose first
+    provider is not the one asked for is refused."""
+    import onnxruntime
+    from onnxruntime.capi.onnxruntime_pybind11_state import EPFail, Fail
+
+    from t2f.engine.backends import check_first_provider
+
+    class Session:
+        def __init__(self, providers):
+            self.providers = providers
+
+        def get_providers(self):
+            return self.providers
+
+    check_first_provider(Session(["CUDAExecutionProvider", "CPUExecutionProvider"]), "CUDAExecutionProvider", "x.onnx")
+    with pytest.raises(BackendUnavailable, match="could not start TensorrtExecutionProvider.*fell back to CUDAExecutionProvider"):
+        check_first_provider(Session(["CUDAExecutionProvider"]), "TensorrtExecutionProvider", "synthesis.onnx")
+
+    backend = make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)      # exported into the cache
+    real = onnxruntime.InferenceSession
+
+    def failing(*args, **kwargs):
+        raise EPFail("the execution provider failed to initialize")
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", failing)
+    with pytest.raises(BackendUnavailable, match="text_encoder.onnx cannot be loaded by ONNX Runtime \\(EPFail\\)"):
+        make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", real)
+
+    session = backend.sessions["mapper"]
+
+    class Broken:
+        def io_binding(self):
+            return session.io_binding()
+
+        def run_with_iobinding(self, binding):
+            raise Fail("a node failed")
+
+    backend.sessions["mapper"] = Broken()
+    tokens, z, psi = inputs(pipe, 1)
+    with pytest.raises(RuntimeError, match="ONNX Runtime failed running mapper: a node failed"):
+        backend.map(backend.encode(tokens), z, psi)

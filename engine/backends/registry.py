@@ -72,8 +72,13 @@ def make_backend(name: str, models: Models, device: torch.device, precision: Pre
                  artifacts: str | None = None, noise_mode: str = "const") -> Backend:
     """A backend by name ("auto": see `choose`), in `precision` (None: the backend's best here); BackendUnavailable,
     before any export, where it cannot run here."""
+    from t2f.graphs import ExportError
+
     cls, precision = choose(device, name, precision, artifacts, noise_mode)
-    return cls.create(models, device, precision, artifacts)
+    try:
+        return cls.create(models, device, precision, artifacts)
+    except ExportError as e:                     # artifacts that cannot be used here: this backend cannot run
+        raise BackendUnavailable(str(e)) from None
 
 
 # ----------------------------------------------------------------------------

@@ -50,7 +50,6 @@ emulates bf16 too, so the answer is None as well.
 
 from __future__ import annotations
 
-import functools
 import math
 import time
 

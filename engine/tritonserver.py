@@ -379,7 +379,7 @@ class Triton:
     def _stop_stubs(self, timeout_s: float = 15) -> None:
         """The Python backend stubs name this server's region on their command line; end any that outlive Triton."""
         deadline = time.monotonic() + timeout_s
-        while (stubs := self.stub_pids()) and time.monotonic() < deadline:
+        while self.stub_pids() and time.monotonic() < deadline:
             time.sleep(0.1)
         for pid in self.stub_pids():
             with contextlib.suppress(ProcessLookupError, PermissionError):

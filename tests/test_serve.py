@@ -10,7 +10,6 @@ Crafted requests are answered with a 4xx, and the next good request gets the sam
 from __future__ import annotations
 
 import concurrent.futures
-import gzip
 import http.client
 import json
 import os
@@ -109,7 +108,6 @@ class Running:
         return found
 
     def _leftovers(self) -> list[str]:
-        pid = self.process.pid
         found = []
         for entry in os.listdir("/proc"):
             if entry.isdigit():

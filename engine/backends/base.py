@@ -124,6 +124,25 @@ class ArtifactBackend(Backend):
     uses_artifacts = True
     specs: dict[str, GraphSpec]
 
+    @classmethod
+    def create(cls, models: Models, device, precision, artifacts=None):
+        """On `artifacts`, or (exports_on_demand) on graphs exported into the cache once."""
+        if cls.exports_on_demand:
+            from .registry import ensure_onnx
+
+            artifacts = ensure_onnx(models, precision, artifacts)
+        return cls(artifacts, device, models, precision)
+
+    def _checked_manifest(self, artifacts: Path, models: Models):
+        """The manifest of `artifacts` checked against the models and this precision (BackendUnavailable otherwise);
+        sets the graph specs from it."""
+        from t2f.export.onnx_export import check_artifacts
+        from t2f.graphs import graph_specs
+
+        manifest = check_artifacts(artifacts, *models, self.precision, error=BackendUnavailable)
+        self.specs = graph_specs(manifest.dims)
+        return manifest
+
     def encode(self, tokens):
         return self._run(self.specs["text_encoder"], {"tokens": tokens.to(torch.int32)})
 

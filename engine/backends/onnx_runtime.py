@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from t2f.graphs import GraphSpec, graph_specs
+from t2f.graphs import GraphSpec
 from t2f.precision import Precision
 
 from .base import ArtifactBackend, BackendUnavailable, Models, cpu_threads, pad_rows, runnable_batch
@@ -92,21 +92,14 @@ class OnnxRuntimeBackend(ArtifactBackend):
                 raise BackendUnavailable(f"onnxruntime has no {wanted} here (install onnxruntime-gpu"
                                          f"{' and TensorRT' if cls.provider == 'tensorrt' else ''})")
 
-    @classmethod
-    def create(cls, models: Models, device, precision, artifacts=None):
-        from .registry import ensure_onnx
-
-        return cls(ensure_onnx(models, precision, artifacts), device, models, precision)
-
     def __init__(self, artifacts, device: torch.device, models: Models, precision: Precision = Precision.FP32):
         import onnxruntime
 
-        from t2f.export.onnx_export import check_artifacts, onnx_session
+        from t2f.export.onnx_export import onnx_session
 
         super().__init__(device, precision)
         artifacts = Path(artifacts)
-        manifest = check_artifacts(artifacts, *models, precision, error=BackendUnavailable)
-        self.specs = graph_specs(manifest.dims)
+        manifest = self._checked_manifest(artifacts, models)
         self.graph_precisions["mapper"] = Precision.FP32
         options = onnxruntime.SessionOptions()
         # No busy-waiting between runs: spinning threads steal the cores the next stage needs (measured on 2 cores).

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2f.graphs import GraphSpec, graph_specs
+from t2f.graphs import GraphSpec
 from t2f.precision import Precision
 
 from .base import ArtifactBackend, BackendUnavailable, Models, cpu_threads
@@ -51,21 +51,14 @@ class OpenVINOBackend(ArtifactBackend):
             if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
                 raise BackendUnavailable("OpenVINO's CPU plugin does not offer bf16 on this CPU; use fp32")
 
-    @classmethod
-    def create(cls, models: Models, device, precision, artifacts=None):
-        from .registry import ensure_onnx
-
-        return cls(ensure_onnx(models, precision, artifacts), device, models, precision)
-
     def __init__(self, artifacts, device: torch.device, models: Models, precision: Precision = Precision.FP32):
         import openvino
 
-        from t2f.export.onnx_export import check_artifacts, onnx_session
+        from t2f.export.onnx_export import onnx_session
 
         super().__init__(device, precision)
         artifacts = Path(artifacts)
-        manifest = check_artifacts(artifacts, *models, precision, error=BackendUnavailable)
-        self.specs = graph_specs(manifest.dims)
+        manifest = self._checked_manifest(artifacts, models)
         self.core = openvino.Core()
         self.cache = openvino_cache()
         self.core.set_property({"CACHE_DIR": str(self.cache)})

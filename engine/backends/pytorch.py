@@ -24,27 +24,28 @@ from t2f.stylegan2 import NOISE_MODES, to_uint8
 from .base import Backend, BackendUnavailable, Models
 
 
-class TorchBackend(Backend):
-    """Eager PyTorch: the text-encoder graph module, the mapper, the synthesis network, then the uint8 conversion."""
-
-    name = "torch"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
-    noise_modes = NOISE_MODES
-    separate_uint8 = True
-
-    def __init__(self, models: Models, device: torch.device, precision: Precision):
-        super().__init__(device, precision)
-        if device.type == "cuda":
-            pin_cuda_numerics()
-        self.clip = models.clip.to(device)
-        self.text = TextEncoderGraph(models.clip.model, precision).to(device)
-        self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
-        self.synthesis = models.generator.synthesis.to(device).eval().requires_grad_(False)
-        self.graph_precisions["mapper"] = Precision.FP32
+class _StageModules(Backend):
+    """The text encoder and mapper modules on the device (the text encoder in the backend's precision), with the one
+    eager recipe of each; subclasses add their synthesis."""
 
     @classmethod
     def create(cls, models, device, precision, artifacts=None):
         return cls(models, device, precision)
+
+    def _stages(self, models: Models, device: torch.device, precision: Precision, synthesis: bool = True):
+        if device.type == "cuda":
+            pin_cuda_numerics()
+        self.text = TextEncoderGraph(models.clip.model, precision).to(device)
+        self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
+        if synthesis:
+            self.synthesis = SynthesisGraph(models.generator, precision).to(device)
+        self.context, self.z_dim = models.clip.context_length, models.mapper.z_dim
+        self.graph_precisions["mapper"] = Precision.FP32
+
+    def _example(self, batch: int):
+        tokens = torch.zeros([batch, self.context], dtype=torch.int32, device=self.device)
+        tokens[:, 0], tokens[:, 1] = self.text.eot_token - 1, self.text.eot_token       # any valid row
+        return tokens, torch.zeros([batch, self.z_dim], device=self.device), torch.ones([batch], device=self.device)
 
     @torch.no_grad()
     def encode(self, tokens):
@@ -54,6 +55,21 @@ class TorchBackend(Backend):
     def map(self, embedding, z, psi):
         return self.mapper(embedding.to(self.device), z.to(self.device), psi.to(self.device))
 
+
+class TorchBackend(_StageModules):
+    """Eager PyTorch: the text-encoder graph module, the mapper, the synthesis network, then the uint8 conversion."""
+
+    name = "torch"
+    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    noise_modes = NOISE_MODES
+    separate_uint8 = True
+
+    def __init__(self, models: Models, device: torch.device, precision: Precision):
+        super().__init__(device, precision)
+        self._stages(models, device, precision, synthesis=False)
+        self.clip = models.clip.to(device)
+        self.synthesis = models.generator.synthesis.to(device).eval().requires_grad_(False)
+
     @torch.no_grad()
     def synthesize_float(self, ws, noise_mode: str = "const", noise_seeds: list[int] | None = None):
         return self.synthesis(ws.to(self.device), noise_mode=noise_mode, precision=self.precision, noise_seeds=noise_seeds)
@@ -62,24 +78,6 @@ class TorchBackend(Backend):
     def synthesize(self, ws, noise_mode: str = "const", noise_seeds: list[int] | None = None):
         """uint8 images; noise_mode "random" draws row r's noise from its own generator seeded with noise_seeds[r]."""
         return to_uint8(self.synthesize_float(ws, noise_mode, noise_seeds))
-
-
-class _StageModules(Backend):
-    """The three stage modules on the device (text encoder and synthesis in the backend's precision)."""
-
-    def _stages(self, models: Models, device: torch.device, precision: Precision):
-        if device.type == "cuda":
-            pin_cuda_numerics()
-        self.text = TextEncoderGraph(models.clip.model, precision).to(device)
-        self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
-        self.synthesis = SynthesisGraph(models.generator, precision).to(device)
-        self.context, self.z_dim = models.clip.context_length, models.mapper.z_dim
-        self.graph_precisions["mapper"] = Precision.FP32
-
-    def _example(self, batch: int):
-        tokens = torch.zeros([batch, self.context], dtype=torch.int32, device=self.device)
-        tokens[:, 0], tokens[:, 1] = self.text.eot_token - 1, self.text.eot_token       # any valid row
-        return tokens, torch.zeros([batch, self.z_dim], device=self.device), torch.ones([batch], device=self.device)
 
 
 class CudaGraphBackend(_StageModules):
@@ -97,10 +95,6 @@ class CudaGraphBackend(_StageModules):
         super().__init__(device, precision)
         self._stages(models, device, precision)
         self.graphs: dict[int, tuple] = {}
-
-    @classmethod
-    def create(cls, models, device, precision, artifacts=None):
-        return cls(models, device, precision)
 
     def _pipeline(self, tokens, z, psi):
         embedding = self.text(tokens)
@@ -131,14 +125,6 @@ class CudaGraphBackend(_StageModules):
         with torch.cuda.device(self.device):
             graph.replay()
         return ws, image
-
-    @torch.no_grad()
-    def encode(self, tokens):
-        return self.text(tokens.to(self.device, torch.int32))
-
-    @torch.no_grad()
-    def map(self, embedding, z, psi):
-        return self.mapper(embedding.to(self.device), z.to(self.device), psi.to(self.device))
 
     @torch.no_grad()
     def synthesize(self, ws):
@@ -182,10 +168,6 @@ class TorchCompileBackend(_StageModules):
         mode = "reduce-overhead" if device.type == "cuda" else None
         compile = lambda m: torch.compile(m, dynamic=False, fullgraph=True, mode=mode)      # noqa: E731
         self._text, self._mapper, self._synthesis = compile(self.text), compile(self.mapper), compile(self.synthesis)
-
-    @classmethod
-    def create(cls, models, device, precision, artifacts=None):
-        return cls(models, device, precision)
 
     @classmethod
     def check_runtime(cls, device, precision):

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from t2f.graphs import GRAPHS, ExportError, GraphSpec, graph_specs
+from t2f.graphs import GRAPHS, ExportError, GraphSpec
 from t2f.precision import Precision
 
-from .base import ArtifactBackend, BackendUnavailable, Models, pad_rows, runnable_batch
+from .base import ArtifactBackend, BackendUnavailable, pad_rows, runnable_batch
 
 
 def enqueue(context, stream: int, graph: str) -> None:
@@ -38,20 +38,14 @@ class TensorRTBackend(ArtifactBackend):
     def install_hint(cls):
         return " (TensorRT >= 10 from NVIDIA's package index)"
 
-    @classmethod
-    def create(cls, models: Models, device, precision, artifacts=None):
-        return cls(artifacts, device, models, precision)
-
     def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: Precision = Precision.FP16,
                  cuda_graph: bool = True):
-        from t2f.export.onnx_export import check_artifacts
         from t2f.export.tensorrt import load_engine, tensorrt_module
         from t2f.io import sha256_file
 
         super().__init__(device, precision)
         artifacts = Path(artifacts)
-        manifest = check_artifacts(artifacts, *models, self.precision, error=BackendUnavailable)
-        self.specs = graph_specs(manifest.dims)
+        manifest = self._checked_manifest(artifacts, models)
         records = manifest.tensorrt.get("engines", {})
         self.engines, self.min_batch = {}, 1
         with torch.cuda.device(device):

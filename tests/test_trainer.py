@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from t2f.bank import load_bank, save_bank
 from t2f.engine.cli import main as infer_main
 from t2f.presets import random_generator
-from t2f.trainer.cli import PRESET_BUDGETS
-from t2f.trainer.report import PROMPTS
+from t2f.trainer import FitOptions, SynthOptions, TrainConfig
 from t2f.trainer.cli import main as train_main
+from t2f.trainer.config import PRESET_BUDGETS
+from t2f.trainer.report import PROMPTS
 from t2f.weights import save_generator
 
 from conftest import randomize
@@ -251,32 +252,39 @@ def test_bad_sizes(tmp_path, args):
     assert "Error" in result.output and not (tmp_path / "run").exists()
 
 
-def test_dry_run_prints_and_writes_nothing(tmp_path):
-    result = train([*BASE, "--out", tmp_path / "run", "--samples", 10, "--dry-run"])
-    resolved = json.loads(result.output)
-    assert resolved["stages"] == ["synth", "fit", "bank"] and resolved["options"]["samples"] == 10
-    assert (resolved["options"]["fit"]["noise_min"], resolved["options"]["fit"]["noise_max"]) == (0.0, 1.5)
-    assert resolved["options"]["fit"]["noise_relative"] is True and resolved["options"]["fit"]["lr"] == 1e-2
-    assert resolved["options"]["fit"]["prior_weight"] == 1.0 and resolved["options"]["fit"]["clip_prior"] is True
-    assert resolved["options"]["fit"]["mean_head"] is True and resolved["options"]["fit"]["noise_share"] == 0.5
+def test_dry_run_prints_the_config_and_writes_nothing(tmp_path):
+    result = train([*BASE, "--out", tmp_path / "run", "--samples", 10, "--embed-noise", "0.5:1", "--synth-batch", 4,
+                    "--seed", 3, "--stop-after", 7, "--dry-run"])
+    printed = json.loads(result.output)
+    budget = PRESET_BUDGETS["tiny"]
+    # Exactly the TrainConfig that train() would get: each option in its section, the tiny preset's budget for the rest.
+    expected = TrainConfig(generator="tiny", clip="tiny", progress=False, stop_after=7,
+                           synth=SynthOptions(samples=10, batch=4, seed=3),
+                           fit=FitOptions(steps=budget["steps"], eval_every=budget["eval_every"], noise_min=0.5, noise_max=1.0, seed=3))
+    assert printed == dict(stages=["synth", "fit", "bank"], out=str(tmp_path / "run"), config=expected.to_dict())
+    assert printed["config"]["fit"]["lr"] == 1e-2 and printed["config"]["fit"]["noise_share"] == 0.5   # the defaults, spelt out
     assert not (tmp_path / "run").exists()
+    # A stage prints its own section only.
+    fit_only = json.loads(train(["fit", "--out", tmp_path / "run", "--dry-run"]).output)
+    assert fit_only["stages"] == ["fit"] and {"synth", "bank"}.isdisjoint(fit_only["config"])
+    assert fit_only["config"]["generator"] is None          # as the run's synth recorded it
 
 
 @pytest.mark.parametrize("generator,samples,steps", [("tiny", PRESET_BUDGETS["tiny"]["samples"], PRESET_BUDGETS["tiny"]["steps"]),
                                                      ("ffhq-1024", 100_000, 20_000)])
 def test_presets_have_their_own_budget(tmp_path, generator, samples, steps):
-    resolved = json.loads(train(["--generator", generator, "--out", tmp_path / "run", "--dry-run"]).output)
-    assert (resolved["options"]["samples"], resolved["options"]["fit"]["steps"]) == (samples, steps)
+    config = json.loads(train(["--generator", generator, "--out", tmp_path / "run", "--dry-run"]).output)["config"]
+    assert (config["synth"]["samples"], config["fit"]["steps"]) == (samples, steps)
     explicit = json.loads(train(["--generator", generator, "--out", tmp_path / "run", "--dry-run", "--samples", 7, "--steps", 9]).output)
-    assert (explicit["options"]["samples"], explicit["options"]["fit"]["steps"]) == (7, 9)
+    assert (explicit["config"]["synth"]["samples"], explicit["config"]["fit"]["steps"]) == (7, 9)
 
 
 def test_fit_takes_the_budget_of_the_runs_generator(small_pairs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_pairs, run)
-    resolved = json.loads(train(["fit", "--out", run, "--dry-run"]).output)
-    assert resolved["options"]["fit"]["steps"] == PRESET_BUDGETS["tiny"]["steps"]
-    assert json.loads(train(["fit", "--out", tmp_path / "new", "--dry-run"]).output)["options"]["fit"]["steps"] == 20_000
+    config = json.loads(train(["fit", "--out", run, "--dry-run"]).output)["config"]
+    assert config["fit"]["steps"] == PRESET_BUDGETS["tiny"]["steps"]
+    assert json.loads(train(["fit", "--out", tmp_path / "new", "--dry-run"]).output)["config"]["fit"]["steps"] == 20_000
 
 
 def test_a_directory_holding_a_different_run_is_refused(small_pairs, tmp_path):

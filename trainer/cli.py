@@ -1,4 +1,9 @@
-"""`t2f-train`: text-free, data-free training of the mapper, in three resumable stages."""
+"""`t2f-train`: text-free, data-free training of the mapper, in three resumable stages.
+
+The command maps its options to a `TrainConfig` and calls `t2f.trainer.train` (trainer/stages.py);
+`--dry-run` prints that config. It also picks the budget of the generator preset (samples, steps,
+eval_every) for the options left out.
+"""
 
 from __future__ import annotations
 
@@ -6,25 +11,15 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import time
 
 import click
 
 from t2f.cli_errors import FiniteFloatRange, nonempty_path
 
-from .fit import FitOptions
+from .config import BUDGET, PRESET_BUDGETS, STAGES, BankOptions, FitOptions, SynthOptions, TrainConfig, budget
+from .config import fit_identity as _fit_identity  # noqa: F401  (tests build recorded fit options with it)
 
 FIT_DEFAULTS = FitOptions()
-# Options that do not change the trained weights: they may differ when a run is resumed.
-FIT_FREE = ("checkpoint_every", "log_every", "eval_every")
-
-# The budget a real generator needs, and the budgets of the random-weight presets (a first run
-# on the tiny models takes a few minutes on an idle 2-core CPU). Explicit options override them.
-BUDGET = dict(samples=100_000, steps=FIT_DEFAULTS.steps, eval_every=FIT_DEFAULTS.eval_every)
-PRESET_BUDGETS = {
-    "tiny": dict(samples=10_000, steps=1500, eval_every=250),
-}
 
 
 def _budget_help(key: str) -> str:
@@ -33,8 +28,8 @@ def _budget_help(key: str) -> str:
 
 def _apply_budget(kw: dict, generator: str | None) -> dict:
     """Fill the budget options left at their default from the generator's budget."""
-    budget = PRESET_BUDGETS.get(generator, BUDGET)
-    return {**kw, **{k: budget[k] for k in budget if k in kw and kw[k] is None}}
+    values = budget(generator)
+    return {**kw, **{k: values[k] for k in values if k in kw and kw[k] is None}}
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -66,7 +61,7 @@ COMMON = _options(
     click.option("--out",          help="Run directory", metavar="DIR", type=click.Path(file_okay=False), callback=nonempty_path),
     click.option("--device",       help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)", metavar="STR", default="auto", show_default=True),
     click.option("--seed",         help="Seed: synth's z, fit's initialization, split and steps", metavar="INT", type=NonNeg, default=0, show_default=True),
-    click.option("--dry-run",      help="Print the resolved options and exit", is_flag=True),
+    click.option("--dry-run",      help="Print the resolved config (what t2f.trainer.train gets) and exit", is_flag=True),
     click.option("--progress/--no-progress", help="Progress bars", default=True, show_default=True),
 )
 SYNTH = _options(
@@ -113,7 +108,7 @@ BANK = _options(
 
 
 # ----------------------------------------------------------------------------
-# Stages.
+# Options -> TrainConfig -> train().
 
 
 @contextlib.contextmanager
@@ -137,9 +132,20 @@ def _fit_options(kw: dict) -> FitOptions:
     return FitOptions(noise_min=noise_min, noise_max=noise_max, **values)
 
 
-def _fit_identity(options: FitOptions) -> tuple[dict, dict]:
-    d = dataclasses.asdict(options)
-    return {k: v for k, v in d.items() if k not in FIT_FREE}, {k: d[k] for k in FIT_FREE}
+# Synth options and the SynthOptions fields they set.
+SYNTH_FIELDS = dict(samples="samples", shard_size="shard_size", synth_batch="batch", downsample="downsample", seed="seed",
+                    max_shards="max_shards")
+
+
+def _config(kw: dict) -> TrainConfig:
+    """The TrainConfig of one command's options (the sections it has no options for keep their defaults)."""
+    return TrainConfig(
+        generator=kw.get("generator"), clip=kw.get("clip"), device=kw["device"], progress=kw["progress"],
+        stop_after=kw.get("stop_after"),
+        synth=SynthOptions(**{field: kw[name] for name, field in SYNTH_FIELDS.items() if name in kw}),
+        fit=_fit_options(kw) if "embed_noise" in kw else FitOptions(),
+        bank=BankOptions(size=kw["bank_size"]) if "bank_size" in kw else BankOptions(),
+    )
 
 
 def _recorded_generator(out: str) -> str | None:
@@ -152,143 +158,18 @@ def _recorded_generator(out: str) -> str | None:
         return None
 
 
-def _require_out(out):
-    if not out:
+def _train(kw: dict, stages: tuple[str, ...]) -> None:
+    """Build the config (user errors in the options: exit 2), print it for --dry-run, or train (run errors: exit 1)."""
+    if not kw["out"]:
         raise click.UsageError("--out DIR is required")
+    config = _config(kw)
+    if kw["dry_run"]:
+        click.echo(json.dumps(dict(stages=list(stages), out=kw["out"], config=config.to_dict(stages)), indent=2, sort_keys=True))
+        return
+    from .stages import train
 
-
-class _Context:
-    """Loaded models and the run, shared by the stages of one command; holds the run directory's lock while open."""
-
-    def __init__(self, out: str, device: str):
-        from t2f.io import directory_lock
-
-        from .run import Run, init_dist
-
-        self.run = Run(out)
-        self.run.check_usable()
-        self.dist, self.device = init_dist(device)
-        self.generator = self.clip = None
-        self._lock = contextlib.ExitStack()
-        if self.dist.main:                   # one torchrun group per run directory; its rank 0 holds the lock
-            self._lock.enter_context(directory_lock(self.run.out, "t2f-train"))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._lock.close()
-
-    def load(self, generator: str, clip: str, fingerprint: str | None = None, clip_fingerprint: str | None = None):
-        import t2f
-        from t2f.io import fingerprint as weights_fingerprint
-
-        from .run import RunError
-
-        self.generator = t2f.load_generator(generator)
-        self.generator_name = generator
-        self.generator_fingerprint = weights_fingerprint(self.generator)
-        if fingerprint is not None and fingerprint != self.generator_fingerprint:
-            raise RunError(f"{generator} is not the generator this run's pairs were made with; pass --generator with that one")
-        self.clip = t2f.load_clip(clip)
-        self.clip_spec = _absolute_spec(clip)
-        if clip_fingerprint is not None and clip_fingerprint != self.clip.fingerprint:
-            raise RunError(f"CLIP {clip} does not have the weights this run's pairs were embedded with")
-
-    def claim(self, stage: str, identity: dict, extra: dict | None = None, replaceable: bool = False) -> None:
-        self.run.claim(stage, identity, extra, write=self.dist.main, replaceable=replaceable)
-        self.dist.barrier()
-
-
-def _absolute_spec(clip: str) -> str:
-    """A CLIP spec that still loads from another working directory (a checkpoint path made absolute)."""
-    model, sep, rest = clip.partition(":")
-    return f"{model}:{os.path.abspath(rest)}" if sep and os.path.isfile(rest) else clip
-
-
-def _synth_identity(ctx: _Context, kw: dict) -> tuple[dict, dict]:
-    identity = dict(generator_fingerprint=ctx.generator_fingerprint, clip=ctx.clip.name, clip_fingerprint=ctx.clip.fingerprint,
-                    samples=kw["samples"],
-                    shard_size=kw["shard_size"], seed=kw["seed"], downsample=kw["downsample"])
-    return identity, dict(generator=ctx.generator_name, clip_spec=ctx.clip_spec, synth_batch=kw["synth_batch"])
-
-
-def run_synth(ctx: _Context, kw: dict) -> bool:
-    from .synth import synth
-
-    identity, extra = _synth_identity(ctx, kw)
-    ctx.claim("synth", identity, extra, replaceable=not any(ctx.run.pairs.glob("shard-*.safetensors")))
-    if ctx.dist.main:
-        ctx.run.clean_stale_temporaries()
-    ctx.dist.barrier()
-    done = synth(ctx.run, ctx.generator, ctx.clip, dict(identity, generator=ctx.generator_name), ctx.dist, ctx.device,
-                 batch_size=kw["synth_batch"], progress=kw["progress"], max_shards=kw["max_shards"])
-    if not done and ctx.dist.main:
-        click.echo("synth stopped with shards still to make; run the same command again to resume")
-    return done
-
-
-def run_fit(ctx: _Context, kw: dict) -> bool:
-    from .fit import check_fit, fit
-    from .run import RunError
-    from .synth import load_pairs
-
-    options = _fit_options(kw)
-    identity, extra = _fit_identity(options)
-    synth_section = ctx.run.stage("synth", "run `t2f-train synth` first")
-    W, E, manifest = load_pairs(ctx.run)                 # everything is checked before the options are recorded
-    if manifest.get("clip_fingerprint") != ctx.clip.fingerprint:
-        raise RunError(f"the pairs were embedded with CLIP {manifest.get('clip')}, not these {ctx.clip.name} weights")
-    check_fit(W, options, ctx.dist)
-    ctx.claim("fit", identity, extra, replaceable=not ctx.run.fit_started())
-    if ctx.dist.main:
-        ctx.run.clean_stale_temporaries()
-    ident = dict(synth_section["identity"], generator=synth_section.get("generator"))
-    reached = fit(ctx.run, W, E, ctx.generator, ctx.clip, options, ident, ctx.dist, ctx.device,
-                  progress=kw["progress"], stop_after=kw["stop_after"])
-    if ctx.dist.main:
-        from .report import condition_warning, read_stats
-
-        if reached < options.steps:
-            click.echo(f"fit stopped at step {reached} of {options.steps}; run the same command again to resume")
-        evals = [e for e in read_stats(ctx.run) if "w_explained" in e]
-        if evals:
-            last = evals[-1]
-            click.echo(f"held-out at step {last['step']}: the embedding explains {last['w_explained']:.0%} of w's variance, "
-                       f"z spreads one embedding's faces by {last['z_spread']:.0%} of the data's; report: {ctx.run.out / 'report.html'}")
-            if reached == options.steps and (message := condition_warning(last)):
-                click.echo(message, err=True)
-    return reached == options.steps
-
-
-def run_bank(ctx: _Context, kw: dict) -> None:
-    from t2f.bank import save_bank
-
-    from .synth import load_pairs
-
-    ctx.run.stage("synth", "run `t2f-train synth` first")
-    _, E, manifest = load_pairs(ctx.run)
-    ctx.claim("bank", dict(bank_size=kw["bank_size"]), replaceable=True)   # the bank is remade from the pairs
-    if ctx.dist.main:
-        size = kw["bank_size"] or E.shape[0]
-        save_bank(ctx.run.bank_path, E[:size], manifest["clip"], manifest["clip_fingerprint"])
-        click.echo(f"bank: {min(size, E.shape[0])} embeddings -> {ctx.run.bank_path}")
-    ctx.dist.barrier()
-
-
-def _dry_run(stages: list[str], kw: dict) -> None:
-    resolved = {k: v for k, v in kw.items() if k != "dry_run"}
-    if "fit" in stages:
-        resolved["fit"] = dataclasses.asdict(_fit_options(kw))
-    click.echo(json.dumps(dict(stages=stages, options=resolved), indent=2, sort_keys=True, default=str))
-
-
-def _from_synth(ctx: _Context, kw: dict) -> None:
-    """Load the generator and CLIP a run's synth stage used (or --generator, checked by fingerprint)."""
-    section = ctx.run.stage("synth", "run `t2f-train synth` first")
-    identity = section["identity"]
-    ctx.load(kw.get("generator") or section.get("generator"), kw.get("clip") or section.get("clip_spec") or identity["clip"],
-             fingerprint=identity["generator_fingerprint"], clip_fingerprint=identity["clip_fingerprint"])
+    with _errors_as_clicks():
+        train(kw["out"], config, stages)
 
 
 # ----------------------------------------------------------------------------
@@ -321,24 +202,7 @@ def main(cctx, **kw):
         if given:
             raise click.UsageError(f"{', '.join(given)} must come after the subcommand ({cctx.invoked_subcommand})")
         return
-    _require_out(kw["out"])
-    kw = _apply_budget(kw, kw["generator"])
-    if kw["dry_run"]:
-        return _dry_run(["synth", "fit", "bank"], kw)
-    start = time.perf_counter()
-    _fit_options(kw)                           # validate --embed-noise before any work
-    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
-        fit_identity = _fit_identity(_fit_options(kw))[0]
-        ctx.run.claim("fit", fit_identity, write=False, replaceable=not ctx.run.fit_started())
-        ctx.run.claim("bank", dict(bank_size=kw["bank_size"]), write=False)
-        ctx.load(kw["generator"], kw["clip"])
-        ctx.run.claim("synth", _synth_identity(ctx, kw)[0], write=False)
-        if not run_synth(ctx, kw) or not run_fit(ctx, kw):
-            return
-        run_bank(ctx, kw)
-    if ctx.dist.main:
-        click.echo(f"done in {time.perf_counter() - start:.0f} s: t2f-infer --mapper {kw['out']} --generator {kw['generator']} "
-                   f"--clip {kw['clip']} \"a smiling woman\"")
+    _train(_apply_budget(kw, kw["generator"]), STAGES)
 
 
 @main.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -346,13 +210,7 @@ def main(cctx, **kw):
 @SYNTH
 def synth(**kw):
     """Stage 1: sample z -> w -> image -> CLIP image embedding, in resumable shards."""
-    _require_out(kw["out"])
-    kw = _apply_budget(kw, kw["generator"])
-    if kw["dry_run"]:
-        return _dry_run(["synth"], kw)
-    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
-        ctx.load(kw["generator"], kw["clip"])
-        run_synth(ctx, kw)
+    _train(_apply_budget(kw, kw["generator"]), ("synth",))
 
 
 @main.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -362,14 +220,7 @@ def synth(**kw):
 @click.option("--clip",      help="The run's CLIP, if its checkpoint moved [default: as recorded by synth]", metavar="SPEC")
 def fit(**kw):
     """Stage 2: train the conditional VAE on the pairs (resumes from the checkpoint)."""
-    _require_out(kw["out"])
-    kw = _apply_budget(kw, _recorded_generator(kw["out"]))
-    if kw["dry_run"]:
-        return _dry_run(["fit"], kw)
-    _fit_options(kw)
-    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
-        _from_synth(ctx, kw)
-        run_fit(ctx, kw)
+    _train(_apply_budget(kw, _recorded_generator(kw["out"]) if kw["out"] else None), ("fit",))
 
 
 @main.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -377,11 +228,7 @@ def fit(**kw):
 @BANK
 def bank(**kw):
     """Stage 3: the embedding bank for `t2f-infer --mode knn`."""
-    _require_out(kw["out"])
-    if kw["dry_run"]:
-        return _dry_run(["bank"], kw)
-    with _errors_as_clicks(), _Context(kw["out"], kw["device"]) as ctx:
-        run_bank(ctx, kw)
+    _train(kw, ("bank",))
 
 
 @main.command(context_settings=dict(help_option_names=["-h", "--help"]))

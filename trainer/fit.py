@@ -24,13 +24,10 @@ that is stopped and resumed from its checkpoint takes exactly the steps a straig
 from __future__ import annotations
 
 import copy
-import dataclasses
-import io
-import json
 import math
-import pickle
 import sys
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -38,45 +35,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from t2f.clip import Clip
-from t2f.io import atomic_path, write_model_files
+from t2f.io import write_model_files
 from t2f.mapper import MAPPER_KIND, Mapper, MapperConfig, embedding_statistics
 from t2f.stylegan2 import Generator
 
 from . import report
+from .checkpoint import append_stats, check_finite_weights, load_checkpoint, save_checkpoint, truncate_stats
+from .config import FitOptions
 from .run import Dist, Run, RunError
 from .synth import image_embeddings
-
-
-@dataclasses.dataclass(frozen=True)
-class FitOptions:
-    steps: int = 20000                 # Optimizer steps.
-    batch: int = 256                   # Global batch size (split across torchrun ranks).
-    lr: float = 1e-2                   # Peak learning rate (Adam; the layers are equalized-lr: weights ~ N(0, 1), scaled at run time).
-    warmup: int = 500                  # Linear learning-rate warm-up steps; 0 = none.
-    kl: float = 0.2                    # KL weight (the KL is divided by z_dim).
-    kl_warmup: int = 2000              # Steps over which the KL weight ramps up from 0; 0 = none.
-    prior_weight: float = 1.0          # Weight of the prior-path loss (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE.
-    noise_min: float = 0.0             # Embedding noise scale, drawn uniformly in [noise_min, noise_max] per sample,
-    noise_max: float = 1.5             # in units of the training embeddings' spread (noise_relative) or absolute.
-    noise_share: float = 0.5           # Share of the samples that get noise; the rest keep their clean embedding.
-    noise_relative: bool = True        # Scale the noise by the spread: the same signal-to-noise ratio for every CLIP and domain.
-    standardize: bool = True           # Standardize the mapper's embedding input with the training pairs' mean and spread.
-    clip_weight: float = 1.0           # Weight of the CLIP-consistency loss.
-    clip_every: int = 10               # Apply it every k steps; 0 = never.
-    clip_batch: int = 8                # Samples that go through G and CLIP for it.
-    clip_prior: bool = True            # Apply it to a prior sample (z ~ N(0, I), as at inference) rather than the posterior's.
-    ema: float = 0.999                 # EMA decay of the mapper's weights (lower in the first steps: ema_decay).
-    val_fraction: float = 0.02         # Held-out share of the pairs (at least one pair).
-    checkpoint_every: int = 1000       # Steps between checkpoints (also at the end and at --stop-after).
-    log_every: int = 100               # Steps between loss lines in stats.jsonl.
-    eval_every: int = 1000             # Steps between held-out metrics (also at the end).
-    z_dim: int = 128                   # Mapper: CVAE latent size.
-    hidden: int = 512                  # Mapper: hidden width.
-    layers: int = 4                    # Mapper: linear layers in decoder and encoder.
-    w_plus: bool = False               # Mapper: one w per style.
-    mean_head: bool = True             # Mapper: a z-free head for E[w | e], trained by regression; z's part is odd in z.
-    mean_weight: float = 1.0           # Weight of the mean head's regression loss (MSE against w).
-    seed: int = 0                      # Initialization, split and every step's random numbers.
 
 
 # ----------------------------------------------------------------------------
@@ -125,6 +92,10 @@ def energy_score(samples: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((norm(a - t) + norm(b - t)) / 2 - norm(a - b) / 2).mean() / math.sqrt(t.shape[1])
 
 
+# ----------------------------------------------------------------------------
+# The model pass and its loss.
+
+
 class CVAEPass(nn.Module):
     """One training pass, both paths of the CVAE.
 
@@ -150,6 +121,58 @@ class CVAEPass(nn.Module):
         ws_prior = m.ws(base.repeat_interleave(k, dim=0) + residual_prior).unflatten(0, (b, k))
         ws_hat = m.ws(base + m.decoder.residual(condition, z))
         return ws_hat, mu, logvar, ws_prior, (None if mean is None else m.ws(mean))
+
+
+class FitLoss:
+    """The fit loss: a callable that returns its named terms and their weighted sum, `loss` (EDM's loss classes).
+
+    loss_fn(model, w, embedding, condition, eps, z_prior, step) -> {"loss", "reconstruction", "kl", "prior",
+    and "regression" with a mean head, "clip_loss" on the steps that take the CLIP-consistency loss}, each a scalar tensor.
+    model is a CVAEPass (or its DDP wrapper); embedding [B, D] the pairs' clean embeddings, condition [B, D] the
+    augmented ones the mapper sees; eps [B, z_dim] and z_prior [B, 2, z_dim] the step's latents.
+    """
+
+    def __init__(self, generator: Generator, clip: Clip | None, *,
+                 kl: float,                 # KL weight after its warm-up (the KL is divided by z_dim).
+                 kl_warmup: int,            # Steps over which the KL weight ramps up from 0; 0 = none.
+                 prior_weight: float,       # Weight of the prior path's energy score.
+                 mean_weight: float,        # Weight of the mean head's regression (unused without a mean head).
+                 clip_weight: float,        # Weight of the CLIP-consistency loss.
+                 clip_every: int,           # Take it every k steps; 0 = never (and never without CLIP).
+                 clip_batch: int,           # Samples that go through G and CLIP for it.
+                 clip_prior: bool,          # On a prior sample (as at inference) rather than the posterior's.
+                 downsample: int = 0):      # Area-resize G's images to this size before CLIP; 0 = CLIP's resize only.
+        self.generator, self.clip = generator, clip
+        self.kl, self.kl_warmup, self.prior_weight, self.mean_weight = kl, kl_warmup, prior_weight, mean_weight
+        self.clip_weight, self.clip_every, self.clip_batch, self.clip_prior = clip_weight, clip_every, clip_batch, clip_prior
+        self.downsample = downsample
+
+    @classmethod
+    def from_options(cls, options: FitOptions, generator: Generator, clip: Clip | None, downsample: int = 0) -> FitLoss:
+        o = options
+        return cls(generator, clip, kl=o.kl, kl_warmup=o.kl_warmup, prior_weight=o.prior_weight, mean_weight=o.mean_weight,
+                   clip_weight=o.clip_weight, clip_every=o.clip_every, clip_batch=o.clip_batch, clip_prior=o.clip_prior,
+                   downsample=downsample)
+
+    def kl_weight(self, step: int) -> float:
+        return self.kl * (min(1.0, step / self.kl_warmup) if self.kl_warmup else 1.0)
+
+    def __call__(self, model: nn.Module, w: torch.Tensor, embedding: torch.Tensor, condition: torch.Tensor,
+                 eps: torch.Tensor, z_prior: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        ws_hat, mu, logvar, ws_prior, ws_mean = model(w, condition, eps, z_prior)
+        terms = dict(reconstruction=(ws_hat - w.unsqueeze(1)).square().mean(),
+                     kl=kl_divergence(mu, logvar),
+                     prior=energy_score(ws_prior, w.unsqueeze(1).expand(-1, ws_hat.shape[1], -1)))
+        loss = terms["reconstruction"] + self.kl_weight(step) * terms["kl"] + self.prior_weight * terms["prior"]
+        if ws_mean is not None:
+            terms["regression"] = (ws_mean - w.unsqueeze(1)).square().mean()
+            loss = loss + self.mean_weight * terms["regression"]
+        if self.clip_every and self.clip is not None and step % self.clip_every == 0:
+            n = min(self.clip_batch, w.shape[0])
+            e_hat = image_embeddings(self.generator, self.clip, (ws_prior[:n, 0] if self.clip_prior else ws_hat[:n]), self.downsample)
+            terms["clip_loss"] = (1 - (e_hat * F.normalize(embedding[:n], dim=-1)).sum(-1)).mean()
+            loss = loss + self.clip_weight * terms["clip_loss"]
+        return dict(loss=loss, **terms)
 
 
 # ----------------------------------------------------------------------------
@@ -222,26 +245,49 @@ def all_finite(loss: torch.Tensor, dist: Dist) -> bool:
     return bool(ok.item())
 
 
-def check_finite_weights(module: nn.Module, what: str, step: int) -> None:
-    bad = [name for name, p in module.state_dict().items() if p.is_floating_point() and not torch.isfinite(p).all()]
-    if bad:
-        raise RunError(f"fit step {step}: the {what} weights are not finite ({', '.join(bad[:3])}); nothing was written "
-                       "from this step; resume from the last checkpoint with a lower --lr")
+class StepDraw(NamedTuple):
+    """Every random number of one step, for the global batch; each torchrun process takes its slice."""
+    idx: torch.Tensor          # [batch] training pairs
+    scale: torch.Tensor        # [batch, 1] embedding noise scale (0 for the clean share)
+    direction: torch.Tensor    # [batch, D] embedding noise direction
+    eps: torch.Tensor          # [batch, z_dim] the posterior's reparameterization noise
+    z_prior: torch.Tensor      # [batch, 2, z_dim] two prior samples per pair
 
 
-def _read_stats(run: Run, upto: int) -> list[str]:
-    """The stats lines up to step `upto`; a line torn by a crash (not JSON) ends the kept part."""
-    if not run.stats_path.is_file():
-        return []
-    kept = []
-    for line in run.stats_path.read_text().splitlines():
-        try:
-            step = json.loads(line)["step"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            break
-        if step <= upto:
-            kept.append(line)
-    return kept
+def draw_step(o: FitOptions, step: int, pairs: int, embed_dim: int, noise_unit: float) -> StepDraw:
+    """The step's random numbers, from the CPU generator seeded with (seed, step), in a fixed order."""
+    g = step_generator(o.seed, step)
+    idx = torch.randint(pairs, [o.batch], generator=g)
+    scale = noise_unit * (o.noise_min + (o.noise_max - o.noise_min) * torch.rand([o.batch, 1], generator=g))
+    scale = scale * (torch.rand([o.batch, 1], generator=g) < o.noise_share)
+    direction = torch.randn([o.batch, embed_dim], generator=g)
+    eps = torch.randn([o.batch, o.z_dim], generator=g)
+    z_prior = torch.randn([o.batch, 2, o.z_dim], generator=g)
+    return StepDraw(idx, scale, direction, eps, z_prior)
+
+
+def new_mapper(config: MapperConfig, generator: Generator, E_train: torch.Tensor, o: FitOptions) -> tuple[Mapper, float]:
+    """The mapper at initialization (seeded), standardized with the training embeddings; and the embedding noise's unit."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(o.seed)
+        mapper = Mapper(config, w_avg=generator.w_avg.cpu())
+    mean, spread = embedding_statistics(E_train)   # spread: RMS distance of the unit embeddings from their mean
+    if o.standardize:
+        mapper.embed_mean.copy_(mean)
+        mapper.embed_scale.copy_(spread)
+    return mapper, (spread.item() if o.noise_relative else 1.0)
+
+
+def _grid_rows(val_w: torch.Tensor, val_e: torch.Tensor, num_ws: int, clip: Clip | None, main: bool, device: torch.device):
+    """The fixed rows of the progress grids: the prompts (through CLIP's text encoder) and a few held-out pairs.
+
+    Returns (conditions [rows, D], truths [held-out rows, num_ws, w_dim], whether the prompts are there).
+    """
+    rows = [val_e[:report.HELD_OUT_ROWS]]
+    if main and clip is not None:
+        with torch.no_grad():
+            rows.insert(0, clip.encode_text(list(report.PROMPTS)).to(device))
+    return torch.cat(rows), val_w[:report.HELD_OUT_ROWS].unsqueeze(1).expand(-1, num_ws, -1), len(rows) == 2
 
 
 def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: Clip | None, options: FitOptions,
@@ -256,33 +302,15 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     config = MapperConfig(embed_dim=E.shape[1], w_dim=W.shape[1], num_ws=generator.num_ws, z_dim=o.z_dim,
                           hidden=o.hidden, layers=o.layers, w_plus=o.w_plus,
                           mean_head=o.mean_head)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(o.seed)
-        mapper = Mapper(config, w_avg=generator.w_avg.cpu())
-    mean, spread = embedding_statistics(E[train_idx])   # spread: RMS distance of the unit embeddings from their mean
-    if o.standardize:
-        mapper.embed_mean.copy_(mean)
-        mapper.embed_scale.copy_(spread)
-    noise_unit = spread.item() if o.noise_relative else 1.0
+    mapper, noise_unit = new_mapper(config, generator, E[train_idx], o)
     ema = copy.deepcopy(mapper).requires_grad_(False)
     # On the device before the optimizer exists: its loaded state then lands beside the parameters.
     mapper.to(device).train()
     ema.to(device).eval()
     optimizer = torch.optim.Adam(mapper.parameters(), lr=o.lr, betas=(0.9, 0.99))
-    start = 0
-    if run.checkpoint_path.is_file():
-        try:
-            ckpt = torch.load(run.checkpoint_path, map_location="cpu", weights_only=True)
-            mapper.load_state_dict(ckpt["mapper"])
-            ema.load_state_dict(ckpt["ema"])
-            optimizer.load_state_dict(ckpt["optimizer"])
-            start = int(ckpt["step"])
-        except (RuntimeError, KeyError, EOFError, ValueError, TypeError, AttributeError, IndexError, pickle.UnpicklingError) as e:
-            raise RunError(f"{run.checkpoint_path} is corrupt or from another fit ({type(e).__name__}); delete it to start over") from None
-    stats_lines = _read_stats(run, start) if dist.main else []
+    start = load_checkpoint(run, mapper, ema, optimizer)
     if dist.main:
-        with atomic_path(run.stats_path) as tmp:
-            tmp.write_text("".join(line + "\n" for line in stats_lines))
+        truncate_stats(run, start)
         report.remove_grids_after(run, start)
 
     generator.to(device).eval().requires_grad_(False)
@@ -295,77 +323,35 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
     w_mean = W_train.mean(dim=0).to(device)
     val_w, val_e = W[val_idx][:1024].to(device), E[val_idx][:1024].to(device)
     per_rank = o.batch // dist.world
+    mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
     downsample = identity.get("downsample", 0)
     end = o.steps if stop_after is None else min(o.steps, start + stop_after)
+    loss_fn = FitLoss.from_options(o, generator, clip, downsample)
 
-    # The fixed rows of the progress grids: the prompts (through CLIP's text encoder) and a few held-out pairs.
-    grid_rows = [val_e[:report.HELD_OUT_ROWS]]
-    if dist.main and clip is not None:
-        with torch.no_grad():
-            grid_rows.insert(0, clip.encode_text(list(report.PROMPTS)).to(device))
-    grid_conditions, grid_truths = torch.cat(grid_rows), val_w[:report.HELD_OUT_ROWS].unsqueeze(1).expand(-1, generator.num_ws, -1)
+    grid_conditions, grid_truths, has_prompts = _grid_rows(val_w, val_e, generator.num_ws, clip, dist.main, device)
     grid_z = report.grid_latents(o.z_dim, o.seed)
     if dist.main:
-        report.write_grid_layout(run, report.grid_layout(len(grid_rows) == 2, grid_truths.shape[0]))
-
-    def log(entry: dict) -> None:
-        if dist.main:
-            with open(run.stats_path, "a") as f:
-                f.write(json.dumps(entry, sort_keys=True) + "\n")
-
-    def checkpoint(step: int) -> None:
-        check_finite_weights(mapper, "mapper", step)
-        check_finite_weights(ema, "EMA", step)
-        if dist.main:
-            buffer = io.BytesIO()             # serialized in memory: a failed write is an OSError, not torch's RuntimeError
-            torch.save(dict(step=step, mapper=mapper.state_dict(), ema=ema.state_dict(),
-                            optimizer=optimizer.state_dict()), buffer)
-            with atomic_path(run.checkpoint_path) as tmp:
-                tmp.write_bytes(buffer.getbuffer())
-        dist.barrier()
+        report.write_grid_layout(run, report.grid_layout(has_prompts, grid_truths.shape[0]))
 
     from tqdm import tqdm
 
     t0 = time.perf_counter()
     with tqdm(total=o.steps, initial=start, unit="step", desc="fit", disable=not progress or not dist.main) as bar:
         for step in range(start + 1, end + 1):
-            g = step_generator(o.seed, step)
-            idx = torch.randint(W_train.shape[0], [o.batch], generator=g)
-            scale = noise_unit * (o.noise_min + (o.noise_max - o.noise_min) * torch.rand([o.batch, 1], generator=g))
-            scale = scale * (torch.rand([o.batch, 1], generator=g) < o.noise_share)
-            direction = torch.randn([o.batch, E.shape[1]], generator=g)
-            eps = torch.randn([o.batch, o.z_dim], generator=g)
-            z_prior = torch.randn([o.batch, 2, o.z_dim], generator=g)
-            mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-            w, e = W_train[idx][mine].to(device), E_train[idx][mine].to(device)
-            e_aug = augment_embedding(e, scale[mine].to(device), direction[mine].to(device))
+            draw = draw_step(o, step, W_train.shape[0], E.shape[1], noise_unit)
+            w, e = W_train[draw.idx][mine].to(device), E_train[draw.idx][mine].to(device)
+            e_aug = augment_embedding(e, draw.scale[mine].to(device), draw.direction[mine].to(device))
+            terms = loss_fn(model, w, e, e_aug, draw.eps[mine].to(device), draw.z_prior[mine].to(device), step)
 
-            ws_hat, mu, logvar, ws_prior, ws_mean = model(w, e_aug, eps[mine].to(device), z_prior[mine].to(device))
-            reconstruction = (ws_hat - w.unsqueeze(1)).square().mean()
-            kl = kl_divergence(mu, logvar)
-            kl_weight = o.kl * (min(1.0, step / o.kl_warmup) if o.kl_warmup else 1.0)
-            prior = energy_score(ws_prior, w.unsqueeze(1).expand(-1, ws_hat.shape[1], -1))
-            loss = reconstruction + kl_weight * kl + o.prior_weight * prior
-            regression = None
-            if ws_mean is not None:
-                regression = (ws_mean - w.unsqueeze(1)).square().mean()
-                loss = loss + o.mean_weight * regression
-            clip_loss = None
-            if o.clip_every and clip is not None and step % o.clip_every == 0:
-                n = min(o.clip_batch, w.shape[0])
-                e_hat = image_embeddings(generator, clip, (ws_prior[:n, 0] if o.clip_prior else ws_hat[:n]), downsample)
-                clip_loss = (1 - (e_hat * F.normalize(e[:n], dim=-1)).sum(-1)).mean()
-                loss = loss + o.clip_weight * clip_loss
-
-            if not all_finite(loss, dist):
-                raise RunError(f"fit step {step}: the loss is not finite (reconstruction {reconstruction.item():.4g}, "
-                               f"kl {kl.item():.4g}, prior {prior.item():.4g}); stopped before writing anything from this step; "
-                               "resume from the last checkpoint with a lower --lr")
+            if not all_finite(terms["loss"], dist):
+                raise RunError(f"fit step {step}: the loss is not finite (reconstruction {terms['reconstruction'].item():.4g}, "
+                               f"kl {terms['kl'].item():.4g}, prior {terms['prior'].item():.4g}); stopped before writing "
+                               "anything from this step; resume from the last checkpoint with a lower --lr")
             lr = get_lr(step, o.steps, o.lr, o.warmup)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            terms["loss"].backward()
             optimizer.step()
             with torch.no_grad():
                 for p_ema, p in zip(ema.parameters(), mapper.parameters()):
@@ -374,21 +360,18 @@ def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: 
 
             is_eval = step % o.eval_every == 0 or step == o.steps
             if step % o.log_every == 0 or is_eval:
-                entry = dict(step=step, lr=lr, loss=loss.item(), reconstruction=reconstruction.item(), kl=kl.item(), prior=prior.item(),
-                             kl_weight=kl_weight, steps_per_s=(step - start) / (time.perf_counter() - t0))
-                if clip_loss is not None:
-                    entry["clip_loss"] = clip_loss.item()
-                if regression is not None:
-                    entry["regression"] = regression.item()
+                entry = dict(step=step, lr=lr, kl_weight=loss_fn.kl_weight(step), steps_per_s=(step - start) / (time.perf_counter() - t0),
+                             **{name: value.item() for name, value in terms.items()})
                 if is_eval:
                     entry.update(evaluate(ema, val_w, val_e, w_mean, generator, clip, downsample, o.seed))
                     if step == o.steps and (message := report.condition_warning(entry)):
                         entry["warning"] = message
                     if dist.main:
                         report.write_grid(run, step, report.face_grid(ema, generator, grid_conditions, grid_truths, grid_z))
-                log(entry)
+                if dist.main:
+                    append_stats(run, entry)
             if step % o.checkpoint_every == 0 or step == end:
-                checkpoint(step)
+                save_checkpoint(run, step, mapper, ema, optimizer, dist)
 
     if end == o.steps and dist.main:
         check_finite_weights(ema, "EMA", end)

@@ -128,12 +128,13 @@ def simplify(path: Path) -> bool:
     """Fold constants and shape arithmetic of the ONNX file at `path` in place with onnxslim; False where it is not
     installed (the traced graph is kept). Parity is checked afterwards on the file as written."""
     import contextlib
-    import importlib.util
     import io
 
     import onnx
 
-    if importlib.util.find_spec("onnxslim") is None:
+    from t2f.devices import importable
+
+    if not importable("onnxslim"):
         return False
     import onnxslim
 
@@ -218,9 +219,9 @@ class _OpenVINORunner:
     """A graph in OpenVINO's CPU plugin in bf16 (the synthesis graph with its float image as a second output)."""
 
     def __init__(self, spec: GraphSpec, path: Path, sha: str):
-        import importlib.util
+        from t2f.devices import importable
 
-        if importlib.util.find_spec("openvino") is None:
+        if not importable("openvino"):
             raise ExportError('bf16 parity is measured with OpenVINO, which is not installed (pip install "t2f[openvino]")')
         import openvino
 

@@ -1,4 +1,4 @@
-"""Device selection."""
+"""Device selection, and which optional runtimes this Python can import."""
 
 from __future__ import annotations
 
@@ -34,3 +34,14 @@ def pin_cuda_numerics() -> None:
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
+
+
+def importable(name: str) -> bool:
+    """True where `import name` works here: an optional runtime that is missing, or installed but broken, is False."""
+    import importlib
+
+    try:
+        importlib.import_module(name)
+        return True
+    except ImportError:
+        return False

@@ -19,12 +19,12 @@ artifacts)`. Each declares what it can do (`devices`, `precisions`, `noise_modes
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import torch
 
 from t2f.clip import Clip
+from t2f.devices import importable
 from t2f.graphs import GraphSpec
 from t2f.mapper import Mapper
 from t2f.precision import Precision
@@ -87,9 +87,9 @@ class Backend:
             raise BackendUnavailable(str(e)) from None
         if noise_mode not in cls.noise_modes:
             raise BackendUnavailable(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
-        missing = [m for m in cls.modules if importlib.util.find_spec(m) is None]
+        missing = [m for m in cls.modules if not importable(m)]
         if missing:
-            raise BackendUnavailable(f"{cls.name} needs the Python package {missing[0]}, which is not installed"
+            raise BackendUnavailable(f"{cls.name} needs the Python package {missing[0]}, which is not installed (or does not import)"
                                      f"{cls.install_hint()}")
         if cls.uses_artifacts and artifacts is None and not cls.exports_on_demand:
             raise BackendUnavailable(f"--backend {cls.name} needs --artifacts DIR with engines made by t2f-export")

@@ -10,13 +10,12 @@ All three run the same stage modules (t2f.graphs): one recipe per stage and prec
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 
 import torch
 
-from t2f.devices import pin_cuda_numerics
+from t2f.devices import importable, pin_cuda_numerics
 from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, to_uint8
@@ -173,7 +172,7 @@ class TorchCompileBackend(_StageModules):
     def check_runtime(cls, device, precision):
         if device.type == "cpu" and cxx_compiler() is None:
             raise BackendUnavailable("torch-compile on the CPU needs a C++ compiler (g++ or clang++; Debian: apt-get install g++)")
-        if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        if device.type == "cuda" and not importable("triton"):
             raise BackendUnavailable("torch-compile on CUDA needs the triton package")
 
     def _call(self, fn, *args):

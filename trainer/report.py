@@ -214,7 +214,8 @@ def _plots(entries: list[dict]) -> list[tuple[str, str]]:
             right.plot(steps, values, marker="o", label=label, linestyle="--" if key.endswith("ceiling") else "-")
     right.set_xlabel("step")
     right.set_title("Held-out: what the text and z each do")
-    right.legend(fontsize=8)
+    if right.get_legend_handles_labels()[0]:              # a run without any of these metrics yet has no lines
+        right.legend(fontsize=8)
     right.grid(alpha=0.3)
     plots.append(("held-out metrics", _png(fig)))
     return plots

@@ -1,30 +1,28 @@
-"""`t2f-infer`: prompts -> a grid of faces (a row per prompt)."""
+"""`t2f-infer`: prompts -> a grid of faces (a row per prompt).
+
+Option mapping, usage checks and messages only: the work is engine/pipeline.py's and engine/infer.py's.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import os
+import sys
 import time
 import warnings
 
 import click
-import numpy as np
 
 from t2f.cli_errors import DeviceParam, FiniteFloatRange, PrecisionChoice, check_precision_device, check_writable, nonempty_path, write_files
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES
 
 from .backends import BACKENDS, BackendUnavailable
+from .infer import IMAGE_FORMATS, ImageInputError, load_face_images, run_files, run_interactive
 from .pipeline import MODES
 
 MAX_N = 64                # Images per prompt.
-MAX_IMAGE_PIXELS = 40_000_000   # A conditioning image (CLIP sees 224x224): a 13000x13000 PNG is refused before decoding.
 MAX_IMAGES = 256          # Images per run.
-
-
-IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}   # --out extension -> what is written
 
 
 def _image_format(ctx, param, value):
@@ -33,60 +31,6 @@ def _image_format(ctx, param, value):
     if os.path.splitext(value)[1].lower() not in IMAGE_FORMATS:
         raise click.BadParameter(f"{value!r} must end in {', '.join(IMAGE_FORMATS)} (the format written)", ctx=ctx, param=param)
     return value
-
-
-def _image_bytes(array: np.ndarray, info: dict, path: str = "image.png") -> bytes:
-    """[H, W, C] uint8 -> PNG (with the run's options as a `t2f` text chunk) or JPEG (quality 95), by `path`'s extension."""
-    import PIL.Image
-    import PIL.PngImagePlugin
-
-    image_format = IMAGE_FORMATS[os.path.splitext(path)[1].lower()]
-    mode = "L" if array.shape[-1] == 1 else "RGB"
-    image = PIL.Image.fromarray(array.squeeze(-1) if mode == "L" else array, mode)
-    buf = io.BytesIO()
-    if image_format == "PNG":
-        meta = PIL.PngImagePlugin.PngInfo()
-        meta.add_text("t2f", json.dumps(info, sort_keys=True))
-        image.save(buf, format="PNG", pnginfo=meta)
-    else:
-        image.save(buf, format="JPEG", quality=95, comment=json.dumps(info, sort_keys=True).encode())
-    return buf.getvalue()
-
-
-def _load_images(paths: list[str]):
-    """Face images -> [count, 3, 256, 256] float in [-1, 1] (center-cropped squares)."""
-    import PIL.Image
-    import torch
-
-    from t2f.io import InputPathError, open_regular_file
-
-    from .pipeline import face_tensor
-
-    out = []
-    for path in paths:
-        try:
-            with open_regular_file(path) as f:                  # a FIFO is refused, not waited on
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)     # our own limit is lower
-                    im = PIL.Image.open(f)
-                with im:
-                    if im.width * im.height > MAX_IMAGE_PIXELS:
-                        raise click.BadParameter(f"{path} is {im.width}x{im.height} ({im.width * im.height / 1e6:.0f} "
-                                                 f"Mpixels); conditioning images may have at most "
-                                                 f"{MAX_IMAGE_PIXELS / 1e6:.0f} Mpixels (CLIP sees 224x224): downscale it first",
-                                                 param_hint="--image")
-                    out.append(face_tensor(im))
-        except InputPathError as e:
-            raise click.BadParameter(str(e), param_hint="--image") from None
-        except (OSError, ValueError, PIL.Image.DecompressionBombError) as e:
-            raise click.BadParameter(f"cannot read image {path}: {e}", param_hint="--image") from None
-    return torch.stack(out)
-
-
-def _grid(images: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """[rows * cols, H, W, C] -> [rows * H, cols * W, C]."""
-    _, h, w, c = images.shape
-    return images.reshape(rows, cols, h, w, c).transpose(0, 2, 1, 3, 4).reshape(rows * h, cols * w, c)
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -141,7 +85,8 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     load = dict(generator=generator, clip=clip, mapper=mapper, device=device, precision=request.precision, batch_size=batch,
                 cache=cache, bank=(bank or "") if mode == "knn" else None, backend=backend, artifacts=artifacts, noise_mode=noise_mode)
     if interactive:
-        return _run(request, load, lambda pipe: _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn))
+        return _run(request, load, lambda pipe: run_interactive(pipe, sys.stdin, out=out, write=write_files, mode=mode, n=n, seed=seed,
+                                                                truncation=truncation, noise_mode=noise_mode, knn=knn, echo=click.echo))
     start = time.perf_counter()
     pipe, faces = _run(request, load, lambda pipe: pipe(request.labels, n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode,
                                                           mode=mode, images=request.images, knn=knn))
@@ -149,7 +94,7 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
     info = dict(mode=mode, labels=request.labels, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
                 generator=generator, clip=clip, mapper=mapper, precision=str(pipe.precision), backend=pipe.backend.name,
                 device=str(pipe.device))
-    _write(faces, request.labels, n, info, out, save_images, save_ws)
+    write_files(run_files(faces, request.labels, n, info, out, save_images, save_ws))
     h, w = faces.images.shape[1:3]
     click.echo(f"wrote {out}: {len(request.labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s, "
                f"{pipe.summary}, mode {mode}")
@@ -202,7 +147,11 @@ def _validate(prompts, mode, image, n, interactive, mapper, bank, device, precis
             check_writable(path, param, directory=is_dir)
     if save_ws is not None and os.path.abspath(save_ws) == os.path.abspath(out):
         raise click.BadParameter("--save-ws must not be the --out file", param_hint="--save-ws")
-    return _Request(labels=labels, precision=precision, images=_load_images(labels) if mode == "image" else None)
+    try:
+        images = load_face_images(labels) if mode == "image" else None
+    except ImageInputError as e:
+        raise click.BadParameter(str(e), param_hint="--image") from None
+    return _Request(labels=labels, precision=precision, images=images)
 
 
 def _run(request: _Request, load: dict, work):
@@ -223,49 +172,6 @@ def _run(request: _Request, load: dict, work):
                     click.echo(f"note: {w.message}", err=True)
                 elif "truncated" in str(w.message):
                     click.echo(f"warning: {w.message}", err=True)
-
-
-def _write(faces, labels: list[str], n: int, info: dict, out: str, save_images: str | None, save_ws: str | None) -> None:
-    """All computed: stage every file, then rename them all (the grid in --out's format, the others PNG)."""
-    images = faces.images.numpy()
-    files = {out: _image_bytes(_grid(images, len(labels), n), info, out)}
-    if save_images is not None:
-        for i, img in enumerate(images):
-            r, s = divmod(i, n)
-            files[os.path.join(save_images, f"p{r:03d}_s{s:03d}.png")] = _image_bytes(img, dict(info, label=labels[r], sample=s))
-    if save_ws is not None:
-        buf = io.BytesIO()
-        np.save(buf, faces.ws.numpy())
-        files[save_ws] = buf.getvalue()
-    write_files(files)
-
-
-def _interactive(pipe, mode, n, seed, truncation, noise_mode, out, knn) -> None:
-    """Prompts from standard input -> OUT-NNNN.png, one grid per prompt, with each prompt's latency."""
-    import sys
-
-    from .pipeline import is_blank
-
-    def generate(prompt: str):
-        return pipe([prompt], n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode, mode=mode, knn=knn)
-
-    generate("a warm-up prompt")                                   # kernels, allocations, graph capture
-    stem, ext = os.path.splitext(out)
-    click.echo(f"ready ({pipe.summary}); one prompt per line, end with Ctrl-D", err=True)
-    count = 0
-    for line in sys.stdin:
-        prompt = line.strip()
-        if is_blank(prompt):
-            continue
-        start = time.perf_counter()
-        faces = generate(prompt)
-        elapsed = (time.perf_counter() - start) * 1000
-        count += 1
-        path = f"{stem}-{count:04d}{ext}"
-        info = dict(mode=mode, labels=[prompt], n=n, seed=seed, truncation=truncation, backend=pipe.backend.name)
-        write_files({path: _image_bytes(_grid(faces.images.numpy(), 1, n), info, path)})
-        click.echo(f"{elapsed:8.1f} ms  {path}  {prompt}")
-    click.echo(f"{count} prompt(s)", err=True)
 
 
 if __name__ == "__main__":

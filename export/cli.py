@@ -1,4 +1,7 @@
-"""`t2f-export`: ONNX graphs and TensorRT engines of the text encoder, mapper and synthesis network."""
+"""`t2f-export`: ONNX graphs and TensorRT engines of the text encoder, mapper and synthesis network.
+
+Option mapping, usage checks and messages only: the work is export/build.py's (`export_models`).
+"""
 
 from __future__ import annotations
 
@@ -24,9 +27,6 @@ def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
     return parts
 
 
-PARITY_MAX_BATCH = 3
-
-
 @contextlib.contextmanager
 def _errors_as_clicks():
     from t2f.cli_errors import user_errors
@@ -38,19 +38,6 @@ def _errors_as_clicks():
             yield
     except OSError as e:
         raise click.ClickException(f"cannot write {e.filename or 'the output'}: {e.strerror or e}") from None
-
-
-def _trained_for(mapper: str) -> dict:
-    """The generator and CLIP names a mapper directory records."""
-    from t2f.io import read_json
-
-    try:
-        meta = read_json(Path(mapper) / "config.json")
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(meta, dict):
-        return {}
-    return {k: (meta.get(k) or {}).get("name") for k in ("generator", "clip") if isinstance(meta.get(k), dict)}
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -77,12 +64,11 @@ def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_le
     t2f-export --mapper runs/ffhq --out engines/ffhq --precision bf16          # for OpenVINO on the CPU
     t2f-export --mapper tiny --generator tiny --clip tiny --out /tmp/tiny --onnx-only
     """
-    import t2f
-    from t2f.io import OutputPathError, check_output_dir, directory_lock, sha256_file
-    from t2f.presets import TINY, load_mapper
+    from t2f.io import OutputPathError, check_output_dir
+    from t2f.presets import TINY
 
-    from .onnx_export import export_artifacts, foreign_files, format_table, remove_stale_temporaries, specs_of
-    from .tensorrt import build_engine, runtime_info
+    from .build import export_models, trained_for
+    from .onnx_export import foreign_files
 
     out = Path(out)
     try:
@@ -98,7 +84,7 @@ def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_le
         raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
     if mapper != TINY and not Path(mapper).is_dir():
         raise click.BadParameter(f"{mapper} is not a mapper directory", param_hint="--mapper")
-    recorded = {"generator": TINY, "clip": TINY} if mapper == TINY else _trained_for(mapper)
+    recorded = {"generator": TINY, "clip": TINY} if mapper == TINY else trained_for(mapper)
     generator = generator or recorded.get("generator")
     clip = clip or recorded.get("clip")
     if not generator or not clip:
@@ -110,52 +96,16 @@ def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_le
         click.echo("note: bf16 runs on the CPU through OpenVINO; writing the ONNX graphs only (no TensorRT engines)", err=True)
         onnx_only = True
     start = time.perf_counter()
-    with _errors_as_clicks(), contextlib.ExitStack() as held:
-        info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
-        G = t2f.load_generator(generator, cache=cache)
-        C = t2f.load_clip(clip)
-        M = load_mapper(mapper, G, generator, C)
-        held.enter_context(directory_lock(out, "t2f-export"))
-        stale = remove_stale_temporaries(out)
-        if stale:
-            click.echo(f"removed {len(stale)} temporary file(s) of an earlier export that did not finish")
-        manifest, rows = export_artifacts(out, G, C, M, precision, parity_batches(batch), dict(generator=generator, mapper=str(mapper)),
-                                          log=click.echo, profile=batch)
-        click.echo(format_table(rows))
-        specs = specs_of(G, C, M)
-
-        if onnx_only:
-            runs = ""
-            if precision is Precision.BF16:
-                runs = "; " + ", ".join(f"{g} runs {p}" for g, p in manifest.graph_precisions["bf16"].items())
-            click.echo(f"wrote {out}: ONNX {precision} ({len(specs)} graphs, parity ok{runs}) in {time.perf_counter() - start:.1f} s")
-            return
-        built = manifest.tensorrt
-        engines = dict(built.get("engines", {})) if built.get("gpu") == info["gpu"] else {}
-        cache_path = Path(timing_cache) if timing_cache else out / "timing.cache"
-        for spec in specs.values():
-            onnx_name, engine = spec.file_name(precision), out / spec.file_name(precision, "plan")
-            profiles = spec.profile(batch)
-            record = dict(onnx=onnx_name, onnx_sha256=manifest.sha256(onnx_name), precision=str(precision),
-                          opt_level=opt_level, profiles={k: [list(s) for s in v] for k, v in profiles.items()}, **info)
-            known = engines.get(engine.name, {})
-            if known.get("record") == record and engine.is_file() and known.get("sha256") == sha256_file(engine):
-                click.echo(f"cached {engine.name}")
-                continue
-            build_engine(out / onnx_name, engine, profiles, precision, cache_path, opt_level, log=click.echo)
-            engines[engine.name] = dict(record=record, sha256=sha256_file(engine))
-        manifest.tensorrt = dict(info, engines=engines)
-        manifest.write(out)
+    with _errors_as_clicks():
+        manifest, specs = export_models(out, mapper, generator, clip, precision, batch, onnx_only, opt_level,
+                                        Path(timing_cache) if timing_cache else None, cache, log=click.echo)
+    if onnx_only:
+        runs = ""
+        if precision is Precision.BF16:
+            runs = "; " + ", ".join(f"{g} runs {p}" for g, p in manifest.graph_precisions["bf16"].items())
+        click.echo(f"wrote {out}: ONNX {precision} ({len(specs)} graphs, parity ok{runs}) in {time.perf_counter() - start:.1f} s")
+        return
     click.echo(f"wrote {out}: ONNX and TensorRT {precision} engines in {time.perf_counter() - start:.1f} s")
-
-
-def parity_batches(batch: tuple[int, int, int]) -> list[int]:
-    """The batch sizes parity is checked at: the profile's smallest, and its largest up to PARITY_MAX_BATCH.
-
-    Beyond a few images a larger batch checks nothing new on the CPU (the graphs do not mix images),
-    and at 1024 px each image costs seconds in eager PyTorch and again in ONNX Runtime.
-    """
-    return sorted({batch[0], max(batch[0], min(batch[2], PARITY_MAX_BATCH))})
 
 
 if __name__ == "__main__":

@@ -109,3 +109,34 @@ def load_engine(path: str | os.PathLike, manifest, device=None):
     if engine is None:
         raise ExportError(f"{path} is not a valid engine for this TensorRT; run t2f-export again")
     return engine
+
+
+def build_engines(
+    out: Path,                                   # The export directory: ONNX graphs in, engines and the manifest out.
+    specs: dict,                                 # Graph name -> GraphSpec (onnx_export.specs_of).
+    manifest,                                    # The export's Manifest, as export_artifacts left it; updated and written.
+    precision: Precision,
+    batch: tuple[int, int, int],                 # The TensorRT profile's (MIN, OPT, MAX) batch.
+    info: dict,                                  # runtime_info(): TensorRT version and GPU, recorded with each engine.
+    timing_cache: Path,
+    optimization_level: int = 3,                 # TensorRT builder optimization level, 0-5.
+    log=print,
+) -> None:
+    """One engine per graph, rebuilt only where its record (ONNX hash, precision, profile, TensorRT, GPU) or its file changed."""
+    from t2f.io import sha256_file
+
+    built = manifest.tensorrt
+    engines = dict(built.get("engines", {})) if built.get("gpu") == info["gpu"] else {}
+    for spec in specs.values():
+        onnx_name, engine = spec.file_name(precision), out / spec.file_name(precision, "plan")
+        profiles = spec.profile(batch)
+        record = dict(onnx=onnx_name, onnx_sha256=manifest.sha256(onnx_name), precision=str(precision),
+                      opt_level=optimization_level, profiles={k: [list(s) for s in v] for k, v in profiles.items()}, **info)
+        known = engines.get(engine.name, {})
+        if known.get("record") == record and engine.is_file() and known.get("sha256") == sha256_file(engine):
+            log(f"cached {engine.name}")
+            continue
+        build_engine(out / onnx_name, engine, profiles, precision, timing_cache, optimization_level, log=log)
+        engines[engine.name] = dict(record=record, sha256=sha256_file(engine))
+    manifest.tensorrt = dict(info, engines=engines)
+    manifest.write(out)

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from .io import WeightsError, fingerprint, load_model_dir, save_model_dir
-from .stylegan2 import FullyConnected, _config_from_dict, check_sizes, normalize_2nd_moment, shown
+from .config import check_sizes, config_from_dict, shown
+from .stylegan2 import FullyConnected, normalize_2nd_moment
 
 MAPPER_KIND = "t2f-mapper"
 
@@ -52,7 +53,7 @@ class MapperConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MapperConfig":
-        return _config_from_dict(cls, data)
+        return config_from_dict(cls, data)
 
 
 def _mlp(in_features: int, hidden: int, out_features: int, layers: int) -> nn.Sequential:

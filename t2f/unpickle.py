@@ -10,7 +10,7 @@ anything malformed with one WeightsError line.
 
 What it guarantees for any byte sequence of N bytes (docs/security.md states the bound):
 
-- no code from the file runs (only the globals below resolve, each a checked stand-in);
+- no code from the file runs (only the globals of t2f/unpickle_rules.py resolve, each a checked stand-in);
 - work is at most min(2^22, 2^16 + 4N) steps, each of bounded cost: every opcode is one step,
   and every call the file makes (REDUCE, NEWOBJ, INST, OBJ), every state it sets (BUILD) and
   every dict key or set member also pays for the objects it touches (containers to four
@@ -31,8 +31,6 @@ What it guarantees for any byte sequence of N bytes (docs/security.md states the
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import io
 import math
 import os
@@ -45,171 +43,14 @@ import numpy as np
 import torch
 
 from .io import WeightsError, open_regular_file
+from .unpickle_rules import (BUDGETED_GLOBALS, SAFE_GLOBALS, Budget, PersistentRecord, PlainNamespace, StorageType,
+                             check_keys)
 
-MAX_PICKLE_OPS = 1 << 22          # Steps per file, whatever its size; NVIDIA's FFHQ pickle needs about 10^5.
 MAX_PICKLE_DEPTH = 64             # Nesting of the loaded objects; a generator record needs about 10.
 MAX_TENSOR_DIMS = 16
 MAX_TENSOR_INDEX = 1 << 63        # Sizes, strides and offsets: torch's int64, checked before any arithmetic.
 
-
-@dataclasses.dataclass
-class PersistentRecord:
-    """What a `torch_utils.persistence` object becomes: its class name and state, never its code."""
-    class_name: str
-    state: dict
-
-
-class _PlainDict(dict):
-    """Stand-in for dnnlib.util.EasyDict."""
-
-
-class _PlainNamespace:
-    """Stand-in for argparse.Namespace (rosinality training checkpoints keep their arguments in one)."""
-
-
-class _StorageType:
-    """Stand-in for torch.FloatStorage and its kin in a checkpoint's persistent ids: just the dtype."""
-
-    def __init__(self, dtype: torch.dtype):
-        self.dtype = dtype
-
-
-_STORAGE_TYPES = {name: _StorageType(dtype) for name, dtype in (
-    ("FloatStorage", torch.float32), ("HalfStorage", torch.float16), ("BFloat16Storage", torch.bfloat16),
-    ("DoubleStorage", torch.float64), ("LongStorage", torch.int64), ("IntStorage", torch.int32),
-    ("ShortStorage", torch.int16), ("CharStorage", torch.int8), ("ByteStorage", torch.uint8), ("BoolStorage", torch.bool))}
-
-_KEY_SCALARS = (str, bytes, bool, type(None))
-_MAX_INT_KEY = 1 << 31
-
-
-def _is_key_scalar(x) -> bool:
-    """str and bytes hash with a per-process random key; ints (optimizer state indices) must be small, so that
-    distinct keys have distinct hashes (ints, floats and tuples hash without one: a file could collide them)."""
-    return isinstance(x, _KEY_SCALARS) or (type(x) is int and -_MAX_INT_KEY <= x < _MAX_INT_KEY)
-
-
-def _check_keys(keys) -> None:
-    """Dict keys and set members must hash in time linear in their size: scalars, or flat tuples of scalars."""
-    for key in keys:
-        if not (_is_key_scalar(key) or (type(key) is tuple and all(_is_key_scalar(k) for k in key))):
-            raise pickle.UnpicklingError(f"refusing a {type(key).__name__} as a dict key or set member")
-
-
-def _scalar_cost(x) -> int:
-    """Steps to hash, compare or copy a scalar once: 1, plus 1 per 64 bytes of a string, 1 per 512 bits of an int."""
-    if isinstance(x, (str, bytes, bytearray)):
-        return 1 + len(x) // 64
-    if type(x) is int:
-        return 1 + x.bit_length() // 512
-    return 1
-
-
-def _reconstruct_persistent(meta):
-    if not isinstance(meta, dict) or meta.get("type") != "class" or not isinstance(meta.get("state"), dict) \
-            or not isinstance(meta.get("class_name"), str):
-        raise pickle.UnpicklingError("malformed torch_utils.persistence record")
-    return PersistentRecord(class_name=meta["class_name"], state=dict(meta["state"]))
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *state):
-    if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError("parameter without a tensor")
-    return data
-
-
-_NUMERIC_DTYPE = re.compile(r"[<>|=]?[biufc?][1-9][0-9]?|[<>|=]?\?")
-
-
-def _numpy_dtype(spec, align=False, copy=False):
-    """Only plain numeric dtypes, by their type string; always numpy's shared instance."""
-    if not isinstance(spec, str) or len(spec) > 8 or not _NUMERIC_DTYPE.fullmatch(spec):
-        shown = repr(spec) if isinstance(spec, str) and len(spec) <= 8 else f"a {type(spec).__name__}"
-        raise pickle.UnpicklingError(f"only plain numeric numpy dtypes are allowed, not {shown}")
-    return np.dtype(spec)
-
-
-def _numpy_scalar(dtype, data=None):
-    """A numeric numpy scalar, returned as a Python number."""
-    if not isinstance(dtype, np.dtype) or dtype.kind not in "biufc" or dtype.fields is not None or dtype.subdtype is not None:
-        raise pickle.UnpicklingError("only numeric numpy scalars are allowed")
-    if not isinstance(data, (bytes, bytearray)) or len(data) != dtype.itemsize:
-        raise pickle.UnpicklingError("malformed numpy scalar")
-    return np.frombuffer(data, dtype=dtype, count=1)[0].item()
-
-
-def _ordered_dict(items=()):
-    items = list(items)
-    if not all(type(item) in (tuple, list) and len(item) == 2 for item in items):
-        raise pickle.UnpicklingError("malformed OrderedDict")
-    _check_keys(k for k, _ in items)
-    return collections.OrderedDict(items)
-
-
-def _checked_set(kind):
-    def build(items=()):
-        items = list(items)
-        _check_keys(items)
-        return kind(items)
-    return build
-
-
-_SAFE_GLOBALS = {
-    ("collections", "OrderedDict"): _ordered_dict,
-    ("builtins", "set"): _checked_set(set),
-    ("builtins", "frozenset"): _checked_set(frozenset),
-    ("__builtin__", "set"): _checked_set(set),
-    ("__builtin__", "frozenset"): _checked_set(frozenset),
-    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-    ("torch_utils.persistence", "_reconstruct_persistent_obj"): _reconstruct_persistent,
-    ("dnnlib.util", "EasyDict"): _PlainDict,
-    ("argparse", "Namespace"): _PlainNamespace,
-    ("numpy", "dtype"): _numpy_dtype,
-    ("numpy.core.multiarray", "scalar"): _numpy_scalar,
-    ("numpy._core.multiarray", "scalar"): _numpy_scalar,
-    **{("torch", name): storage_type for name, storage_type in _STORAGE_TYPES.items()},
-}
-# Globals that need the unpickler's budget: resolved to its methods of these names.
-_BUDGETED_GLOBALS = {
-    ("_codecs", "encode"): "latin1_bytes",
-    ("torch._utils", "_rebuild_tensor_v2"): "rebuild_tensor",
-    ("torch.storage", "_load_from_bytes"): "storage_from_bytes",
-}
-
-
-class _Budget:
-    """What one file may still cost: steps of work, bytes copied out of its data, tensor bytes materialized."""
-
-    def __init__(self, file_size: int):
-        self.ops = self.total_ops = min(MAX_PICKLE_OPS, (1 << 16) + 4 * file_size)
-        self.copied_bytes = 2 * file_size + (1 << 20)    # protocol 2 copies a storage twice: latin1 text, then bytes
-        self.tensor_bytes = 2 * file_size + (1 << 20)    # views of shared storages may repeat a little
-
-    def spend(self, steps: int) -> None:
-        self.ops -= steps
-        if self.ops < 0:
-            raise pickle.UnpicklingError(f"refusing a pickle that costs more than {self.total_ops} steps "
-                                         "(what a file of its size may cost)")
-
-    def copy(self, size: int) -> None:
-        self.copied_bytes -= size
-        if self.copied_bytes < 0:
-            raise pickle.UnpicklingError("refusing a pickle that copies more bytes than the file holds")
-
-    def walk(self, obj, depth: int = 4) -> None:
-        """Pay for touching `obj` and what it holds, `depth` levels down (a call's arguments, a key's parts)."""
-        self.spend(_scalar_cost(obj))
-        if depth <= 0:
-            return
-        if isinstance(obj, dict):
-            for key, value in obj.items():
-                self.walk(key, depth - 1)
-                self.walk(value, depth - 1)
-        elif isinstance(obj, (tuple, list, set, frozenset)):
-            self.spend(len(obj) // 64)
-            for item in obj:
-                self.walk(item, depth - 1)
+__all__ = ["MAX_PICKLE_DEPTH", "PersistentRecord", "SafeUnpickler", "check_object_graph", "safe_load_checkpoint", "safe_unpickle"]
 
 
 def _counted(op):
@@ -231,7 +72,7 @@ def _storage(data, dtype: torch.dtype) -> torch.TypedStorage:
 
 
 class SafeUnpickler(pickle._Unpickler):
-    """Unpickler that resolves only the globals in `_SAFE_GLOBALS`, restricts BUILD and bounds its work.
+    """Unpickler that resolves only the globals in `SAFE_GLOBALS`, restricts BUILD and bounds its work.
 
     Built on the pure-Python unpickler so each opcode can be checked: BUILD may only restate
     a numpy dtype's own state, give a Namespace stand-in plain attributes, or set nothing;
@@ -242,14 +83,14 @@ class SafeUnpickler(pickle._Unpickler):
 
     dispatch = {code: _counted(op) for code, op in pickle._Unpickler.dispatch.items()}
 
-    def __init__(self, file, budget: _Budget, storages=None):
+    def __init__(self, file, budget: Budget, storages=None):
         super().__init__(file)
         self.budget, self.storages, self.loaded_storages = budget, storages, {}
 
     def _keys(self, keys) -> None:
         """Check dict keys or set members and pay for hashing them."""
         keys = list(keys)
-        _check_keys(keys)
+        check_keys(keys)
         for key in keys:
             self.budget.walk(key, 1)
 
@@ -272,17 +113,17 @@ class SafeUnpickler(pickle._Unpickler):
         return super()._instantiate(klass, args)
 
     def find_class(self, module: str, name: str):
-        if (module, name) in _BUDGETED_GLOBALS:
-            return getattr(self, _BUDGETED_GLOBALS[(module, name)])
+        if (module, name) in BUDGETED_GLOBALS:
+            return getattr(self, BUDGETED_GLOBALS[(module, name)])
         try:
-            return _SAFE_GLOBALS[(module, name)]
+            return SAFE_GLOBALS[(module, name)]
         except (KeyError, TypeError):
             raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': weights files may not run code") from None
 
     def persistent_load(self, pid):
         if self.storages is None:
             raise pickle.UnpicklingError("refusing persistent id in a plain pickle")
-        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+        if not (type(pid) is tuple and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                 and isinstance(pid[2], str) and isinstance(pid[4], int)):
             raise pickle.UnpicklingError("malformed storage reference")
         key, dtype = pid[2], pid[1].dtype
@@ -340,7 +181,7 @@ class SafeUnpickler(pickle._Unpickler):
         self.budget.walk(state, 1)                 # a shared state may be applied many times
         if isinstance(inst, np.dtype) and type(state) is tuple and state == inst.__reduce__()[2]:
             return
-        if isinstance(inst, _PlainNamespace) and type(state) is dict and all(type(k) is str for k in state):
+        if isinstance(inst, PlainNamespace) and type(state) is dict and all(type(k) is str for k in state):
             inst.__dict__.update(state)
             return
         if state is None or (isinstance(state, dict) and not state):
@@ -377,7 +218,7 @@ class SafeUnpickler(pickle._Unpickler):
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
-def _legacy_storage(f: io.BytesIO, budget: _Budget) -> torch.TypedStorage:
+def _legacy_storage(f: io.BytesIO, budget: Budget) -> torch.TypedStorage:
     """One storage saved in torch's legacy (pre-zip) format: five pickles, then the element count and the bytes."""
     keys = {}
 
@@ -385,7 +226,7 @@ def _legacy_storage(f: io.BytesIO, budget: _Budget) -> torch.TypedStorage:
         unpickler = SafeUnpickler(f, budget)
         if persistent:
             def persistent_load(pid):
-                if not (type(pid) is tuple and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], _StorageType)
+                if not (type(pid) is tuple and len(pid) >= 5 and pid[0] == "storage" and isinstance(pid[1], StorageType)
                         and isinstance(pid[2], str) and isinstance(pid[4], int) and (len(pid) == 5 or pid[5] is None)):
                     raise pickle.UnpicklingError("malformed storage reference")
                 keys[pid[2]] = pid[1].dtype
@@ -426,7 +267,7 @@ def check_object_graph(obj, budget: int, source: str) -> None:
             return x
         if isinstance(x, PersistentRecord):
             return [x.state]
-        if isinstance(x, _PlainNamespace):
+        if isinstance(x, PlainNamespace):
             return [vars(x)]
         return ()
 
@@ -470,7 +311,7 @@ def safe_unpickle(path: str | os.PathLike):
 def _safe_load(path, load, file_size: int, what: str):
     """Run `load(budget)`; any failure of a malformed file becomes one WeightsError line."""
     try:
-        return load(_Budget(file_size))
+        return load(Budget(file_size))
     except WeightsError:
         raise
     except pickle.UnpicklingError as e:
@@ -501,7 +342,7 @@ def safe_load_checkpoint(path: str | os.PathLike):
     with open_regular_file(path) as f:
         file_size = os.fstat(f.fileno()).st_size
 
-        def load(budget: _Budget):
+        def load(budget: Budget):
             with zipfile.ZipFile(f) as archive:
                 return _load_archive(archive, budget, file_size, path)
 
@@ -510,7 +351,7 @@ def safe_load_checkpoint(path: str | os.PathLike):
     return result
 
 
-def _load_archive(archive: zipfile.ZipFile, budget: _Budget, file_size: int, path):
+def _load_archive(archive: zipfile.ZipFile, budget: Budget, file_size: int, path):
     names = archive.namelist()
     pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:

@@ -1,0 +1,270 @@
+"""KServe v2 over HTTP <-> Triton over gRPC: t2f-serve's front checks each body here before any of it reaches Triton.
+
+Checks, each refused with one line: the body's size (413), a Content-Encoding other than gzip /
+deflate, or one that expands past the size limit (415 / 413), the JSON's size and nesting depth,
+input names, datatypes, ranks, rows and face sizes (before any data is read into arrays), element
+counts and string lengths (400); the protocol's table and limits are engine/protocol.py's.
+`Forwarder` then sends the checked tensors to Triton over gRPC (Triton's own HTTP front end dies
+on crafted bodies, so it stays off).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import struct
+import zlib
+
+import numpy as np
+
+from .protocol import (DTYPES, ITEM_BYTES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_NOISE_MODE_BYTES, MAX_PROMPT_BYTES, OUTPUTS,
+                       BadRequest, check_inputs, json_depth_exceeds)
+
+STRING_LIMITS = {"prompt": MAX_PROMPT_BYTES, "noise_mode": MAX_NOISE_MODE_BYTES}
+GRPC_MAX_MESSAGE = 512 * 1024 * 1024
+
+
+class Refused(Exception):
+    """A request the front answers with `status` and one line."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+# ----------------------------------------------------------------------------
+# KServe v2 HTTP bodies <-> tensors.
+
+
+@dataclasses.dataclass
+class Input:
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes                       # Triton's raw form: little-endian values; BYTES elements as uint32 length + bytes
+
+
+@dataclasses.dataclass
+class InferBody:
+    id: str
+    inputs: list[Input]
+    outputs: list[tuple[str, bool]]  # requested (name, binary); empty = every output
+    binary_default: bool             # binary_data_output: outputs not named in `outputs` come back binary
+
+
+def encode_strings(values: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(v)) + v for v in values)
+
+
+def check_strings(raw: bytes, count: int, name: str) -> None:
+    """Raw BYTES of `count` elements, each at most its limit; BadRequest otherwise."""
+    limit, offset = STRING_LIMITS.get(name, MAX_PROMPT_BYTES), 0
+    for _ in range(count):
+        if offset + 4 > len(raw):
+            raise BadRequest(f"input {name}: its data ends before {count} elements")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        if length > limit:
+            raise BadRequest(f"{name} is too long: {length} bytes, at most {limit}")
+        offset += 4 + length
+    if offset != len(raw):
+        raise BadRequest(f"input {name}: {len(raw)} bytes of data hold more than {count} elements or end inside one")
+
+
+def _flatten(data, name: str) -> list:
+    out, stack = [], [iter([data])]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            out.append(item)
+        else:
+            stack.pop()
+    return out
+
+
+def json_tensor(data, datatype: str, count: int, name: str) -> bytes:
+    """A JSON input's "data" (flat or nested) -> raw bytes of `count` elements."""
+    values = _flatten(data, name)
+    if len(values) != count:
+        raise BadRequest(f"input {name} has {len(values)} values, its shape holds {count}")
+    if datatype == "BYTES":
+        if not all(isinstance(v, str) for v in values):
+            raise BadRequest(f"input {name}: BYTES data must be strings")
+        encoded = [v.encode("utf-8", "surrogatepass") for v in values]
+        raw = encode_strings(encoded)
+        check_strings(raw, count, name)
+        return raw
+    if datatype in ("INT64", "UINT8"):
+        if not all(type(v) is int for v in values):
+            raise BadRequest(f"input {name}: {datatype} data must be integers")
+        info = np.iinfo(DTYPES[datatype])
+        if values and not (info.min <= min(values) and max(values) <= info.max):
+            raise BadRequest(f"input {name}: a value is outside {datatype}'s range")
+    elif not all(type(v) in (int, float) for v in values):
+        raise BadRequest(f"input {name}: {datatype} data must be numbers")
+    return np.asarray(values, dtype=DTYPES[datatype]).astype(np.dtype(DTYPES[datatype]).newbyteorder("<")).tobytes()
+
+
+def parse_infer_body(body: bytes, header_length: int | None, model: str, max_batch: int) -> InferBody:
+    """A KServe v2 infer body (JSON, then binary tensors where Inference-Header-Content-Length says) -> InferBody; BadRequest."""
+    if header_length is None:
+        header_length = len(body)
+    if not 0 <= header_length <= len(body):
+        raise BadRequest(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
+    if header_length > MAX_JSON_BYTES:
+        raise BadRequest(f"the JSON part of the body is {header_length} bytes, more than {MAX_JSON_BYTES}; send tensors in binary")
+    header = body[:header_length]
+    if json_depth_exceeds(header, MAX_JSON_DEPTH):
+        raise BadRequest(f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        request = json.loads(header)
+    except (ValueError, RecursionError):
+        raise BadRequest("the body is not JSON (or its JSON part, per Inference-Header-Content-Length)") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise BadRequest('the body must be a JSON object with a list "inputs"')
+    declared = []
+    for tensor in request["inputs"]:
+        if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str) or not isinstance(tensor.get("datatype"), str):
+            raise BadRequest('every input needs a "name", a "datatype" and a "shape"')
+        declared.append((tensor["name"], tensor["datatype"], tensor.get("shape")))
+    counts = check_inputs(model, declared, max_batch)             # shapes checked before any data is looked at
+    binary, offset, inputs = body[header_length:], 0, []
+    for tensor in request["inputs"]:
+        name, datatype, shape = tensor["name"], tensor["datatype"], list(tensor["shape"])
+        parameters = tensor.get("parameters") or {}
+        size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+        if size is not None:
+            if type(size) is not int or not 0 <= size <= len(binary) - offset:
+                raise BadRequest(f"input {name}: binary_data_size {size} is more than the body holds")
+            raw = binary[offset:offset + size]
+            offset += size
+            if datatype == "BYTES":
+                check_strings(raw, counts[name], name)
+            elif len(raw) != counts[name] * ITEM_BYTES[datatype]:
+                raise BadRequest(f"input {name}: {len(raw)} bytes of data, its shape {shape} of {datatype} holds {counts[name] * ITEM_BYTES[datatype]}")
+        elif "data" in tensor:
+            raw = json_tensor(tensor["data"], datatype, counts[name], name)
+        else:
+            raise BadRequest(f"input {name} has no data")
+        inputs.append(Input(name, datatype, shape, bytes(raw)))
+    if offset != len(binary):
+        raise BadRequest(f"the body holds {len(binary) - offset} bytes after the last binary tensor")
+    outputs, names = [], {t.name for t in OUTPUTS}
+    for tensor in request.get("outputs") or []:
+        if not isinstance(tensor, dict) or tensor.get("name") not in names:
+            raise BadRequest(f"outputs may name {', '.join(sorted(names))}")
+        parameters = tensor.get("parameters") or {}
+        outputs.append((tensor["name"], bool(parameters.get("binary_data", False)) if isinstance(parameters, dict) else False))
+    parameters = request.get("parameters") or {}
+    binary_default = bool(parameters.get("binary_data_output", False)) if isinstance(parameters, dict) else False
+    request_id = request.get("id", "")
+    return InferBody(request_id if isinstance(request_id, str) else "", inputs, outputs, binary_default)
+
+
+def response_body(response, body: InferBody) -> tuple[bytes, dict]:
+    """A gRPC ModelInferResponse -> (KServe v2 HTTP body, headers)."""
+    binary_of = dict(body.outputs)
+    header = dict(model_name=response.model_name, model_version=response.model_version, outputs=[])
+    if body.id:
+        header["id"] = body.id
+    chunks = []
+    for tensor, raw in zip(response.outputs, response.raw_output_contents):
+        if body.outputs and tensor.name not in binary_of:
+            continue
+        entry = dict(name=tensor.name, datatype=tensor.datatype, shape=[int(d) for d in tensor.shape])
+        if binary_of.get(tensor.name, body.binary_default):
+            entry["parameters"] = dict(binary_data_size=len(raw))
+            chunks.append(raw)
+        else:
+            entry["data"] = np.frombuffer(raw, dtype=np.dtype(DTYPES[tensor.datatype]).newbyteorder("<")).tolist()
+        header["outputs"].append(entry)
+    text = json.dumps(header).encode()
+    if not chunks:
+        return text, {"content-type": "application/json"}
+    return text + b"".join(chunks), {"content-type": "application/octet-stream", "inference-header-content-length": str(len(text))}
+
+
+async def read_body(receive_stream, headers, limit: int) -> bytes:
+    """The request body, decompressed (gzip / deflate), at most `limit` bytes either way; Refused otherwise."""
+    length = headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limit):
+        raise Refused(413, f"the body is {length} bytes, more than {limit}")
+    encoding = headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", "gzip", "deflate"):
+        raise Refused(415, f"Content-Encoding {encoding} is not supported (gzip, deflate or none)")
+    inflate = zlib.decompressobj(31 if encoding == "gzip" else 15) if encoding != "identity" else None
+    parts, size = [], 0
+    async for chunk in receive_stream:
+        if inflate is not None:
+            chunk = inflate.decompress(chunk, limit - size + 1)
+            if inflate.unconsumed_tail:
+                raise Refused(413, f"the body expands past {limit} bytes")
+        size += len(chunk)
+        if size > limit:
+            raise Refused(413, f"the body is more than {limit} bytes")
+        parts.append(chunk)
+    if inflate is not None:
+        try:
+            tail = inflate.flush()
+        except zlib.error:
+            tail = b""
+        if not inflate.eof:
+            raise Refused(400, f"the {encoding} body is truncated or corrupt")
+        parts.append(tail)
+    return b"".join(parts)
+
+# ----------------------------------------------------------------------------
+# Triton over gRPC.
+
+
+GRPC_STATUS = {"INVALID_ARGUMENT": 400, "NOT_FOUND": 404, "UNAVAILABLE": 503, "RESOURCE_EXHAUSTED": 413, "DEADLINE_EXCEEDED": 504,
+               "UNIMPLEMENTED": 501}
+
+
+class Forwarder:
+    """A gRPC channel to this server's Triton, opened in the app's event loop."""
+
+    def __init__(self, grpc_url: str):
+        self.grpc_url = grpc_url
+        self.channel = self.stub = None
+
+    async def open(self) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        options = [("grpc.max_send_message_length", GRPC_MAX_MESSAGE), ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE)]
+        self.channel = grpc.aio.insecure_channel(self.grpc_url, options=options)
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            await self.channel.close()
+
+    async def call(self, method: str, request, timeout: float | None = None):
+        import grpc
+
+        try:
+            return await getattr(self.stub, method)(request, timeout=timeout)
+        except grpc.aio.AioRpcError as e:
+            details = " ".join(str(e.details() or e.code().name).split())
+            raise Refused(GRPC_STATUS.get(e.code().name, 500), details.removeprefix("[request id: <id_unknown>] ")) from None
+
+    async def infer(self, model: str, version: str, inputs: list[Input], outputs=(), request_id: str = ""):
+        from tritonclient.grpc import service_pb2
+
+        request = service_pb2.ModelInferRequest(model_name=model, model_version=version, id=request_id)
+        for tensor in inputs:
+            request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=tensor.shape)
+            request.raw_input_contents.append(tensor.raw)
+        for name in outputs:
+            request.outputs.add(name=name)
+        return await self.call("ModelInfer", request)
+
+    async def ready(self) -> bool:
+        from tritonclient.grpc import service_pb2
+
+        with contextlib.suppress(Refused):
+            if (await self.call("ServerReady", service_pb2.ServerReadyRequest(), timeout=5)).ready:
+                return True
+        return False

@@ -229,7 +229,7 @@ class _OpenVINORunner:
             raise ExportError(f"{path} changed while it was checked; run t2f-export again")
         core = openvino.Core()
         model = core.read_model(with_float_image(path) if spec.name == "synthesis" else path.read_bytes(), b"")
-        from t2f.engine.backends.base import cpu_threads
+        from t2f.devices import cpu_threads
 
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": cpu_threads()})
 

@@ -45,3 +45,8 @@ def importable(name: str) -> bool:
         return True
     except ImportError:
         return False
+
+
+def cpu_threads() -> int:
+    """Threads of every CPU runtime t2f drives: torch's intra-op count (torch.set_num_threads / OMP_NUM_THREADS set it)."""
+    return torch.get_num_threads()

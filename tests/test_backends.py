@@ -303,12 +303,12 @@ def test_backends_declare_what_they_can_do():
 
 def test_providers_are_checked_before_any_export(pipe, monkeypatch):
     """A backend that cannot run here is refused before minutes of ONNX export."""
-    import t2f.engine.backends.registry as registry
+    import t2f.engine.backends.ondemand as ondemand
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported before checking the providers")
 
-    monkeypatch.setattr(registry, "ensure_onnx", no_export)
+    monkeypatch.setattr(ondemand, "ensure_onnx", no_export)
     with pytest.raises(BackendUnavailable, match="needs a CUDA device"):
         make_backend("onnxruntime-tensorrt", models(pipe), CPU)
 

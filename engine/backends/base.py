@@ -18,37 +18,16 @@ artifacts)`. Each declares what it can do (`devices`, `precisions`, `noise_modes
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from t2f.clip import Clip
-from t2f.devices import importable
+from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-exported)
 from t2f.graphs import GraphSpec
-from t2f.mapper import Mapper
 from t2f.precision import Precision
-from t2f.stylegan2 import Generator
 
 
-class BackendUnavailable(Exception):
-    """A backend that cannot run here (missing library, GPU or artifacts, or a precision it does not run)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Models:
-    """The three models a pipeline runs."""
-    generator: Generator
-    clip: Clip
-    mapper: Mapper
-
-    def __iter__(self):
-        return iter((self.generator, self.clip, self.mapper))
-
-
-def cpu_threads() -> int:
-    """Threads of every CPU backend: torch's intra-op count (torch.set_num_threads / OMP_NUM_THREADS set it)."""
-    return torch.get_num_threads()
+from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
 
 class Backend:
@@ -128,7 +107,7 @@ class ArtifactBackend(Backend):
     def create(cls, models: Models, device, precision, artifacts=None):
         """On `artifacts`, or (exports_on_demand) on graphs exported into the cache once."""
         if cls.exports_on_demand:
-            from .registry import ensure_onnx
+            from .ondemand import ensure_onnx
 
             artifacts = ensure_onnx(models, precision, artifacts)
         return cls(artifacts, device, models, precision)

@@ -11,13 +11,14 @@ its first call compiles for 10 s to minutes, more than it saves in a run of a fe
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import torch
 
 from t2f.precision import Precision
 
-from .base import Backend, BackendUnavailable, Models
+from .base import Backend
+from .ondemand import ensure_onnx, onnx_cache_dir  # noqa: F401  (re-exported)
+from .types import BackendUnavailable, Models
 from .onnx_runtime import OnnxRuntimeBackend, OnnxRuntimeTensorRTBackend
 from .openvino_runtime import OpenVINOBackend
 from .pytorch import CudaGraphBackend, TorchBackend, TorchCompileBackend
@@ -79,42 +80,3 @@ def make_backend(name: str, models: Models, device: torch.device, precision: Pre
         return cls.create(models, device, precision, artifacts)
     except ExportError as e:                     # artifacts that cannot be used here: this backend cannot run
         raise BackendUnavailable(str(e)) from None
-
-
-# ----------------------------------------------------------------------------
-# ONNX graphs on demand.
-
-
-def onnx_cache_dir(models: Models) -> Path:
-    import hashlib
-    import json
-
-    from t2f.download import cache_dir
-    from t2f.io import fingerprint
-
-    generator, clip, mapper = models
-    configs = hashlib.sha256(json.dumps([generator.config.to_dict(), mapper.config.to_dict()], sort_keys=True).encode())
-    return cache_dir() / "onnx" / f"{fingerprint(generator)}-{clip.fingerprint}-{fingerprint(mapper)}-{configs.hexdigest()[:8]}"
-
-
-def ensure_onnx(models: Models, precision: Precision, artifacts: str | None = None) -> Path:
-    """A directory with current ONNX graphs of these models for `precision`: `artifacts` if given, else one in the
-    cache, exported (and parity-checked in `precision`) once."""
-    from t2f.export.onnx_export import artifacts_current, export_artifacts
-    from t2f.graphs import ExportError
-    from t2f.io import directory_lock
-
-    if artifacts is not None:
-        return Path(artifacts)                                         # checked against the models by the backend
-    out = onnx_cache_dir(models)
-    if artifacts_current(out, *models, precision):
-        return out
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with directory_lock(out, "t2f (ONNX export into the cache)", wait=True):   # another process exporting: wait
-            if not artifacts_current(out, *models, precision):
-                export_artifacts(out, *models, precision, [1, 2], dict(generator="in-memory", mapper="in-memory"),
-                                 log=lambda *_: None)
-    except ExportError as e:
-        raise BackendUnavailable(f"cannot export the ONNX graphs: {e}") from None
-    return out

@@ -1,0 +1,44 @@
+"""ONNX graphs exported on demand into the cache, for the exported-graph backends run without --artifacts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from t2f.precision import Precision
+
+from .types import BackendUnavailable, Models
+
+
+def onnx_cache_dir(models: Models) -> Path:
+    import hashlib
+    import json
+
+    from t2f.download import cache_dir
+    from t2f.io import fingerprint
+
+    generator, clip, mapper = models
+    configs = hashlib.sha256(json.dumps([generator.config.to_dict(), mapper.config.to_dict()], sort_keys=True).encode())
+    return cache_dir() / "onnx" / f"{fingerprint(generator)}-{clip.fingerprint}-{fingerprint(mapper)}-{configs.hexdigest()[:8]}"
+
+
+def ensure_onnx(models: Models, precision: Precision, artifacts: str | None = None) -> Path:
+    """A directory with current ONNX graphs of these models for `precision`: `artifacts` if given, else one in the
+    cache, exported (and parity-checked in `precision`) once."""
+    from t2f.export.onnx_export import artifacts_current, export_artifacts
+    from t2f.graphs import ExportError
+    from t2f.io import directory_lock
+
+    if artifacts is not None:
+        return Path(artifacts)                                         # checked against the models by the backend
+    out = onnx_cache_dir(models)
+    if artifacts_current(out, *models, precision):
+        return out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with directory_lock(out, "t2f (ONNX export into the cache)", wait=True):   # another process exporting: wait
+            if not artifacts_current(out, *models, precision):
+                export_artifacts(out, *models, precision, [1, 2], dict(generator="in-memory", mapper="in-memory"),
+                                 log=lambda *_: None)
+    except ExportError as e:
+        raise BackendUnavailable(f"cannot export the ONNX graphs: {e}") from None
+    return out

@@ -1,0 +1,24 @@
+"""The two names every backend module shares: the refusal, and the models a pipeline runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from t2f.clip import Clip
+from t2f.mapper import Mapper
+from t2f.stylegan2 import Generator
+
+
+class BackendUnavailable(Exception):
+    """A backend that cannot run here (missing library, GPU or artifacts, or a precision it does not run)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """The three models a pipeline runs."""
+    generator: Generator
+    clip: Clip
+    mapper: Mapper
+
+    def __iter__(self):
+        return iter((self.generator, self.clip, self.mapper))

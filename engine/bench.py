@@ -168,6 +168,14 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown model")
+    except OSError:
+        return platform.processor() or "unknown model"
+
+
 def _load() -> str:
     try:
         with open("/proc/loadavg", encoding="ascii") as f:
@@ -212,7 +220,7 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
         auto = None
     report = dict(meta=dict(meta or {}, date=time.strftime("%Y-%m-%d"), device=str(device), load=_load(),
                             device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-                            else f"CPU ({platform.machine()} {platform.processor() or ''}, {torch.get_num_threads()} threads)",
+                            else f"CPU ({_cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)",
                             torch=torch.__version__, resolution=generator.resolution, clip=clip.name,
                             warmup=warmup, iters=iters, peak_gflops=peak, auto=" ".join(auto) if auto else "nothing",
                             peak_memory=("torch.cuda.max_memory_allocated per run (does not see onnxruntime's or TensorRT's own memory)"

@@ -158,8 +158,10 @@ def markdown(report: dict) -> str:
         acc = (f"{a['embedding_cosine']:.5f} | {a['ws_relative_error']:.1e} | {a['uint8_mean_diff']:.2f} / {a['uint8_max_diff']}"
                if a else "- | - | -")
         mark = " **auto**" if r.get("auto") else ""
+        speedup = "-" if r.get("speedup") is None else f"{r['speedup']:.2f}x"
         lines.append(f"| {r['backend']}{mark} | {r['precision']} | {r['batch']} | " + " | ".join(cells) +
-                     f" | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['startup_s']:.1f} | {r['first_call_ms']:.0f} | "
+                     f" | {r['images_per_s']:.1f} | {speedup} | "
+                     f"{r['startup_s']:.1f} | {r['first_call_ms']:.0f} | "
                      f"{d.get('gflops_per_s', 0):.0f} | {_share(d.get('share_of_fp32_peak'))} / {_share(d.get('share_of_peak'))} | "
                      f"{acc} | {r['peak_memory_mb']:.0f} |")
     for s in report["skipped"]:
@@ -184,7 +186,7 @@ def _load() -> str:
         return "?"
 
 
-def runs_for(names: list[str], device: torch.device) -> list[tuple[str, object]]:
+def runs_for(names: list[str], device: torch.device, baseline: bool = True) -> list[tuple[str, object]]:
     """(backend, precision) pairs to time: eager fp32 first, then each named backend ("NAME" or "NAME:PRECISION") in
     the precision named, or in every precision it has on this device (those that cannot run here are kept, to be
     listed as skipped with the reason)."""
@@ -192,7 +194,7 @@ def runs_for(names: list[str], device: torch.device) -> list[tuple[str, object]]
 
     from .backends import BACKEND_CLASSES
 
-    runs = [("torch", Precision.FP32)]
+    runs = [("torch", Precision.FP32)] if baseline else []
     for entry in names:
         name, _, fixed = entry.partition(":")
         precisions = (Precision(fixed),) if fixed else BACKEND_CLASSES[name].precisions
@@ -202,7 +204,7 @@ def runs_for(names: list[str], device: torch.device) -> list[tuple[str, object]]
 
 def benchmark(models, device: torch.device, names: list[str], batches: list[int], warmup: int = 3, iters: int = 20,
               artifacts: str | None = None, save=lambda report: None, log=lambda line: None,
-              meta: dict | None = None) -> dict:
+              meta: dict | None = None, baseline: bool = True) -> dict:
     """The whole benchmark as a library call: the report dict (see the module docstring). `save(report)` is called
     after every change (an interrupted run keeps what it measured), `log(line)` with progress lines."""
     from t2f.precision import Precision
@@ -236,7 +238,7 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
     flops = {b: roofline.stage_flops(generator, clip, mapper, b) for b in batches}
     # Phase 1: build each backend, its first call and its outputs at each batch.
     live, reference = [], {}
-    for name, precision in runs_for(names, device):
+    for name, precision in runs_for(names, device, baseline):
         try:
             start = time.perf_counter()
             backend = make_backend(name, models, device, precision, artifacts)
@@ -254,10 +256,11 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
                 continue
             if (name, precision) == ("torch", Precision.FP32):
                 reference[batch] = out
-            if batch not in reference:
+            if baseline and batch not in reference:
                 continue
             live.append(dict(backend=backend, name=name, precision=precision, batch=batch, startup_s=startup, first_call_ms=first,
-                             accuracy=accuracy(out, reference[batch]), samples={s: [] for s in STAGES}))
+                             accuracy=accuracy(out, reference[batch]) if batch in reference else None,
+                             samples={s: [] for s in STAGES}))
     # Phase 2: interleaved rounds.
     for i in range(warmup + iters):
         for run in list(live):
@@ -282,7 +285,7 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
     save(report)
     for row in report["results"]:
         log(f"{row['backend']:20s} {row['precision']}  batch {row['batch']:3d}  {row['stages']['end_to_end']['median_ms']:9.2f} ms  "
-            f"{row['images_per_s']:8.1f} images/s  {row['speedup']:5.2f}x")
+            f"{row['images_per_s']:8.1f} images/s")
     return report
 
 
@@ -310,7 +313,7 @@ def _speedups(report: dict) -> None:
     eager = {r["batch"]: r["stages"]["end_to_end"]["median_ms"] for r in report["results"]
              if (r["backend"], r["precision"]) == ("torch", "fp32")}
     for r in report["results"]:
-        r["speedup"] = eager[r["batch"]] / r["stages"]["end_to_end"]["median_ms"] if r["batch"] in eager else float("nan")
+        r["speedup"] = eager[r["batch"]] / r["stages"]["end_to_end"]["median_ms"] if r["batch"] in eager else None
 
 
 # ----------------------------------------------------------------------------
@@ -352,9 +355,10 @@ def _backends(ctx, param, value: str) -> list[str]:
 @click.option("--iters",      help="Timed rounds", metavar="INT", type=click.IntRange(1, 10000), default=20, show_default=True)
 @click.option("--device",     help="auto, cpu, cuda or cuda:N", metavar="STR", type=DeviceParam(), default="auto", show_default=True)
 @click.option("--artifacts",  help="t2f-export output (needed for tensorrt)", metavar="DIR", type=click.Path(file_okay=False))
+@click.option("--baseline/--no-baseline", help="Eager fp32 first (speed-up and accuracy columns); off where it does not fit in memory", default=True, show_default=True)
 @click.option("--json", "json_path", help="Write the report as JSON", metavar="PATH", type=click.Path(dir_okay=False), callback=nonempty_path)
 @click.option("--markdown", "md_path", help="Write the table as markdown", metavar="PATH", type=click.Path(dir_okay=False), callback=nonempty_path)
-def main(generator, clip, mapper, backends, batches, warmup, iters, device, artifacts, json_path, md_path):
+def main(generator, clip, mapper, backends, batches, warmup, iters, device, artifacts, baseline, json_path, md_path):
     """Time tokenize, text encoder, mapper, synthesis, uint8 conversion, device-to-host and end to end.
 
     \b
@@ -393,7 +397,7 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
         C = t2f.load_clip(clip)
         M = load_mapper(mapper, G, generator, C)
         report = benchmark(Models(G, C, M), dev, backends, batches, warmup, iters, artifacts, save=save,
-                           log=lambda line: click.echo(line, err=True), meta=dict(generator=generator))
+                           log=lambda line: click.echo(line, err=True), meta=dict(generator=generator), baseline=baseline)
         save(report)
         click.echo(markdown(report))
 

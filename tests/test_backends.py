@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from engine_helpers import tiny_pipeline
+from helpers import TINY, randomize, tiny_pipeline
 from t2f.engine.backends import (BackendUnavailable, CudaGraphBackend, Models, OnnxRuntimeBackend, OpenVINOBackend, TorchBackend,
                                  choose, make_backend)
 from t2f.engine.pipeline import TextToFace, sample_z
@@ -18,11 +18,6 @@ from t2f.precision import Precision
 CPU = torch.device("cpu")
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def models(pipe, generator=None):
@@ -180,8 +175,6 @@ def test_artifacts_of_other_models_are_refused(pipe, tmp_path):
     from t2f.presets import random_generator
     from t2f.stylegan2 import Generator, GeneratorConfig
 
-    from conftest import randomize
-
     out = tmp_path / "artifacts"
     export_artifacts(out, pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
     OnnxRuntimeBackend(out, CPU, models(pipe))   # the right models: fine
@@ -204,8 +197,6 @@ def test_infer_with_mismatched_artifacts_gives_one_line(pipe, tmp_path):
     from t2f.export.onnx_export import export_artifacts
     from t2f.weights import save_generator
     from t2f.presets import random_generator
-
-    from conftest import randomize
 
     export_artifacts(tmp_path / "a", pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
     save_generator(randomize(random_generator("tiny"), seed=7), tmp_path / "g")
@@ -504,7 +495,6 @@ def test_bf16_is_refused_with_one_line_where_the_cpu_lacks_it(monkeypatch, tmp_p
         choose(CPU, "torch", Precision.BF16)
     from click.testing import CliRunner
 
-    from engine_helpers import TINY
     from t2f.engine.cli import main as infer_main
 
     result = CliRunner().invoke(infer_main, [*TINY, "--precision", "bf16", "--device", "cpu", "a", "--out", str(tmp_path / "f.png")])
@@ -534,7 +524,6 @@ def test_torch_compile_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe):
 def test_random_noise_runs_whole_blocks_and_a_row_keeps_its_own_noise(pipe, monkeypatch):
     """noise_mode random: one synthesis call per block (not per image, not under a process-wide lock), and each row's
     noise comes from its own seed, so a row is the same alone or in a block."""
-    from conftest import randomize
     from t2f.presets import random_generator
 
     g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows

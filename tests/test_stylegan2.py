@@ -11,7 +11,7 @@ from t2f.presets import GENERATOR_ARCHS, random_generator
 from t2f.stylegan2 import Generator, GeneratorConfig, to_uint8, truncate
 from t2f.weights import load_generator_dir
 
-from conftest import randomize
+from helpers import randomize
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = sorted(p.name for p in DATA.glob("golden-*"))

@@ -22,7 +22,7 @@ from t2f.trainer.config import PRESET_BUDGETS
 from t2f.trainer.report import PROMPTS
 from t2f.weights import save_generator
 
-from conftest import randomize
+from helpers import invoke, randomize
 
 BASE = ["--generator", "tiny", "--clip", "tiny", "--no-progress"]
 # Short fits for the mechanics (resumption, layout, errors): the default options, fewer steps.
@@ -30,20 +30,7 @@ FIT = ["--log-every", "250", "--eval-every", "1000", "--checkpoint-every", "500"
 
 
 def train(args, expect=0):
-    result = CliRunner().invoke(train_main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
-
-
-def infer(args, cwd, expect=0):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(old)
-    assert result.exit_code == expect, result.output
-    return result
+    return invoke(train_main, args, expect)
 
 
 def evals(run):
@@ -175,7 +162,7 @@ def test_a_fit_that_ignores_the_text_ends_with_a_warning(small_pairs, tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["text", "knn", "image"])
-def test_infer_with_the_trained_mapper(trained, tmp_path, mode):
+def test_infer_with_the_trained_mapper(trained, tmp_path, mode, run_cli):
     args = ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "--n", 3, "--save-ws", "ws.npy"]
     if mode == "image":
         face = np.random.default_rng(0).integers(0, 255, (80, 60, 3), dtype=np.uint8)
@@ -183,7 +170,7 @@ def test_infer_with_the_trained_mapper(trained, tmp_path, mode):
         args += ["--image", "face.png", "--image", "face.png"]
     else:
         args += ["a smiling woman", "an old man"]
-    result = infer(args, tmp_path)
+    result = run_cli(infer_main, args, tmp_path, expect=0)
     assert f"mode {mode}" in result.stdout
     ws = np.load(tmp_path / "ws.npy")
     assert ws.shape == (6, 10, 32)
@@ -191,10 +178,10 @@ def test_infer_with_the_trained_mapper(trained, tmp_path, mode):
     assert not np.allclose(ws[0], ws[1])   # samples of one row differ
 
 
-def test_knn_and_text_modes_differ(trained, tmp_path):
+def test_knn_and_text_modes_differ(trained, tmp_path, run_cli):
     for mode in ("text", "knn"):
-        infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "a child", "--n", 2,
-               "--save-ws", f"{mode}.npy"], tmp_path)
+        run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "a child", "--n", 2,
+                             "--save-ws", f"{mode}.npy"], tmp_path, expect=0)
     assert not np.allclose(np.load(tmp_path / "text.npy"), np.load(tmp_path / "knn.npy"))
 
 
@@ -331,27 +318,27 @@ def test_fit_without_synth(tmp_path):
     assert "no synth stage" in result.output
 
 
-def test_mapper_refuses_other_generator_weights(trained, tmp_path):
+def test_mapper_refuses_other_generator_weights(trained, tmp_path, run_cli):
     save_generator(randomize(random_generator("tiny"), seed=9), tmp_path / "other-g")
-    result = infer(["--generator", "other-g", "--clip", "tiny", "--mapper", trained, "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "other-g", "--clip", "tiny", "--mapper", trained, "a"], tmp_path, expect=1)
     assert "trained for generator tiny" in result.stderr and not (tmp_path / "faces.png").exists()
 
 
-def test_mapper_refuses_other_clip_weights(trained, tmp_path):
+def test_mapper_refuses_other_clip_weights(trained, tmp_path, run_cli):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     config = json.loads((run / "config.json").read_text())
     config["clip"] = {"name": "ViT-B-32:openai", "fingerprint": "0123456789abcdef"}
     (run / "config.json").write_text(json.dumps(config))
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
     assert "trained for CLIP ViT-B-32:openai" in result.stderr
 
 
-def test_bank_for_another_clip_is_refused(trained, tmp_path):
+def test_bank_for_another_clip_is_refused(trained, tmp_path, run_cli):
     bank = load_bank(trained / "bank.safetensors")
     save_bank(tmp_path / "bank.safetensors", bank.embeddings, "ViT-B-32:openai", "0123456789abcdef")
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", "knn",
-                    "--bank", "bank.safetensors", "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", "knn",
+                                  "--bank", "bank.safetensors", "a"], tmp_path, expect=1)
     assert "bank was made with CLIP ViT-B-32:openai" in result.stderr and not (tmp_path / "faces.png").exists()
 
 
@@ -362,9 +349,9 @@ def test_bank_for_another_clip_is_refused(trained, tmp_path):
     (["--mode", "image", "--image", "missing.png"], "cannot read image"),
     ([], "at least one prompt"),
 ])
-def test_mode_usage_errors(trained, tmp_path, args, fragment):
+def test_mode_usage_errors(trained, tmp_path, args, fragment, run_cli):
     (tmp_path / "x.png").write_bytes(b"not a png")
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, *args], tmp_path, expect=2)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, *args], tmp_path, expect=2)
     assert fragment in result.stderr
 
 
@@ -493,11 +480,11 @@ def test_fit_resumes_on_cuda(small_pairs, tmp_path):
     assert (run / "model.safetensors").exists()
 
 
-def test_malformed_mapper_record(trained, tmp_path):
+def test_malformed_mapper_record(trained, tmp_path, run_cli):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     config = json.loads((run / "config.json").read_text())
     config["clip"] = "tiny"
     (run / "config.json").write_text(json.dumps(config))
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
     assert "malformed generator or clip record" in result.stderr

@@ -28,6 +28,8 @@ import zlib
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow     # Triton servers: minutes; the README's `pytest` runs it, `-m "not slow"` leaves it out
+
 httpclient = pytest.importorskip("tritonclient.http", reason='t2f-serve tests need tritonclient: pip install -e ".[serve]"')
 grpcclient = pytest.importorskip("tritonclient.grpc", reason='t2f-serve tests need tritonclient: pip install -e ".[serve]"')
 pytest.importorskip("pytriton", reason='t2f-serve\'s default tritonserver comes with nvidia-pytriton: pip install -e ".[serve]"')

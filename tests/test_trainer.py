@@ -43,7 +43,9 @@ def without_timing(stats_text):
 
 @pytest.fixture(scope="module")
 def trained_with_output(tmp_path_factory):
-    """One straight `t2f-train` run, all three stages, with every default (the tiny preset's budget), and its output."""
+    """One straight `t2f-train` run, all three stages, with every default (the tiny preset's budget), and its output.
+
+    Minutes on a CPU: every test that uses it is marked slow."""
     run = tmp_path_factory.mktemp("runs") / "full"
     return run, train([*BASE, "--out", run]).output
 
@@ -65,6 +67,7 @@ def small_pairs(tmp_path_factory):
 # Quality and outputs.
 
 
+@pytest.mark.slow
 def test_defaults_use_the_text_and_z(trained_with_output):
     run, output = trained_with_output
     budget = PRESET_BUDGETS["tiny"]
@@ -85,6 +88,7 @@ def test_defaults_use_the_text_and_z(trained_with_output):
     assert 0 < last["w_error_posterior"]
 
 
+@pytest.mark.slow
 def test_run_layout(trained):
     names = set(os.listdir(trained))
     assert {"options.json", "pairs", "checkpoint.pt", "stats.jsonl", "config.json", "model.safetensors", "bank.safetensors",
@@ -101,6 +105,7 @@ def test_run_layout(trained):
     assert load_bank(trained / "bank.safetensors").embeddings.shape == (PRESET_BUDGETS["tiny"]["samples"], 128)
 
 
+@pytest.mark.slow
 def test_report_shows_curves_and_a_grid_per_evaluation(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -161,6 +166,7 @@ def test_a_fit_that_ignores_the_text_ends_with_a_warning(small_pairs, tmp_path):
     assert last["warning"] in (run / "report.html").read_text().replace("&#x27;", "'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["text", "knn", "image"])
 def test_infer_with_the_trained_mapper(trained, tmp_path, mode, run_cli):
     args = ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "--n", 3, "--save-ws", "ws.npy"]
@@ -178,6 +184,7 @@ def test_infer_with_the_trained_mapper(trained, tmp_path, mode, run_cli):
     assert not np.allclose(ws[0], ws[1])   # samples of one row differ
 
 
+@pytest.mark.slow
 def test_knn_and_text_modes_differ(trained, tmp_path, run_cli):
     for mode in ("text", "knn"):
         run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "a child", "--n", 2,
@@ -206,6 +213,7 @@ def test_synth_interrupted_and_resumed_equals_straight(small_pairs, tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in ("w", "embedding", "index"))
 
 
+@pytest.mark.slow
 def test_fit_interrupted_and_resumed_equals_straight(small_pairs, tmp_path):
     fit = ["fit", "--out", None, "--no-progress", *FIT, "--steps", 300, "--checkpoint-every", 100, "--log-every", 50, "--eval-every", 150]
     runs = {}
@@ -318,12 +326,14 @@ def test_fit_without_synth(tmp_path):
     assert "no synth stage" in result.output
 
 
+@pytest.mark.slow
 def test_mapper_refuses_other_generator_weights(trained, tmp_path, run_cli):
     save_generator(randomize(random_generator("tiny"), seed=9), tmp_path / "other-g")
     result = run_cli(infer_main, ["--generator", "other-g", "--clip", "tiny", "--mapper", trained, "a"], tmp_path, expect=1)
     assert "trained for generator tiny" in result.stderr and not (tmp_path / "faces.png").exists()
 
 
+@pytest.mark.slow
 def test_mapper_refuses_other_clip_weights(trained, tmp_path, run_cli):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -334,6 +344,7 @@ def test_mapper_refuses_other_clip_weights(trained, tmp_path, run_cli):
     assert "trained for CLIP ViT-B-32:openai" in result.stderr
 
 
+@pytest.mark.slow
 def test_bank_for_another_clip_is_refused(trained, tmp_path, run_cli):
     bank = load_bank(trained / "bank.safetensors")
     save_bank(tmp_path / "bank.safetensors", bank.embeddings, "ViT-B-32:openai", "0123456789abcdef")
@@ -342,6 +353,7 @@ def test_bank_for_another_clip_is_refused(trained, tmp_path, run_cli):
     assert "bank was made with CLIP ViT-B-32:openai" in result.stderr and not (tmp_path / "faces.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,fragment", [
     (["--mode", "image"], "needs --image"),
     (["--mode", "image", "--image", "x.png", "a"], "takes no prompts"),
@@ -480,6 +492,7 @@ def test_fit_resumes_on_cuda(small_pairs, tmp_path):
     assert (run / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_malformed_mapper_record(trained, tmp_path, run_cli):
     run = tmp_path / "run"
     shutil.copytree(trained, run)

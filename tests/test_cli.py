@@ -17,6 +17,7 @@ from t2f.weights import save_generator
 from helpers import TINY, assert_one_error_line, write_nvidia_pickle
 
 
+@pytest.mark.slow
 def test_infer_writes_grid_images_and_ws(tmp_path, run_cli):
     result = run_cli(infer_main, [*TINY, "a smiling woman", "an old man", "--n", "3", "--out", "grid.png",
                                   "--save-images", "each", "--save-ws", "ws.npy"], tmp_path)
@@ -32,12 +33,14 @@ def test_infer_writes_grid_images_and_ws(tmp_path, run_cli):
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
 
 
+@pytest.mark.slow
 def test_infer_is_deterministic(tmp_path, run_cli):
     for name in ("a.png", "b.png"):
         assert run_cli(infer_main, [*TINY, "a child", "--n", "2", "--seed", "7", "--out", name], tmp_path).exit_code == 0
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a.png")), np.asarray(PIL.Image.open(tmp_path / "b.png")))
 
 
+@pytest.mark.slow
 def test_long_prompt_warns_in_one_line(tmp_path, run_cli):
     result = run_cli(infer_main, [*TINY, " ".join(["face"] * 40), "--n", "1"], tmp_path)
     assert result.exit_code == 0
@@ -154,6 +157,7 @@ def test_convert_refuses_malicious_pickle(tmp_path, run_cli):
 # The installed console scripts.
 
 
+@pytest.mark.slow
 def test_console_scripts(tmp_path):
     env = dict(os.environ, T2F_OFFLINE="1", HF_HUB_OFFLINE="1")
     bindir = os.path.dirname(sys.executable)
@@ -174,6 +178,7 @@ def test_convert_overwrite_refuses_a_foreign_directory(tmp_path, tiny_generator,
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
 
 
+@pytest.mark.slow
 def test_outputs_have_the_usual_permissions(tmp_path, run_cli):
     old = os.umask(0o022)
     try:

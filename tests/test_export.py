@@ -257,6 +257,7 @@ def test_attention_is_scaled_before_the_product(tiny_clip):
     assert ((half - full).norm() / full.norm()).item() < 2e-2
 
 
+@pytest.mark.slow
 def test_image_channels_come_from_the_manifest(tiny_clip, tmp_path):
     """A one-channel generator: the onnxruntime backend sizes its output from the manifest, not a hard-coded 3."""
     from t2f.engine.backends import OnnxRuntimeBackend

@@ -69,6 +69,7 @@ def test_infer_refuses_to_replace_special_files(tmp_path, kind, option, run_cli)
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_infer_refuses_a_special_file_inside_save_images(tmp_path, run_cli):
     (tmp_path / "each").mkdir()
     os.mkfifo(tmp_path / "each" / "p000_s000.png")
@@ -189,6 +190,7 @@ def test_an_empty_output_path_is_one_clear_line(tmp_path, main, args, option, ru
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,image_format", [("faces.jpg", "JPEG"), ("faces.JPEG", "JPEG"), ("faces.png", "PNG")])
 def test_out_extension_names_the_format_written(tmp_path, name, image_format, run_cli):
     result = run_cli(infer_main, [*TINY, "a face", "--n", "2", "--out", name], tmp_path)
@@ -476,6 +478,7 @@ def test_disk_full_while_training_is_one_line_and_leaves_nothing_partial(pairs, 
     assert not [p for p in os.listdir(tmp_path / "new" / "pairs") if p != "manifest.json"]
 
 
+@pytest.mark.slow
 def test_disk_full_for_real_with_a_file_size_limit(pairs, tmp_path):
     """The same through the kernel: a child process whose files may not grow past 4 KiB (RLIMIT_FSIZE)."""
     import resource
@@ -515,6 +518,7 @@ def _lock_held_by_another_process(directory):
         holder.wait()
 
 
+@pytest.mark.slow
 def test_a_second_trainer_on_the_same_run_says_who_holds_it(pairs, tmp_path, run_cli):
     run = _copy(pairs, tmp_path)
     with _lock_held_by_another_process(run) as holder:
@@ -544,6 +548,7 @@ def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, run_cli):
     assert os.listdir(out) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_export_removes_the_temporaries_of_a_killed_export_and_holds_a_lock(tmp_path, run_cli):
     pytest.importorskip("onnxruntime")
     import json

@@ -48,7 +48,8 @@ def test_clamp_case_is_clamped():
         assert ((clamped.synthesis(ws) - unclamped.synthesis(ws)).norm() / unclamped.synthesis(ws).norm()) > 0.1
 
 
-@pytest.mark.parametrize("name", sorted(GENERATOR_ARCHS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if GENERATOR_ARCHS[name].resolution >= 1024 else name
+                                  for name in sorted(GENERATOR_ARCHS)])
 def test_shapes(name):
     g = random_generator(name)
     cfg = g.config

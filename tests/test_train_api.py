@@ -25,6 +25,7 @@ def without_timing(path):
     return [{k: v for k, v in json.loads(line).items() if k != "steps_per_s"} for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_makes_the_run_that_t2f_train_makes(tmp_path, capsys):
     assert T.train(tmp_path / "library", CONFIG) is True
     assert "done in" in capsys.readouterr().out

@@ -371,6 +371,7 @@ def test_mode_usage_errors(trained, tmp_path, args, fragment, run_cli):
 # torchrun.
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_same_layout_and_pairs(small_pairs, tmp_path):
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -405,6 +406,7 @@ def test_a_failed_fit_does_not_lock_its_options(small_pairs, tmp_path):
     assert "fit steps was 20, now 30" in result.output
 
 
+@pytest.mark.slow
 def test_stop_after_counts_steps_of_this_run(small_pairs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_pairs, run)
@@ -414,6 +416,7 @@ def test_stop_after_counts_steps_of_this_run(small_pairs, tmp_path):
     assert "stopped" not in train(args).output and (run / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_torn_stats_line_does_not_block_resuming(small_pairs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_pairs, run)

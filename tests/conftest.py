@@ -1,12 +1,8 @@
-"""Shared fixtures: tiny random-weight models built here, and NVIDIA-layout pickles made without NVIDIA's code."""
+"""Fixtures and hooks only (what tests share besides them is in helpers.py): tiny random-weight models, offline, the CLI runner."""
 
 from __future__ import annotations
 
-import collections
 import os
-import pickle
-import sys
-import types
 
 import pytest
 import torch
@@ -15,12 +11,9 @@ import torch
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["T2F_OFFLINE"] = "1"
 
+from helpers import invoke, tiny_pipeline  # noqa: E402
 from t2f.presets import random_generator  # noqa: E402
-from t2f.stylegan2 import FullyConnected, Generator, fir_filter  # noqa: E402
-
-# The source text a real NVIDIA pickle would carry. If an importer ever executed it, the
-# marker file named in T2F_TEST_MARKER would appear; tests check that it never does.
-EVIL_MODULE_SRC = "import os\nopen(os.environ.get('T2F_TEST_MARKER', '/dev/null'), 'w').write('executed')\n"
+from t2f.stylegan2 import Generator  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,6 +38,12 @@ def tiny_clip():
     return load_clip("tiny")
 
 
+@pytest.fixture(scope="module")
+def pipe():
+    """The tiny random-weight pipeline on the CPU in fp32 (one per test module)."""
+    return tiny_pipeline()
+
+
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch, tmp_path_factory):
     """No test touches the network or the user's cache."""
@@ -52,130 +51,11 @@ def _offline(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("T2F_CACHE", str(tmp_path_factory.mktemp("cache")))
 
 
-def randomize(generator: Generator, seed: int = 0) -> Generator:
-    """Give biases, noise strengths and w_avg random values so every term of the network matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in generator.named_parameters():
-            if name.endswith(".bias") or name.endswith("noise_strength"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-        generator.mapping.w_avg.copy_(torch.randn(generator.w_dim, generator=g))
-    return generator
+@pytest.fixture
+def run_cli(monkeypatch):
+    """`run_cli(main, args, cwd, expect=None)`: `helpers.invoke` from directory `cwd` (monkeypatch.chdir: undone after the test)."""
+    def run(main, args, cwd, expect=None):
+        monkeypatch.chdir(cwd)
+        return invoke(main, args, expect)
 
-
-# ----------------------------------------------------------------------------
-# NVIDIA persistence layout, rebuilt for tests.
-
-
-class _FakeNvidia:
-    """Registers stand-ins for `torch_utils.persistence` and `dnnlib.util` while a pickle is written."""
-
-    def __enter__(self):
-        persistence = types.ModuleType("torch_utils.persistence")
-        dnnlib_util = types.ModuleType("dnnlib.util")
-
-        def _reconstruct_persistent_obj(meta):  # pragma: no cover - only referenced by name in pickles
-            raise AssertionError("never called")
-
-        class EasyDict(dict):
-            pass
-
-        _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
-        _reconstruct_persistent_obj.__qualname__ = "_reconstruct_persistent_obj"
-        EasyDict.__module__ = "dnnlib.util"
-        EasyDict.__qualname__ = "EasyDict"
-        persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
-        dnnlib_util.EasyDict = EasyDict
-        self.modules = {"torch_utils": types.ModuleType("torch_utils"), "torch_utils.persistence": persistence,
-                        "dnnlib": types.ModuleType("dnnlib"), "dnnlib.util": dnnlib_util}
-        self.saved = {k: sys.modules.get(k) for k in self.modules}
-        sys.modules.update(self.modules)
-        self.reconstruct, self.EasyDict = _reconstruct_persistent_obj, EasyDict
-        return self
-
-    def __exit__(self, *exc):
-        for k, v in self.saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
-
-
-class _Record:
-    def __init__(self, fake, class_name, state):
-        self.fake, self.class_name, self.state = fake, class_name, state
-
-    def __reduce__(self):
-        meta = dict(type="class", version=4, module_src=EVIL_MODULE_SRC, class_name=self.class_name, state=self.state)
-        return (self.fake.reconstruct, (meta,))
-
-
-def _record(fake, module: torch.nn.Module, init_kwargs=None) -> _Record:
-    params = collections.OrderedDict((k, torch.nn.Parameter(v.detach().clone(), requires_grad=False)) for k, v in module._parameters.items())
-    buffers = collections.OrderedDict((k, v.clone()) for k, v in module._buffers.items()
-                                      if v is not None and k not in module._non_persistent_buffers_set)
-    if type(module).__name__ in ("SynthesisLayer", "SynthesisBlock"):
-        buffers["resample_filter"] = fir_filter()  # NVIDIA keeps the FIR filter as a buffer
-    children = collections.OrderedDict((k, _record(fake, m)) for k, m in module._modules.items())
-    # The attributes every nn.Module pickles with, a set among them (a global in protocols <= 3).
-    state = {"training": False, "_parameters": params, "_buffers": buffers, "_non_persistent_buffers_set": set(),
-             "_forward_hooks": collections.OrderedDict(), "_modules": children}
-    if isinstance(module, FullyConnected):
-        state["weight_gain"] = module.weight_gain
-    if init_kwargs is not None:
-        state["_init_args"] = ()
-        state["_init_kwargs"] = init_kwargs
-    return _Record(fake, type(module).__name__, state)
-
-
-def nvidia_init_kwargs(generator: Generator, easydict=dict, **overrides) -> dict:
-    cfg = generator.config
-    kwargs = dict(z_dim=cfg.z_dim, c_dim=0, w_dim=cfg.w_dim, img_resolution=cfg.resolution, img_channels=cfg.img_channels,
-                  mapping_kwargs=easydict(num_layers=cfg.mapping_layers),
-                  synthesis_kwargs=easydict(channel_base=cfg.channel_base, channel_max=cfg.channel_max,
-                                            num_fp16_res=cfg.num_fp16_res, conv_clamp=cfg.conv_clamp))
-    kwargs.update(overrides)
-    return easydict(kwargs)
-
-
-def write_nvidia_pickle(generator: Generator, path, init_overrides=None, extra_tensors=None, drop=None, protocol=4,
-                        init_kwargs=None) -> None:
-    """Pickle `generator` in the layout of NVIDIA's network pickles ({'G_ema': persistent Generator, ...})."""
-    with _FakeNvidia() as fake:
-        kwargs = fake.EasyDict(init_kwargs) if init_kwargs is not None else nvidia_init_kwargs(generator, fake.EasyDict, **(init_overrides or {}))
-        record = _record(fake, generator, kwargs)
-        if extra_tensors:
-            record.state["_buffers"].update(extra_tensors)
-        if drop:
-            parent, _, leaf = drop.rpartition(".")
-            node = record
-            for part in parent.split("."):
-                node = node.state["_modules"][part]
-            node.state["_parameters"].pop(leaf, None)
-            node.state["_buffers"].pop(leaf, None)
-        data = dict(G=None, D=None, G_ema=record, training_set_kwargs=fake.EasyDict(resolution=generator.resolution))
-        with open(path, "wb") as f:
-            pickle.dump(data, f, protocol=protocol)
-
-
-def to_rosinality(generator: Generator) -> dict:
-    """Our generator's tensors under rosinality's names and layouts (the inverse of the import table)."""
-    from t2f.weights import _rosinality_name_table
-
-    table, filters = _rosinality_name_table(generator.config)
-    state = generator.state_dict()
-    out = {}
-    for ours, (theirs, shape) in table.items():
-        tensor = state[ours]
-        if theirs.endswith(".conv.weight") or theirs == "input.input" or theirs.startswith("noises."):
-            tensor = tensor.unsqueeze(0)
-            if theirs.startswith("noises."):
-                tensor = tensor.unsqueeze(0)
-        elif theirs.endswith(".noise.weight"):
-            tensor = tensor.reshape(1)
-        elif theirs.startswith("to_rgb") and theirs.endswith(".bias") and ".modulation." not in theirs:
-            tensor = tensor.reshape(1, -1, 1, 1)
-        out[theirs] = tensor.clone()
-    for name in filters:
-        out[name] = fir_filter() * 4
-    return out
+    return run

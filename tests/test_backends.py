@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from engine_helpers import tiny_pipeline
+from helpers import TINY, randomize, tiny_pipeline
 from t2f.engine.backends import (BackendUnavailable, CudaGraphBackend, Models, OnnxRuntimeBackend, OpenVINOBackend, TorchBackend,
                                  choose, make_backend)
 from t2f.engine.pipeline import TextToFace, sample_z
@@ -18,11 +18,6 @@ from t2f.precision import Precision
 CPU = torch.device("cpu")
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def models(pipe, generator=None):
@@ -50,6 +45,7 @@ def test_onnxruntime_matches_eager(pipe):
         assert (a.int() - b.int()).abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_onnxruntime_buffers_are_allocated_once_per_batch(pipe):
     ort = make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)
     first = ort(*inputs(pipe, 2))
@@ -133,6 +129,7 @@ def run(args, cwd, stdin=""):
     return subprocess.run([exe, *args[1:]], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_interactive_loop(tmp_path):
     proc = run(["t2f-infer", "--generator", "tiny", "--clip", "tiny", "--mapper", "tiny", "--interactive", "--n", "2",
                 "--backend", "onnxruntime", "--device", "cpu", "--out", "out.png"], tmp_path, stdin="a smiling woman\n\n  \nan old man\n")
@@ -148,6 +145,7 @@ def test_interactive_refuses_prompt_arguments(tmp_path):
     assert proc.returncode == 2 and "standard input" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bench_writes_json_and_markdown_with_every_stage(tmp_path):
     proc = run(["t2f-bench", "--batches", "1,2", "--warmup", "1", "--iters", "3", "--backends", "onnxruntime,tensorrt",
                 "--json", "bench.json", "--markdown", "bench.md", "--device", "cpu"], tmp_path)
@@ -167,6 +165,7 @@ def test_bench_writes_json_and_markdown_with_every_stage(tmp_path):
     assert "| onnxruntime | fp32 | 2 |" in (tmp_path / "bench.md").read_text()
 
 
+@pytest.mark.slow
 def test_bench_bad_input(tmp_path):
     proc = run(["t2f-bench", "--batches", "0"], tmp_path)
     assert proc.returncode == 2 and "--batches" in proc.stderr
@@ -174,13 +173,12 @@ def test_bench_bad_input(tmp_path):
     assert proc.returncode == 2 and "unknown backends" in proc.stderr
 
 
+@pytest.mark.slow
 def test_artifacts_of_other_models_are_refused(pipe, tmp_path):
     """--artifacts made for other weights, another config, or that failed parity are never run."""
     from t2f.export.onnx_export import export_artifacts
     from t2f.presets import random_generator
     from t2f.stylegan2 import Generator, GeneratorConfig
-
-    from conftest import randomize
 
     out = tmp_path / "artifacts"
     export_artifacts(out, pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
@@ -200,12 +198,11 @@ def test_artifacts_of_other_models_are_refused(pipe, tmp_path):
         make_backend("onnxruntime", models(pipe), CPU, artifacts=str(out))
 
 
+@pytest.mark.slow
 def test_infer_with_mismatched_artifacts_gives_one_line(pipe, tmp_path):
     from t2f.export.onnx_export import export_artifacts
     from t2f.weights import save_generator
     from t2f.presets import random_generator
-
-    from conftest import randomize
 
     export_artifacts(tmp_path / "a", pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
     save_generator(randomize(random_generator("tiny"), seed=7), tmp_path / "g")
@@ -313,6 +310,7 @@ def test_providers_are_checked_before_any_export(pipe, monkeypatch):
         make_backend("onnxruntime-tensorrt", models(pipe), CPU)
 
 
+@pytest.mark.slow
 def test_device_auto_falls_back_to_the_cpu_with_a_note(pipe, monkeypatch):
     """--device auto on a GPU where the backend cannot run there (onnxruntime without a CUDA provider): the CPU, noted."""
     import t2f.engine.pipeline as pipeline
@@ -337,6 +335,7 @@ def test_device_auto_falls_back_to_the_cpu_with_a_note(pipe, monkeypatch):
         TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cuda", backend="onnxruntime")
 
 
+@pytest.mark.slow
 def test_bench_skips_a_failed_export_and_keeps_every_row(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
@@ -442,6 +441,7 @@ def _precisions_here():
     return [Precision.FP32] + ([Precision.BF16] if cpu_has_bf16() else [])
 
 
+@pytest.mark.slow
 @needs_openvino
 @pytest.mark.parametrize("precision", _precisions_here(), ids=str)
 def test_openvino_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe, precision):
@@ -463,6 +463,7 @@ def test_openvino_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe, preci
         assert cos.min() >= 0.999 and diff.float().mean() <= 2.0 and 0 < diff.max()
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_openvino_second_start_loads_its_compiled_graphs_from_the_cache(pipe):
     from t2f.engine.backends.openvino_runtime import openvino_cache
@@ -476,6 +477,7 @@ def test_openvino_second_start_loads_its_compiled_graphs_from_the_cache(pipe):
     assert {p.name: p.stat().st_mtime_ns for p in openvino_cache().iterdir()} == blobs   # nothing compiled or written again
 
 
+@pytest.mark.slow
 @needs_openvino
 def test_a_graph_that_fails_its_bf16_parity_runs_fp32(pipe, tmp_path, monkeypatch):
     from t2f.export import onnx_export
@@ -504,7 +506,6 @@ def test_bf16_is_refused_with_one_line_where_the_cpu_lacks_it(monkeypatch, tmp_p
         choose(CPU, "torch", Precision.BF16)
     from click.testing import CliRunner
 
-    from engine_helpers import TINY
     from t2f.engine.cli import main as infer_main
 
     result = CliRunner().invoke(infer_main, [*TINY, "--precision", "bf16", "--device", "cpu", "a", "--out", str(tmp_path / "f.png")])
@@ -534,7 +535,6 @@ def test_torch_compile_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe):
 def test_random_noise_runs_whole_blocks_and_a_row_keeps_its_own_noise(pipe, monkeypatch):
     """noise_mode random: one synthesis call per block (not per image, not under a process-wide lock), and each row's
     noise comes from its own seed, so a row is the same alone or in a block."""
-    from conftest import randomize
     from t2f.presets import random_generator
 
     g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows
@@ -572,6 +572,7 @@ def test_cuda_numerics_are_pinned_and_rows_are_bit_for_bit():
             assert (gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"]).images.int() - ref.images.int()).abs().max() <= 1
 
 
+@pytest.mark.slow
 def test_two_processes_exporting_into_the_cache_take_turns(pipe, tmp_path):
     """A second pipeline (t2f-serve's second model, say) waits for the first one's export into the cache, then reuses it."""
     import threading
@@ -594,6 +595,7 @@ def test_two_processes_exporting_into_the_cache_take_turns(pipe, tmp_path):
     assert released.is_set() and backend.name == "onnxruntime"
 
 
+@pytest.mark.slow
 def test_onnxruntime_errors_are_one_line_and_a_silent_provider_fallback_is_refused(pipe, monkeypatch):
     """ONNX Runtime's own exception types (not RuntimeError) become BackendUnavailable when a session is made (so
     --device auto falls back and t2f-bench skips the row) and RuntimeError when it runs; a session whose first

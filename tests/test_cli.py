@@ -9,40 +9,18 @@ import sys
 import numpy as np
 import PIL.Image
 import pytest
-from click.testing import CliRunner
 
 from t2f.convert import main as convert_main
 from t2f.engine.cli import main as infer_main
 from t2f.weights import save_generator
 
-from conftest import write_nvidia_pickle
-
-from engine_helpers import TINY  # noqa: E402
+from helpers import TINY, assert_one_error_line, write_nvidia_pickle
 
 
-def run(main, args, cwd):
-    runner = CliRunner()
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return runner.invoke(main, args, catch_exceptions=False)
-    finally:
-        os.chdir(old)
-
-
-def assert_one_error_line(result, code, *fragments):
-    assert result.exit_code == code, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith("note:")]
-    errors = [line for line in lines if line.startswith("Error")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-
-
-def test_infer_writes_grid_images_and_ws(tmp_path):
-    result = run(infer_main, [*TINY, "a smiling woman", "an old man", "--n", "3", "--out", "grid.png",
-                              "--save-images", "each", "--save-ws", "ws.npy"], tmp_path)
+@pytest.mark.slow
+def test_infer_writes_grid_images_and_ws(tmp_path, run_cli):
+    result = run_cli(infer_main, [*TINY, "a smiling woman", "an old man", "--n", "3", "--out", "grid.png",
+                                  "--save-images", "each", "--save-ws", "ws.npy"], tmp_path)
     assert result.exit_code == 0, result.output
     assert "random weights" in result.stderr and "wrote grid.png" in result.stdout
     grid = PIL.Image.open(tmp_path / "grid.png")
@@ -55,14 +33,16 @@ def test_infer_writes_grid_images_and_ws(tmp_path):
     assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
 
 
-def test_infer_is_deterministic(tmp_path):
+@pytest.mark.slow
+def test_infer_is_deterministic(tmp_path, run_cli):
     for name in ("a.png", "b.png"):
-        assert run(infer_main, [*TINY, "a child", "--n", "2", "--seed", "7", "--out", name], tmp_path).exit_code == 0
+        assert run_cli(infer_main, [*TINY, "a child", "--n", "2", "--seed", "7", "--out", name], tmp_path).exit_code == 0
     assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a.png")), np.asarray(PIL.Image.open(tmp_path / "b.png")))
 
 
-def test_long_prompt_warns_in_one_line(tmp_path):
-    result = run(infer_main, [*TINY, " ".join(["face"] * 40), "--n", "1"], tmp_path)
+@pytest.mark.slow
+def test_long_prompt_warns_in_one_line(tmp_path, run_cli):
+    result = run_cli(infer_main, [*TINY, " ".join(["face"] * 40), "--n", "1"], tmp_path)
     assert result.exit_code == 0
     assert sum(line.startswith("warning: prompt truncated") for line in result.stderr.splitlines()) == 1
 
@@ -78,31 +58,31 @@ def test_long_prompt_warns_in_one_line(tmp_path):
     (["a", "--precision", "fp16", "--device", "cpu"], "fp16 needs a CUDA device"),
     (["a", "--device", "tpu"], "--device"),
 ])
-def test_usage_errors(tmp_path, args, fragment):
-    result = run(infer_main, [*TINY, *args], tmp_path)
+def test_usage_errors(tmp_path, args, fragment, run_cli):
+    result = run_cli(infer_main, [*TINY, *args], tmp_path)
     assert_one_error_line(result, 2, fragment)
     assert os.listdir(tmp_path) == []
 
 
-def test_missing_generator_file(tmp_path):
-    result = run(infer_main, ["--generator", "missing.pkl", "--clip", "tiny", "--mapper", "tiny", "a"], tmp_path)
+def test_missing_generator_file(tmp_path, run_cli):
+    result = run_cli(infer_main, ["--generator", "missing.pkl", "--clip", "tiny", "--mapper", "tiny", "a"], tmp_path)
     assert_one_error_line(result, 1, "missing.pkl", "no such file")
     assert os.listdir(tmp_path) == []
 
 
-def test_offline_preset_names_file_url_and_flag(tmp_path):
-    result = run(infer_main, ["--generator", "ffhq-1024", "--clip", "tiny", "--mapper", "tiny", "a"], tmp_path)
+def test_offline_preset_names_file_url_and_flag(tmp_path, run_cli):
+    result = run_cli(infer_main, ["--generator", "ffhq-1024", "--clip", "tiny", "--mapper", "tiny", "a"], tmp_path)
     assert_one_error_line(result, 1, "stylegan2-ada-ffhq-1024.pkl", "https://nvlabs-fi-cdn.nvidia.com/", "--generator")
     assert os.listdir(tmp_path) == []
 
 
-def test_no_mapper_says_how_to_get_one(tmp_path):
-    result = run(infer_main, ["--generator", "tiny", "--clip", "tiny", "a"], tmp_path)
+def test_no_mapper_says_how_to_get_one(tmp_path, run_cli):
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "a"], tmp_path)
     assert_one_error_line(result, 1, "no trained mapper", "--mapper RUN", "t2f-train --generator tiny --clip tiny")
 
 
 @pytest.mark.parametrize("kind", ["truncated", "corrupt", "foreign", "mismatch"])
-def test_bad_weights(tmp_path, tiny_generator, kind):
+def test_bad_weights(tmp_path, tiny_generator, kind, run_cli):
     weights = tmp_path / "weights"
     weights.mkdir()
     if kind == "truncated":
@@ -126,7 +106,7 @@ def test_bad_weights(tmp_path, tiny_generator, kind):
         fragment = "do not match the config"
     out = tmp_path / "out"
     out.mkdir()
-    result = run(infer_main, ["--generator", str(path), "--clip", "tiny", "--mapper", "tiny", "a", "--save-ws", "ws.npy"], out)
+    result = run_cli(infer_main, ["--generator", str(path), "--clip", "tiny", "--mapper", "tiny", "a", "--save-ws", "ws.npy"], out)
     assert_one_error_line(result, 1, fragment)
     assert os.listdir(out) == []
 
@@ -136,16 +116,16 @@ class Evil:
         return (os.system, ("echo pwned",))
 
 
-def test_unwritable_output(tmp_path):
+def test_unwritable_output(tmp_path, run_cli):
     (tmp_path / "file.txt").write_text("a file, not a directory")
-    result = run(infer_main, [*TINY, "a", "--out", "file.txt/f.png"], tmp_path)
+    result = run_cli(infer_main, [*TINY, "a", "--out", "file.txt/f.png"], tmp_path)
     assert_one_error_line(result, 2, "cannot write")
     assert sorted(os.listdir(tmp_path)) == ["file.txt"]
 
 
-def test_output_is_a_directory(tmp_path):
+def test_output_is_a_directory(tmp_path, run_cli):
     (tmp_path / "faces.png").mkdir()
-    result = run(infer_main, [*TINY, "a"], tmp_path)
+    result = run_cli(infer_main, [*TINY, "a"], tmp_path)
     assert_one_error_line(result, 2, "is a directory")
 
 
@@ -153,22 +133,22 @@ def test_output_is_a_directory(tmp_path):
 # t2f-convert.
 
 
-def test_convert_nvidia_pickle(tmp_path, tiny_generator):
+def test_convert_nvidia_pickle(tmp_path, tiny_generator, run_cli):
     write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl")
-    result = run(convert_main, ["net.pkl", "--out", "converted"], tmp_path)
+    result = run_cli(convert_main, ["net.pkl", "--out", "converted"], tmp_path)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path / "converted")) == ["config.json", "model.safetensors"]
     assert json.loads((tmp_path / "converted" / "config.json").read_text())["source"] == "net.pkl"
-    again = run(convert_main, ["net.pkl", "--out", "converted"], tmp_path)
+    again = run_cli(convert_main, ["net.pkl", "--out", "converted"], tmp_path)
     assert_one_error_line(again, 2, "already exists")
-    assert run(convert_main, ["net.pkl", "--out", "converted", "--overwrite"], tmp_path).exit_code == 0
+    assert run_cli(convert_main, ["net.pkl", "--out", "converted", "--overwrite"], tmp_path).exit_code == 0
     # The converted directory drives t2f-infer.
-    assert run(infer_main, ["--generator", "converted", "--clip", "tiny", "--mapper", "tiny", "a", "--n", "1"], tmp_path).exit_code == 0
+    assert run_cli(infer_main, ["--generator", "converted", "--clip", "tiny", "--mapper", "tiny", "a", "--n", "1"], tmp_path).exit_code == 0
 
 
-def test_convert_refuses_malicious_pickle(tmp_path):
+def test_convert_refuses_malicious_pickle(tmp_path, run_cli):
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"G_ema": Evil()}, protocol=4))
-    result = run(convert_main, ["evil.pkl", "--out", "converted"], tmp_path)
+    result = run_cli(convert_main, ["evil.pkl", "--out", "converted"], tmp_path)
     assert_one_error_line(result, 1, "refusing to load global")
     assert sorted(os.listdir(tmp_path)) == ["evil.pkl"]
 
@@ -177,6 +157,7 @@ def test_convert_refuses_malicious_pickle(tmp_path):
 # The installed console scripts.
 
 
+@pytest.mark.slow
 def test_console_scripts(tmp_path):
     env = dict(os.environ, T2F_OFFLINE="1", HF_HUB_OFFLINE="1")
     bindir = os.path.dirname(sys.executable)
@@ -188,19 +169,20 @@ def test_console_scripts(tmp_path):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
-def test_convert_overwrite_refuses_a_foreign_directory(tmp_path, tiny_generator):
+def test_convert_overwrite_refuses_a_foreign_directory(tmp_path, tiny_generator, run_cli):
     write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "thesis.tex").write_text("precious")
-    result = run(convert_main, ["net.pkl", "--out", "notes", "--overwrite"], tmp_path)
+    result = run_cli(convert_main, ["net.pkl", "--out", "notes", "--overwrite"], tmp_path)
     assert_one_error_line(result, 2, "not a t2f generator directory")
     assert (tmp_path / "notes" / "thesis.tex").read_text() == "precious"
 
 
-def test_outputs_have_the_usual_permissions(tmp_path):
+@pytest.mark.slow
+def test_outputs_have_the_usual_permissions(tmp_path, run_cli):
     old = os.umask(0o022)
     try:
-        assert run(infer_main, [*TINY, "a", "--n", "1", "--save-ws", "ws.npy"], tmp_path).exit_code == 0
+        assert run_cli(infer_main, [*TINY, "a", "--n", "1", "--save-ws", "ws.npy"], tmp_path).exit_code == 0
     finally:
         os.umask(old)
     for name in ("faces.png", "ws.npy"):
@@ -218,7 +200,7 @@ def test_a_failed_write_leaves_no_output(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["blocker"]
 
 
-def test_invisible_prompt_and_ws_over_the_grid(tmp_path):
-    assert_one_error_line(run(infer_main, [*TINY, "\u200b "], tmp_path), 2, "empty")
-    assert_one_error_line(run(infer_main, [*TINY, "a", "--save-ws", "faces.png"], tmp_path), 2, "--save-ws")
+def test_invisible_prompt_and_ws_over_the_grid(tmp_path, run_cli):
+    assert_one_error_line(run_cli(infer_main, [*TINY, "\u200b "], tmp_path), 2, "empty")
+    assert_one_error_line(run_cli(infer_main, [*TINY, "a", "--save-ws", "faces.png"], tmp_path), 2, "--save-ws")
     assert os.listdir(tmp_path) == []

@@ -3,17 +3,12 @@
 import pytest
 import torch
 
-from engine_helpers import tiny_pipeline
+from helpers import randomize, tiny_pipeline
 from t2f.engine import TextToFace, load_pipeline, resolve_device, sample_z
 from t2f.engine.pipeline import face_tensor
 from t2f.engine import MissingMapperError
 from t2f.mapper import Mapper, MapperConfig
 from t2f.presets import random_generator
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def test_shapes_and_types(pipe):
@@ -42,8 +37,6 @@ def test_samples_of_a_prompt_do_not_depend_on_later_prompts(pipe):
 def test_random_noise_is_per_image_and_seeded(pipe):
     from t2f.engine import TextToFace
 
-    from conftest import randomize
-
     g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows
     noisy = TextToFace(g, pipe.clip, pipe.mapper, device="cpu", batch_size=2)
     a = noisy(["a", "b"], n=2, seed=3, noise_mode="random")
@@ -59,8 +52,6 @@ def test_random_noise_of_pipelines_on_two_threads_is_their_own(pipe):
     """t2f-serve runs one pipeline per model instance on threads of its own; torch's generators are process-wide."""
     import copy
     import threading
-
-    from conftest import randomize
 
     g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows
     pipes = [TextToFace(copy.deepcopy(g), pipe.clip, pipe.mapper, device="cpu", batch_size=4) for _ in range(2)]

@@ -19,14 +19,13 @@ from t2f.graphs import ExportError  # noqa: E402
 from t2f.export.onnx_export import onnx_session  # noqa: E402
 from t2f.export.tensorrt import check_compatible  # noqa: E402
 
-from engine_helpers import TINY  # noqa: E402
+from helpers import TINY, invoke, randomize, tiny_pipeline  # noqa: E402
+
 HAVE_TENSORRT = importlib.util.find_spec("tensorrt") is not None
 
 
 def export(args, expect=0):
-    result = CliRunner().invoke(export_main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
+    return invoke(export_main, args, expect)
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +107,6 @@ def test_graph_interfaces(exported):
 
 
 def test_end_to_end_onnx_matches_the_pytorch_pipeline(exported):
-    from engine_helpers import tiny_pipeline
     from t2f.engine.pipeline import sample_z
 
     pipe = tiny_pipeline()
@@ -132,8 +130,6 @@ def test_rerun_rebuilds_nothing(exported):
 def test_changed_weights_are_exported_again(exported, tmp_path):
     from t2f.weights import save_generator
     from t2f.presets import random_generator
-
-    from conftest import randomize
 
     out = tmp_path / "out"
     shutil.copytree(exported, out)
@@ -160,14 +156,10 @@ def test_corrupted_onnx_is_refused_at_load_and_rebuilt(exported, tmp_path):
     ([*TINY, "--out", "o", "--onnx-only", "--batch", "0:1:2"], 2, "MIN <= OPT <= MAX"),
     ([*TINY, "--out", "blocker/o", "--onnx-only"], 2, "cannot write"),
 ])
-def test_bad_input(tmp_path, args, code, fragment):
+def test_bad_input(tmp_path, monkeypatch, args, code, fragment):
     (tmp_path / "blocker").write_text("a file")
-    old = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        result = CliRunner().invoke(export_main, [str(a) for a in args])
-    finally:
-        os.chdir(old)
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(export_main, [str(a) for a in args])
     assert result.exit_code == code and fragment in result.output, result.output
     assert "Traceback" not in result.output
     assert sorted(os.listdir(tmp_path)) == ["blocker"]
@@ -265,6 +257,7 @@ def test_attention_is_scaled_before_the_product(tiny_clip):
     assert ((half - full).norm() / full.norm()).item() < 2e-2
 
 
+@pytest.mark.slow
 def test_image_channels_come_from_the_manifest(tiny_clip, tmp_path):
     """A one-channel generator: the onnxruntime backend sizes its output from the manifest, not a hard-coded 3."""
     from t2f.engine.backends import OnnxRuntimeBackend

@@ -9,7 +9,6 @@ import stat
 
 import PIL.Image
 import pytest
-from click.testing import CliRunner
 
 from t2f.convert import main as convert_main
 from t2f.engine.bench import main as bench_main
@@ -18,26 +17,7 @@ from t2f.engine.serve import main as serve_main
 from t2f.export.cli import main as export_main
 from t2f.trainer.cli import main as train_main
 
-from engine_helpers import TINY  # noqa: E402
-
-
-def invoke(main, args, cwd):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(old)
-
-
-def assert_one_error_line(result, code, *fragments):
-    assert result.exit_code == code, result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
-    return errors[0]
+from helpers import TINY, FakeNvidia, Record, assert_one_error_line, invoke, to_rosinality, write_nvidia_pickle
 
 
 # ----------------------------------------------------------------------------
@@ -76,48 +56,49 @@ KINDS = ["fifo", "symlink", "dangling symlink", "socket"]
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("option", ["--out", "--save-ws"])
-def test_infer_refuses_to_replace_special_files(tmp_path, kind, option):
+def test_infer_refuses_to_replace_special_files(tmp_path, kind, option, run_cli):
     target = _special(tmp_path, kind)
     name = "target.png" if option == "--out" else "target"
     if option == "--out":
         target = target.rename(tmp_path / name)
     args = [*TINY, "a face", option, name] + (["--out", "grid.png"] if option != "--out" else [])
-    result = invoke(infer_main, args, tmp_path)
+    result = run_cli(infer_main, args, tmp_path)
     assert_one_error_line(result, 2, option, "target")
     assert _unchanged(tmp_path, target, kind)
     assert not (tmp_path / "grid.png").exists()
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
 
 
-def test_infer_refuses_a_special_file_inside_save_images(tmp_path):
+@pytest.mark.slow
+def test_infer_refuses_a_special_file_inside_save_images(tmp_path, run_cli):
     (tmp_path / "each").mkdir()
     os.mkfifo(tmp_path / "each" / "p000_s000.png")
-    result = invoke(infer_main, [*TINY, "a face", "--n", "2", "--save-images", "each"], tmp_path)
+    result = run_cli(infer_main, [*TINY, "a face", "--n", "2", "--save-images", "each"], tmp_path)
     assert_one_error_line(result, 1, "p000_s000.png", "FIFO")
     assert stat.S_ISFIFO(os.lstat(tmp_path / "each" / "p000_s000.png").st_mode)
     assert sorted(os.listdir(tmp_path / "each")) == ["p000_s000.png"] and not (tmp_path / "faces.png").exists()
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not os.path.exists("/dev/full"), reason="replacing /dev/full needs root to be possible at all")
-def test_infer_does_not_replace_a_device_as_root(tmp_path):
+def test_infer_does_not_replace_a_device_as_root(tmp_path, run_cli):
     before = os.lstat("/dev/full")
-    result = invoke(infer_main, [*TINY, "a face", "--save-ws", "/dev/full"], tmp_path)
+    result = run_cli(infer_main, [*TINY, "a face", "--save-ws", "/dev/full"], tmp_path)
     assert_one_error_line(result, 2, "character device")
     assert stat.S_ISCHR(os.lstat("/dev/full").st_mode) and os.lstat("/dev/full").st_ino == before.st_ino
 
 
-def test_a_symlinked_output_directory_is_written_into_but_never_replaced(tmp_path, tiny_generator):
+def test_a_symlinked_output_directory_is_written_into_but_never_replaced(tmp_path, tiny_generator, run_cli):
     from t2f.weights import save_generator
 
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
-    result = invoke(infer_main, [*TINY, "a face", "--n", "1", "--save-images", "link"], tmp_path)
+    result = run_cli(infer_main, [*TINY, "a face", "--n", "1", "--save-images", "link"], tmp_path)
     assert result.exit_code == 0, result.output
     assert os.listdir(tmp_path / "real") == ["p000_s000.png"]
     # t2f-convert replaces its output directory as a whole: a symlink there is refused.
     save_generator(tiny_generator, tmp_path / "gen")
     (tmp_path / "gen-link").symlink_to(tmp_path / "gen")
-    result = invoke(convert_main, ["gen", "--out", "gen-link", "--overwrite"], tmp_path)
+    result = run_cli(convert_main, ["gen", "--out", "gen-link", "--overwrite"], tmp_path)
     assert_one_error_line(result, 2, "symlink")
     assert os.path.islink(tmp_path / "gen-link")
 
@@ -137,12 +118,12 @@ def test_library_writers_refuse_special_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["late.json", "options.json"]
 
 
-def test_train_refuses_a_fifo_for_its_options(tmp_path):
+def test_train_refuses_a_fifo_for_its_options(tmp_path, run_cli):
     run = tmp_path / "run"
     run.mkdir()
     os.mkfifo(run / "options.json")
-    result = invoke(train_main, ["synth", "--generator", "tiny", "--clip", "tiny", "--out", run, "--samples", 8,
-                                 "--shard-size", 8, "--no-progress"], tmp_path)
+    result = run_cli(train_main, ["synth", "--generator", "tiny", "--clip", "tiny", "--out", run, "--samples", 8,
+                                  "--shard-size", 8, "--no-progress"], tmp_path)
     assert result.exit_code != 0 and "Traceback" not in result.output
     assert stat.S_ISFIFO(os.lstat(run / "options.json").st_mode)
 
@@ -181,11 +162,11 @@ def test_every_float_option_of_every_command_is_finite(command):
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
 @pytest.mark.parametrize("main,base,option", FLOAT_OPTIONS, ids=lambda v: v if isinstance(v, str) else None)
-def test_nan_and_infinity_are_refused(tmp_path, main, base, option, value):
+def test_nan_and_infinity_are_refused(tmp_path, main, base, option, value, run_cli):
     args = [*base, option, value] if main is not train_main else [*base, "--out", tmp_path / "run", option, value]
     if main is train_main and base[0] == "fit":
         args = ["fit", "--out", tmp_path / "run", option, value]
-    result = invoke(main, args, tmp_path)
+    result = run_cli(main, args, tmp_path)
     assert_one_error_line(result, 2, option, "finite")
     assert os.listdir(tmp_path) == []
 
@@ -203,23 +184,24 @@ def test_nan_and_infinity_are_refused(tmp_path, main, base, option, value):
     (train_main, [*TRAIN, "--out", ""], "--out"),
     (bench_main, ["--json", ""], "--json"),
 ])
-def test_an_empty_output_path_is_one_clear_line(tmp_path, main, args, option):
-    result = invoke(main, args, tmp_path)
+def test_an_empty_output_path_is_one_clear_line(tmp_path, main, args, option, run_cli):
+    result = run_cli(main, args, tmp_path)
     assert_one_error_line(result, 2, option, "must not be empty")
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,image_format", [("faces.jpg", "JPEG"), ("faces.JPEG", "JPEG"), ("faces.png", "PNG")])
-def test_out_extension_names_the_format_written(tmp_path, name, image_format):
-    result = invoke(infer_main, [*TINY, "a face", "--n", "2", "--out", name], tmp_path)
+def test_out_extension_names_the_format_written(tmp_path, name, image_format, run_cli):
+    result = run_cli(infer_main, [*TINY, "a face", "--n", "2", "--out", name], tmp_path)
     assert result.exit_code == 0, result.output
     with PIL.Image.open(tmp_path / name) as im:
         assert im.format == image_format and im.size == (128, 64)
 
 
 @pytest.mark.parametrize("name", ["faces.gif", "faces", "faces.png.tmp"])
-def test_out_with_an_unknown_extension_is_refused(tmp_path, name):
-    result = invoke(infer_main, [*TINY, "a face", "--out", name], tmp_path)
+def test_out_with_an_unknown_extension_is_refused(tmp_path, name, run_cli):
+    result = run_cli(infer_main, [*TINY, "a face", "--out", name], tmp_path)
     assert_one_error_line(result, 2, "--out", ".png, .jpg, .jpeg")
     assert os.listdir(tmp_path) == []
 
@@ -247,10 +229,8 @@ def _pickle_with_g_ema(path, g_ema_state, protocol=4):
     """A network pickle whose G_ema is a persistent record with this state (NVIDIA's layout)."""
     import pickle
 
-    from conftest import _FakeNvidia, _Record
-
-    with _FakeNvidia() as fake:
-        record = _Record(fake, "Generator", g_ema_state(fake))
+    with FakeNvidia() as fake:
+        record = Record(fake, "Generator", g_ema_state(fake))
         with open(path, "wb") as f:
             pickle.dump(dict(G_ema=record), f, protocol=protocol)
     return path
@@ -270,12 +250,10 @@ def _import_error(path) -> str:
 def test_modules_shared_down_a_deep_tree_are_walked_once(tmp_path, hang_guard):
     import collections
 
-    from conftest import _Record
-
     def state(fake):
-        module = _Record(fake, "Leaf", {"_parameters": {}, "_buffers": {}, "_modules": {}})
+        module = Record(fake, "Leaf", {"_parameters": {}, "_buffers": {}, "_modules": {}})
         for depth in range(15):        # 6^15 paths, 16 modules
-            module = _Record(fake, f"Level{depth}", {"_parameters": {}, "_buffers": {},
+            module = Record(fake, f"Level{depth}", {"_parameters": {}, "_buffers": {},
                                                      "_modules": collections.OrderedDict((k, module) for k in "abcdef")})
         return {"_init_kwargs": {"z_dim": 8}, "_modules": {"mapping": module}}
 
@@ -360,8 +338,6 @@ def test_many_views_of_one_storage_are_capped_by_the_file_size(tmp_path, hang_gu
 def test_a_pickle_cut_inside_a_length_field_is_one_error(tmp_path, tiny_generator):
     import pickletools
 
-    from conftest import write_nvidia_pickle
-
     write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl", protocol=4)
     data = (tmp_path / "net.pkl").read_bytes()
     # Cut one byte into the 8-byte length of the first FRAME / BINBYTES8 / BINUNICODE8 opcode.
@@ -376,7 +352,6 @@ def test_fuzzed_pickles_and_checkpoints_give_one_error_line(tmp_path, tiny_gener
     import numpy as np
     import torch
 
-    from conftest import to_rosinality, write_nvidia_pickle
     from t2f.io import WeightsError
     from t2f.stylegan2 import Generator
     from t2f.weights import import_generator
@@ -418,9 +393,7 @@ SMALL_FIT = ["--steps", 6, "--batch", 16, "--hidden", 16, "--z-dim", 4, "--clip-
 def pairs(tmp_path_factory):
     """A tiny synth stage to copy for fit experiments."""
     run = tmp_path_factory.mktemp("hostile") / "pairs"
-    result = CliRunner().invoke(train_main, ["synth", *TRAIN, "--out", str(run), "--samples", "64", "--shard-size", "32",
-                                             "--synth-batch", "32"], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    invoke(train_main, ["synth", *TRAIN, "--out", run, "--samples", 64, "--shard-size", 32, "--synth-batch", 32], expect=0)
     return run
 
 
@@ -430,7 +403,7 @@ def _copy(pairs, tmp_path):
     return shutil.copytree(pairs, tmp_path / "run")
 
 
-def test_a_non_finite_loss_stops_fit_before_anything_from_that_step(pairs, tmp_path, monkeypatch):
+def test_a_non_finite_loss_stops_fit_before_anything_from_that_step(pairs, tmp_path, monkeypatch, run_cli):
     import json
 
     import torch
@@ -446,20 +419,20 @@ def test_a_non_finite_loss_stops_fit_before_anything_from_that_step(pairs, tmp_p
         return real(mu, logvar) * (float("nan") if len(calls) >= 3 else 1.0)
 
     monkeypatch.setattr(fit_module, "kl_divergence", kl_going_bad)
-    result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+    result = run_cli(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
     assert_one_error_line(result, 1, "fit step 3", "not finite")
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 2       # from step 2, none from step 3
     assert [json.loads(line)["step"] for line in (run / "stats.jsonl").read_text().splitlines()] == [1, 2]
     assert not (run / "model.safetensors").exists()
     monkeypatch.setattr(fit_module, "kl_divergence", real)
     # The run is not locked by the failure: the same command resumes from step 2 and finishes.
-    result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+    result = run_cli(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
     assert result.exit_code == 0, result.output
     assert (run / "model.safetensors").exists()
 
 
 @pytest.mark.parametrize("command", [["fit"], []], ids=["fit", "whole-pipeline"])
-def test_fit_options_may_change_until_fit_has_written_a_checkpoint(pairs, tmp_path, command):
+def test_fit_options_may_change_until_fit_has_written_a_checkpoint(pairs, tmp_path, command, run_cli):
     import json
 
     from t2f.trainer.cli import _fit_identity, _fit_options
@@ -474,15 +447,15 @@ def test_fit_options_may_change_until_fit_has_written_a_checkpoint(pairs, tmp_pa
         stages = [] if command else [*TRAIN[:4], "--samples", 64, "--shard-size", 32, "--synth-batch", 32]
         return [*command, "--out", run, "--no-progress", *SMALL_FIT, "--lr", lr, *stages]
 
-    result = invoke(train_main, args(0.001), tmp_path)
+    result = run_cli(train_main, args(0.001), tmp_path)
     assert result.exit_code == 0, result.output
     assert json.loads((run / "options.json").read_text())["fit"]["identity"]["lr"] == 0.001
     # Once a checkpoint exists the options are the run's: both forms refuse a change alike.
-    result = invoke(train_main, args(0.002), tmp_path)
+    result = run_cli(train_main, args(0.002), tmp_path)
     assert_one_error_line(result, 1, "fit lr was 0.001, now 0.002")
 
 
-def test_disk_full_while_training_is_one_line_and_leaves_nothing_partial(pairs, tmp_path, monkeypatch):
+def test_disk_full_while_training_is_one_line_and_leaves_nothing_partial(pairs, tmp_path, monkeypatch, run_cli):
     import errno
     import pathlib
 
@@ -496,15 +469,16 @@ def test_disk_full_while_training_is_one_line_and_leaves_nothing_partial(pairs, 
         return real_write(self, data)
 
     monkeypatch.setattr(pathlib.Path, "write_bytes", full)
-    result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+    result = run_cli(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
     assert_one_error_line(result, 1, "cannot write", "checkpoint.pt", "No space left on device")
     assert not (run / "checkpoint.pt").exists() and not [p for p in os.listdir(run) if p.endswith(".tmp")]
     # A synth shard.
-    result = invoke(train_main, ["synth", *TRAIN, "--out", tmp_path / "new", "--samples", 8, "--shard-size", 8], tmp_path)
+    result = run_cli(train_main, ["synth", *TRAIN, "--out", tmp_path / "new", "--samples", 8, "--shard-size", 8], tmp_path)
     assert_one_error_line(result, 1, "cannot write", "shard-00000.safetensors", "No space left on device")
     assert not [p for p in os.listdir(tmp_path / "new" / "pairs") if p != "manifest.json"]
 
 
+@pytest.mark.slow
 def test_disk_full_for_real_with_a_file_size_limit(pairs, tmp_path):
     """The same through the kernel: a child process whose files may not grow past 4 KiB (RLIMIT_FSIZE)."""
     import resource
@@ -544,36 +518,38 @@ def _lock_held_by_another_process(directory):
         holder.wait()
 
 
-def test_a_second_trainer_on_the_same_run_says_who_holds_it(pairs, tmp_path):
+@pytest.mark.slow
+def test_a_second_trainer_on_the_same_run_says_who_holds_it(pairs, tmp_path, run_cli):
     run = _copy(pairs, tmp_path)
     with _lock_held_by_another_process(run) as holder:
         stats_before = (run / "stats.jsonl").exists()
-        result = invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
+        result = run_cli(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path)
         assert_one_error_line(result, 1, f"is in use by another t2f-train: pid {holder.pid} on ")
         assert (run / "stats.jsonl").exists() == stats_before and not (run / "checkpoint.pt").exists()
     # Released when the holder exits: the run goes on.
-    assert invoke(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path).exit_code == 0
+    assert run_cli(train_main, ["fit", "--out", run, "--no-progress", *SMALL_FIT], tmp_path).exit_code == 0
 
 
 # ----------------------------------------------------------------------------
 # Export: 9 (a directory of other files), 12 (temporaries of a killed export), 14 (no manifest).
 
 
-def test_export_refuses_a_directory_that_is_not_an_export(tmp_path):
+def test_export_refuses_a_directory_that_is_not_an_export(tmp_path, run_cli):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "manifest.json").write_text('{"my": "shipping list"}')
-    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    result = run_cli(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
     assert_one_error_line(result, 2, "not a t2f-export output", "manifest.json")
     assert (out / "manifest.json").read_text() == '{"my": "shipping list"}' and os.listdir(out) == ["manifest.json"]
     (out / "manifest.json").unlink()
     (out / "notes.txt").write_text("keep")
-    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    result = run_cli(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
     assert_one_error_line(result, 2, "not a t2f-export output", "notes.txt")
     assert os.listdir(out) == ["notes.txt"]
 
 
-def test_export_removes_the_temporaries_of_a_killed_export_and_holds_a_lock(tmp_path):
+@pytest.mark.slow
+def test_export_removes_the_temporaries_of_a_killed_export_and_holds_a_lock(tmp_path, run_cli):
     pytest.importorskip("onnxruntime")
     import json
 
@@ -583,21 +559,21 @@ def test_export_removes_the_temporaries_of_a_killed_export_and_holds_a_lock(tmp_
     (out / ".synthesis.onnx.abc123.tmp").write_bytes(b"half")
     (out / "synthesis.onnx").write_bytes(b"half of a graph, no manifest yet")
     with _lock_held_by_another_process(out) as holder:
-        result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+        result = run_cli(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
         assert_one_error_line(result, 1, f"in use by another t2f-export: pid {holder.pid}")
         assert (out / ".synthesis.onnx.abc123.tmp").exists()          # a running export's files are left alone
-    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    result = run_cli(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
     assert result.exit_code == 0, result.output
     assert "removed 2 temporary file(s)" in result.output
     assert sorted(p for p in os.listdir(out) if p.startswith(".") and p != ".t2f.lock") == []
     assert "synthesis.onnx" in json.loads((out / "manifest.json").read_text())["onnx"]
 
 
-def test_artifacts_without_a_manifest_say_so(tmp_path):
+def test_artifacts_without_a_manifest_say_so(tmp_path, run_cli):
     pytest.importorskip("onnxruntime")
     (tmp_path / "artifacts").mkdir()
     (tmp_path / "artifacts" / "text_encoder.onnx").write_bytes(b"x")
-    result = invoke(infer_main, [*TINY, "a face", "--backend", "onnxruntime", "--artifacts", "artifacts"], tmp_path)
+    result = run_cli(infer_main, [*TINY, "a face", "--backend", "onnxruntime", "--artifacts", "artifacts"], tmp_path)
     assert_one_error_line(result, 1, "has no manifest.json", "not a t2f-export output")
 
 
@@ -620,12 +596,12 @@ def _relabel_first_f32_as_i32(path):
     return name
 
 
-def test_a_float_tensor_relabelled_as_int32_is_refused(tmp_path, tiny_generator):
+def test_a_float_tensor_relabelled_as_int32_is_refused(tmp_path, tiny_generator, run_cli):
     from t2f.weights import save_generator
 
     save_generator(tiny_generator, tmp_path / "gen")
     name = _relabel_first_f32_as_i32(tmp_path / "gen" / "model.safetensors")
-    result = invoke(infer_main, ["--generator", "gen", "--clip", "tiny", "--mapper", "tiny", "a face"], tmp_path)
+    result = run_cli(infer_main, ["--generator", "gen", "--clip", "tiny", "--mapper", "tiny", "a face"], tmp_path)
     assert_one_error_line(result, 1, "wrong dtype", f"{name} torch.int32 != torch.float32")
     assert not (tmp_path / "faces.png").exists()
 
@@ -671,22 +647,22 @@ def _png_header_only(path, width, height):
     return path
 
 
-def test_a_huge_conditioning_image_is_refused_in_one_line(tmp_path):
+def test_a_huge_conditioning_image_is_refused_in_one_line(tmp_path, run_cli):
     import warnings
 
     _png_header_only(tmp_path / "huge.png", 13000, 13000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")          # Pillow's DecompressionBombWarning must not escape
-        result = invoke(infer_main, [*TINY, "--mode", "image", "--image", "huge.png"], tmp_path)
+        result = run_cli(infer_main, [*TINY, "--mode", "image", "--image", "huge.png"], tmp_path)
     line = assert_one_error_line(result, 2, "--image", "13000x13000 (169 Mpixels)", "at most 40 Mpixels")
     assert "DecompressionBomb" not in result.output and "DecompressionBomb" not in line
     assert not (tmp_path / "faces.png").exists()
 
 
-def test_export_never_opens_a_fifo_for_a_manifest(tmp_path, hang_guard):
+def test_export_never_opens_a_fifo_for_a_manifest(tmp_path, hang_guard, run_cli):
     out = tmp_path / "export"
     out.mkdir()
     os.mkfifo(out / "manifest.json")
-    result = invoke(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
+    result = run_cli(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
     assert_one_error_line(result, 2, "not a t2f-export output", "manifest.json")
     assert stat.S_ISFIFO(os.lstat(out / "manifest.json").st_mode)

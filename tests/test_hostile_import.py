@@ -23,9 +23,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import TINY, write_nvidia_pickle
 from t2f.io import WeightsError
-
-TINY = ["--generator", "tiny", "--clip", "tiny", "--mapper", "tiny"]
 
 
 def one_line(error) -> str:
@@ -290,15 +289,11 @@ def test_generator_config_sizes_are_bounded(tmp_path, tiny_generator, changes, f
     (2**5000, "got an integer of 5001 bits"),
 ])
 def test_an_nvidia_pickle_with_a_non_integer_resolution_is_one_line(tmp_path, tiny_generator, value, fragment):
-    from conftest import write_nvidia_pickle
-
     write_nvidia_pickle(tiny_generator, tmp_path / "net.pkl", init_overrides=dict(img_resolution=value))
     assert fragment in import_error(tmp_path / "net.pkl")
 
 
 def test_an_nvidia_pickle_with_an_overflowing_lr_multiplier_is_one_line(tmp_path, tiny_generator):
-    from conftest import write_nvidia_pickle
-
     kwargs = dict(z_dim=32, w_dim=32, c_dim=0, img_resolution=64, img_channels=3,
                   mapping_kwargs=dict(num_layers=2, lr_multiplier=10**400),
                   synthesis_kwargs=dict(channel_base=1024, channel_max=32, num_fp16_res=2, conv_clamp=256))

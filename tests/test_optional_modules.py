@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def hidden(tmp_path, command: str) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", script], cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_fit_finishes_and_writes_its_json_without_matplotlib(tmp_path):
     out = tmp_path / "throughput.json"
     done = hidden(tmp_path, f"{sys.executable} benchmarks/train_throughput.py --device cpu --samples 64 --synth-batch 16 "

@@ -28,12 +28,14 @@ import zlib
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.slow     # Triton servers: minutes; the README's `pytest` runs it, `-m "not slow"` leaves it out
+
 httpclient = pytest.importorskip("tritonclient.http", reason='t2f-serve tests need tritonclient: pip install -e ".[serve]"')
 grpcclient = pytest.importorskip("tritonclient.grpc", reason='t2f-serve tests need tritonclient: pip install -e ".[serve]"')
 pytest.importorskip("pytriton", reason='t2f-serve\'s default tritonserver comes with nvidia-pytriton: pip install -e ".[serve]"')
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from engine_helpers import TINY, tiny_pipeline  # noqa: E402
+from helpers import TINY, tiny_pipeline  # noqa: E402
 from t2f.engine.pipeline import face_tensor  # noqa: E402
 from t2f.engine.protocol import MAX_SAMPLE  # noqa: E402
 

@@ -11,7 +11,7 @@ from t2f.presets import GENERATOR_ARCHS, random_generator
 from t2f.stylegan2 import Generator, GeneratorConfig, to_uint8, truncate
 from t2f.weights import load_generator_dir
 
-from conftest import randomize
+from helpers import randomize
 
 DATA = Path(__file__).parent / "data"
 GOLDEN = sorted(p.name for p in DATA.glob("golden-*"))
@@ -48,7 +48,8 @@ def test_clamp_case_is_clamped():
         assert ((clamped.synthesis(ws) - unclamped.synthesis(ws)).norm() / unclamped.synthesis(ws).norm()) > 0.1
 
 
-@pytest.mark.parametrize("name", sorted(GENERATOR_ARCHS))
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if GENERATOR_ARCHS[name].resolution >= 1024 else name
+                                  for name in sorted(GENERATOR_ARCHS)])
 def test_shapes(name):
     g = random_generator(name)
     cfg = g.config

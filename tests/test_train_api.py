@@ -6,10 +6,10 @@ import os
 
 import pytest
 import torch
-from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import t2f.trainer as T
+from helpers import invoke
 from t2f.mapper import Mapper, MapperConfig
 from t2f.trainer.cli import main as train_main
 from t2f.trainer.fit import CVAEPass, FitLoss, energy_score, kl_divergence
@@ -25,6 +25,7 @@ def without_timing(path):
     return [{k: v for k, v in json.loads(line).items() if k != "steps_per_s"} for line in path.read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_train_makes_the_run_that_t2f_train_makes(tmp_path, capsys):
     assert T.train(tmp_path / "library", CONFIG) is True
     assert "done in" in capsys.readouterr().out
@@ -32,8 +33,7 @@ def test_train_makes_the_run_that_t2f_train_makes(tmp_path, capsys):
             "--samples", 96, "--shard-size", 48, "--synth-batch", 48, "--bank-size", 50,
             "--steps", 12, "--batch", 16, "--hidden", 16, "--z-dim", 4, "--warmup", 0, "--kl-warmup", 4, "--clip-every", 6,
             "--clip-batch", 2, "--log-every", 4, "--eval-every", 12, "--checkpoint-every", 6]
-    result = CliRunner().invoke(train_main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == 0, result.output
+    invoke(train_main, args, expect=0)
     library, cli = tmp_path / "library", tmp_path / "cli"
     a, b = load_file(str(library / "model.safetensors")), load_file(str(cli / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

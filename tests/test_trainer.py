@@ -22,7 +22,7 @@ from t2f.trainer.config import PRESET_BUDGETS
 from t2f.trainer.report import PROMPTS
 from t2f.weights import save_generator
 
-from conftest import randomize
+from helpers import invoke, randomize
 
 BASE = ["--generator", "tiny", "--clip", "tiny", "--no-progress"]
 # Short fits for the mechanics (resumption, layout, errors): the default options, fewer steps.
@@ -30,20 +30,7 @@ FIT = ["--log-every", "250", "--eval-every", "1000", "--checkpoint-every", "500"
 
 
 def train(args, expect=0):
-    result = CliRunner().invoke(train_main, [str(a) for a in args], catch_exceptions=False)
-    assert result.exit_code == expect, result.output
-    return result
-
-
-def infer(args, cwd, expect=0):
-    old = os.getcwd()
-    os.chdir(cwd)
-    try:
-        result = CliRunner().invoke(infer_main, [str(a) for a in args], catch_exceptions=False)
-    finally:
-        os.chdir(old)
-    assert result.exit_code == expect, result.output
-    return result
+    return invoke(train_main, args, expect)
 
 
 def evals(run):
@@ -56,7 +43,9 @@ def without_timing(stats_text):
 
 @pytest.fixture(scope="module")
 def trained_with_output(tmp_path_factory):
-    """One straight `t2f-train` run, all three stages, with every default (the tiny preset's budget), and its output."""
+    """One straight `t2f-train` run, all three stages, with every default (the tiny preset's budget), and its output.
+
+    Minutes on a CPU: every test that uses it is marked slow."""
     run = tmp_path_factory.mktemp("runs") / "full"
     return run, train([*BASE, "--out", run]).output
 
@@ -78,6 +67,7 @@ def small_pairs(tmp_path_factory):
 # Quality and outputs.
 
 
+@pytest.mark.slow
 def test_defaults_use_the_text_and_z(trained_with_output):
     run, output = trained_with_output
     budget = PRESET_BUDGETS["tiny"]
@@ -98,6 +88,7 @@ def test_defaults_use_the_text_and_z(trained_with_output):
     assert 0 < last["w_error_posterior"]
 
 
+@pytest.mark.slow
 def test_run_layout(trained):
     names = set(os.listdir(trained))
     assert {"options.json", "pairs", "checkpoint.pt", "stats.jsonl", "config.json", "model.safetensors", "bank.safetensors",
@@ -114,6 +105,7 @@ def test_run_layout(trained):
     assert load_bank(trained / "bank.safetensors").embeddings.shape == (PRESET_BUDGETS["tiny"]["samples"], 128)
 
 
+@pytest.mark.slow
 def test_report_shows_curves_and_a_grid_per_evaluation(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -174,8 +166,9 @@ def test_a_fit_that_ignores_the_text_ends_with_a_warning(small_pairs, tmp_path):
     assert last["warning"] in (run / "report.html").read_text().replace("&#x27;", "'")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["text", "knn", "image"])
-def test_infer_with_the_trained_mapper(trained, tmp_path, mode):
+def test_infer_with_the_trained_mapper(trained, tmp_path, mode, run_cli):
     args = ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "--n", 3, "--save-ws", "ws.npy"]
     if mode == "image":
         face = np.random.default_rng(0).integers(0, 255, (80, 60, 3), dtype=np.uint8)
@@ -183,7 +176,7 @@ def test_infer_with_the_trained_mapper(trained, tmp_path, mode):
         args += ["--image", "face.png", "--image", "face.png"]
     else:
         args += ["a smiling woman", "an old man"]
-    result = infer(args, tmp_path)
+    result = run_cli(infer_main, args, tmp_path, expect=0)
     assert f"mode {mode}" in result.stdout
     ws = np.load(tmp_path / "ws.npy")
     assert ws.shape == (6, 10, 32)
@@ -191,10 +184,11 @@ def test_infer_with_the_trained_mapper(trained, tmp_path, mode):
     assert not np.allclose(ws[0], ws[1])   # samples of one row differ
 
 
-def test_knn_and_text_modes_differ(trained, tmp_path):
+@pytest.mark.slow
+def test_knn_and_text_modes_differ(trained, tmp_path, run_cli):
     for mode in ("text", "knn"):
-        infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "a child", "--n", 2,
-               "--save-ws", f"{mode}.npy"], tmp_path)
+        run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", mode, "a child", "--n", 2,
+                             "--save-ws", f"{mode}.npy"], tmp_path, expect=0)
     assert not np.allclose(np.load(tmp_path / "text.npy"), np.load(tmp_path / "knn.npy"))
 
 
@@ -219,6 +213,7 @@ def test_synth_interrupted_and_resumed_equals_straight(small_pairs, tmp_path):
             assert all(torch.equal(a[k], b[k]) for k in ("w", "embedding", "index"))
 
 
+@pytest.mark.slow
 def test_fit_interrupted_and_resumed_equals_straight(small_pairs, tmp_path):
     fit = ["fit", "--out", None, "--no-progress", *FIT, "--steps", 300, "--checkpoint-every", 100, "--log-every", 50, "--eval-every", 150]
     runs = {}
@@ -331,30 +326,34 @@ def test_fit_without_synth(tmp_path):
     assert "no synth stage" in result.output
 
 
-def test_mapper_refuses_other_generator_weights(trained, tmp_path):
+@pytest.mark.slow
+def test_mapper_refuses_other_generator_weights(trained, tmp_path, run_cli):
     save_generator(randomize(random_generator("tiny"), seed=9), tmp_path / "other-g")
-    result = infer(["--generator", "other-g", "--clip", "tiny", "--mapper", trained, "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "other-g", "--clip", "tiny", "--mapper", trained, "a"], tmp_path, expect=1)
     assert "trained for generator tiny" in result.stderr and not (tmp_path / "faces.png").exists()
 
 
-def test_mapper_refuses_other_clip_weights(trained, tmp_path):
+@pytest.mark.slow
+def test_mapper_refuses_other_clip_weights(trained, tmp_path, run_cli):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     config = json.loads((run / "config.json").read_text())
     config["clip"] = {"name": "ViT-B-32:openai", "fingerprint": "0123456789abcdef"}
     (run / "config.json").write_text(json.dumps(config))
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
     assert "trained for CLIP ViT-B-32:openai" in result.stderr
 
 
-def test_bank_for_another_clip_is_refused(trained, tmp_path):
+@pytest.mark.slow
+def test_bank_for_another_clip_is_refused(trained, tmp_path, run_cli):
     bank = load_bank(trained / "bank.safetensors")
     save_bank(tmp_path / "bank.safetensors", bank.embeddings, "ViT-B-32:openai", "0123456789abcdef")
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", "knn",
-                    "--bank", "bank.safetensors", "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, "--mode", "knn",
+                                  "--bank", "bank.safetensors", "a"], tmp_path, expect=1)
     assert "bank was made with CLIP ViT-B-32:openai" in result.stderr and not (tmp_path / "faces.png").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,fragment", [
     (["--mode", "image"], "needs --image"),
     (["--mode", "image", "--image", "x.png", "a"], "takes no prompts"),
@@ -362,9 +361,9 @@ def test_bank_for_another_clip_is_refused(trained, tmp_path):
     (["--mode", "image", "--image", "missing.png"], "cannot read image"),
     ([], "at least one prompt"),
 ])
-def test_mode_usage_errors(trained, tmp_path, args, fragment):
+def test_mode_usage_errors(trained, tmp_path, args, fragment, run_cli):
     (tmp_path / "x.png").write_bytes(b"not a png")
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", trained, *args], tmp_path, expect=2)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", trained, *args], tmp_path, expect=2)
     assert fragment in result.stderr
 
 
@@ -372,6 +371,7 @@ def test_mode_usage_errors(trained, tmp_path, args, fragment):
 # torchrun.
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_same_layout_and_pairs(small_pairs, tmp_path):
     run = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -406,6 +406,7 @@ def test_a_failed_fit_does_not_lock_its_options(small_pairs, tmp_path):
     assert "fit steps was 20, now 30" in result.output
 
 
+@pytest.mark.slow
 def test_stop_after_counts_steps_of_this_run(small_pairs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_pairs, run)
@@ -415,6 +416,7 @@ def test_stop_after_counts_steps_of_this_run(small_pairs, tmp_path):
     assert "stopped" not in train(args).output and (run / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_a_torn_stats_line_does_not_block_resuming(small_pairs, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(small_pairs, run)
@@ -493,11 +495,12 @@ def test_fit_resumes_on_cuda(small_pairs, tmp_path):
     assert (run / "model.safetensors").exists()
 
 
-def test_malformed_mapper_record(trained, tmp_path):
+@pytest.mark.slow
+def test_malformed_mapper_record(trained, tmp_path, run_cli):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     config = json.loads((run / "config.json").read_text())
     config["clip"] = "tiny"
     (run / "config.json").write_text(json.dumps(config))
-    result = infer(["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
+    result = run_cli(infer_main, ["--generator", "tiny", "--clip", "tiny", "--mapper", run, "a"], tmp_path, expect=1)
     assert "malformed generator or clip record" in result.stderr

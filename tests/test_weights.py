@@ -12,7 +12,7 @@ from t2f.io import WeightsError
 from t2f.presets import random_generator
 from t2f.weights import import_generator, load_generator_dir, save_generator
 
-from conftest import randomize, to_rosinality, write_nvidia_pickle
+from helpers import randomize, to_rosinality, write_nvidia_pickle
 
 
 @pytest.fixture

@@ -79,7 +79,6 @@ def test_pipeline_on_onnxruntime_equals_torch(pipe):
 
 
 def test_auto_and_unavailable_backends(pipe, monkeypatch):
-    import importlib.util
 
     import t2f.precision
 
@@ -96,8 +95,10 @@ def test_auto_and_unavailable_backends(pipe, monkeypatch):
     assert choose(CPU) == (OpenVINOBackend, Precision.FP32)
     with pytest.raises(BackendUnavailable, match="bf16 needs a CPU with bfloat16 instructions"):
         choose(CPU, "openvino", Precision.BF16)
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    import t2f.engine.backends.base as base
+
+    real = base.importable
+    monkeypatch.setattr(base, "importable", lambda name: name != "openvino" and real(name))   # as if it were not installed
     assert choose(CPU) == (OnnxRuntimeBackend, Precision.FP32)
     with pytest.raises(BackendUnavailable, match='openvino.*not installed.*t2f\\[openvino\\]'):
         choose(CPU, "openvino")

@@ -530,7 +530,8 @@ def test_torch_compile_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe):
     eager = pipe.generate_requests([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
     assert ((three.ws - eager.ws).norm() / eager.ws.norm()) < 1e-5
     assert (three.images.int() - eager.images.int()).abs().max() <= 1
-    assert os.listdir(compiled.backend.cache)                          # Inductor's cache is in t2f's cache directory
+    cache = compiled.backend.cache                                     # Inductor's cache is in t2f's cache directory
+    assert cache.startswith(os.environ["T2F_CACHE"]) and os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache and os.listdir(cache)
 
 
 def test_random_noise_runs_whole_blocks_and_a_row_keeps_its_own_noise(pipe, monkeypatch):

@@ -135,10 +135,16 @@ class CudaGraphBackend(_StageModules):
 
 
 def inductor_cache() -> str:
-    """Inductor's cache directory: $TORCHINDUCTOR_CACHE_DIR if set, else T2F_CACHE/inductor (set for this process)."""
+    """Inductor's cache directory: $TORCHINDUCTOR_CACHE_DIR if the user set it, else T2F_CACHE/inductor (set for this
+    process). Inductor writes its own default (/tmp/torchinductor_USER) into the variable once it has looked, so that
+    value counts as unset."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
     from t2f.download import cache_dir
 
-    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or str(cache_dir() / "inductor")
+    path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not path or os.path.abspath(path) == os.path.abspath(default_cache_dir()):
+        path = str(cache_dir() / "inductor")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path           # read by Inductor when it first compiles
     os.makedirs(path, exist_ok=True)
     return path

@@ -26,7 +26,6 @@ from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-e
 from t2f.graphs import GraphSpec
 from t2f.precision import Precision
 
-
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
 

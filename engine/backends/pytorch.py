@@ -10,6 +10,7 @@ All three run the same stage modules (t2f.graphs): one recipe per stage and prec
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 
@@ -182,9 +183,8 @@ class TorchCompileBackend(_StageModules):
             raise BackendUnavailable("torch-compile on CUDA needs the triton package")
 
     def _call(self, fn, *args):
-        with torch.no_grad(), torch.cuda.device(self.device) if self.device.type == "cuda" else _nothing():
-            out = fn(*args)
-        return out
+        with torch.no_grad(), torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
+            return fn(*args)
 
     def encode(self, tokens):
         return self._call(self._text, tokens.to(self.device, torch.int32).contiguous())
@@ -195,11 +195,3 @@ class TorchCompileBackend(_StageModules):
 
     def synthesize(self, ws):
         return self._call(self._synthesis, ws.to(self.device).float().contiguous())
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -1,4 +1,4 @@
-"""Choosing and building a backend: the registry, `auto`, and ONNX graphs exported on demand.
+"""Choosing and building a backend: the registry and `auto` (the on-demand ONNX export is in `ondemand`).
 
 `auto` is the first (backend, precision) of the device's preference list that passes
 `check_available`. The lists are ordered by measured end-to-end speed (benchmarks/RESULTS.md:
@@ -10,7 +10,6 @@ its first call compiles for 10 s to minutes, more than it saves in a run of a fe
 """
 
 from __future__ import annotations
-
 
 import torch
 
@@ -48,9 +47,9 @@ def choose(device: torch.device, backend: str = "auto", precision: Precision | N
         raise BackendUnavailable(f"unknown backend {backend!r}; one of auto, {', '.join(BACKENDS)}")
     candidates = [(name, p) for name, p in PREFERENCE[device.type]
                   if backend in ("auto", name) and precision in (None, p)]
-    if noise_mode != "const":
+    if noise_mode != "const":       # only eager PyTorch draws noise: the list's torch entries, else torch as asked
         candidates = [c for c in candidates if noise_mode in BACKEND_CLASSES[c[0]].noise_modes] or \
-                     [("torch", precision or FP32 if device.type == "cpu" else precision or FP16)]
+                     [("torch", precision or (FP32 if device.type == "cpu" else FP16))]
     if backend != "auto":           # a named backend: its preferred precisions on this device, then any it has
         cls = BACKEND_CLASSES[backend]
         candidates += [(backend, p) for p in cls.precisions if (backend, p) not in candidates and precision in (None, p)]

@@ -274,14 +274,14 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
                 for stage, t in times.items():
                     run["samples"][stage].append(t)
         if i >= warmup:
-            report["results"] = [_row(run, flops, peak, auto, device) for run in live]
+            report["results"] = _rows(live, flops, peak, auto, device)
             save(report)
     # The peak again after the rounds (the machine's load may have changed): the better of the two counts.
     for p in (Precision.FP32, Precision.BF16, Precision.FP16):
         again = roofline.peak_gflops(device, p.dtype)
         if again is not None and (peak[str(p)] is None or again > peak[str(p)]):
             peak[str(p)] = again
-    report["results"] = [_row(run, flops, peak, auto, device) for run in live]
+    report["results"] = _rows(live, flops, peak, auto, device)
     save(report)
     for row in report["results"]:
         log(f"{row['backend']:20s} {row['precision']}  batch {row['batch']:3d}  {row['stages']['end_to_end']['median_ms']:9.2f} ms  "
@@ -309,10 +309,17 @@ def _row(run: dict, flops: dict, peak: dict, auto, device) -> dict:
                 auto=auto == (run["name"], precision))
 
 
-def _speedups(report: dict) -> None:
-    eager = {r["batch"]: r["stages"]["end_to_end"]["median_ms"] for r in report["results"]
+def _rows(live: list, flops: dict, peak: dict, auto, device) -> list[dict]:
+    """The report's rows of the runs so far, each with its speed-up over eager fp32 at its batch (None without one)."""
+    rows = [_row(run, flops, peak, auto, device) for run in live]
+    _speedups(rows)
+    return rows
+
+
+def _speedups(rows: list[dict]) -> None:
+    eager = {r["batch"]: r["stages"]["end_to_end"]["median_ms"] for r in rows
              if (r["backend"], r["precision"]) == ("torch", "fp32")}
-    for r in report["results"]:
+    for r in rows:
         r["speedup"] = eager[r["batch"]] / r["stages"]["end_to_end"]["median_ms"] if r["batch"] in eager else None
 
 
@@ -382,7 +389,6 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
 
     def save(report: dict) -> None:
         """The report so far, JSON and markdown, rewritten after every change: an interrupted run keeps its rows."""
-        _speedups(report)
         files = {}
         if md_path:
             files[md_path] = markdown(report).encode()

@@ -92,14 +92,6 @@ def blocks(rows: int, *tensors: torch.Tensor):
         yield chunk[0].shape[0], [pad_rows(c, rows) for c in chunk]
 
 
-def _noise_blocks(rows: int, ws: torch.Tensor, seeds: list[int]):
-    """blocks() of ws with each block's noise seeds (the last block's padding repeats the last seed)."""
-    for start in range(0, ws.shape[0], rows):
-        chunk = seeds[start : start + rows]
-        count = len(chunk)
-        yield count, (pad_rows(ws[start : start + rows], rows), chunk + chunk[-1:] * (rows - count))
-
-
 def default_batch_size(device: torch.device) -> int:
     """Rows per graph call where none is given: 1 on the CPU, 8 on a GPU.
 
@@ -243,8 +235,9 @@ class TextToFace:
                 raise ValueError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
             # One noise stream per image (its own seed), so an image does not depend on its batch: each block's
             # noise is drawn row by row from per-row generators and passed in, then the block runs at once.
-            for count, (chunk, seeds) in _noise_blocks(self.batch_size, ws, noise):
-                images.append(to_host(self.backend.synthesize(chunk, noise_mode=noise_mode, noise_seeds=seeds)[:count]))
+            seeds = torch.tensor(noise, dtype=torch.int64)                 # < 2**63 (noise_seed); padded like the rows
+            for count, (chunk, block_seeds) in blocks(self.batch_size, ws, seeds):
+                images.append(to_host(self.backend.synthesize(chunk, noise_mode=noise_mode, noise_seeds=block_seeds.tolist())[:count]))
         else:
             for count, (chunk,) in blocks(self.batch_size, ws):
                 images.append(to_host(self.backend.synthesize(chunk)[:count]))

@@ -219,7 +219,7 @@ class _OpenVINORunner:
     """A graph in OpenVINO's CPU plugin in bf16 (the synthesis graph with its float image as a second output)."""
 
     def __init__(self, spec: GraphSpec, path: Path, sha: str):
-        from t2f.devices import importable
+        from t2f.devices import cpu_threads, importable
 
         if not importable("openvino"):
             raise ExportError('bf16 parity is measured with OpenVINO, which is not installed (pip install "t2f[openvino]")')
@@ -229,8 +229,6 @@ class _OpenVINORunner:
             raise ExportError(f"{path} changed while it was checked; run t2f-export again")
         core = openvino.Core()
         model = core.read_model(with_float_image(path) if spec.name == "synthesis" else path.read_bytes(), b"")
-        from t2f.devices import cpu_threads
-
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": cpu_threads()})
 
     def __call__(self, feeds: dict) -> list:
@@ -243,6 +241,8 @@ def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int]
     """Rows of the parity table for one exported graph against eager PyTorch fp32: ONNX Runtime (CPU) for fp32 and fp16
     files, OpenVINO in bf16 for bf16 (the mapper, fp32 in every precision, is checked in ONNX Runtime)."""
     compute = spec.compute_precision(precision)
+    if compute is Precision.BF16 and not compute.runs_on("cpu"):     # OpenVINO would run fp32 and call it bf16
+        raise ExportError("bf16 parity cannot be measured on this CPU: it has no bfloat16 instructions (AVX512_BF16 or AMX)")
     runner = (_OpenVINORunner if compute is Precision.BF16 else _OrtRunner)(spec, path, sha)
     bound = BOUNDS[compute]
     rows = []

@@ -7,9 +7,9 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import torch
@@ -182,11 +182,9 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_sibling(path)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
+        yield tmp
         check_output_file(path)
         os.replace(tmp, path)
     except BaseException as e:
@@ -210,10 +208,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temporary_sibling(path, directory=True)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask())
         check_output_dir(path, replace=True)
         if path.exists():
             old = tmp.with_suffix(".old")
@@ -229,6 +226,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _temporary_sibling(path: Path, directory: bool = False) -> Path:
+    """A new file (or directory) .NAME.RANDOM.tmp beside `path`, made 0666 (0777) less the umask, as open() and mkdir()
+    make them: the kernel applies the umask, which t2f never reads (reading it means setting it, for every thread)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
 
 
 def write_all(files: dict[str | os.PathLike, bytes]) -> None:
@@ -289,12 +302,6 @@ def directory_lock(directory: str | os.PathLike, what: str, wait: bool = False):
         yield
     finally:
         os.close(fd)                                         # releases the lock
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:

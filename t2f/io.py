@@ -16,6 +16,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from .private import LOCK_NAME, DirectoryInUse, directory_lock  # noqa: F401  (its callers import the lock from here)
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
@@ -258,50 +260,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------
-# One process at a time in an output directory.
-
-LOCK_NAME = ".t2f.lock"
-
-
-class DirectoryInUse(Exception):
-    """Another process holds the directory's lock."""
-
-
-@contextlib.contextmanager
-def directory_lock(directory: str | os.PathLike, what: str, wait: bool = False):
-    """Hold an exclusive lock on `directory` (flock on its .t2f.lock, created if needed) while the block runs.
-
-    The lock file records the holder (pid, host, command); a second process fails at once with
-    DirectoryInUse naming it, or with wait=True (a cache that another process is filling) waits
-    for it. The kernel drops the lock when the holder exits, even on kill -9, so a stale lock file
-    never blocks anyone.
-    """
-    import fcntl
-    import socket
-    import sys
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OutputPathError(path, "is not a regular file")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
-            raise DirectoryInUse(f"{directory} is in use by another {what}: {holder}; wait for it to finish "
-                                 "or stop it") from None
-        os.ftruncate(fd, 0)
-        command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)                                         # releases the lock
 
 
 def write_json(path: str | os.PathLike, data) -> None:

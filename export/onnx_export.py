@@ -69,18 +69,20 @@ def foreign_files(out: Path) -> list[str]:
     return foreign
 
 
+def temporaries(out: Path) -> list[Path]:
+    """What an export that did not finish leaves in `out`: .parity-* scratch directories, .*.tmp and .*.old files."""
+    found = out.iterdir() if out.is_dir() else ()
+    return [p for p in found if p.name.startswith(".parity-") or (p.name.startswith(".") and p.name.endswith((".tmp", ".old")))]
+
+
 def remove_stale_temporaries(out: Path) -> list[str]:
-    """Remove what a killed export left in `out` (.parity-* scratch directories, .*.tmp files); call with its lock held."""
-    removed = []
-    for p in out.iterdir():
-        if not (p.name.startswith(".parity-") or (p.name.startswith(".") and p.name.endswith((".tmp", ".old")))):
-            continue
+    """Remove what a killed export left in `out` (see temporaries); call with its lock held. The names removed."""
+    for p in (found := temporaries(out)):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-        removed.append(p.name)
-    return removed
+    return [p.name for p in found]
 
 
 # ----------------------------------------------------------------------------

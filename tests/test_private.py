@@ -1,4 +1,4 @@
-"""Another local user against t2f: the cache and its folders, `--write-repository`, locks.
+"""Another local user against t2f: the cache and its folders, `--write-repository`, locks, leftovers of a killed export.
 
 Folders another user owns are made with os.chown to uid 65534 (nobody), which needs root; those
 cases skip where the tests do not run as root. Group- and world-writable folders need no root.
@@ -358,6 +358,31 @@ def test_a_lock_file_of_another_user_is_refused(tmp_path, run_cli):
     result = run_cli(export_main, [*TINY, "--out", out, "--onnx-only"], tmp_path)
     assert_one_error_line(result, 1, f"{out / '.t2f.lock'} is owned by uid 65534 (nobody), not by you", "remove it")
     assert os.listdir(out) == [".t2f.lock"]
+
+
+# ----------------------------------------------------------------------------
+# What a killed on-demand export leaves in the cache is removed by the next run.
+
+
+def test_the_next_run_removes_what_a_killed_export_left_in_the_cache(tmp_path, monkeypatch, models):
+    import t2f.export.onnx_export as onnx_export
+    from t2f.engine.backends.ondemand import ensure_onnx, onnx_cache_dir
+    from t2f.precision import Precision
+
+    out = onnx_cache_dir(models)
+    out.mkdir(parents=True)
+    (out / ".synthesis.onnx.k1ll3d.tmp").write_bytes(b"half a graph")
+    (out / ".parity-k1ll3d").mkdir()
+    (out / ".parity-k1ll3d" / "text_encoder.onnx").write_bytes(b"half")
+    seen = []
+    monkeypatch.setattr(onnx_export, "export_artifacts", lambda out, *a, **k: seen.append(sorted(os.listdir(out))))
+    assert ensure_onnx(models, Precision.FP32) == out
+    assert seen == [[".t2f.lock"]]                                   # removed before the export, under its lock
+    # Graphs already current (a killed export of another precision left its temporary): removed, nothing exported.
+    (out / ".manifest.json.k1ll3d.tmp").write_bytes(b"{")
+    monkeypatch.setattr(onnx_export, "artifacts_current", lambda *_: True)
+    assert ensure_onnx(models, Precision.FP32) == out
+    assert sorted(os.listdir(out)) == [".t2f.lock"] and len(seen) == 1
 
 
 # ----------------------------------------------------------------------------

@@ -7,7 +7,9 @@
 
 `t2f-serve` writes one into its workspace and runs tritonserver on it with `--model-control-mode
 none`; `t2f-serve --write-repository DIR` writes the same for NVIDIA's Triton container
-(docs/serving.md). Files are written atomically and the directory is created 0700.
+(docs/serving.md). Files are written atomically and the directories are created 0700; a DIR (or
+a folder in it, or a directory above it) that another user owns or can write is refused, since
+Triton runs the model.py it finds there.
 """
 
 from __future__ import annotations
@@ -86,8 +88,8 @@ def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), mode)
             os.fsync(f.fileno())
-        os.chmod(temporary, mode)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -99,12 +101,15 @@ def write_repository(directory: str, options: ModelOptions, devices: list[str], 
                      file_mode: int = 0o600) -> list[str]:
     """Write the repository into `directory` (created 0700 where missing); the paths written.
 
-    An existing directory may hold other models; t2f's own two are replaced file by file.
+    An existing directory may hold other models; t2f's own two are replaced file by file. UnsafePathError
+    (one line) where another user owns or can write `directory`, a model's folder in it, or can rename one
+    of the directories above it (t2f.private.private_dir).
     """
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    from t2f.private import private_dir
+
     written = []
     for model in MODELS:
-        os.makedirs(os.path.join(directory, model, "1"), mode=0o700, exist_ok=True)
+        private_dir(directory, model, "1", fix="choose a directory of your own")
         for relative, data in ((os.path.join(model, "config.pbtxt"), config_pbtxt(model, options, devices, max_batch, queue_delay_us).encode()),
                                (os.path.join(model, "1", "model.py"), model_py())):
             path = os.path.join(directory, relative)

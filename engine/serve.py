@@ -109,7 +109,7 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
 
     from .repository import ModelOptions, write_repository as write
     from .tritonserver import (Triton, TritonError, Workspace, clean_stale_workspaces, embedded_binaries, tighten_shared_memory,
-                               user_binaries)
+                               user_binaries, workspace_parent)
     from .web import Front, FrontConfig
 
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
@@ -152,15 +152,12 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
                    f"{write_repository} --model-control-mode none", err=True)
         return
 
-    from t2f.download import cache_dir
-
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
-    parent = os.path.join(cache or str(cache_dir()), "serve")
     front = workspace = triton = None
     summary = ""
     try:
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+        parent = workspace_parent(cache)                         # 0700, the user's alone: checked before anything in it is touched
         removed = clean_stale_workspaces(parent)
         if removed:
             click.echo(f"removed {len(removed)} workspace(s) of stopped servers: {', '.join(removed)}", err=True)

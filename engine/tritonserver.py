@@ -134,11 +134,29 @@ def remove_shared_memory(prefix: str) -> None:
 # Workspaces.
 
 
+SERVE_FIX = "use --cache DIR or set T2F_CACHE to a directory of your own"
+
+
+def workspace_parent(cache: str | None = None) -> str:
+    """CACHE/serve (CACHE: --cache, else $T2F_CACHE or ~/.cache/t2f), created 0700; UnsafePathError (one line) where
+    another user could change it, who could then swap a workspace and have Triton load their model.py."""
+    from t2f.download import cache_dir
+    from t2f.private import private_dir
+
+    return str(private_dir(cache or cache_dir(), "serve", fix=SERVE_FIX))
+
+
 class Workspace:
-    """A fresh private directory CACHE/serve/PID-TOKEN, locked while this server lives."""
+    """A fresh private directory CACHE/serve/PID-TOKEN, locked while this server lives.
+
+    `parent` is checked first (t2f.private.private_dir: created 0700, the user's alone), so no other
+    user can rename or replace the workspace, made 0700 inside it, or anything in it.
+    """
 
     def __init__(self, parent: str):
-        os.makedirs(parent, mode=0o700, exist_ok=True)
+        from t2f.private import private_dir
+
+        private_dir(parent, fix=SERVE_FIX)
         token = secrets.token_hex(4)
         self.path = os.path.join(os.path.realpath(parent), f"{os.getpid()}-{token}")
         self.shm_prefix = f"t2f{token}{os.getpid()}_"          # the Python backend's region names start with it

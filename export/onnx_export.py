@@ -69,18 +69,20 @@ def foreign_files(out: Path) -> list[str]:
     return foreign
 
 
+def temporaries(out: Path) -> list[Path]:
+    """What an export that did not finish leaves in `out`: .parity-* scratch directories, .*.tmp and .*.old files."""
+    found = out.iterdir() if out.is_dir() else ()
+    return [p for p in found if p.name.startswith(".parity-") or (p.name.startswith(".") and p.name.endswith((".tmp", ".old")))]
+
+
 def remove_stale_temporaries(out: Path) -> list[str]:
-    """Remove what a killed export left in `out` (.parity-* scratch directories, .*.tmp files); call with its lock held."""
-    removed = []
-    for p in out.iterdir():
-        if not (p.name.startswith(".parity-") or (p.name.startswith(".") and p.name.endswith((".tmp", ".old")))):
-            continue
+    """Remove what a killed export left in `out` (see temporaries); call with its lock held. The names removed."""
+    for p in (found := temporaries(out)):
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-        removed.append(p.name)
-    return removed
+    return [p.name for p in found]
 
 
 # ----------------------------------------------------------------------------
@@ -219,7 +221,7 @@ class _OpenVINORunner:
     """A graph in OpenVINO's CPU plugin in bf16 (the synthesis graph with its float image as a second output)."""
 
     def __init__(self, spec: GraphSpec, path: Path, sha: str):
-        from t2f.devices import importable
+        from t2f.devices import cpu_threads, importable
 
         if not importable("openvino"):
             raise ExportError('bf16 parity is measured with OpenVINO, which is not installed (pip install "t2f[openvino]")')
@@ -229,8 +231,6 @@ class _OpenVINORunner:
             raise ExportError(f"{path} changed while it was checked; run t2f-export again")
         core = openvino.Core()
         model = core.read_model(with_float_image(path) if spec.name == "synthesis" else path.read_bytes(), b"")
-        from t2f.devices import cpu_threads
-
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": cpu_threads()})
 
     def __call__(self, feeds: dict) -> list:
@@ -243,6 +243,8 @@ def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int]
     """Rows of the parity table for one exported graph against eager PyTorch fp32: ONNX Runtime (CPU) for fp32 and fp16
     files, OpenVINO in bf16 for bf16 (the mapper, fp32 in every precision, is checked in ONNX Runtime)."""
     compute = spec.compute_precision(precision)
+    if compute is Precision.BF16 and not compute.runs_on("cpu"):     # OpenVINO would run fp32 and call it bf16
+        raise ExportError("bf16 parity cannot be measured on this CPU: it has no bfloat16 instructions (AVX512_BF16 or AMX)")
     runner = (_OpenVINORunner if compute is Precision.BF16 else _OrtRunner)(spec, path, sha)
     bound = BOUNDS[compute]
     rows = []

@@ -16,11 +16,13 @@ def user_errors(*extra: type[BaseException]):
     from .download import DownloadError
     from .io import DirectoryInUse, WeightsError
     from .mapper import MissingMapperError
+    from .private import UnsafePathError
 
     logging.disable(logging.ERROR)
     try:
         yield
-    except (WeightsError, DirectoryInUse, DownloadError, ClipLoadError, MissingMapperError, ValueError, *extra) as e:
+    except (WeightsError, DirectoryInUse, UnsafePathError, DownloadError, ClipLoadError, MissingMapperError, ValueError,
+            *extra) as e:
         raise click.ClickException(" ".join(str(e).split())) from None
     finally:
         logging.disable(logging.NOTSET)

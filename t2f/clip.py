@@ -215,6 +215,9 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
         raise ClipLoadError(f"{parsed.pretrained!r} is neither a pretrained tag of {parsed.model} (tags: {', '.join(tags) or 'none'}) nor a file")
     if not tag_cfg:
         return Clip(_model_from_checkpoint(parsed.model, parsed.pretrained), tokenizer, parsed).to(device)
+    from .private import private_dir
+
+    private_dir(cache_dir, fix="use --cache DIR or set T2F_CACHE to a directory of your own")   # 0700; nobody else swaps weights
     try:
         model = open_clip.create_model(parsed.model, pretrained=parsed.pretrained, device="cpu", cache_dir=cache_dir,
                                        force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))

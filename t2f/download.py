@@ -10,6 +10,7 @@ import urllib.request
 from pathlib import Path
 
 from .io import atomic_path
+from .private import private_dir
 
 
 class DownloadError(Exception):
@@ -26,7 +27,8 @@ class WeightSource:
 
 
 def cache_dir() -> Path:
-    """$T2F_CACHE, else ~/.cache/t2f."""
+    """$T2F_CACHE, else ~/.cache/t2f: its path only. Each user of a folder in it creates and checks that folder with
+    t2f.private.private_dir (0700, no other user can change it) before it loads anything from there."""
     return Path(os.environ.get("T2F_CACHE") or Path.home() / ".cache" / "t2f")
 
 
@@ -34,9 +36,11 @@ def fetch(source: WeightSource, directory: str | os.PathLike | None = None, prog
     """The cached file for `source`, downloading and verifying it first if it is missing.
 
     A file enters the cache only after its checksum matched, so a cached file is trusted.
-    Set T2F_OFFLINE=1 to fail at once instead of trying the network.
+    Set T2F_OFFLINE=1 to fail at once instead of trying the network. The directory is created 0700 and refused
+    (UnsafePathError) where another user could change it.
     """
-    directory = Path(directory) if directory is not None else cache_dir()
+    directory = private_dir(directory if directory is not None else cache_dir(),
+                            fix="use --cache DIR or set T2F_CACHE to a directory of your own")
     dest = directory / source.filename
     if dest.is_file():
         return dest

@@ -7,14 +7,16 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import stat
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
+
+from .private import LOCK_NAME, DirectoryInUse, directory_lock  # noqa: F401  (its callers import the lock from here)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -182,11 +184,9 @@ def atomic_path(path: str | os.PathLike):
     path = Path(path)
     check_output_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = _temporary_sibling(path)
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600; give the file the permissions open() would
+        yield tmp
         check_output_file(path)
         os.replace(tmp, path)
     except BaseException as e:
@@ -210,10 +210,9 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = _temporary_sibling(path, directory=True)
     try:
         yield tmp
-        os.chmod(tmp, 0o777 & ~umask())
         check_output_dir(path, replace=True)
         if path.exists():
             old = tmp.with_suffix(".old")
@@ -231,6 +230,22 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise
 
 
+def _temporary_sibling(path: Path, directory: bool = False) -> Path:
+    """A new file (or directory) .NAME.RANDOM.tmp beside `path`, made 0666 (0777) less the umask, as open() and mkdir()
+    make them: the kernel applies the umask, which t2f never reads (reading it means setting it, for every thread)."""
+    for _ in range(100):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            if directory:
+                os.mkdir(tmp, 0o777)
+            else:
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path.parent))
+
+
 def write_all(files: dict[str | os.PathLike, bytes]) -> None:
     """Write every file to a temporary sibling first, then rename them all: an OSError leaves none of them."""
     with contextlib.ExitStack() as stack:
@@ -245,56 +260,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-# ----------------------------------------------------------------------------
-# One process at a time in an output directory.
-
-LOCK_NAME = ".t2f.lock"
-
-
-class DirectoryInUse(Exception):
-    """Another process holds the directory's lock."""
-
-
-@contextlib.contextmanager
-def directory_lock(directory: str | os.PathLike, what: str, wait: bool = False):
-    """Hold an exclusive lock on `directory` (flock on its .t2f.lock, created if needed) while the block runs.
-
-    The lock file records the holder (pid, host, command); a second process fails at once with
-    DirectoryInUse naming it, or with wait=True (a cache that another process is filling) waits
-    for it. The kernel drops the lock when the holder exits, even on kill -9, so a stale lock file
-    never blocks anyone.
-    """
-    import fcntl
-    import socket
-    import sys
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OutputPathError(path, "is not a regular file")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "an unknown process"
-            raise DirectoryInUse(f"{directory} is in use by another {what}: {holder}; wait for it to finish "
-                                 "or stop it") from None
-        os.ftruncate(fd, 0)
-        command = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} ({command})\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)                                         # releases the lock
-
-
-def umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: str | os.PathLike, data) -> None:

@@ -21,6 +21,10 @@ from .config import check_sizes, config_from_dict, shown
 from .stylegan2 import FullyConnected, normalize_2nd_moment
 
 MAPPER_KIND = "t2f-mapper"
+# Caps far above any mapper t2f trains (CLIP embeddings are at most 1280 wide, StyleGAN2 has at most 26 styles), so
+# that a config file cannot describe a model too big to build on the meta device (t2f-train's options use them too).
+SIZE_LIMITS = dict(embed_dim=8192, w_dim=8192, num_ws=64, z_dim=8192, hidden=16384)
+LAYER_RANGE = (2, 64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +39,9 @@ class MapperConfig:
     mean_head: bool = False       # A z-free MLP predicts E[w | e]; the CVAE decoder adds z's residual to it.
 
     def __post_init__(self):
-        # Caps far above any mapper t2f trains (CLIP embeddings are at most 1280 wide, StyleGAN2 has at most 26
-        # styles), so that a config file cannot describe a model too big to build on the meta device.
-        check_sizes(self, dict(embed_dim=8192, w_dim=8192, num_ws=64, z_dim=8192, hidden=16384))
-        if type(self.layers) is not int or not 2 <= self.layers <= 64:
-            raise ValueError(f"layers must be an integer from 2 to 64, got {shown(self.layers)}")
+        check_sizes(self, SIZE_LIMITS)
+        if type(self.layers) is not int or not LAYER_RANGE[0] <= self.layers <= LAYER_RANGE[1]:
+            raise ValueError(f"layers must be an integer from {LAYER_RANGE[0]} to {LAYER_RANGE[1]}, got {shown(self.layers)}")
         for name in ("w_plus", "mean_head"):
             if type(getattr(self, name)) is not bool:
                 raise ValueError(f"{name} must be true or false, got {shown(getattr(self, name))}")

@@ -50,6 +50,29 @@ def test_graphs_are_simplified_and_free_of_control_flow(exported):
     assert all(r["ok"] for rows in manifest["parity"].values() for r in rows)
 
 
+def test_bf16_export_on_a_cpu_without_bf16_says_so_and_what_ran(exported, tmp_path, monkeypatch):
+    """A CPU without bfloat16 instructions (simulated: t2f's detection finds none): OpenVINO would run the graphs in fp32
+    there, so a bf16 parity check would check fp32 and call it bf16. t2f-export says so, exports and checks fp32, and
+    records no graph as checked for bf16; the library refuses a bf16 parity check there."""
+    from t2f.export.onnx_export import parity, specs_of
+    from t2f.precision import Precision
+
+    monkeypatch.setattr("t2f.precision.cpu_has_bf16", lambda: False)
+    out = shutil.copytree(exported, tmp_path / "tiny")
+    result = export([*TINY, "--out", out, "--precision", "bf16", "--batch", "1:2:5"])
+    assert "note: bf16 is not available on this CPU (no AVX512_BF16 or AMX instructions)" in result.output
+    assert result.output.splitlines()[-1].startswith(f"wrote {out}: ONNX fp32 (3 graphs, parity ok; not bf16: this CPU has no "
+                                                     "bf16 instructions, so fp32 ran and no graph is checked for bf16")
+    assert "runs bf16" not in result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "bf16" not in manifest["parity"] and "bf16" not in manifest.get("graph_precisions", {})
+    assert not [name for name, entry in manifest["onnx"].items() if "bf16" in entry.get("checked", [])]
+    pipe = tiny_pipeline()
+    spec = specs_of(pipe.generator, pipe.clip, pipe.mapper)["text_encoder"]
+    with pytest.raises(ExportError, match="^bf16 parity cannot be measured on this CPU: it has no bfloat16 instructions"):
+        parity(spec, out / "text_encoder.onnx", Precision.BF16, [1], pipe.generator, pipe.clip, pipe.mapper, "")
+
+
 def test_bf16_export_states_its_parity_per_graph(exported, tmp_path):
     from t2f.precision import cpu_has_bf16
 

@@ -172,6 +172,49 @@ def test_nan_and_infinity_are_refused(tmp_path, main, base, option, value, run_c
 
 
 # ----------------------------------------------------------------------------
+# Sizes and counts out of range: one line and exit 2 before anything is written, not an allocation failing inside a stage.
+
+TOO_LARGE = [("--batch", 10**12), ("--samples", 10**12), ("--shard-size", 10**7), ("--synth-batch", 10**6), ("--steps", 10**12),
+             ("--hidden", 16385), ("--z-dim", 8193), ("--layers", 65), ("--clip-batch", 10**6), ("--downsample", 8193),
+             ("--warmup", 10**12), ("--eval-every", 10**12), ("--seed", 2**64), ("--bank-size", 10**12), ("--max-shards", 10**7),
+             ("--stop-after", 10**12), ("--batch", 0)]
+
+
+@pytest.mark.parametrize("option,value", TOO_LARGE, ids=[f"{o}={v}" for o, v in TOO_LARGE])
+def test_out_of_range_training_sizes_are_one_line_before_anything_is_written(option, value, tmp_path, run_cli):
+    result = run_cli(train_main, [*TRAIN, "--out", tmp_path / "run", option, value], tmp_path)
+    assert_one_error_line(result, 2, option, f"{value} is not in the range")
+    assert os.listdir(tmp_path) == []                                 # no run directory, no options.json, no lock
+
+
+def test_a_refused_fit_leaves_the_run_as_it_was(tmp_path, run_cli):
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "options.json").write_text(json.dumps({"kind": "t2f-train-run", "synth": {"identity": {"samples": 64}}}))
+    (run / "stats.jsonl").write_text("")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    result = run_cli(train_main, ["fit", "--out", run, "--batch", 10**12], tmp_path)
+    assert_one_error_line(result, 2, "--batch", "1000000000000 is not in the range 1<=x<=65536")
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_the_training_api_refuses_out_of_range_sizes_when_the_config_is_made():
+    import t2f.trainer as T
+
+    with pytest.raises(ValueError, match=r"^FitOptions.batch must be an integer from 1 to 65536, got 1000000000000$"):
+        T.FitOptions(batch=10**12)
+    with pytest.raises(ValueError, match=r"^SynthOptions.samples must be an integer from 1 to 1000000000, got 0$"):
+        T.SynthOptions(samples=0)
+    with pytest.raises(ValueError, match=r"^FitOptions.hidden must be an integer from 1 to 16384, got 16384.0$"):
+        T.FitOptions(hidden=16384.0)
+    with pytest.raises(ValueError, match=r"^TrainConfig.stop_after must be an integer from 1 to 1000000000, got 0$"):
+        T.TrainConfig(stop_after=0)
+    assert T.TrainConfig(stop_after=None).stop_after is None and T.SynthOptions(max_shards=None).max_shards is None
+
+
+# ----------------------------------------------------------------------------
 # 14. Messages.
 
 

@@ -16,7 +16,7 @@ import click
 
 from t2f.cli_errors import FiniteFloatRange, nonempty_path
 
-from .config import BUDGET, PRESET_BUDGETS, STAGES, BankOptions, FitOptions, SynthOptions, TrainConfig, budget
+from .config import BUDGET, PRESET_BUDGETS, RANGES, STAGES, BankOptions, FitOptions, SynthOptions, TrainConfig, budget
 from .config import fit_identity as _fit_identity  # noqa: F401  (tests build recorded fit options with it)
 
 FIT_DEFAULTS = FitOptions()
@@ -54,56 +54,57 @@ def _options(*decorators):
     return apply
 
 
-Pos = click.IntRange(min=1)
-NonNeg = click.IntRange(min=0)
+def _ints(section: str, field: str) -> click.IntRange:
+    """The option's range: RANGES (trainer/config.py), what the config's dataclass accepts, so a refusal is exit 2 before any work."""
+    return click.IntRange(*RANGES[section][field])
 
 COMMON = _options(
     click.option("--out",          help="Run directory", metavar="DIR", type=click.Path(file_okay=False), callback=nonempty_path),
     click.option("--device",       help="auto, cpu, cuda or cuda:N (torchrun: one GPU per process)", metavar="STR", default="auto", show_default=True),
-    click.option("--seed",         help="Seed: synth's z, fit's initialization, split and steps", metavar="INT", type=NonNeg, default=0, show_default=True),
+    click.option("--seed",         help="Seed: synth's z, fit's initialization, split and steps", metavar="INT", type=_ints("fit", "seed"), default=0, show_default=True),
     click.option("--dry-run",      help="Print the resolved config (what t2f.trainer.train gets) and exit", is_flag=True),
     click.option("--progress/--no-progress", help="Progress bars", default=True, show_default=True),
 )
 SYNTH = _options(
     click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True),
     click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True),
-    click.option("--samples",      help=f"Pairs to synthesize {_budget_help('samples')}", metavar="INT", type=Pos),
-    click.option("--shard-size",   help="Pairs per shard", metavar="INT", type=Pos, default=5000, show_default=True),
-    click.option("--synth-batch",  help="Images per synth batch", metavar="INT", type=Pos, default=16, show_default=True),
-    click.option("--downsample",   help="Area-resize images to this size before CLIP; 0 = CLIP's resize only", metavar="INT", type=NonNeg, default=256, show_default=True),
-    click.option("--max-shards",   help="Stop after this many new shards, per process (resume later)", metavar="INT", type=Pos),
+    click.option("--samples",      help=f"Pairs to synthesize {_budget_help('samples')}", metavar="INT", type=_ints("synth", "samples")),
+    click.option("--shard-size",   help="Pairs per shard", metavar="INT", type=_ints("synth", "shard_size"), default=5000, show_default=True),
+    click.option("--synth-batch",  help="Images per synth batch", metavar="INT", type=_ints("synth", "batch"), default=16, show_default=True),
+    click.option("--downsample",   help="Area-resize images to this size before CLIP; 0 = CLIP's resize only", metavar="INT", type=_ints("synth", "downsample"), default=256, show_default=True),
+    click.option("--max-shards",   help="Stop after this many new shards, per process (resume later)", metavar="INT", type=_ints("synth", "max_shards")),
 )
 FIT = _options(
-    click.option("--steps",        help=f"Optimizer steps {_budget_help('steps')}", metavar="INT", type=Pos),
-    click.option("--batch",        help="Global batch size", metavar="INT", type=Pos, default=FIT_DEFAULTS.batch, show_default=True),
+    click.option("--steps",        help=f"Optimizer steps {_budget_help('steps')}", metavar="INT", type=_ints("fit", "steps")),
+    click.option("--batch",        help="Global batch size", metavar="INT", type=_ints("fit", "batch"), default=FIT_DEFAULTS.batch, show_default=True),
     click.option("--lr",           help="Peak learning rate", metavar="FLOAT", type=FiniteFloatRange(min=0, min_open=True, max=1), default=FIT_DEFAULTS.lr, show_default=True),
-    click.option("--warmup",       help="Learning-rate warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.warmup, show_default=True),
+    click.option("--warmup",       help="Learning-rate warm-up steps", metavar="INT", type=_ints("fit", "warmup"), default=FIT_DEFAULTS.warmup, show_default=True),
     click.option("--kl",           help="KL weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.kl, show_default=True),
-    click.option("--kl-warmup",    help="KL weight warm-up steps", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.kl_warmup, show_default=True),
+    click.option("--kl-warmup",    help="KL weight warm-up steps", metavar="INT", type=_ints("fit", "kl_warmup"), default=FIT_DEFAULTS.kl_warmup, show_default=True),
     click.option("--prior-weight", help="Prior-path loss weight (energy score of decoded z ~ N(0, I) against w); 0 = plain CVAE", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.prior_weight, show_default=True),
     click.option("--embed-noise",  help="Embedding noise scale MIN:MAX, in units of the pairs' embedding spread (0:0 = off)", metavar="MIN:MAX", default=f"{FIT_DEFAULTS.noise_min}:{FIT_DEFAULTS.noise_max}", show_default=True),
     click.option("--embed-noise-share", "noise_share", help="Share of the samples that get embedding noise (the rest stay clean)", metavar="FLOAT", type=FiniteFloatRange(0, 1), default=FIT_DEFAULTS.noise_share, show_default=True),
     click.option("--embed-noise-relative/--embed-noise-absolute", "noise_relative", help="Noise scale relative to the embedding spread, or absolute (clip2latent's)", default=FIT_DEFAULTS.noise_relative, show_default=True),
     click.option("--standardize/--no-standardize", help="Standardize embeddings with the training pairs' mean and spread", default=FIT_DEFAULTS.standardize, show_default=True),
     click.option("--clip-weight",  help="CLIP-consistency loss weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.clip_weight, show_default=True),
-    click.option("--clip-every",   help="CLIP-consistency loss every k steps; 0 = off", metavar="INT", type=NonNeg, default=FIT_DEFAULTS.clip_every, show_default=True),
+    click.option("--clip-every",   help="CLIP-consistency loss every k steps; 0 = off", metavar="INT", type=_ints("fit", "clip_every"), default=FIT_DEFAULTS.clip_every, show_default=True),
     click.option("--clip-prior/--clip-posterior", help="CLIP-consistency loss on a prior sample (as at inference) or on the posterior's", default=FIT_DEFAULTS.clip_prior, show_default=True),
-    click.option("--clip-batch",   help="Samples through G and CLIP for that loss, per process", metavar="INT", type=Pos, default=FIT_DEFAULTS.clip_batch, show_default=True),
+    click.option("--clip-batch",   help="Samples through G and CLIP for that loss, per process", metavar="INT", type=_ints("fit", "clip_batch"), default=FIT_DEFAULTS.clip_batch, show_default=True),
     click.option("--ema",          help="EMA decay", metavar="FLOAT", type=FiniteFloatRange(0, 1, max_open=True), default=FIT_DEFAULTS.ema, show_default=True),
     click.option("--val-fraction", help="Held-out share of the pairs", metavar="FLOAT", type=FiniteFloatRange(0, 0.5, min_open=True), default=FIT_DEFAULTS.val_fraction, show_default=True),
-    click.option("--checkpoint-every", help="Steps between checkpoints", metavar="INT", type=Pos, default=FIT_DEFAULTS.checkpoint_every, show_default=True),
-    click.option("--log-every",    help="Steps between stats lines", metavar="INT", type=Pos, default=FIT_DEFAULTS.log_every, show_default=True),
-    click.option("--eval-every",   help=f"Steps between held-out metrics and face grids {_budget_help('eval_every')}", metavar="INT", type=Pos),
-    click.option("--z-dim",        help="Mapper latent size", metavar="INT", type=Pos, default=FIT_DEFAULTS.z_dim, show_default=True),
-    click.option("--hidden",       help="Mapper hidden width", metavar="INT", type=Pos, default=FIT_DEFAULTS.hidden, show_default=True),
-    click.option("--layers",       help="Mapper linear layers", metavar="INT", type=click.IntRange(min=2), default=FIT_DEFAULTS.layers, show_default=True),
+    click.option("--checkpoint-every", help="Steps between checkpoints", metavar="INT", type=_ints("fit", "checkpoint_every"), default=FIT_DEFAULTS.checkpoint_every, show_default=True),
+    click.option("--log-every",    help="Steps between stats lines", metavar="INT", type=_ints("fit", "log_every"), default=FIT_DEFAULTS.log_every, show_default=True),
+    click.option("--eval-every",   help=f"Steps between held-out metrics and face grids {_budget_help('eval_every')}", metavar="INT", type=_ints("fit", "eval_every")),
+    click.option("--z-dim",        help="Mapper latent size", metavar="INT", type=_ints("fit", "z_dim"), default=FIT_DEFAULTS.z_dim, show_default=True),
+    click.option("--hidden",       help="Mapper hidden width", metavar="INT", type=_ints("fit", "hidden"), default=FIT_DEFAULTS.hidden, show_default=True),
+    click.option("--layers",       help="Mapper linear layers", metavar="INT", type=_ints("fit", "layers"), default=FIT_DEFAULTS.layers, show_default=True),
     click.option("--w-plus",       help="Predict one w per style", is_flag=True),
     click.option("--mean-head/--no-mean-head", help="A z-free head predicts E[w | e] (regression), the CVAE adds z's residual", default=FIT_DEFAULTS.mean_head, show_default=True),
     click.option("--mean-weight",  help="Mean head's regression loss weight", metavar="FLOAT", type=FiniteFloatRange(min=0, max=1e3), default=FIT_DEFAULTS.mean_weight, show_default=True),
-    click.option("--stop-after",   help="Stop (with a checkpoint) after this many steps in this run; resume later", metavar="INT", type=Pos),
+    click.option("--stop-after",   help="Stop (with a checkpoint) after this many steps in this run; resume later", metavar="INT", type=_ints("run", "stop_after")),
 )
 BANK = _options(
-    click.option("--bank-size",    help="Embeddings in the KNN bank; 0 = all pairs", metavar="INT", type=NonNeg, default=0, show_default=True),
+    click.option("--bank-size",    help="Embeddings in the KNN bank; 0 = all pairs", metavar="INT", type=_ints("bank", "size"), default=0, show_default=True),
 )
 
 

@@ -10,7 +10,35 @@ from __future__ import annotations
 
 import dataclasses
 
+from t2f.config import shown
+from t2f.mapper import LAYER_RANGE, SIZE_LIMITS
+
 STAGES = ("synth", "fit", "bank")
+
+# What each size and count may be: far above any real run, so that a slip (--batch 1000000000000) is one line
+# before anything is written, not an allocation that fails inside a stage. t2f-train's options take these ranges.
+COUNT = 10**9                          # samples, steps, warm-ups, intervals, bank embeddings
+SEED = 2**64 - 1                       # torch's generators take seeds below 2^64
+RANGES = dict(
+    synth=dict(samples=(1, COUNT), shard_size=(1, 10**6), batch=(1, 4096), downsample=(0, 8192), seed=(0, SEED),
+               max_shards=(1, 10**6)),
+    fit=dict(steps=(1, COUNT), batch=(1, 65536), warmup=(0, COUNT), kl_warmup=(0, COUNT), clip_every=(0, COUNT),
+             clip_batch=(1, 4096), checkpoint_every=(1, COUNT), log_every=(1, COUNT), eval_every=(1, COUNT),
+             z_dim=(1, SIZE_LIMITS["z_dim"]), hidden=(1, SIZE_LIMITS["hidden"]), layers=LAYER_RANGE, seed=(0, SEED)),
+    bank=dict(size=(0, COUNT)),
+    run=dict(stop_after=(1, COUNT)),
+)
+
+
+def check_ranges(options, section: str) -> None:
+    """ValueError (one line) naming the first field of `options` outside RANGES[section] (None: an optional limit left off)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(options)}
+    for name, (low, high) in RANGES[section].items():
+        value = getattr(options, name)
+        if value is None and defaults[name] is None:                   # an optional limit left off (max_shards, stop_after)
+            continue
+        if type(value) is not int or not low <= value <= high:
+            raise ValueError(f"{type(options).__name__}.{name} must be an integer from {low} to {high}, got {shown(value)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +49,9 @@ class SynthOptions:
     downsample: int = 256              # Area-resize images to this size before CLIP; 0 = CLIP's resize only.
     seed: int = 0                      # Sample i's z comes from the stream (seed, i).
     max_shards: int | None = None      # Stop after this many new shards, per process (resume later); None = all.
+
+    def __post_init__(self):
+        check_ranges(self, "synth")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +85,16 @@ class FitOptions:
     mean_weight: float = 1.0           # Weight of the mean head's regression loss (MSE against w).
     seed: int = 0                      # Initialization, split and every step's random numbers.
 
+    def __post_init__(self):
+        check_ranges(self, "fit")
+
 
 @dataclasses.dataclass(frozen=True)
 class BankOptions:
     size: int = 0                      # Embeddings in the KNN bank; 0 = all pairs.
+
+    def __post_init__(self):
+        check_ranges(self, "bank")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +107,9 @@ class TrainConfig:
     synth: SynthOptions = SynthOptions()
     fit: FitOptions = FitOptions()
     bank: BankOptions = BankOptions()
+
+    def __post_init__(self):
+        check_ranges(self, "run")
 
     def to_dict(self, stages=STAGES) -> dict:
         """The config as JSON-ready values, with the sections of `stages` only."""

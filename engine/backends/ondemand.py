@@ -23,19 +23,27 @@ def onnx_cache_dir(models: Models) -> Path:
 
 def ensure_onnx(models: Models, precision: Precision, artifacts: str | None = None) -> Path:
     """A directory with current ONNX graphs of these models for `precision`: `artifacts` if given, else one in the
-    cache, exported (and parity-checked in `precision`) once."""
-    from t2f.export.onnx_export import artifacts_current, export_artifacts
+    cache, exported (and parity-checked in `precision`) once.
+
+    The cache folder is checked first (t2f.private.private_dir: 0700, no other user can change it), so no graph is
+    read from a folder another user could have written. An export there holds the folder's lock, waiting for
+    another process's export up to T2F_LOCK_TIMEOUT, and first removes what a killed export left.
+    """
+    from t2f.download import cache_dir
+    from t2f.export.onnx_export import artifacts_current, export_artifacts, remove_stale_temporaries, temporaries
     from t2f.graphs import ExportError
     from t2f.io import directory_lock
+    from t2f.private import private_dir
 
     if artifacts is not None:
         return Path(artifacts)                                         # checked against the models by the backend
     out = onnx_cache_dir(models)
-    if artifacts_current(out, *models, precision):
+    private_dir(cache_dir(), "onnx", out.name)
+    if artifacts_current(out, *models, precision) and not temporaries(out):
         return out
     try:
-        out.mkdir(parents=True, exist_ok=True)
         with directory_lock(out, "t2f (ONNX export into the cache)", wait=True):   # another process exporting: wait
+            remove_stale_temporaries(out)
             if not artifacts_current(out, *models, precision):
                 export_artifacts(out, *models, precision, [1, 2], dict(generator="in-memory", mapper="in-memory"),
                                  log=lambda *_: None)

@@ -23,11 +23,11 @@ OV_PRECISIONS = {Precision.FP32: "f32", Precision.BF16: "bf16"}
 
 
 def openvino_cache() -> Path:
+    """T2F_CACHE/openvino, created 0700 and refused where another user could change it (their blob would run here)."""
     from t2f.download import cache_dir
+    from t2f.private import private_dir
 
-    path = cache_dir() / "openvino"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    return private_dir(cache_dir(), "openvino")
 
 
 class OpenVINOBackend(ArtifactBackend):

@@ -142,12 +142,13 @@ def inductor_cache() -> str:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from t2f.download import cache_dir
+    from t2f.private import private_dir
 
     path = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if not path or os.path.abspath(path) == os.path.abspath(default_cache_dir()):
         path = str(cache_dir() / "inductor")
+    private_dir(path, fix="set T2F_CACHE (or TORCHINDUCTOR_CACHE_DIR) to a directory of your own")   # its code runs here
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = path           # read by Inductor when it first compiles
-    os.makedirs(path, exist_ok=True)
     return path
 
 

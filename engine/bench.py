@@ -216,7 +216,7 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
     timer = Timer(device)
     peak = {str(p): roofline.peak_gflops(device, p.dtype) for p in (Precision.FP32, Precision.BF16, Precision.FP16)}
     try:
-        cls, p = choose(device, "auto", None, artifacts)
+        cls, p = choose(device, "auto", None, artifacts, models=models)
         auto = (cls.name, str(p))
     except BackendUnavailable:
         auto = None

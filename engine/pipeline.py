@@ -173,8 +173,11 @@ class TextToFace:
 
     @property
     def summary(self) -> str:
-        """One line: the backend, device and the precision of each graph ("openvino on cpu, bf16 (mapper fp32)")."""
-        odd = [f"{g} {p}" for g, p in self.backend.graph_precisions.items() if p != self.precision]
+        """One line: the backend, device and the precision of each graph ("openvino on cpu, bf16 (mapper fp32)"), and
+        what runs the text tower where t2f's rewrite does not ("torch on cpu, fp32 (text_encoder: open_clip's own ...)")."""
+        source = self.backend.text_encoder_source
+        odd = [f"text_encoder: {source}"] if source else []
+        odd += [f"{g} {p}" for g, p in self.backend.graph_precisions.items() if p != self.precision]
         return f"{self.backend.name} on {self.device}, {self.precision}" + (f" ({', '.join(odd)})" if odd else "")
 
     # Conditions: [rows, D] or, for knn, [rows * n, D].

@@ -7,7 +7,8 @@ cpu_has_bf16()                              -> whether this CPU has bf16 instruc
 
 What is counted. FLOPs are PyTorch's `torch.utils.flop_counter.FlopCounterMode` count, 2 per
 multiply-add, of the very graph modules the pipeline runs (`GraphSpec.module` in fp32: the
-TextEncoderGraph, MapperGraph and SynthesisGraph), run once on the meta device at `batch` rows,
+TextEncoderGraph, MapperGraph and SynthesisGraph; open_clip's own text encoder for a text tower the
+TextEncoderGraph cannot express, as `torch` runs it), run once on the meta device at `batch` rows,
 so counting a 1024 px generator at batch 32 computes nothing and takes about a second.
 Counted, each at its true size:
   - matrix products: aten.mm, addmm, bmm, baddbmm (every nn.Linear / F.linear, CLIP's q @ k^T and
@@ -56,7 +57,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from t2f.graphs import GRAPHS, ModelDims, graph_specs
+from t2f.graphs import GRAPHS, ModelDims, UnsupportedTextTower, graph_specs
 from t2f.precision import cpu_has_bf16, has_bf16_flag  # noqa: F401  (re-exported)
 from t2f.precision import Precision
 
@@ -98,8 +99,13 @@ def stage_flops(generator, clip, mapper, batch: int) -> dict[str, float]:
     specs = graph_specs(ModelDims.of(generator, clip, mapper))
     flops = {}
     for name, spec in specs.items():
-        module = spec.module(generator, clip, mapper, Precision.FP32).to("meta")
         inputs = [t.to("meta") for t in spec.example_inputs(batch, 0, generator, clip, mapper)]
+        try:
+            module = spec.module(generator, clip, mapper, Precision.FP32).to("meta")
+        except UnsupportedTextTower:        # `torch` runs open_clip's own text encoder: run on meta views of its weights
+            encoder = clip.text_encoder
+            meta = {k: v.to("meta") for k, v in (*encoder.named_parameters(), *encoder.named_buffers())}
+            module = lambda tokens: torch.func.functional_call(encoder, meta, (tokens.long(),))  # noqa: E731
         flops[name] = float(count_flops(module, *inputs))
         del module
     flops["end_to_end"] = sum(flops[name] for name in GRAPHS)

@@ -56,6 +56,7 @@ def export_models(
     and a GPU are checked before any work.
     """
     import t2f
+    from t2f.graphs import UnsupportedTextTower, text_tower
     from t2f.io import directory_lock
     from t2f.presets import load_mapper
 
@@ -66,6 +67,10 @@ def export_models(
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
         G = t2f.load_generator(generator, cache=cache)
         C = t2f.load_clip(clip)
+        try:
+            text_tower(C)                                   # a text tower the rewrite cannot express: refused before any work
+        except UnsupportedTextTower as e:
+            raise UnsupportedTextTower(f"{e}; t2f-infer --backend torch runs it with open_clip's own text encoder") from None
         M = load_mapper(mapper, G, generator, C)
         held.enter_context(directory_lock(out, "t2f-export"))
         stale = remove_stale_temporaries(out)

@@ -126,7 +126,11 @@ class Clip:
         size = size[0] if isinstance(size, (tuple, list)) else size
         self.text_encoder = TextEncoder(self.model)
         self.image_encoder = ImageEncoder(self.model, int(size), cfg.get("mean"), cfg.get("std"))
-        self.embed_dim = int(self.text_encoder(self.tokenize(["a"])).shape[-1])
+        probe = self.text_encoder(self.tokenize(["a"]))
+        if probe.ndim != 2:
+            raise ClipLoadError(f"CLIP {self.name} gives one text embedding per token (text pooling 'none'), "
+                                "not one per prompt; t2f needs a pooled text tower")
+        self.embed_dim = int(probe.shape[-1])
 
     @property
     def fingerprint(self) -> str:
@@ -153,6 +157,12 @@ class Clip:
         self.model.to(device)
         self.image_encoder.to(device)
         return self
+
+    @property
+    def vocab_size(self) -> int:
+        """How many token ids the tokenizer has (open_clip's SimpleTokenizer: vocab_size; a Hugging Face one: its length)."""
+        size = getattr(self.tokenizer, "vocab_size", None)
+        return int(size) if size is not None else len(self.tokenizer.tokenizer)
 
     def token_count(self, prompt: str) -> int | None:
         """Tokens `prompt` takes, start and end tokens included; None where the tokenizer cannot say."""
@@ -202,12 +212,16 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
     register_tiny_config()
     if parsed.model not in open_clip.list_models():
         raise ClipLoadError(f"unknown open_clip model {parsed.model!r}; see open_clip.list_models()")
-    tokenizer = open_clip.get_tokenizer(parsed.model)
+    try:
+        tokenizer = open_clip.get_tokenizer(parsed.model)
+    except ImportError as e:            # a Hugging Face tokenizer (SigLIP's, say) without the transformers package
+        raise ClipLoadError(f"the tokenizer of {parsed.model} needs the Python package {e.name or 'transformers'}, "
+                            f"which is not installed (pip install {e.name or 'transformers'})") from None
+    except (OSError, ValueError) as e:  # its files not cached and not downloadable (offline), or not found
+        raise ClipLoadError(f"cannot load the tokenizer of {parsed.model}: "
+                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     if parsed.pretrained is None:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(TINY_SEED)
-            model = open_clip.create_model(parsed.model, pretrained=None, device="cpu")
-        return Clip(model, tokenizer, parsed).to(device)
+        return Clip(_random_model(parsed.model), tokenizer, parsed).to(device)
 
     tag_cfg = open_clip.get_pretrained_cfg(parsed.model, parsed.pretrained)
     if not tag_cfg and not Path(parsed.pretrained).is_file():
@@ -231,6 +245,30 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
         raise ClipLoadError(f"cannot load CLIP weights {parsed.model}:{parsed.pretrained}: "
                             f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return Clip(model, tokenizer, parsed).to(device)
+
+
+def _random_model(model_name: str) -> nn.Module:
+    """open_clip's `model_name` with random weights from TINY_SEED, the same on every load.
+
+    open_clip leaves a few tensors uninitialized (CoCa's text_decoder.text_projection is a bare torch.empty), which
+    would give the same spec other weights, and so another fingerprint, on each load. The model is made while PyTorch
+    fills uninitialized memory with NaN (its deterministic mode, restored after), and those NaNs are set to zero.
+    """
+    import open_clip
+
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        try:
+            model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+        finally:
+            torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.masked_fill_(tensor.isnan(), 0.0)
+    return model
 
 
 def _model_from_checkpoint(model_name: str, path: str) -> nn.Module:
@@ -273,9 +311,7 @@ def _model_from_checkpoint(model_name: str, path: str) -> nn.Module:
         raise ClipLoadError(f"cannot load CLIP checkpoint {path}: it holds no state dict of named tensors")
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        model = open_clip.create_model(model_name, pretrained=None, device="cpu")
+    model = _random_model(model_name)
     try:
         state = convert_state_dict(model, dict(state))
         if "positional_embedding" in state and not hasattr(model, "positional_embedding"):

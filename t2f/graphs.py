@@ -4,8 +4,15 @@ TextEncoderGraph:  tokens [B, context] int32 -> embedding [B, D] float32, L2-nor
 MapperGraph:       embedding [B, D], z [B, z_dim], psi [B] (float32) -> ws [B, num_ws, w_dim] float32
 SynthesisGraph:    ws [B, num_ws, w_dim] float32 -> image [B, H, W, C] uint8 (or float NCHW for parity checks)
 
-Token ids are int32 and the end-of-text position is found by ArgMax over a 0/1 float mask of
-the end token (TensorRT's ArgMax does not take int64, and the ids themselves do not survive a
+The text encoder is open_clip's own text tower (`CLIP`, or a `custom_text` config's
+TextTransformer) rewritten; `text_tower` reads what it needs from the model, its config and its
+tokenizer: the pooling ("argmax" at the tokenizer's end-of-text id, "eos" at the config's
+eos_id, "first", "last"), the causal mask or none, the projection (a matrix, a Linear with or
+without bias, or none). What it cannot express (a Hugging Face or custom-block tower, a class
+token, pooling "none", an end-of-text id that is not the tokenizer's largest) raises
+UnsupportedTextTower naming it; the `torch` backend then runs open_clip's own encode_text.
+Token ids are int32 and a pooling id's position is found by ArgMax over a 0/1 float mask of
+that id (TensorRT's ArgMax does not take int64, and the ids themselves do not survive a
 bf16 runtime). No graph holds control flow (If, Loop, Scan): TensorRT's
 ONNX parser rejects an If whose branches differ in rank. In fp16 the text encoder keeps LayerNorm
 and softmax in fp32 and scales q before q @ k^T (as PyTorch's attention does, so the product
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import NoReturn
 
 import torch
 import torch.nn.functional as F
@@ -44,33 +52,105 @@ class ExportError(Exception):
 # The graph modules.
 
 
+class UnsupportedTextTower(ExportError):
+    """A CLIP text tower the exportable rewrite cannot express: open_clip's own encode_text still runs it (`torch`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextTower:
+    """An open_clip text tower as the rewrite reads it: its parts, sliced to the tokenizer's context, and where it pools."""
+    token_embedding: nn.Embedding
+    positional_embedding: torch.Tensor          # [context, width]
+    resblocks: nn.ModuleList                    # open_clip ResidualAttentionBlocks (nn.MultiheadAttention)
+    ln_final: nn.LayerNorm
+    projection: nn.Linear | torch.Tensor | None  # Linear (with or without bias), a [width, D] matrix, or none
+    attn_mask: torch.Tensor | None              # [context, context] additive causal mask; None = bidirectional
+    pool_token: int | None                      # pool at the first position of this id (argmax: the tokenizer's
+                                                # end-of-text id, the largest it emits; eos: the config's eos_id) ...
+    pool_index: int | None                      # ... or at this position (pooling "first": 0, "last": context - 1)
+
+
+def text_tower(clip) -> TextTower:
+    """The text tower of `clip` (t2f.clip.Clip) as the rewrite reads it; UnsupportedTextTower, in one line naming what
+    it cannot express, for anything else. Reads the model's modules, config and tokenizer; copies nothing."""
+    from open_clip.transformer import ResidualAttentionBlock, TextTransformer
+
+    model, name = clip.model, clip.name
+
+    def refuse(what: str) -> NoReturn:
+        raise UnsupportedTextTower(f"{what} of CLIP {name} cannot be exported")
+
+    text = getattr(model, "text", None)
+    if text is None and all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
+        tower, pool, eos = model, model.text_pool_type, getattr(model, "text_eos_id", None)   # open_clip's CLIP: parts on the model
+    elif isinstance(text, TextTransformer):     # a custom_text config: CustomTextCLIP (or CoCa) with open_clip's own tower
+        tower, pool, eos = text, text.pool_type, text.eos_id
+        if text.cls_emb is not None:
+            refuse("text pooling on an appended class token (embed_cls)")
+        if text.use_pad_mask:
+            refuse("the text tower's padding mask")
+    elif text is not None:
+        refuse(f"the {type(text).__name__} text tower" + (" (a Hugging Face model)" if type(text).__name__ == "HFTextEncoder" else ""))
+    else:
+        refuse(f"the text tower of {type(model).__name__}")
+    blocks = tower.transformer.resblocks
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        if type(block) is not ResidualAttentionBlock or not isinstance(attn, nn.MultiheadAttention) or hasattr(block, "ln_1_kv") \
+                or attn.in_proj_weight is None or attn.bias_k is not None or attn.add_zero_attn:
+            refuse(f"the text tower's {type(block).__name__} attention blocks")
+    norms = [tower.ln_final] + [ln for block in blocks for ln in (block.ln_1, block.ln_2)]
+    if not all(isinstance(ln, nn.LayerNorm) for ln in norms):
+        refuse(f"the text tower's {type(next(ln for ln in norms if not isinstance(ln, nn.LayerNorm))).__name__} normalization")
+    context, positions = clip.context_length, tower.positional_embedding.shape[0]
+    if context > positions:
+        refuse(f"a {context}-token context on {positions} positional embeddings")
+    pool_token = pool_index = None
+    if pool == "argmax":                        # open_clip pools at argmax(ids): the end-of-text id, if no id is larger
+        eot, size = getattr(clip.tokenizer, "eot_token_id", None), getattr(clip.tokenizer, "vocab_size", None)
+        if eot is None or size is None:
+            refuse(f"text pooling 'argmax' with a {type(clip.tokenizer).__name__} tokenizer (no end-of-text id)")
+        if eot != size - 1:
+            refuse(f"text pooling 'argmax' with end-of-text id {eot} below the tokenizer's largest id {size - 1}")
+        pool_token = int(eot)
+    elif pool == "eos" and eos is not None:
+        pool_token = int(eos)
+    elif pool in ("first", "last"):
+        pool_index = 0 if pool == "first" else context - 1
+    else:
+        refuse(f"text pooling {pool!r}")
+    projection = tower.text_projection
+    if not (projection is None or isinstance(projection, nn.Linear) or (isinstance(projection, torch.Tensor) and projection.ndim == 2)):
+        refuse(f"the text projection {type(projection).__name__}")
+    mask = tower.attn_mask
+    return TextTower(token_embedding=tower.token_embedding, positional_embedding=tower.positional_embedding[:context],
+                     resblocks=blocks, ln_final=tower.ln_final, projection=projection,
+                     attn_mask=None if mask is None else mask[:context, :context], pool_token=pool_token, pool_index=pool_index)
+
+
 def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x.float(), ln.normalized_shape, ln.weight.float(), ln.bias.float(), ln.eps).to(x.dtype)
+    weight, bias = (None if t is None else t.float() for t in (ln.weight, ln.bias))
+    return F.layer_norm(x.float(), ln.normalized_shape, weight, bias, ln.eps).to(x.dtype)
 
 
 class TextEncoderGraph(nn.Module):
-    """CLIP's text tower, rewritten for export: int32 tokens, fp32 LayerNorm and softmax."""
+    """open_clip's text tower (see `text_tower`), rewritten for export: int32 tokens, fp32 LayerNorm and softmax."""
 
-    def __init__(self, clip_model: nn.Module, precision: Precision = Precision.FP32):
+    def __init__(self, clip, precision: Precision = Precision.FP32):
         super().__init__()
         precision = Precision.parse(precision)
-        needed = ("token_embedding", "positional_embedding", "transformer", "ln_final", "attn_mask")
-        missing = [n for n in needed if getattr(clip_model, n, None) is None]
-        pool = getattr(clip_model, "text_pool_type", "argmax")
-        if missing or pool != "argmax" or not hasattr(clip_model.transformer, "resblocks"):
-            raise ExportError("only open_clip's built-in CLIP text tower (argmax pooling) can be exported")
-        for block in clip_model.transformer.resblocks:
-            if not isinstance(block.attn, nn.MultiheadAttention) or hasattr(block, "ln_1_kv"):
-                raise ExportError("unsupported attention block in the CLIP text tower")
-        self.token_embedding = copy.deepcopy(clip_model.token_embedding)
-        self.positional_embedding = nn.Parameter(clip_model.positional_embedding.detach().clone())
-        self.resblocks = copy.deepcopy(clip_model.transformer.resblocks)
-        self.ln_final = copy.deepcopy(clip_model.ln_final)
-        projection = clip_model.text_projection
-        weight = projection.weight.detach().t() if isinstance(projection, nn.Linear) else projection.detach()
-        self.text_projection = nn.Parameter(weight.clone())
-        self.register_buffer("attn_mask", clip_model.attn_mask.detach().clone().float())
-        self.eot_token = int(self.token_embedding.num_embeddings) - 1
+        tower = text_tower(clip)
+        self.token_embedding = copy.deepcopy(tower.token_embedding)
+        self.positional_embedding = nn.Parameter(tower.positional_embedding.detach().clone())
+        self.resblocks = copy.deepcopy(tower.resblocks)
+        self.ln_final = copy.deepcopy(tower.ln_final)
+        projection, bias = tower.projection, None
+        if isinstance(projection, nn.Linear):
+            projection, bias = projection.weight.t(), projection.bias
+        self.text_projection = None if projection is None else nn.Parameter(projection.detach().clone())  # [width, D]
+        self.text_projection_bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.register_buffer("attn_mask", None if tower.attn_mask is None else tower.attn_mask.detach().clone().float())
+        self.pool_token, self.pool_index = tower.pool_token, tower.pool_index
         self.dtype = precision.dtype
         self.requires_grad_(False).eval()
         if precision.reduced:
@@ -78,7 +158,8 @@ class TextEncoderGraph(nn.Module):
             for module in self.modules():
                 if isinstance(module, nn.LayerNorm):
                     module.float()
-            self.attn_mask = self.attn_mask.float()
+            if self.attn_mask is not None:
+                self.attn_mask = self.attn_mask.float()
 
     def _attention(self, attn: nn.MultiheadAttention, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
@@ -86,7 +167,9 @@ class TextEncoderGraph(nn.Module):
         q, k, v = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         q, k, v = (t.reshape(b, n, heads, -1).transpose(1, 2) for t in (q, k, v))   # [B, heads, n, d/heads]
         q = q * float(attn.head_dim) ** -0.5               # a constant, scaled before the product (stays in fp16 range)
-        scores = (q @ k.transpose(-1, -2)).float() + self.attn_mask[:n, :n]
+        scores = (q @ k.transpose(-1, -2)).float()
+        if self.attn_mask is not None:
+            scores = scores + self.attn_mask
         out = scores.softmax(dim=-1).to(x.dtype) @ v
         return attn.out_proj(out.transpose(1, 2).reshape(b, n, d))
 
@@ -96,11 +179,18 @@ class TextEncoderGraph(nn.Module):
             x = x + block.ls_1(self._attention(block.attn, _layer_norm_fp32(block.ln_1, x)))
             x = x + block.ls_2(block.mlp(_layer_norm_fp32(block.ln_2, x)))
         x = _layer_norm_fp32(self.ln_final, x)
-        # open_clip pools at argmax(tokens): the end token, the vocabulary's largest id. Found by comparing ids as
-        # integers: a float copy of the ids (49406 and 49407 are one value in bfloat16) lost it in a bf16 runtime.
-        eot = (tokens == self.eot_token).to(torch.float32).argmax(dim=-1)
-        x = torch.gather(x, 1, eot[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]   # [B, width]; no Squeeze/If
-        return F.normalize((x @ self.text_projection).float(), dim=-1)
+        if self.pool_token is not None:
+            # The first position of the pooling id, found by comparing ids as integers: a float copy of the ids
+            # (49406 and 49407 are one value in bfloat16) lost it in a bf16 runtime, and TensorRT's ArgMax takes no int64.
+            position = (tokens == self.pool_token).to(torch.float32).argmax(dim=-1)
+            x = torch.gather(x, 1, position[:, None, None].expand(-1, 1, x.shape[-1]))[:, 0]   # [B, width]; no Squeeze/If
+        else:
+            x = x[:, self.pool_index]                                                      # [B, width]
+        if self.text_projection is not None:
+            x = x @ self.text_projection
+        if self.text_projection_bias is not None:
+            x = x + self.text_projection_bias
+        return F.normalize(x.float(), dim=-1)
 
 
 class MapperGraph(nn.Module):
@@ -208,7 +298,7 @@ class GraphSpec:
     def module(self, generator: Generator, clip, mapper: Mapper, precision: Precision) -> nn.Module:
         """The graph's module for export (on the models' device)."""
         if self.name == "text_encoder":
-            return TextEncoderGraph(clip.model, precision)
+            return TextEncoderGraph(clip, precision)
         if self.name == "mapper":
             return MapperGraph(mapper, generator.w_avg)
         return SynthesisGraph(generator, precision)
@@ -246,14 +336,22 @@ def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
 
 
 def example_tokens(clip, batch: int, seed: int) -> torch.Tensor:
-    """Valid token rows of random lengths: [start, random ids..., end, 0 ...] int32."""
+    """Valid token rows of random lengths, int32 [batch, context], laid out as the tokenizer lays out a prompt: its
+    leading special ids (start of text), random ordinary ids, then what follows an empty prompt (end of text, padding)."""
     g = torch.Generator().manual_seed(seed)
     ctx = clip.context_length
-    sot, eot = clip.tokenize([""])[0, :2].tolist()
+    empty, one = clip.tokenize(["", "a"]).tolist()
+    lead = next(i for i, (a, b) in enumerate(zip(empty + [None], one + [None])) if a != b)   # ids before any text
+    tail = empty[lead:]                                                                     # end of text, padding
+    special = set(empty) | set(one[:lead])
+    try:                                # ids the tower has embeddings for (a tokenizer may count more)
+        vocab = min(clip.vocab_size, text_tower(clip).token_embedding.num_embeddings)
+    except UnsupportedTextTower:
+        vocab = clip.vocab_size
+    ordinary = torch.tensor([i for i in range(vocab) if i not in special])
     tokens = torch.zeros([batch, ctx], dtype=torch.int32)
     for i in range(batch):
-        n = int(torch.randint(1, ctx - 1, [1], generator=g))
-        tokens[i, 0] = sot
-        tokens[i, 1 : n + 1] = torch.randint(1, min(eot, 49406) - 1, [n], generator=g)
-        tokens[i, n + 1] = eot
+        n = int(torch.randint(1, ctx - lead, [1], generator=g))                             # at least one id of the tail stays
+        text = ordinary[torch.randint(0, len(ordinary), [n], generator=g)].tolist()
+        tokens[i] = torch.tensor((empty[:lead] + text + tail)[:ctx], dtype=torch.int32)
     return tokens

@@ -4,6 +4,7 @@ options and pipeline, and NVIDIA- and rosinality-layout weights crafted without 
 from __future__ import annotations
 
 import collections
+import pathlib
 import pickle
 import sys
 import types
@@ -50,6 +51,20 @@ def tiny_pipeline(device="cpu", precision="fp32", batch_size=8):
     from t2f.engine import load_pipeline
 
     return load_pipeline(generator="tiny", clip="tiny", mapper="tiny", device=device, precision=precision, batch_size=batch_size)
+
+
+def tiny_clip_variant(name: str):
+    """load_clip of the tiny open_clip config tests/data/clip_configs/t2f-tiny-NAME.json (random weights; "tiny": t2f's
+    own). The configs are registered with open_clip on first use, for this process only."""
+    import open_clip
+
+    from t2f.clip import load_clip
+
+    if name == _TINY:
+        return load_clip(_TINY)
+    if f"t2f-tiny-{name}" not in open_clip.list_models():
+        open_clip.add_model_config(pathlib.Path(__file__).parent / "data" / "clip_configs")
+    return load_clip(f"t2f-tiny-{name}:random")
 
 
 def randomize(generator: Generator, seed: int = 0) -> Generator:

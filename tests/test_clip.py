@@ -7,6 +7,8 @@ import torch
 
 from t2f.clip import ClipLoadError, ClipSpec, PromptTruncatedWarning, load_clip
 
+from helpers import tiny_clip_variant
+
 
 def test_text_embeddings_are_normalized_and_deterministic(tiny_clip):
     prompts = ["a smiling woman", "an old man with white hair"]
@@ -67,3 +69,31 @@ def test_offline_pretrained_names_url_and_flag():
     message = str(info.value)
     assert "vit_base_patch32_clip_224.openai" in message and "--clip ViT-B-32:/path/to/checkpoint" in message
     assert "\n" not in message
+
+
+def test_a_tower_with_an_embedding_per_token_is_refused_when_loaded():
+    with pytest.raises(ClipLoadError, match="one text embedding per token \\(text pooling 'none'\\)"):
+        tiny_clip_variant("none")
+
+
+def test_random_weights_are_the_same_on_every_load():
+    """open_clip leaves CoCa's text_decoder.text_projection uninitialized: t2f's random weights set it to zero, so later
+    loads (after memory that held other values was freed, which the allocator hands out again) have the same weights
+    and fingerprint. Without that, most loads here got stale values (whether one does depends on the allocator)."""
+    first = tiny_clip_variant("coca")
+    shape = first.model.text_decoder.text_projection.shape
+    for _ in range(3):
+        for blocks in (1, 16, 16):
+            junk = [torch.full(shape, 7.0) for _ in range(blocks)]
+            del junk
+        again = tiny_clip_variant("coca")
+        assert torch.equal(again.model.text_decoder.text_projection, torch.zeros(shape))
+        assert again.fingerprint == first.fingerprint
+
+
+def test_a_tokenizer_that_cannot_be_had_is_one_line():
+    """SigLIP's tokenizer comes from Hugging Face: without transformers, or offline without its files, one line."""
+    with pytest.raises(ClipLoadError, match="^(the tokenizer of ViT-B-16-SigLIP needs the Python package|cannot load the "
+                                            "tokenizer of ViT-B-16-SigLIP)") as info:
+        load_clip("ViT-B-16-SigLIP:random")
+    assert "\n" not in str(info.value)

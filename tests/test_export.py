@@ -257,15 +257,17 @@ def test_attention_is_scaled_before_the_product(tiny_clip):
 
     import torch.nn.functional as F
 
+    from t2f.clip import Clip
     from t2f.graphs import TextEncoderGraph, _layer_norm_fp32, example_tokens
     from t2f.precision import Precision
 
     model = copy.deepcopy(tiny_clip.model)
+    clip = Clip(model, tiny_clip.tokenizer, tiny_clip.spec)
     tokens = example_tokens(tiny_clip, 2, 0)
     attn = model.transformer.resblocks[0].attn
     width, head = attn.embed_dim, attn.embed_dim // attn.num_heads
     with torch.no_grad():
-        graph = TextEncoderGraph(model)
+        graph = TextEncoderGraph(clip)
         x = _layer_norm_fp32(graph.resblocks[0].ln_1, graph.token_embedding(tokens) + graph.positional_embedding)
         q, k, _ = F.linear(x, attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
         q, k = (t.reshape(2, -1, attn.num_heads, head).transpose(1, 2) for t in (q, k))
@@ -274,8 +276,8 @@ def test_attention_is_scaled_before_the_product(tiny_clip):
         assert 65504 * 2 * head ** -0.5 < 65504
         attn.in_proj_weight[: 2 * width] *= factor
         attn.in_proj_bias[: 2 * width] *= factor
-        full = TextEncoderGraph(model)(tokens)
-        half = TextEncoderGraph(model, Precision.FP16)(tokens)
+        full = TextEncoderGraph(clip)(tokens)
+        half = TextEncoderGraph(clip, Precision.FP16)(tokens)
     assert torch.isfinite(half).all()
     assert ((half - full).norm() / full.norm()).item() < 2e-2
 

@@ -10,10 +10,11 @@ Torch tensors in, torch tensors out, on the backend's device. Backends other tha
 their output buffers once per batch size and return those buffers: a result is valid until the next
 call with the same batch size (copy it to keep it).
 
-Every backend class answers `check_available(device, precision, artifacts, noise_mode)` (raises
-BackendUnavailable with one line, before any work) and is made by `create(models, device, precision,
-artifacts)`. Each declares what it can do (`devices`, `precisions`, `noise_modes`, `stage_timing`,
-`separate_uint8`, `max_batch`); callers ask it, they never test its type.
+Every backend class answers `check_available(device, precision, artifacts, noise_mode, models)` (raises
+BackendUnavailable with one line, before any work; given the models, it also says whether it can run
+their text tower) and is made by `create(models, device, precision, artifacts)`. Each declares what it
+can do (`devices`, `precisions`, `noise_modes`, `stage_timing`, `separate_uint8`, `max_batch`,
+`any_text_tower`); callers ask it, they never test its type.
 """
 
 from __future__ import annotations
@@ -40,19 +41,31 @@ class Backend:
     separate_uint8 = False          # True: synthesize_float(ws) + to_uint8 are separate steps (eager PyTorch)
     uses_artifacts = False          # runs exported graphs (from an artifact directory)
     exports_on_demand = False       # exports its ONNX graphs into the cache when no artifacts are given
+    any_text_tower = False          # also runs text towers t2f's exportable rewrite cannot express (open_clip's own
+                                    # encode_text); False: only those `t2f.graphs.text_tower` reads
     min_batch = 1                   # smallest batch one call runs (engines' profiles; a smaller one is padded up to it)
     max_batch = 1 << 30             # largest batch one call takes (engines have a profile)
 
     def __init__(self, device: torch.device, precision: Precision):
         self.device, self.precision = device, precision
         self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
+        self.text_encoder_source: str | None = None     # what runs the text tower where t2f's rewrite does not (else None)
 
     # --- the contract ---------------------------------------------------------
 
     @classmethod
     def check_available(cls, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
-                        noise_mode: str = "const") -> None:
-        """BackendUnavailable with one line, before any work, where this backend cannot run as asked."""
+                        noise_mode: str = "const", models: Models | None = None) -> None:
+        """BackendUnavailable with one line, before any work, where this backend cannot run as asked (and, given
+        `models`, where it cannot run their text tower: said first, as it holds in every precision and device)."""
+        if models is not None and not cls.any_text_tower:
+            from t2f.graphs import UnsupportedTextTower, text_tower
+
+            try:
+                text_tower(models.clip)
+            except UnsupportedTextTower as e:
+                raise BackendUnavailable(f"{cls.name} runs t2f's exportable text encoder only: {e} "
+                                         "(--backend torch runs open_clip's own)") from None
         if device.type not in cls.devices:
             raise BackendUnavailable(f"{cls.name} needs a CUDA device" if cls.devices == ("cuda",) else
                                      f"{cls.name} runs on the CPU only" if cls.devices == ("cpu",) else

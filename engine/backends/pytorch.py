@@ -5,7 +5,9 @@
     torch-compile     each stage through torch.compile (Inductor), static shapes per block size; on CUDA with
                       CUDA graphs (mode "reduce-overhead"); Inductor's caches in t2f's cache directory
 
-All three run the same stage modules (t2f.graphs): one recipe per stage and precision.
+All three run the same stage modules (t2f.graphs): one recipe per stage and precision. `torch` also runs
+the text towers t2f's exportable rewrite cannot express (`t2f.graphs.text_tower`) with open_clip's own
+encode_text; the other two refuse them (`any_text_tower`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import shutil
 import torch
 
 from t2f.devices import importable, pin_cuda_numerics
-from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph
+from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph, UnsupportedTextTower, example_tokens
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, to_uint8
 
@@ -35,16 +37,19 @@ class _StageModules(Backend):
     def _stages(self, models: Models, device: torch.device, precision: Precision, synthesis: bool = True):
         if device.type == "cuda":
             pin_cuda_numerics()
-        self.text = TextEncoderGraph(models.clip.model, precision).to(device)
+        self.text = self._text_encoder(models.clip, device, precision)
+        self._example_row = example_tokens(models.clip, 1, 0)                   # [1, context] int32, any valid row
         self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
         if synthesis:
             self.synthesis = SynthesisGraph(models.generator, precision).to(device)
         self.context, self.z_dim = models.clip.context_length, models.mapper.z_dim
         self.graph_precisions["mapper"] = Precision.FP32
 
+    def _text_encoder(self, clip, device: torch.device, precision: Precision) -> torch.nn.Module:
+        return TextEncoderGraph(clip, precision).to(device)
+
     def _example(self, batch: int):
-        tokens = torch.zeros([batch, self.context], dtype=torch.int32, device=self.device)
-        tokens[:, 0], tokens[:, 1] = self.text.eot_token - 1, self.text.eot_token       # any valid row
+        tokens = self._example_row.repeat(batch, 1).to(self.device)
         return tokens, torch.zeros([batch, self.z_dim], device=self.device), torch.ones([batch], device=self.device)
 
     @torch.no_grad()
@@ -56,13 +61,41 @@ class _StageModules(Backend):
         return self.mapper(embedding.to(self.device), z.to(self.device), psi.to(self.device))
 
 
+class OpenClipTextEncoder(torch.nn.Module):
+    """open_clip's own text encoder (`Clip.text_encoder`: encode_text, normalized) for a text tower the exportable
+    rewrite cannot express: tokens -> float32 embedding. In a reduced precision it runs under torch.autocast, the mixed
+    precision open_clip itself trains and evaluates in (matrix products reduced, LayerNorm and softmax fp32; the weights
+    stay as they are), where autocast runs on the device; else in fp32 (`precision` says which)."""
+
+    def __init__(self, clip, device: torch.device, precision: Precision):
+        super().__init__()
+        self.encoder = clip.text_encoder            # the caller's model, not a copy
+        autocast = precision.reduced and torch.amp.is_autocast_available(device.type)
+        self.precision = precision if autocast else Precision.FP32
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(tokens.device.type, dtype=self.precision.dtype, enabled=self.precision.reduced):
+            return self.encoder(tokens.long()).float()
+
+
 class TorchBackend(_StageModules):
-    """Eager PyTorch: the text-encoder graph module, the mapper, the synthesis network, then the uint8 conversion."""
+    """Eager PyTorch: the text-encoder graph module (or open_clip's own text encoder where that rewrite does not
+    apply), the mapper, the synthesis network, then the uint8 conversion."""
 
     name = "torch"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
     noise_modes = NOISE_MODES
     separate_uint8 = True
+    any_text_tower = True
+
+    def _text_encoder(self, clip, device, precision):
+        try:
+            return super()._text_encoder(clip, device, precision)
+        except UnsupportedTextTower:
+            encoder = OpenClipTextEncoder(clip, device, precision)
+            self.graph_precisions["text_encoder"] = encoder.precision
+            self.text_encoder_source = "open_clip's own encode_text" + (" (autocast)" if encoder.precision.reduced else "")
+            return encoder
 
     def __init__(self, models: Models, device: torch.device, precision: Precision):
         super().__init__(device, precision)

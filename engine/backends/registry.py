@@ -7,6 +7,8 @@ H200, one fp16 CUDA graph ran fastest of what we could run there), and hold only
 every graph within its precision's parity bounds (`t2f.export.onnx_export`: fp32 1e-4 relative,
 fp16 2e-2, bf16 per graph, a failing bf16 graph runs fp32). torch-compile is left out of `auto`:
 its first call compiles for 10 s to minutes, more than it saves in a run of a few images.
+Given the models, `auto` skips the backends that cannot run their CLIP's text tower (every one
+but `torch` runs t2f's exportable rewrite of it): such a CLIP runs on `torch`.
 """
 
 from __future__ import annotations
@@ -37,9 +39,10 @@ PREFERENCE: dict[str, tuple[tuple[str, Precision], ...]] = {
 
 
 def choose(device: torch.device, backend: str = "auto", precision: Precision | None = None, artifacts=None,
-           noise_mode: str = "const") -> tuple[type[Backend], Precision]:
+           noise_mode: str = "const", models: Models | None = None) -> tuple[type[Backend], Precision]:
     """(backend class, precision) for a request; `backend` "auto" and `precision` None (auto) are resolved from the
-    device's preference list: its first entry that matches what was fixed and passes `check_available`.
+    device's preference list: its first entry that matches what was fixed and passes `check_available` (given
+    `models`, one that can run their text tower: `torch` for a tower the exportable rewrite cannot express).
 
     BackendUnavailable with one line where none passes.
     """
@@ -60,7 +63,7 @@ def choose(device: torch.device, backend: str = "auto", precision: Precision | N
     errors = []
     for name, p in candidates:
         try:
-            BACKEND_CLASSES[name].check_available(device, p, artifacts, noise_mode)
+            BACKEND_CLASSES[name].check_available(device, p, artifacts, noise_mode, models)
             return BACKEND_CLASSES[name], p
         except BackendUnavailable as e:
             errors.append(e)
@@ -74,7 +77,7 @@ def make_backend(name: str, models: Models, device: torch.device, precision: Pre
     before any export, where it cannot run here."""
     from t2f.graphs import ExportError
 
-    cls, precision = choose(device, name, precision, artifacts, noise_mode)
+    cls, precision = choose(device, name, precision, artifacts, noise_mode, models)
     try:
         return cls.create(models, device, precision, artifacts)
     except ExportError as e:                     # artifacts that cannot be used here: this backend cannot run

@@ -132,16 +132,17 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
     for origin in allow_origin:
         if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise click.BadParameter(f"{origin!r} is not an origin such as https://example.org:8443", param_hint="--allow-origin")
-    absolute = lambda p: p if p is None or p in ("tiny",) or not os.path.exists(p) else os.path.abspath(p)   # noqa: E731
-    options = ModelOptions(generator=absolute(config.generator), clip=config.clip, mapper=absolute(config.mapper), backend=backend,
-                           artifacts=absolute(artifacts), precision=str(precision or "auto"), batch_size=config.batch_size,
-                           cache=os.path.abspath(cache) if cache else None)
-    if write_repository is None:             # the mapper and its record here, in one line, before Triton starts its instances
+    mapper = config.mapper
+    if write_repository is None:   # the mapper (a Hub one fetched) and its record here, in one line, before Triton starts
         from t2f.cli_errors import user_errors
         from t2f.sources import resolve
 
         with user_errors():
-            resolve(config.models)
+            mapper = resolve(config.models).mapper           # the instances read this local copy
+    absolute = lambda p: p if p is None or p in ("tiny",) or not os.path.exists(p) else os.path.abspath(p)   # noqa: E731
+    options = ModelOptions(generator=absolute(config.generator), clip=config.clip, mapper=absolute(mapper), backend=backend,
+                           artifacts=absolute(artifacts), precision=str(precision or "auto"), batch_size=config.batch_size,
+                           cache=os.path.abspath(cache) if cache else None)
 
     if write_repository is not None:
         try:

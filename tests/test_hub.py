@@ -16,6 +16,7 @@ from helpers import assert_one_error_line, tiny_run
 from t2f.bank import save_bank
 from t2f.engine import load_pipeline
 from t2f.engine.cli import main as infer_main
+from t2f.engine.serve import main as serve_main
 from t2f.export.cli import main as export_main
 from t2f.hub import HubError, HubId, HubIdError, parse
 
@@ -131,6 +132,14 @@ def test_an_uncached_id_offline_is_one_line(hf_offline, tmp_path, run_cli, no_ne
     assert_one_error_line(result, 1, "hf-hub:t2f-test/missing is not in the Hugging Face cache", str(hf_offline / "hub"),
                           "HF_HUB_OFFLINE=1", "--mapper DIR")
     assert os.listdir(tmp_path) == [] and no_network == []          # nothing written, not even the cache
+
+
+def test_t2f_serve_resolves_the_hub_mapper_before_triton_starts(hf_offline, tmp_path, run_cli, no_network):
+    result = run_cli(serve_main, ["--mapper", "hf-hub:t2f-test/missing", "--device", "cpu"], tmp_path)
+    assert_one_error_line(result, 1, "hf-hub:t2f-test/missing is not in the Hugging Face cache")
+    # For another machine (NVIDIA's Triton container) the id is written as given, and each pod fetches it.
+    run_cli(serve_main, ["--mapper", "hf-hub:t2f-test/missing", "--device", "cpu", "--write-repository", "repo"], tmp_path, expect=0)
+    assert '\\"mapper\\": \\"hf-hub:t2f-test/missing\\"' in (tmp_path / "repo" / "t2f" / "config.pbtxt").read_text()
 
 
 @pytest.mark.parametrize("command", [infer_main, export_main])

@@ -23,6 +23,8 @@ setup(
         "tqdm>=4.60",
         "pillow>=10",
         "matplotlib>=3.8,<4",  # t2f-train report: plots of a training run
+        "huggingface_hub>=1.0,<3",  # hf-hub: mappers (snapshot_download into the Hugging Face cache); tested with 2.4
+        "pyyaml>=5.1",  # the model card's YAML metadata (t2f-train)
     ],
     extras_require={
         "export": ["onnx>=1.16", "onnxruntime>=1.18", "onnxslim>=0.1.50"],   # or onnxruntime-gpu; TensorRT >= 10 from NVIDIA's index

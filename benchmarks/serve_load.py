@@ -114,11 +114,11 @@ def main(generator, clip, mapper, backend, device, precision, clients, requests,
         if time.perf_counter() - start > max_seconds:
             break
     direct_one = summary(latencies, time.perf_counter() - start, len(latencies))
-    pipe.generate_requests(list(range(clients)), [0] * clients, [truncation] * clients, prompts=[f"p{k}" for k in range(clients)])
+    pipe._generate_rows(list(range(clients)), [0] * clients, [truncation] * clients, prompts=[f"p{k}" for k in range(clients)])
     latencies, start = [], time.perf_counter()
     for _ in range(3):
         t0 = time.perf_counter()
-        pipe.generate_requests(list(range(clients)), [0] * clients, [truncation] * clients, prompts=[f"a face, client {k}" for k in range(clients)])
+        pipe._generate_rows(list(range(clients)), [0] * clients, [truncation] * clients, prompts=[f"a face, client {k}" for k in range(clients)])
         latencies.append(time.perf_counter() - t0)
     direct_batch = summary(latencies, time.perf_counter() - start, 3 * clients)
     resolved, blocks = str(pipe.device), pipe.batch_size

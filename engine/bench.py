@@ -30,7 +30,10 @@ import click
 import numpy as np
 import torch
 
-from t2f.cli_errors import DeviceParam, nonempty_path
+from t2f.cli_errors import nonempty_path
+from t2f.presets import TINY
+
+from .config import PipelineConfig, pipeline_options
 
 STAGES = ("tokenize", "text_encoder", "mapper", "synthesis", "uint8_conversion", "device_to_host", "end_to_end")
 PROMPTS = ["a photo of an old man with white hair", "a smiling woman with red hair", "a child with curly hair",
@@ -353,20 +356,19 @@ def _backends(ctx, param, value: str) -> list[str]:
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--generator",  help="Generator", metavar="NAME|PATH", default="tiny", show_default=True)
-@click.option("--clip",       help="CLIP", metavar="SPEC", default="tiny", show_default=True)
-@click.option("--mapper",     help="Mapper directory or tiny (random weights are fine for timing)", metavar="DIR|NAME", default="tiny", show_default=True)
+@pipeline_options(runtime=False, mapper_default=TINY)
 @click.option("--backends",   help="Comma-separated backends (NAME or NAME:PRECISION) beside eager fp32, or all", metavar="LIST", default="all", show_default=True, callback=_backends)
 @click.option("--batches",    help="Comma-separated batch sizes", metavar="LIST", default="1,8,32", show_default=True, callback=_batches)
 @click.option("--warmup",     help="Untimed rounds first", metavar="INT", type=click.IntRange(0, 1000), default=3, show_default=True)
 @click.option("--iters",      help="Timed rounds", metavar="INT", type=click.IntRange(1, 10000), default=20, show_default=True)
-@click.option("--device",     help="auto, cpu, cuda or cuda:N", metavar="STR", type=DeviceParam(), default="auto", show_default=True)
-@click.option("--artifacts",  help="t2f-export output (needed for tensorrt)", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--baseline/--no-baseline", help="Eager fp32 first (speed-up and accuracy columns); off where it does not fit in memory", default=True, show_default=True)
 @click.option("--json", "json_path", help="Write the report as JSON", metavar="PATH", type=click.Path(dir_okay=False), callback=nonempty_path)
 @click.option("--markdown", "md_path", help="Write the table as markdown", metavar="PATH", type=click.Path(dir_okay=False), callback=nonempty_path)
-def main(generator, clip, mapper, backends, batches, warmup, iters, device, artifacts, baseline, json_path, md_path):
+def main(config: PipelineConfig, backends, batches, warmup, iters, baseline, json_path, md_path):
     """Time tokenize, text encoder, mapper, synthesis, uint8 conversion, device-to-host and end to end.
+
+    The models: --mapper (tiny by default: random weights are fine for timing) and the generator and CLIP
+    it was trained for, or --generator / --clip (with --mapper tiny, any: its random weights fit them).
 
     \b
     Examples:
@@ -374,12 +376,11 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
     t2f-bench --generator random-256 --clip ViT-B-32:random --batches 1,8
     t2f-bench --generator random-1024 --clip ViT-B-32:random --device cuda --artifacts engines/ffhq
     """
-    import t2f
     from t2f.cli_errors import user_errors
     from t2f.devices import resolve_device
     from t2f.graphs import ExportError
     from t2f.cli_errors import check_writable, write_files
-    from t2f.presets import load_mapper
+    from t2f.sources import load_models
 
     from .backends import BackendUnavailable, Models
 
@@ -398,12 +399,10 @@ def main(generator, clip, mapper, backends, batches, warmup, iters, device, arti
             write_files(files)
 
     with user_errors(OSError, BackendUnavailable, ExportError):
-        dev = resolve_device(device)
-        G = t2f.load_generator(generator)
-        C = t2f.load_clip(clip)
-        M = load_mapper(mapper, G, generator, C)
-        report = benchmark(Models(G, C, M), dev, backends, batches, warmup, iters, artifacts, save=save,
-                           log=lambda line: click.echo(line, err=True), meta=dict(generator=generator), baseline=baseline)
+        dev = resolve_device(config.device)
+        G, C, M, resolved = load_models(config.models)
+        report = benchmark(Models(G, C, M), dev, backends, batches, warmup, iters, config.artifacts, save=save,
+                           log=lambda line: click.echo(line, err=True), meta=dict(generator=resolved.generator), baseline=baseline)
         save(report)
         click.echo(markdown(report))
 

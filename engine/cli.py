@@ -13,11 +13,11 @@ import warnings
 
 import click
 
-from t2f.cli_errors import DeviceParam, FiniteFloatRange, PrecisionChoice, check_precision_device, check_writable, nonempty_path, write_files
-from t2f.precision import Precision
+from t2f.cli_errors import FiniteFloatRange, check_writable, nonempty_path, write_files
 from t2f.stylegan2 import NOISE_MODES
 
-from .backends import BACKENDS, BackendUnavailable
+from .backends import BackendUnavailable
+from .config import PipelineConfig, pipeline_options
 from .infer import IMAGE_FORMATS, ImageInputError, load_face_images, run_files, run_interactive
 from .pipeline import MODES
 
@@ -44,28 +44,23 @@ def _image_format(ctx, param, value):
 @click.option("--out",          help="Grid image, a row per prompt (.png, or .jpg / .jpeg for JPEG)", metavar="PNG", type=click.Path(dir_okay=False), callback=_image_format, default="faces.png", show_default=True)
 @click.option("--save-images",  help="Also write one PNG per image here", metavar="DIR", type=click.Path(file_okay=False), callback=nonempty_path)
 @click.option("--save-ws",      help="Also save the ws [images, num_ws, w_dim]", metavar="NPY", type=click.Path(dir_okay=False), callback=nonempty_path)
-@click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True)
-@click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True)
-@click.option("--mapper",       help="Mapper directory (a t2f-train run), or tiny (random weights)", metavar="DIR|NAME")
+@pipeline_options()
 @click.option("--bank",         help="Embedding bank for --mode knn [default: MAPPER/bank.safetensors]", metavar="PATH", type=click.Path(dir_okay=False))
 @click.option("--knn-k",        help="KNN: nearest bank embeddings considered", metavar="INT", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--knn-m",        help="KNN: embeddings combined (farthest-point pick)", metavar="INT", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--knn-alpha",    help="KNN: Dirichlet concentration", metavar="FLOAT", type=FiniteFloatRange(0, 100, min_open=True), default=0.3, show_default=True)
-@click.option("--backend",      help="How to run the graphs (auto = the fastest accurate one here)", type=click.Choice(("auto",) + BACKENDS), default="auto", show_default=True)
-@click.option("--artifacts",    help="t2f-export output for onnxruntime / tensorrt [onnxruntime: exported into the cache]", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--interactive",  help="Read prompts from standard input, one per line; write OUT-NNNN.png for each", is_flag=True)
-@click.option("--device",       help="auto, cpu, cuda or cuda:N", metavar="STR", type=DeviceParam(), default="auto", show_default=True)
-@click.option("--precision",    help="Compute precision: auto = the backend's fastest accurate one here (fp16 needs CUDA, bf16 a CPU with bf16 instructions)", type=PrecisionChoice(), default="auto", show_default=True)
-@click.option("--batch",        help="Rows per graph call (bounds memory; t2f-serve --batch the same gives the same images bit for bit) [default: 1 on the CPU, 8 on a GPU]", metavar="INT", type=click.IntRange(1, 256))
-@click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
-def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images, save_ws, generator, clip, mapper, bank,
-         knn_k, knn_m, knn_alpha, backend, artifacts, interactive, device, precision, batch, cache):
+def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images, save_ws, config: PipelineConfig, bank,
+         knn_k, knn_m, knn_alpha, interactive):
     """Generate faces from text prompts (or more faces like a given face).
+
+    The mapper is all it needs: the generator and CLIP are the ones it was trained for (its
+    config.json records them), fetched once; --generator / --clip replace them (checked).
 
     \b
     Examples:
     # Offline smoke run on the CPU with random-weight tiny models (not a trained model):
-    t2f-infer --generator tiny --clip tiny --mapper tiny "a smiling woman"
+    t2f-infer --mapper tiny "a smiling woman"
 
     \b
     # A mapper trained with t2f-train, 4 faces per prompt, a row per prompt:
@@ -73,17 +68,17 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
         --mapper runs/ffhq --n 4 --seed 0 --truncation 0.7 --out faces.png
 
     \b
+    # A mapper someone published on the Hugging Face Hub (its generator and CLIP follow):
+    t2f-infer "a smiling woman" --mapper hf-hub:ORG/NAME
+
+    \b
     # KNN mode (the run's embedding bank), and more faces like a photo:
     t2f-infer "a woman with red hair" --mapper runs/ffhq --mode knn
     t2f-infer --mode image --image me.png --mapper runs/ffhq
     """
-    request = _validate(prompts, mode, image, n, interactive, mapper, bank, device, precision, out, save_images, save_ws)
-    for name, value in (("generator", generator), ("clip", clip), ("mapper", mapper)):
-        if _is_random(value):
-            click.echo(f"note: random weights (--{name} {value}): not a trained model, the images are not faces", err=True)
+    request = _validate(prompts, mode, image, n, interactive, config.mapper, bank, out, save_images, save_ws)
     knn = dict(k=knn_k, m=knn_m, alpha=knn_alpha)
-    load = dict(generator=generator, clip=clip, mapper=mapper, device=device, precision=request.precision, batch_size=batch,
-                cache=cache, bank=(bank or "") if mode == "knn" else None, backend=backend, artifacts=artifacts, noise_mode=noise_mode)
+    load = dict(config=config, bank=(bank or "") if mode == "knn" else None, noise_mode=noise_mode)
     if interactive:
         return _run(request, load, lambda pipe: run_interactive(pipe, sys.stdin, out=out, write=write_files, mode=mode, n=n, seed=seed,
                                                                 truncation=truncation, noise_mode=noise_mode, knn=knn, echo=click.echo))
@@ -92,29 +87,24 @@ def main(prompts, mode, image, n, seed, truncation, noise_mode, out, save_images
                                                           mode=mode, images=request.images, knn=knn))
     elapsed = time.perf_counter() - start
     info = dict(mode=mode, labels=request.labels, n=n, seed=seed, truncation=truncation, noise_mode=noise_mode,
-                generator=generator, clip=clip, mapper=mapper, precision=str(pipe.precision), backend=pipe.backend.name,
-                device=str(pipe.device))
+                generator=pipe.sources.generator, clip=pipe.sources.clip, mapper=config.mapper, precision=str(pipe.precision),
+                backend=pipe.backend.name, device=str(pipe.device))
     write_files(run_files(faces, request.labels, n, info, out, save_images, save_ws))
     h, w = faces.images.shape[1:3]
     click.echo(f"wrote {out}: {len(request.labels)} row(s) x {n} image(s) at {w}x{h} in {elapsed:.2f} s, "
                f"{pipe.summary}, mode {mode}")
 
 
-def _is_random(name: str | None) -> bool:
-    from t2f.presets import is_random_preset
-
-    return is_random_preset(name)
-
-
 @dataclasses.dataclass
 class _Request:
     labels: list[str]                 # one per row: the prompts, or the --image paths
-    precision: Precision | None      # None = auto
     images: object                    # mode image: [rows, 3, 256, 256] in [-1, 1]; else None
 
 
-def _validate(prompts, mode, image, n, interactive, mapper, bank, device, precision, out, save_images, save_ws) -> _Request:
+def _validate(prompts, mode, image, n, interactive, mapper, bank, out, save_images, save_ws) -> _Request:
     """Every usage check, before any model is loaded: click.BadParameter (exit 2) for the first problem."""
+    from t2f.hub import is_hub_id
+
     from .pipeline import is_blank
 
     prompts = [p.strip() for p in prompts]
@@ -138,9 +128,9 @@ def _validate(prompts, mode, image, n, interactive, mapper, bank, device, precis
         labels = prompts
     if len(labels) * n > MAX_IMAGES:
         raise click.BadParameter(f"{len(labels)} rows x {n} images is more than {MAX_IMAGES} images per run", param_hint="--n")
-    if mode == "knn" and bank is None and (mapper is None or not os.path.isdir(mapper)):
-        raise click.BadParameter("--mode knn needs --bank PATH or a --mapper run directory holding bank.safetensors", param_hint="--bank")
-    check_precision_device(precision, device)
+    if mode == "knn" and bank is None and (mapper is None or not (is_hub_id(mapper) or os.path.isdir(mapper))):
+        raise click.BadParameter("--mode knn needs --bank PATH or a --mapper run directory (or Hub mapper) holding bank.safetensors",
+                                 param_hint="--bank")
     outputs = [(out, "--out", False), (save_images, "--save-images", True), (save_ws, "--save-ws", False)]
     for path, param, is_dir in outputs:
         if path is not None:
@@ -151,7 +141,7 @@ def _validate(prompts, mode, image, n, interactive, mapper, bank, device, precis
         images = load_face_images(labels) if mode == "image" else None
     except ImageInputError as e:
         raise click.BadParameter(str(e), param_hint="--image") from None
-    return _Request(labels=labels, precision=precision, images=images)
+    return _Request(labels=labels, images=images)
 
 
 def _run(request: _Request, load: dict, work):
@@ -159,12 +149,19 @@ def _run(request: _Request, load: dict, work):
     from t2f.cli_errors import user_errors
     from t2f.graphs import ExportError
 
-    from .pipeline import DeviceFallbackWarning, load_pipeline
+    from t2f.presets import is_random_preset
+
+    from .config import build_pipeline
+    from .pipeline import DeviceFallbackWarning
 
     with user_errors(OSError, BackendUnavailable, ExportError), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pipe = load_pipeline(**load)
+            pipe = build_pipeline(**load)
+            for name in ("generator", "clip", "mapper"):
+                value = getattr(pipe.sources, "label" if name == "mapper" else name)
+                if is_random_preset(value):
+                    click.echo(f"note: random weights (--{name} {value}): not a trained model, the images are not faces", err=True)
             return pipe, work(pipe)
         finally:
             for w in caught:

@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import unicodedata
 import warnings
 
 import numpy as np
 import torch
 
-from t2f.bank import BANK_NAME, Bank, knn_condition, load_bank
-from t2f.clip import Clip, load_clip
+from t2f.bank import Bank, knn_condition
+from t2f.clip import Clip
 from t2f.devices import resolve_device
 from t2f.mapper import Mapper
 from t2f.precision import Precision
-from t2f.presets import load_mapper
 from t2f.stylegan2 import NOISE_MODES, Generator
 
 from .backends import BackendUnavailable, Models, make_backend, pad_rows
@@ -72,9 +70,25 @@ def check_prompts(prompts: list[str]) -> None:
         raise ValueError("every prompt must be a non-empty string")
 
 
+def as_prompts(prompt) -> list[str]:
+    """A prompt or a list (or tuple) of prompts -> the rows; ValueError (one line) for an empty or blank one, or another type."""
+    if isinstance(prompt, str):
+        if is_blank(prompt):
+            raise ValueError("the prompt is empty: give a non-empty string, or a list of them")
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)) or not prompt:
+        what = "an empty list" if isinstance(prompt, (list, tuple)) else repr(prompt) if prompt is None else type(prompt).__name__
+        raise ValueError(f"prompt must be a non-empty string or a non-empty list of strings, got {what}")
+    for i, p in enumerate(prompt):
+        if not isinstance(p, str) or is_blank(p):
+            raise ValueError(f"prompt {i} of {len(prompt)} is {'empty' if isinstance(p, str) else 'not a string'}: "
+                             "every prompt must be a non-empty string")
+    return list(prompt)
+
+
 def check_sampling(n: int, truncation_psi: float) -> None:
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
     if not math.isfinite(float(truncation_psi)):
         raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
 
@@ -115,13 +129,17 @@ class Faces:
 
 
 class TextToFace:
-    """prompts (or face images) -> faces. The same seed gives the same images on the same device and precision.
+    """prompts (or face images) -> faces: `pipe("a smiling woman", n=4)`. Same seed, same images on one device and precision.
+
+    Made by t2f.engine.load_pipeline (which sets `sources`), or from loaded models.
 
     A row is one condition: a prompt (modes "text" and "knn") or a face image (mode "image").
     Image j of row i depends only on (seed, i, j) and the condition, not on how many were asked for:
     every graph runs on blocks of exactly `batch_size` rows (see `blocks`), so for one batch_size,
     backend, device and precision a row is bit for bit the same alone or beside any other rows.
     """
+
+    sources = None          # t2f.sources.Resolved: the mapper, generator and CLIP load_pipeline loaded (None if made directly).
 
     def __init__(self,
         generator: Generator,
@@ -180,27 +198,65 @@ class TextToFace:
         odd += [f"{g} {p}" for g, p in self.backend.graph_precisions.items() if p != self.precision]
         return f"{self.backend.name} on {self.device}, {self.precision}" + (f" ({', '.join(odd)})" if odd else "")
 
+    @torch.no_grad()
+    def __call__(self,
+        prompt: str | list[str] | None = None,  # A prompt, or a list of them: a row each. Mode "image": optional row labels.
+        n: int = 1,                             # Images per row.
+        seed: int = 0,                          # Image j of row i depends only on (seed, i, j) and the row's condition.
+        truncation_psi: float = 1.0,            # Pull ws toward the generator's w_avg; 1 = none.
+        noise_mode: str = "const",              # "const", "random" (seeded per image) or "none".
+        mode: str = "text",                     # "text", "knn" (bank combinations near the text) or "image".
+        images: torch.Tensor | None = None,     # Mode "image": [rows, 3, H, W] in [-1, 1] (see face_tensor).
+        knn: dict | None = None,                # Mode "knn": k, m, alpha (see t2f.bank.knn_condition).
+    ) -> Faces:
+        """Faces, n per row, row-major: `pipe("a smiling woman", n=4)` gives 4, `pipe(["a", "b"], n=2)` gives 4.
+
+        The one entry point of the pipeline. Text mode with constant noise runs the backend's whole pipeline
+        (its CUDA graph, where it has one). ValueError (one line) for an empty prompt or list, and bad options.
+        """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode == "image":
+            if images is None:
+                raise ValueError('mode "image" needs images [rows, 3, H, W] in [-1, 1]')
+            labels = [f"image {r}" for r in range(images.shape[0])] if prompt is None else as_prompts(prompt)
+            if len(labels) != images.shape[0]:
+                raise ValueError(f"mode image needs one label per image: {len(labels)} for {images.shape[0]} images")
+            conditions = self._image_conditions(images)
+        elif images is not None:
+            raise ValueError(f'images go with mode "image", not mode {mode!r}')
+        else:
+            labels = as_prompts(prompt)
+            if mode == "text" and noise_mode == "const":
+                return self._generate_text(labels, n=n, seed=seed, truncation_psi=truncation_psi)
+            conditions = self._text_conditions(labels) if mode == "text" else self._knn_conditions(labels, n, seed, **(knn or {}))
+        return self._generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
+
+    # ------------------------------------------------------------------------
+    # Internal: conditions and rows. The server's batcher (engine/triton_model.py) calls _generate_rows; everything
+    # else goes through __call__.
+
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
-    def text_conditions(self, prompts: list[str]) -> torch.Tensor:
+    def _text_conditions(self, prompts: list[str]) -> torch.Tensor:
         check_prompts(prompts)
         return self._encode(self.clip.tokenize(list(prompts)))
 
-    def image_conditions(self, images: torch.Tensor) -> torch.Tensor:
+    def _image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
         return torch.cat([self.clip.encode_image(x.to(self.device))[:count].float() for count, (x,) in blocks(self.batch_size, images)])
 
-    def knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
+    def _knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
         if not (math.isfinite(float(alpha)) and alpha > 0):
             raise ValueError(f"the KNN Dirichlet concentration must be a finite number > 0, got {alpha}")
         if self.bank is None:
             raise ValueError("mode knn needs an embedding bank")
-        return knn_condition(self.text_conditions(prompts), self.bank.embeddings, n, seed, k=k, m=m, alpha=alpha)
+        return knn_condition(self._text_conditions(prompts), self.bank.embeddings, n, seed, k=k, m=m, alpha=alpha)
 
     # The one row-based core: every caller says, per image row, its latent key, its truncation and its condition.
 
     @torch.no_grad()
-    def render(self,
+    def _render_rows(self,
         keys: list[tuple[int, int, int]],       # Per row: the key (seed, i, j) of its latent and of its random noise.
         psi: list[float],                       # Per row: truncation psi.
         tokens: torch.Tensor | None = None,     # [B, context]: rows conditioned on text, tokenized ...
@@ -259,7 +315,7 @@ class TextToFace:
     # Callers of the core.
 
     @torch.no_grad()
-    def generate(self,
+    def _generate(self,
         conditions: torch.Tensor,               # [rows, D], or [rows * n, D] (one per image), row-major.
         labels: list[str],                      # One per row.
         n: int = 1,                             # Images per row.
@@ -273,20 +329,20 @@ class TextToFace:
             conditions = conditions.repeat_interleave(n, dim=0)             # [rows * n, D]
         if conditions.shape[0] != rows * n:
             raise ValueError(f"{conditions.shape[0]} conditions for {rows} rows of {n}")
-        ws, images = self.render(_keys(seed, rows, n), [truncation_psi] * (rows * n), conditions=conditions, noise_mode=noise_mode)
+        ws, images = self._render_rows(_keys(seed, rows, n), [truncation_psi] * (rows * n), conditions=conditions, noise_mode=noise_mode)
         return check_finite(Faces(images=images, ws=ws, labels=list(labels), n=n))
 
     @torch.no_grad()
-    def generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
+    def _generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
         """Text mode with constant noise through the backend's whole pipeline (its CUDA graph, where it has one)."""
         check_prompts(prompts)
         check_sampling(n, truncation_psi)
         tokens = self.clip.tokenize(list(prompts)).repeat_interleave(n, dim=0)
-        ws, images = self.render(_keys(seed, len(prompts), n), [truncation_psi] * (len(prompts) * n), tokens=tokens)
+        ws, images = self._render_rows(_keys(seed, len(prompts), n), [truncation_psi] * (len(prompts) * n), tokens=tokens)
         return check_finite(Faces(images=images, ws=ws, labels=list(prompts), n=n))
 
     @torch.no_grad()
-    def generate_requests(self,
+    def _generate_rows(self,
         seeds: list[int],                       # One per row: the seed of that row's request.
         samples: list[int],                     # One per row: which image of its request (j of `--n`).
         truncations: list[float],               # One per row: truncation psi.
@@ -307,36 +363,11 @@ class TextToFace:
         keys = [(s, 0, j) for s, j in zip(seeds, samples)]
         if prompts is not None:
             check_prompts(prompts)
-            ws, out = self.render(keys, truncations, tokens=self.clip.tokenize(list(prompts)), noise_mode=noise_mode)
+            ws, out = self._render_rows(keys, truncations, tokens=self.clip.tokenize(list(prompts)), noise_mode=noise_mode)
         else:
-            ws, out = self.render(keys, truncations, conditions=self.image_conditions(images), noise_mode=noise_mode)
+            ws, out = self._render_rows(keys, truncations, conditions=self._image_conditions(images), noise_mode=noise_mode)
         labels = list(prompts) if prompts is not None else [f"image {r}" for r in range(rows)]
         return check_finite(Faces(images=out, ws=ws, labels=labels, n=1))
-
-    def __call__(self,
-        prompts: list[str],                     # The rows: prompts, or in mode "image" one label per image.
-        n: int = 1,
-        seed: int = 0,
-        truncation_psi: float = 1.0,
-        noise_mode: str = "const",
-        mode: str = "text",                     # "text", "knn" (bank combinations near the text) or "image".
-        images: torch.Tensor | None = None,     # Mode "image": [rows, 3, H, W] in [-1, 1].
-        knn: dict | None = None,                # Mode "knn": k, m, alpha (see knn_conditions).
-    ) -> Faces:
-        """Faces for each row in any mode; text mode with constant noise runs the backend's whole pipeline."""
-        if mode == "text" and noise_mode == "const":
-            return self.generate_text(prompts, n=n, seed=seed, truncation_psi=truncation_psi)
-        if mode == "text":
-            conditions = self.text_conditions(prompts)
-        elif mode == "knn":
-            conditions = self.knn_conditions(prompts, n, seed, **(knn or {}))
-        elif mode == "image":
-            if images is None or images.shape[0] != len(prompts):
-                raise ValueError("mode image needs one image per label")
-            conditions = self.image_conditions(images)
-        else:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        return self.generate(conditions, list(prompts), n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
 
 
 def _keys(seed: int, rows: int, n: int) -> list[tuple[int, int, int]]:
@@ -382,35 +413,3 @@ def check_bank(bank: Bank, clip: Clip) -> None:
                          f"use the bank of a run trained with --clip {clip.name}")
     if bank.embeddings.shape[1] != clip.embed_dim:
         raise ValueError(f"the bank holds {bank.embeddings.shape[1]}-d embeddings, CLIP {clip.name} gives {clip.embed_dim}-d")
-
-
-# ----------------------------------------------------------------------------
-# Building a pipeline from names and paths.
-
-
-def load_pipeline(
-    generator: str = "ffhq-1024",     # Preset name, converted directory, NVIDIA pickle or rosinality .pt.
-    clip: str = "ViT-B-32:openai",    # open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or "tiny".
-    mapper: str | None = None,        # Mapper directory (a t2f-train run) or "tiny"; None = fail with how to get one.
-    device: str = "auto",
-    precision: Precision | str | None = Precision.FP32,   # None or "auto" = the backend's fastest accurate precision here.
-    batch_size: int | None = None,    # Rows per graph call; None = default_batch_size(the device).
-    cache: str | None = None,         # Download cache; None = $T2F_CACHE or ~/.cache/t2f.
-    progress: bool = True,
-    bank: str | None = None,          # Embedding bank for mode "knn"; None = none ("" = the mapper directory's).
-    backend: str = "torch",           # See t2f.engine.backends.
-    artifacts: str | None = None,     # t2f-export output directory for onnxruntime / tensorrt.
-    noise_mode: str = "const",        # The noise mode the runs will use (backend "auto" picks one that supports it).
-) -> TextToFace:
-    from t2f import load_generator
-
-    if precision == "auto":
-        precision = None
-    g = load_generator(generator, cache=cache, progress=progress)
-    c = load_clip(clip, cache_dir=None if cache is None else os.path.join(cache, "clip"))
-    m = load_mapper(mapper, g, generator, c)
-    b = None
-    if bank is not None:
-        b = load_bank(bank or os.path.join(str(mapper), BANK_NAME))
-    return TextToFace(g, c, m, device=device, precision=precision, batch_size=batch_size, bank=b, backend=backend, artifacts=artifacts,
-                      noise_mode=noise_mode)

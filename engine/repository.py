@@ -27,8 +27,8 @@ from .protocol import IMAGE_MODEL, INPUTS, MODELS, OUTPUTS
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     """What each model instance loads: t2f.engine.load_pipeline's arguments, less the device (the instance group's)."""
-    generator: str
-    clip: str
+    generator: str | None               # None = the one the mapper was trained for
+    clip: str | None                    # None = the one the mapper was trained for
     mapper: str | None
     backend: str = "torch"
     artifacts: str | None = None

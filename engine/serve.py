@@ -24,9 +24,7 @@ import urllib.request
 
 import click
 
-from t2f.cli_errors import PrecisionChoice
-
-from .backends import BACKENDS
+from .config import PipelineConfig, pipeline_options
 from .protocol import IMAGE_MODEL, TEXT_MODEL
 
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+-]{16,256}")
@@ -63,14 +61,7 @@ def served_summary(metrics_text: str) -> str:
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--mapper",           help="Mapper directory (a t2f-train run), or tiny (random weights)", metavar="DIR|NAME")
-@click.option("--generator",        help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True)
-@click.option("--clip",             help="open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True)
-@click.option("--backend",          help="How to run the graphs (auto = the fastest accurate one here)", type=click.Choice(("auto",) + BACKENDS), default="auto", show_default=True)
-@click.option("--artifacts",        help="t2f-export output for onnxruntime / tensorrt", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--precision",        help="Compute precision: auto = the backend's fastest accurate one (fp16 needs CUDA, bf16 a CPU with bf16 instructions)", type=PrecisionChoice(), default="auto", show_default=True)
-@click.option("--device",           help="cpu, cuda or cuda:N (auto = cuda where there is one); repeat for one model instance per device", metavar="STR", multiple=True, default=["auto"], show_default=True)
-@click.option("--batch",            help="Rows per graph call, as t2f-infer --batch (the same gives the same images bit for bit) [default: 1 on the CPU, 8 on a GPU]", metavar="INT", type=click.IntRange(1, 256))
+@pipeline_options(multiple_devices=True)
 @click.option("--max-batch",        help="Largest batch the batcher forms, and most rows in one request", metavar="INT", type=click.IntRange(1, 256), default=32, show_default=True)
 @click.option("--queue-delay-us",   help="How long a request may wait for others to batch with", metavar="INT", type=click.IntRange(0, 10_000_000), default=0, show_default=True)
 @click.option("--host",             help="Address of the HTTP front and page (off loopback: needs --token-file)", metavar="ADDR", default="127.0.0.1", show_default=True)
@@ -84,16 +75,18 @@ def served_summary(metrics_text: str) -> str:
 @click.option("--tritonserver",     help="Your own tritonserver (ROOT/bin/tritonserver, with ROOT/backends/python) [default: nvidia-pytriton's]", metavar="PATH")
 @click.option("--restarts",         help="How often to restart a Triton that died before exiting 1", metavar="INT", type=click.IntRange(0, 1000), default=3, show_default=True)
 @click.option("--write-repository", help="Write the Triton model repository into DIR and exit (for NVIDIA's Triton container)", metavar="DIR", type=click.Path(file_okay=False))
-@click.option("--cache",            help="Download cache and workspace [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--verbose",          help="Triton's log on the console", is_flag=True)
-def main(mapper, generator, clip, backend, artifacts, precision, device, batch, max_batch, queue_delay_us, host, http_port, grpc_host,
-         grpc_port, metrics_port, web, allow_origin, token_file, tritonserver, restarts, write_repository, cache, verbose):
+def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_port, grpc_host, grpc_port, metrics_port, web,
+         allow_origin, token_file, tritonserver, restarts, write_repository, verbose):
     """Serve text -> faces on Triton Inference Server (a static model repository) behind a checking HTTP front, and optionally a live page.
+
+    The generator and CLIP are the ones the mapper was trained for unless --generator / --clip are given;
+    --cache also holds the server's workspace.
 
     \b
     Examples:
     # Offline smoke run on the CPU with random-weight tiny models, and the page on http://127.0.0.1:8000/:
-    t2f-serve --generator tiny --clip tiny --mapper tiny --web
+    t2f-serve --mapper tiny --web
 
     \b
     # A trained mapper, one model instance on each of two GPUs, reachable from other machines with a token:
@@ -115,8 +108,9 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
     ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
     if len(set(ports.values())) != len(ports):
         raise click.BadParameter("every port must differ: " + ", ".join(f"{k} {v}" for k, v in ports.items()), param_hint="--http-port")
+    backend, precision, artifacts, cache = config.backend, config.precision, config.artifacts, config.cache
     try:
-        resolved = [resolve_device(d) for d in device]
+        resolved = [resolve_device(d) for d in devices]
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--device") from None
     try:
@@ -138,9 +132,17 @@ def main(mapper, generator, clip, backend, artifacts, precision, device, batch, 
     for origin in allow_origin:
         if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise click.BadParameter(f"{origin!r} is not an origin such as https://example.org:8443", param_hint="--allow-origin")
+    mapper = config.mapper
+    if write_repository is None:   # the mapper (a Hub one fetched) and its record here, in one line, before Triton starts
+        from t2f.cli_errors import user_errors
+        from t2f.sources import resolve
+
+        with user_errors():
+            mapper = resolve(config.models).mapper           # the instances read this local copy
     absolute = lambda p: p if p is None or p in ("tiny",) or not os.path.exists(p) else os.path.abspath(p)   # noqa: E731
-    options = ModelOptions(generator=absolute(generator), clip=clip, mapper=absolute(mapper), backend=backend, artifacts=absolute(artifacts),
-                           precision=str(precision or "auto"), batch_size=batch, cache=os.path.abspath(cache) if cache else None)
+    options = ModelOptions(generator=absolute(config.generator), clip=config.clip, mapper=absolute(mapper), backend=backend,
+                           artifacts=absolute(artifacts), precision=str(precision or "auto"), batch_size=config.batch_size,
+                           cache=os.path.abspath(cache) if cache else None)
 
     if write_repository is not None:
         try:

@@ -68,11 +68,11 @@ class TritonPythonModel:
         try:
             import torch
 
-            from t2f.engine.pipeline import load_pipeline
+            from t2f.engine import load_pipeline
 
             torch.set_num_threads(int(options.pop("threads", 0)) or torch.get_num_threads())
             self.pipe = load_pipeline(device=device, progress=False, **options)
-            self.pipe.generate_requests([0], [0], [1.0], prompts=["a warm-up prompt"])   # kernels, graph capture
+            self.pipe._generate_rows([0], [0], [1.0], prompts=["a warm-up prompt"])   # kernels, graph capture
         except Exception as e:                         # one line in Triton's log ("failed to load ...: <this>")
             raise RuntimeError(f"t2f model {self.model} on {device}: {' '.join(str(e).split())}") from None
         self.lock = threading.Lock()
@@ -117,10 +117,10 @@ class TritonPythonModel:
                     from t2f.engine.pipeline import face_tensor
 
                     faces = torch.stack([face_tensor(face) for _, rows in group for face in rows.faces])
-                    result = self.pipe.generate_requests(**flat, images=faces, noise_mode=noise_mode)
+                    result = self.pipe._generate_rows(**flat, images=faces, noise_mode=noise_mode)
                 else:
                     prompts = [p for _, rows in group for p in rows.prompts]
-                    result = self.pipe.generate_requests(**flat, prompts=prompts, noise_mode=noise_mode)
+                    result = self.pipe._generate_rows(**flat, prompts=prompts, noise_mode=noise_mode)
             images, ws = result.images.numpy(), result.ws.numpy()
             start = 0
             for k, rows in group:

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 
 from t2f.precision import Precision
+from t2f.sources import ModelSources
 
 PARITY_MAX_BATCH = 3
 
@@ -24,30 +25,15 @@ def parity_batches(batch: tuple[int, int, int]) -> list[int]:
     return sorted({batch[0], max(batch[0], min(batch[2], PARITY_MAX_BATCH))})
 
 
-def trained_for(mapper: str) -> dict:
-    """The generator and CLIP names a mapper directory records ({} where it records none)."""
-    from t2f.io import read_json
-
-    try:
-        meta = read_json(Path(mapper) / "config.json")
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(meta, dict):
-        return {}
-    return {k: (meta.get(k) or {}).get("name") for k in ("generator", "clip") if isinstance(meta.get(k), dict)}
-
-
 def export_models(
     out: Path,                                   # Output directory (checked by the caller: a t2f-export output or new).
-    mapper: str,                                 # Mapper directory (a t2f-train run), or "tiny".
-    generator: str,                              # Generator preset, directory, NVIDIA .pkl or rosinality .pt.
-    clip: str,                                   # open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or "tiny".
+    models: ModelSources,                        # The mapper (run directory, hf-hub:ORG/NAME, or tiny) and, where given, the
+                                                 # generator and CLIP (None = the ones the mapper was trained for), the cache.
     precision: Precision,                        # FP32, FP16 (graphs and engines for CUDA) or BF16 (ONNX only).
     batch: tuple[int, int, int],                 # TensorRT profile (MIN, OPT, MAX); parity at MIN and MAX up to 3.
     onnx_only: bool = False,                     # Stop after the ONNX graphs (no TensorRT).
     optimization_level: int = 3,                 # TensorRT builder optimization level, 0-5.
     timing_cache: Path | None = None,            # TensorRT timing cache; None = OUT/timing.cache.
-    cache: str | None = None,                    # Download cache; None = $T2F_CACHE or ~/.cache/t2f.
     log=print,                                   # One line of progress; the parity table goes through it too.
 ):
     """Export (or reuse) the three graphs, check their parity and, unless onnx_only, build their TensorRT engines.
@@ -55,29 +41,26 @@ def export_models(
     Returns (manifest, specs). Raises ExportError, WeightsError and the loaders' errors; TensorRT
     and a GPU are checked before any work.
     """
-    import t2f
     from t2f.graphs import UnsupportedTextTower, text_tower
     from t2f.io import directory_lock
-    from t2f.presets import load_mapper
+    from t2f.sources import load_models
 
     from .onnx_export import export_artifacts, format_table, remove_stale_temporaries, specs_of
     from .tensorrt import build_engines, runtime_info
 
     with contextlib.ExitStack() as held:
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
-        G = t2f.load_generator(generator, cache=cache)
-        C = t2f.load_clip(clip)
+        G, C, M, resolved = load_models(models)
         try:
             text_tower(C)                                   # a text tower the rewrite cannot express: refused before any work
         except UnsupportedTextTower as e:
             raise UnsupportedTextTower(f"{e}; t2f-infer --backend torch runs it with open_clip's own text encoder") from None
-        M = load_mapper(mapper, G, generator, C)
         held.enter_context(directory_lock(out, "t2f-export"))
         stale = remove_stale_temporaries(out)
         if stale:
             log(f"removed {len(stale)} temporary file(s) of an earlier export that did not finish")
-        manifest, rows = export_artifacts(out, G, C, M, precision, parity_batches(batch), dict(generator=generator, mapper=str(mapper)),
-                                          log=log, profile=batch)
+        manifest, rows = export_artifacts(out, G, C, M, precision, parity_batches(batch),
+                                          dict(generator=resolved.generator, mapper=resolved.label), log=log, profile=batch)
         log(format_table(rows))
         specs = specs_of(G, C, M)
         if not onnx_only:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from t2f.cli_errors import PrecisionChoice, nonempty_path
+from t2f.cli_errors import PrecisionChoice, model_options, nonempty_path
 from t2f.graphs import DEFAULT_PROFILE
 from t2f.precision import Precision
 
@@ -41,9 +41,7 @@ def _errors_as_clicks():
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
-@click.option("--mapper",       help="Mapper directory (a t2f-train run), or tiny", metavar="DIR|NAME", required=True)
-@click.option("--generator",    help="Generator [default: the one the mapper was trained for]", metavar="NAME|PATH")
-@click.option("--clip",         help="CLIP [default: the one the mapper was trained for]", metavar="SPEC")
+@model_options()
 @click.option("--out",          help="Output directory", metavar="DIR", type=click.Path(file_okay=False), required=True, callback=nonempty_path)
 @click.option("--fp16",         help="fp16 graphs (fp32 LayerNorm, softmax, demodulation) and engines: --precision fp16", is_flag=True)
 @click.option("--precision",    help="fp32; fp16 (graphs and engines for CUDA); bf16 (the fp32 graphs with each graph's bf16 parity in OpenVINO, for CPUs; ONNX only)", type=PrecisionChoice(auto=False))
@@ -51,8 +49,7 @@ def _errors_as_clicks():
 @click.option("--onnx-only",    help="Stop after the ONNX graphs (no TensorRT)", is_flag=True)
 @click.option("--opt-level",    help="TensorRT builder optimization level", metavar="INT", type=click.IntRange(0, 5), default=3, show_default=True)
 @click.option("--timing-cache", help="TensorRT timing cache [default: OUT/timing.cache]", metavar="PATH", type=click.Path(dir_okay=False))
-@click.option("--cache",        help="Download cache [default: $T2F_CACHE or ~/.cache/t2f]", metavar="DIR", type=click.Path(file_okay=False))
-def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_level, timing_cache, cache):
+def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache):
     """Export the text encoder, mapper and synthesis network to ONNX, then TensorRT engines.
 
     Re-running with the same models and options rebuilds nothing. A parity table (each graph
@@ -62,12 +59,14 @@ def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_le
     Examples:
     t2f-export --mapper runs/ffhq --out engines/ffhq --fp16 --batch 1:8:32
     t2f-export --mapper runs/ffhq --out engines/ffhq --precision bf16          # for OpenVINO on the CPU
-    t2f-export --mapper tiny --generator tiny --clip tiny --out /tmp/tiny --onnx-only
+    t2f-export --mapper hf-hub:ORG/NAME --out engines/hub --onnx-only         # a mapper from the Hugging Face Hub
+    t2f-export --mapper tiny --out /tmp/tiny --onnx-only
     """
+    from t2f.hub import is_hub_id
     from t2f.io import OutputPathError, check_output_dir
-    from t2f.presets import TINY
+    from t2f.presets import is_random_preset
 
-    from .build import export_models, trained_for
+    from .build import export_models
     from .onnx_export import foreign_files
 
     out = Path(out)
@@ -82,13 +81,11 @@ def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_le
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
-    if mapper != TINY and not Path(mapper).is_dir():
+    mapper = models.mapper
+    if mapper is None:
+        raise click.BadParameter("give the mapper to export: a t2f-train run directory, hf-hub:ORG/NAME or tiny", param_hint="--mapper")
+    if not (is_random_preset(mapper) or is_hub_id(mapper) or Path(mapper).is_dir()):
         raise click.BadParameter(f"{mapper} is not a mapper directory", param_hint="--mapper")
-    recorded = {"generator": TINY, "clip": TINY} if mapper == TINY else trained_for(mapper)
-    generator = generator or recorded.get("generator")
-    clip = clip or recorded.get("clip")
-    if not generator or not clip:
-        raise click.BadParameter("the mapper records no generator or CLIP; pass --generator and --clip", param_hint="--mapper")
     if fp16 and precision not in (None, Precision.FP16):
         raise click.BadParameter(f"--fp16 contradicts --precision {precision}", param_hint="--fp16")
     precision = precision or Precision.from_flag(fp16)
@@ -102,8 +99,8 @@ def main(mapper, generator, clip, out, fp16, precision, batch, onnx_only, opt_le
         precision = Precision.FP32
     start = time.perf_counter()
     with _errors_as_clicks():
-        manifest, specs = export_models(out, mapper, generator, clip, precision, batch, onnx_only, opt_level,
-                                        Path(timing_cache) if timing_cache else None, cache, log=click.echo)
+        manifest, specs = export_models(out, models, precision, batch, onnx_only, opt_level,
+                                        Path(timing_cache) if timing_cache else None, log=click.echo)
     if onnx_only:
         runs = ""
         if precision is Precision.BF16:

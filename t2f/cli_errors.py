@@ -1,8 +1,9 @@
-"""User errors, shown by the command-line tools as one `Error:` line with a non-zero exit."""
+"""User errors, shown by the command-line tools as one `Error:` line with a non-zero exit; the options every command shares."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 
@@ -11,21 +12,24 @@ import click
 
 @contextlib.contextmanager
 def user_errors(*extra: type[BaseException]):
-    """Turn the library's user-facing errors (and `extra` types) into click errors, with third-party logging muted."""
+    """Turn the library's user-facing errors (and `extra` types) into click errors, with third-party logging muted
+    below ERROR inside the block (the level before it is put back after)."""
     from .clip import ClipLoadError
     from .download import DownloadError
+    from .hub import HubError
     from .io import DirectoryInUse, WeightsError
     from .mapper import MissingMapperError
     from .private import UnsafePathError
 
-    logging.disable(logging.ERROR)
+    previous = logging.root.manager.disable
+    logging.disable(max(previous, logging.ERROR))
     try:
         yield
-    except (WeightsError, DirectoryInUse, UnsafePathError, DownloadError, ClipLoadError, MissingMapperError, ValueError,
-            *extra) as e:
+    except (WeightsError, DirectoryInUse, UnsafePathError, DownloadError, ClipLoadError, HubError, MissingMapperError,
+            ValueError, *extra) as e:
         raise click.ClickException(" ".join(str(e).split())) from None
     finally:
-        logging.disable(logging.NOTSET)
+        logging.disable(previous)
 
 
 # ----------------------------------------------------------------------------
@@ -139,3 +143,42 @@ def write_files(files: dict[str, bytes]) -> None:
         raise click.ClickException(f"cannot write {e}") from None
     except OSError as e:
         raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
+
+
+# ----------------------------------------------------------------------------
+# The model options: declared once, for every command that loads a generator, a CLIP and a mapper.
+
+MAPPER_HELP = "Mapper: a t2f-train run directory, hf-hub:ORG/NAME[@REVISION] (the Hugging Face Hub), or tiny (random weights)"
+
+
+def model_options(mapper_default: str | None = None):
+    """click decorator: --mapper, --generator, --clip and --cache, passed to the command as one
+    t2f.sources.ModelSources argument `models` (a value it refuses is a usage error on its option: exit code 2)."""
+    from .presets import TINY
+
+    recorded = f"[default: the one the mapper was trained for (its config.json records it; {TINY} for --mapper {TINY})]"
+    options = [
+        click.option("--mapper",    help=MAPPER_HELP, metavar="DIR|hf-hub:ID", default=mapper_default, show_default=mapper_default is not None),
+        click.option("--generator", help=f"Generator preset, directory, NVIDIA .pkl or rosinality .pt {recorded}", metavar="NAME|PATH"),
+        click.option("--clip",      help=f"open_clip MODEL:TAG, MODEL:/path/to/checkpoint, or tiny {recorded}", metavar="SPEC"),
+        click.option("--cache",     help="Download cache of generators and CLIPs [default: $T2F_CACHE or ~/.cache/t2f; Hub mappers: "
+                                         "the Hugging Face cache, $HF_HOME]", metavar="DIR", type=click.Path(file_okay=False)),
+    ]
+
+    def decorate(f):
+        @functools.wraps(f)
+        def command(mapper, generator, clip, cache, **kw):
+            from .config import FieldError
+            from .sources import ModelSources
+
+            try:
+                models = ModelSources(mapper=mapper, generator=generator, clip=clip, cache=cache)
+            except FieldError as e:
+                raise click.BadParameter(str(e), param_hint=f"--{e.field}") from None
+            return f(models=models, **kw)
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -18,9 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .presets import TINY, TINY_SEED
+from .presets import DEFAULT_CLIP, TINY, TINY_SEED
 
-DEFAULT_CLIP = "ViT-B-32:openai"
 TINY_MODEL_NAME = "t2f-tiny"
 RANDOM_TAG = "random"               # "MODEL:random": the architecture with random weights from TINY_SEED (timing only).
 _CONFIG_DIR = Path(__file__).parent / "clip_configs"
@@ -198,11 +196,11 @@ def register_tiny_config() -> None:
 def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cache_dir: str | None = None) -> Clip:
     """A CLIP from "MODEL:TAG", "MODEL:/path/to/checkpoint" or "tiny".
 
-    With T2F_OFFLINE=1 set before the first load, the hub is not contacted (HF_HUB_OFFLINE).
+    With T2F_OFFLINE=1 (or HF_HUB_OFFLINE=1) the Hugging Face Hub is not contacted: only its cache is read.
     """
-    if os.environ.get("T2F_OFFLINE") == "1":
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import open_clip
+
+    from .hub import offline_reason, offline_scope
 
     if cache_dir is None:
         from .download import cache_dir as t2f_cache
@@ -233,8 +231,9 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
 
     private_dir(cache_dir, fix="use --cache DIR or set T2F_CACHE to a directory of your own")   # 0700; nobody else swaps weights
     try:
-        model = open_clip.create_model(parsed.model, pretrained=parsed.pretrained, device="cpu", cache_dir=cache_dir,
-                                       force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
+        with offline_scope(offline_reason() is not None):     # open_clip's download takes no local_files_only
+            model = open_clip.create_model(parsed.model, pretrained=parsed.pretrained, device="cpu", cache_dir=cache_dir,
+                                           force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
     except Exception as e:  # open_clip raises RuntimeError / OSError / hub errors for a failed download
         if tag_cfg:
             where = " or ".join(x for x in (f"hub:{tag_cfg['hf_hub'].rstrip('/')}" if tag_cfg.get("hf_hub") else "",

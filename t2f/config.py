@@ -106,3 +106,14 @@ def config_from_dict(cls, data: dict):
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown keys {[name[:40] for name in unknown[:8]]}")
     return cls(**data)
+
+
+class FieldError(ValueError):
+    """A value of a run-time config (t2f.sources.ModelSources, the engine's PipelineConfig) that is not valid.
+
+    `field` names it, so that a command reports it as a usage error on its own option.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field

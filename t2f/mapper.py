@@ -171,15 +171,31 @@ class MissingMapperError(Exception):
     """No mapper was given and none is published for the chosen generator and CLIP."""
 
 
-def check_trained_for(meta: dict, source: str, generator, generator_name: str, clip) -> None:
-    """Refuse a mapper directory (its whole config.json `meta`) trained for other generator or CLIP weights."""
-    if not all(isinstance(meta.get(k) or {}, dict) for k in ("clip", "generator")):
+@dataclasses.dataclass(frozen=True)
+class TrainedFor:
+    """The generator and CLIP a mapper was trained for, as its config.json records them (t2f-train writes them)."""
+    generator: str | None = None              # What was passed to t2f-train --generator: a preset name or a path.
+    clip: str | None = None                   # The CLIP's name: MODEL:TAG, MODEL:random, tiny, or MODEL:FILE (a checkpoint's name).
+    generator_fingerprint: str | None = None  # t2f.io.fingerprint of the generator's weights; None = not checked.
+    clip_fingerprint: str | None = None       # Clip.fingerprint; None = not checked.
+
+
+def trained_for(meta: dict, source: str) -> TrainedFor:
+    """The record in a mapper directory's config.json (`meta`); WeightsError for a malformed one."""
+    records = [meta.get(k) or {} for k in ("generator", "clip")]
+    if not all(isinstance(r, dict) and all(isinstance(r.get(f), (str, type(None))) for f in ("name", "fingerprint"))
+               for r in records):
         raise WeightsError(f"{source}/config.json: malformed generator or clip record")
-    trained_clip = meta.get("clip") or {}
-    if trained_clip.get("fingerprint") not in (None, clip.fingerprint):
-        raise WeightsError(f"{source} was trained for CLIP {trained_clip.get('name')}, not these {clip.name} weights; "
-                           f"pass --clip {trained_clip.get('name')}")
-    trained_gen = meta.get("generator") or {}
-    if trained_gen.get("fingerprint") not in (None, fingerprint(generator)):
-        raise WeightsError(f"{source} was trained for generator {trained_gen.get('name')}, not the weights of "
-                           f"{generator_name}; pass --generator {trained_gen.get('name')}")
+    (generator, clip) = records
+    return TrainedFor(generator=generator.get("name") or None, clip=clip.get("name") or None,
+                      generator_fingerprint=generator.get("fingerprint"), clip_fingerprint=clip.get("fingerprint"))
+
+
+def check_trained_for(record: TrainedFor, source: str, generator, generator_name: str, clip) -> None:
+    """Refuse a mapper (`source`, as the user named it) whose record names other generator or CLIP weights."""
+    if record.clip_fingerprint not in (None, clip.fingerprint):
+        raise WeightsError(f"{source} was trained for CLIP {record.clip}, not these {clip.name} weights; "
+                           f"pass --clip {record.clip}")
+    if record.generator_fingerprint not in (None, fingerprint(generator)):
+        raise WeightsError(f"{source} was trained for generator {record.generator}, not the weights of "
+                           f"{generator_name}; pass --generator {record.generator}")

@@ -1,21 +1,31 @@
-"""Named presets: architectures in code, and, kept apart, where pretrained weights come from.
+"""Named presets: architectures in code, and, kept apart, where pretrained weights come from and their licences.
 
 `tiny` (TINY) is the one name of the random-weight models every command accepts for its
-generator, CLIP and mapper; their weights come from TINY_SEED.
+generator, CLIP and mapper; their weights come from TINY_SEED. The default model names
+(DEFAULT_GENERATOR, DEFAULT_CLIP) are defined here and nowhere else.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from .download import WeightSource, fetch
-from .mapper import Mapper, MapperConfig, MissingMapperError, check_trained_for, load_mapper_dir
+from .mapper import Mapper, MapperConfig, TrainedFor
 from .stylegan2 import Generator, GeneratorConfig
 
 TINY = "tiny"
 TINY_SEED = 0
+
+# What t2f-train trains for when no --generator / --clip is given, and what the message of a missing mapper names.
+# Inference takes the generator and CLIP a mapper records (t2f.sources), never these.
+DEFAULT_GENERATOR = "ffhq-1024"
+DEFAULT_CLIP = "ViT-B-32:openai"
+
+# `--mapper tiny`'s record: random weights sized for whatever generator and CLIP it is given, the tiny ones by default.
+TINY_RECORD = TrainedFor(generator=TINY, clip=TINY)
 
 # ----------------------------------------------------------------------------
 # Architectures of the random-weight presets (for tests, smoke runs and timing).
@@ -48,6 +58,40 @@ GENERATOR_SOURCES = {
         flag="--generator",
     ),
 }
+
+
+# Where weights come from and their licences, for what t2f writes about a model (the model card of a run).
+RANDOM_LICENCE = "MIT (t2f's own random weights from a fixed seed: not a trained model)"
+CLIP_LICENCES = {"openai": "MIT (OpenAI CLIP)"}      # by open_clip pretrained tag; any other: its Hub model card
+
+
+@dataclasses.dataclass(frozen=True)
+class Origin:
+    source: str                   # Where the weights come from, in one line.
+    licence: str                  # Their licence, in one line.
+
+
+def generator_origin(name: str) -> Origin:
+    """Where the generator `name` (a preset, or a path) comes from, and its licence."""
+    if name in GENERATOR_ARCHS:
+        return Origin(f"t2f preset {name}: random weights, seed {TINY_SEED}", RANDOM_LICENCE)
+    if name in GENERATOR_SOURCES:
+        return Origin(GENERATOR_SOURCES[name].url, GENERATOR_SOURCES[name].licence)
+    return Origin(f"local weights {os.path.basename(str(name).rstrip('/')) or name}", "the weights' own (not known to t2f)")
+
+
+def clip_origin(spec: str) -> Origin:
+    """Where the CLIP `spec` (tiny, MODEL:random, MODEL:TAG or MODEL:/path) comes from, and its licence."""
+    import open_clip
+
+    model, _, tag = spec.partition(":")
+    if spec == TINY or tag == "random":
+        return Origin(f"t2f preset {spec}: random weights, seed {TINY_SEED}", RANDOM_LICENCE)
+    hub = (open_clip.get_pretrained_cfg(model, tag) or {}).get("hf_hub", "").rstrip("/")
+    if not hub:
+        return Origin(f"open_clip {model} with local checkpoint {os.path.basename(tag)}", "the checkpoint's own (not known to t2f)")
+    return Origin(f"open_clip {model} pretrained tag {tag}: https://huggingface.co/{hub}",
+                  CLIP_LICENCES.get(tag, f"see https://huggingface.co/{hub}"))
 
 
 def random_generator(name: str = TINY, seed: int = TINY_SEED) -> Generator:
@@ -86,16 +130,3 @@ def is_random_preset(name: str | None) -> bool:
     """True for the `tiny` name (unless a file or directory of that name is there): random weights, not a trained model."""
     return name == TINY and not os.path.exists(name)
 
-
-def load_mapper(source: str | None, generator: Generator, generator_name: str, clip) -> Mapper:
-    """A mapper from "tiny" (random weights) or a mapper directory, refused if trained for other weights."""
-    if source is None:
-        raise MissingMapperError(
-            f"no trained mapper is published for {generator_name} with CLIP {clip.name} yet; "
-            f"make one with `t2f-train --generator {generator_name} --clip {clip.name} --out RUN` and pass --mapper RUN "
-            f"(--mapper {TINY} gives random weights)")
-    if is_random_preset(source):
-        return random_mapper(generator, clip.embed_dim)
-    mapper, meta = load_mapper_dir(source)
-    check_trained_for(meta, source, generator, generator_name, clip)
-    return mapper

@@ -52,6 +52,24 @@ def _offline(monkeypatch, tmp_path_factory):
 
 
 @pytest.fixture
+def no_network(monkeypatch):
+    """Every attempt to resolve a host or open a connection fails, and is recorded in the list returned (assert it stays empty)."""
+    import socket
+
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] if args and isinstance(args[0], socket.socket) else args)
+        raise OSError("a test tried to reach the network")
+
+    for name in ("create_connection", "getaddrinfo"):
+        monkeypatch.setattr(socket, name, refuse)
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    return attempts
+
+
+@pytest.fixture
 def run_cli(monkeypatch):
     """`run_cli(main, args, cwd, expect=None)`: `helpers.invoke` from directory `cwd` (monkeypatch.chdir: undone after the test)."""
     def run(main, args, cwd, expect=None):

@@ -50,7 +50,22 @@ def assert_one_error_line(result, code, *fragments) -> str:
 def tiny_pipeline(device="cpu", precision="fp32", batch_size=8):
     from t2f.engine import load_pipeline
 
-    return load_pipeline(generator="tiny", clip="tiny", mapper="tiny", device=device, precision=precision, batch_size=batch_size)
+    return load_pipeline("tiny", device=device, backend="torch", precision=precision, batch_size=batch_size)
+
+
+def tiny_run(directory, generator_name: str = _TINY, clip_name: str = _TINY, seed: int = 1, **record):
+    """A mapper directory as t2f-train's fit writes it, recording the tiny generator and CLIP's fingerprints under the
+    given names; its weights are random from `seed` (not the `tiny` mapper's). `record` replaces whole entries
+    (generator=..., clip=...) of config.json."""
+    from t2f.clip import load_clip
+    from t2f.io import fingerprint
+    from t2f.mapper import save_mapper
+    from t2f.presets import random_generator, random_mapper
+
+    g, c = random_generator(), load_clip(_TINY)
+    mapper = random_mapper(g, c.embed_dim, seed=seed)
+    records = dict(generator=dict(name=generator_name, fingerprint=fingerprint(g)), clip=dict(name=clip_name, fingerprint=c.fingerprint))
+    return save_mapper(mapper, directory, **{**records, **record})
 
 
 def tiny_clip_variant(name: str):

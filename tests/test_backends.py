@@ -59,8 +59,8 @@ def test_onnxruntime_pipeline_rows_do_not_depend_on_their_batch(pipe):
     """The exported graphs on the CPU too: a row alone and beside others, bit for bit (fixed-size blocks; and each
     block's ws is copied out of the backend's reused output buffer before the next block overwrites it)."""
     ort_pipe = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="onnxruntime", batch_size=2)
-    alone = ort_pipe.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
-    five = ort_pipe.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+    alone = ort_pipe._generate_rows([5], [1], [0.7], prompts=["a smiling woman"])
+    five = ort_pipe._generate_rows([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
                                       prompts=["a child", "a smiling woman", "an old man", "b", "c"])
     assert torch.equal(five.images[1], alone.images[0]) and torch.equal(five.ws[1], alone.ws[0])
     assert not torch.equal(five.ws[0], five.ws[2])
@@ -448,19 +448,19 @@ def _precisions_here():
 def test_openvino_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe, precision):
     ov = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="openvino", precision=precision, batch_size=2)
     assert ov.backend.name == "openvino" and ov.precision is precision
-    alone = ov.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
-    five = ov.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+    alone = ov._generate_rows([5], [1], [0.7], prompts=["a smiling woman"])
+    five = ov._generate_rows([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
                                 prompts=["a child", "a smiling woman", "an old man", "b", "c"])
     assert torch.equal(five.images[1], alone.images[0]) and torch.equal(five.ws[1], alone.ws[0])
     assert not torch.equal(five.images[0], five.images[2])
-    eager = pipe.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+    eager = pipe._generate_rows([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
                                    prompts=["a child", "a smiling woman", "an old man", "b", "c"])
     diff = (five.images.int() - eager.images.int()).abs()
     if precision is Precision.FP32:                       # the same bounds as the export's parity table
         assert ((five.ws - eager.ws).norm() / eager.ws.norm()) < 1e-5 and diff.max() <= 1
     else:
-        e = ov.text_conditions(["a child", "an old man"])
-        cos = torch.nn.functional.cosine_similarity(e, pipe.text_conditions(["a child", "an old man"]), dim=-1)
+        e = ov._text_conditions(["a child", "an old man"])
+        cos = torch.nn.functional.cosine_similarity(e, pipe._text_conditions(["a child", "an old man"]), dim=-1)
         assert cos.min() >= 0.999 and diff.float().mean() <= 2.0 and 0 < diff.max()
 
 
@@ -495,8 +495,8 @@ def test_a_graph_that_fails_its_bf16_parity_runs_fp32(pipe, tmp_path, monkeypatc
     ov = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="openvino", precision="bf16",
                     artifacts=str(tmp_path / "a"))
     assert ov.summary == "openvino on cpu, bf16 (text_encoder fp32, mapper fp32)"
-    e = ov.text_conditions(["a child"])
-    assert ((e - pipe.text_conditions(["a child"])).norm() / e.norm()) < 1e-5        # the fp32 graph ran
+    e = ov._text_conditions(["a child"])
+    assert ((e - pipe._text_conditions(["a child"])).norm() / e.norm()) < 1e-5        # the fp32 graph ran
 
 
 def test_bf16_is_refused_with_one_line_where_the_cpu_lacks_it(monkeypatch, tmp_path):
@@ -524,10 +524,10 @@ def test_torch_compile_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe):
     except BackendUnavailable as e:
         pytest.skip(str(e))
     compiled = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="torch-compile", batch_size=2)
-    alone = compiled.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
-    three = compiled.generate_requests([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
+    alone = compiled._generate_rows([5], [1], [0.7], prompts=["a smiling woman"])
+    three = compiled._generate_rows([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
     assert torch.equal(three.images[1], alone.images[0]) and torch.equal(three.ws[1], alone.ws[0])
-    eager = pipe.generate_requests([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
+    eager = pipe._generate_rows([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
     assert ((three.ws - eager.ws).norm() / eager.ws.norm()) < 1e-5
     assert (three.images.int() - eager.images.int()).abs().max() <= 1
     cache = compiled.backend.cache                                     # Inductor's cache is in t2f's cache directory
@@ -544,11 +544,11 @@ def test_random_noise_runs_whole_blocks_and_a_row_keeps_its_own_noise(pipe, monk
     calls = []
     real = four.backend.synthesize
     monkeypatch.setattr(four.backend, "synthesize", lambda ws, **kw: calls.append(ws.shape[0]) or real(ws, **kw))
-    rows = four.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0] * 5, prompts=["a", "b", "c", "d", "e"], noise_mode="random")
+    rows = four._generate_rows([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0] * 5, prompts=["a", "b", "c", "d", "e"], noise_mode="random")
     assert calls == [4, 4]
-    alone = four.generate_requests([5], [1], [1.0], prompts=["b"], noise_mode="random")
+    alone = four._generate_rows([5], [1], [1.0], prompts=["b"], noise_mode="random")
     assert torch.equal(rows.images[1], alone.images[0])
-    const = four.generate_requests([5], [1], [1.0], prompts=["b"])
+    const = four._generate_rows([5], [1], [1.0], prompts=["b"])
     assert not torch.equal(const.images[0], alone.images[0])           # the noise is there
 
 
@@ -562,16 +562,16 @@ def test_cuda_numerics_are_pinned_and_rows_are_bit_for_bit():
         assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
         assert torch.backends.cudnn.deterministic and not torch.backends.cudnn.benchmark
         for noise in ("const", "random"):
-            alone = gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"], noise_mode=noise)
-            five = gpu.generate_requests([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
+            alone = gpu._generate_rows([5], [1], [0.7], prompts=["a smiling woman"], noise_mode=noise)
+            five = gpu._generate_rows([0, 5, 2, 3, 4], [0, 1, 0, 0, 2], [1.0, 0.7, 0.5, 0.9, 0.6],
                                          prompts=["a child", "a smiling woman", "an old man", "b", "c"], noise_mode=noise)
             assert torch.equal(five.images[1], alone.images[0]) and torch.equal(five.ws[1], alone.ws[0]), (precision, noise)
-            again = gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"], noise_mode=noise)
+            again = gpu._generate_rows([5], [1], [0.7], prompts=["a smiling woman"], noise_mode=noise)
             assert torch.equal(again.images, alone.images)
         if precision is Precision.FP32:
-            ref = cpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
+            ref = cpu._generate_rows([5], [1], [0.7], prompts=["a smiling woman"])
             assert ((alone.ws - ref.ws).norm() / ref.ws.norm()) < 1e-5
-            assert (gpu.generate_requests([5], [1], [0.7], prompts=["a smiling woman"]).images.int() - ref.images.int()).abs().max() <= 1
+            assert (gpu._generate_rows([5], [1], [0.7], prompts=["a smiling woman"]).images.int() - ref.images.int()).abs().max() <= 1
 
 
 @pytest.mark.slow

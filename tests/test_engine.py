@@ -55,7 +55,7 @@ def test_random_noise_of_pipelines_on_two_threads_is_their_own(pipe):
 
     g = randomize(random_generator("tiny"))          # noise strengths != 0, so the noise shows
     pipes = [TextToFace(copy.deepcopy(g), pipe.clip, pipe.mapper, device="cpu", batch_size=4) for _ in range(2)]
-    calls = [dict(prompts=[f"face {k}"], n=4, seed=k, noise_mode="random") for k in range(4)]
+    calls = [dict(prompt=[f"face {k}"], n=4, seed=k, noise_mode="random") for k in range(4)]
     expected = [pipes[0](**call).images for call in calls]
     wrong = []
 
@@ -90,7 +90,7 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(pipe):
 
     def batch(others: list[tuple], at: int, **kwargs):
         rows = others[:at] + [tuple(row.values())] + others[at:]
-        faces = pipe.generate_requests([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
+        faces = pipe._generate_rows([r[1] for r in rows], [r[2] for r in rows], [r[3] for r in rows],
                                        prompts=[r[0] for r in rows], **kwargs)
         return faces.images[at], faces.ws[at]
 
@@ -104,8 +104,8 @@ def test_a_rows_result_does_not_depend_on_the_rows_beside_it(pipe):
     assert all(torch.equal(r[0], random[0][0]) and torch.equal(r[1], random[0][1]) for r in random)
     face = alone[0].numpy()                          # mode image: CLIP's image tower in blocks too
     faces = torch.stack([face_tensor(face), face_tensor(255 - face), face_tensor(face[::-1].copy())])
-    one = pipe.generate_requests([4], [1], [0.7], images=faces[:1])
-    three = pipe.generate_requests([1, 4, 4], [0, 1, 1], [1.0, 0.7, 0.7], images=faces[[1, 0, 2]])
+    one = pipe._generate_rows([4], [1], [0.7], images=faces[:1])
+    three = pipe._generate_rows([1, 4, 4], [0, 1, 1], [1.0, 0.7, 0.7], images=faces[[1, 0, 2]])
     assert torch.equal(one.images[0], three.images[1]) and torch.equal(one.ws[0], three.ws[1])
 
 

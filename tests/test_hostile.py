@@ -652,9 +652,9 @@ def test_a_float_tensor_relabelled_as_int32_is_refused(tmp_path, tiny_generator,
 def test_non_finite_ws_are_refused_before_anything_is_written(tmp_path):
     import torch
 
-    from t2f.engine.pipeline import load_pipeline
+    from t2f.engine import load_pipeline
 
-    pipe = load_pipeline(generator="tiny", clip="tiny", mapper="tiny", device="cpu", progress=False)
+    pipe = load_pipeline("tiny", device="cpu", backend="torch", precision="fp32", progress=False)
     with torch.no_grad():
         for p in pipe.backend.mapper.parameters():       # the mapper graph the backend runs, gone NaN
             p.fill_(float("nan"))
@@ -665,9 +665,9 @@ def test_non_finite_ws_are_refused_before_anything_is_written(tmp_path):
 
 
 def test_knn_alpha_must_be_finite_in_the_library_too():
-    from t2f.engine.pipeline import load_pipeline
+    from t2f.engine import load_pipeline
 
-    pipe = load_pipeline(generator="tiny", clip="tiny", mapper="tiny", device="cpu", progress=False)
+    pipe = load_pipeline("tiny", device="cpu", backend="torch", precision="fp32", progress=False)
     for alpha in (float("nan"), float("inf"), 0.0):
         with pytest.raises(ValueError, match="Dirichlet concentration must be a finite number > 0"):
             pipe(["a face"], n=2, mode="knn", knn=dict(alpha=alpha))

@@ -192,7 +192,7 @@ def test_a_siglip_style_tower_exports_and_matches(tmp_path, run_cli):
     exported = TextToFace(generator, clip, mapper, device="cpu", backend="onnxruntime", artifacts=str(tmp_path / "exported"))
     eager = TextToFace(generator, clip, mapper, device="cpu", backend="torch")
     assert eager.backend.text_encoder_source is None                 # torch ran the rewrite too
-    ours, theirs = exported.text_conditions(PROMPTS[:2]), clip.encode_text(PROMPTS[:2])
+    ours, theirs = exported._text_conditions(PROMPTS[:2]), clip.encode_text(PROMPTS[:2])
     assert (ours - theirs).abs().max().item() < 1e-5
     images = [p(PROMPTS[:2], n=2, seed=0, truncation_psi=0.7).images.int() for p in (exported, eager)]
     assert (images[0] - images[1]).abs().max().item() <= 1

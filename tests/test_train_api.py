@@ -94,3 +94,47 @@ def test_fit_loss_returns_its_terms_and_their_weighted_sum(tiny_generator, tiny_
     assert 0 < terms["clip_loss"] < 2
     rest = terms["reconstruction"] + 0.5 * terms["kl"] + terms["prior"] + terms["regression"]
     assert torch.allclose(terms["loss"], rest + 4.0 * terms["clip_loss"], rtol=1e-6)
+
+
+def test_the_run_holds_its_model_card(tmp_path):
+    """README.md: the Hub's YAML metadata (as huggingface_hub's own ModelCard reads it) then markdown, rewritten when a
+    stage finishes, from the run's files, touching none of them; a README.md of the user's own is kept."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    from t2f.engine import load_pipeline
+    from t2f.trainer.card import MARKER, write_card
+    from t2f.trainer.run import Run
+
+    run = tmp_path / "run"
+    assert T.train(run, CONFIG, stages=["synth"]) is True
+    assert "None yet: fit has not reached its first evaluation" in (run / "README.md").read_text()
+    assert T.train(run, CONFIG, stages=["fit"]) is True and T.train(run, CONFIG, stages=["bank"]) is True
+    text = (run / "README.md").read_text()
+    assert text.startswith("---\n")
+    front, body = text[4:].split("\n---\n", 1)
+    meta = yaml.safe_load(front)
+    card = ModelCard(text)
+    assert card.data.library_name == meta["library_name"] == "t2f" and "t2f" in card.data.tags and card.data.license == "other"
+    config = json.loads((run / "config.json").read_text())
+    for kind in ("generator", "clip"):
+        entry = meta["t2f"][kind]
+        assert (entry["name"], entry["fingerprint"]) == (config[kind]["name"], config[kind]["fingerprint"])
+        assert entry["source"].startswith("t2f preset tiny") and entry["licence"].startswith("MIT")
+    last = [e for e in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if "w_explained" in e][-1]
+    assert meta["t2f"]["metrics"] == {k: last[k] for k in meta["t2f"]["metrics"]} and meta["t2f"]["metrics"]["step"] == 12
+    assert {"w_explained", "z_spread", "w_error"} <= set(meta["t2f"]["metrics"])
+    options = json.loads((run / "options.json").read_text())
+    assert meta["t2f"]["options"] == {stage: options[stage]["identity"] for stage in ("synth", "fit", "bank")}
+    assert body.startswith(MARKER + "\n\n# t2f mapper for tiny and CLIP tiny\n")
+    assert 't2f-infer --mapper hf-hub:ORG/NAME "a smiling woman"' in body and f't2f-infer --mapper {run} "a smiling woman"' in body
+    assert f"| `w_explained` | {last['w_explained']:.4g} |" in body and "## Held-out metrics (step 12 of 12)" in body
+    # Rewriting the card changes no other file of the run.
+    others = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert write_card(Run(run)) == run / "README.md" and (run / "README.md").read_text() == text
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "README.md"} == others
+    # A README.md without the marker is the user's own.
+    (run / "README.md").write_text("my own card\n")
+    assert T.train(run, CONFIG, stages=["bank"]) is True and (run / "README.md").read_text() == "my own card\n"
+    # And the run is a pipeline by itself.
+    assert load_pipeline(run, device="cpu", backend="torch", progress=False).sources.generator == "tiny"

@@ -15,6 +15,7 @@ import math
 import click
 
 from t2f.cli_errors import FiniteFloatRange, nonempty_path
+from t2f.presets import DEFAULT_CLIP, DEFAULT_GENERATOR
 
 from .config import BUDGET, PRESET_BUDGETS, RANGES, STAGES, BankOptions, FitOptions, SynthOptions, TrainConfig, budget
 from .config import fit_identity as _fit_identity  # noqa: F401  (tests build recorded fit options with it)
@@ -66,8 +67,8 @@ COMMON = _options(
     click.option("--progress/--no-progress", help="Progress bars", default=True, show_default=True),
 )
 SYNTH = _options(
-    click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default="ffhq-1024", show_default=True),
-    click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path, or tiny", metavar="SPEC", default="ViT-B-32:openai", show_default=True),
+    click.option("--generator",    help="Generator preset, directory, NVIDIA .pkl or rosinality .pt", metavar="NAME|PATH", default=DEFAULT_GENERATOR, show_default=True),
+    click.option("--clip",         help="open_clip MODEL:TAG, MODEL:/path, or tiny", metavar="SPEC", default=DEFAULT_CLIP, show_default=True),
     click.option("--samples",      help=f"Pairs to synthesize {_budget_help('samples')}", metavar="INT", type=_ints("synth", "samples")),
     click.option("--shard-size",   help="Pairs per shard", metavar="INT", type=_ints("synth", "shard_size"), default=5000, show_default=True),
     click.option("--synth-batch",  help="Images per synth batch", metavar="INT", type=_ints("synth", "batch"), default=16, show_default=True),

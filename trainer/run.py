@@ -8,6 +8,7 @@ Layout of `--out`:
     config.json           } the trained mapper (EMA weights): what `t2f-infer --mapper RUN` loads
     model.safetensors     }
     bank.safetensors      CLIP image embeddings for `t2f-infer --mode knn`
+    README.md             the model card (trainer/card.py), rewritten when a stage finishes
 """
 
 from __future__ import annotations

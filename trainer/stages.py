@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from .card import CARD_NAME, write_card
 from .config import STAGES, TrainConfig, fit_identity
 from .run import Run, RunError, init_dist
 
@@ -202,9 +203,12 @@ def train(out: str | os.PathLike, config: TrainConfig, stages: Sequence[str] = S
         elif "fit" in stages:
             session.load_from_synth(config.generator, config.clip)
         for stage in stages:
-            if not RUNNERS[stage](session, config):
+            complete = RUNNERS[stage](session, config)
+            if session.dist.main:
+                write_card(run)              # README.md, the run's model card: what the run holds now
+            if not complete:
                 return False
     if stages == list(STAGES):
-        session.say(f"done in {time.perf_counter() - start:.0f} s: t2f-infer --mapper {out} --generator {config.generator} "
-                    f"--clip {config.clip} \"a smiling woman\"")
+        session.say(f"done in {time.perf_counter() - start:.0f} s: t2f-infer --mapper {out} \"a smiling woman\" "
+                    f"(model card: {run.out / CARD_NAME}; publishing it: docs/publishing.md)")
     return True

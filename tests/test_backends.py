@@ -458,7 +458,7 @@ def test_fp16_eager_keeps_ws_in_fp32_on_cuda():
 
 
 # ----------------------------------------------------------------------------
-# OpenVINO, bf16 and torch.compile on the CPU.
+# OpenVINO and bf16 on the CPU.
 
 
 def _precisions_here():
@@ -540,26 +540,6 @@ def test_bf16_is_refused_with_one_line_where_the_cpu_lacks_it(monkeypatch, tmp_p
     result = CliRunner().invoke(infer_main, [*TINY, "--precision", "bf16", "--device", "cpu", "a", "--out", str(tmp_path / "f.png")])
     assert result.exit_code == 2 and "bf16 needs a CPU with bfloat16 instructions" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "f.png").exists()
-
-
-@pytest.mark.slow
-def test_torch_compile_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe):
-    """Inductor on the CPU (a C++ compiler is needed): compiles each stage once per block size (tens of seconds)."""
-    from t2f.engine.backends import TorchCompileBackend
-
-    try:
-        TorchCompileBackend.check_available(CPU, Precision.FP32)
-    except BackendUnavailable as e:
-        pytest.skip(str(e))
-    compiled = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", backend="torch-compile", batch_size=2)
-    alone = compiled.generate_requests([5], [1], [0.7], prompts=["a smiling woman"])
-    three = compiled.generate_requests([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
-    assert torch.equal(three.images[1], alone.images[0]) and torch.equal(three.ws[1], alone.ws[0])
-    eager = pipe.generate_requests([0, 5, 2], [0, 1, 0], [1.0, 0.7, 0.5], prompts=["a child", "a smiling woman", "an old man"])
-    assert ((three.ws - eager.ws).norm() / eager.ws.norm()) < 1e-5
-    assert (three.images.int() - eager.images.int()).abs().max() <= 1
-    cache = compiled.backend.cache                                     # Inductor's cache is in t2f's cache directory
-    assert cache.startswith(os.environ["T2F_CACHE"]) and os.environ["TORCHINDUCTOR_CACHE_DIR"] == cache and os.listdir(cache)
 
 
 def test_random_noise_runs_whole_blocks_and_a_row_keeps_its_own_noise(pipe, monkeypatch):

@@ -10,10 +10,12 @@ Torch tensors in, torch tensors out, on the backend's device. Backends other tha
 their output buffers once per batch size and return those buffers: a result is valid until the next
 call with the same batch size (copy it to keep it).
 
-Every backend class answers `check_available(device, precision, artifacts, noise_mode)` (raises
-BackendUnavailable with one line, before any work) and is made by `create(models, device, precision,
-artifacts)`. Each declares what it can do (`devices`, `precisions`, `noise_modes`, `stage_timing`,
-`separate_uint8`, `max_batch`); callers ask it, they never test its type.
+Every backend class answers `check_available(device, precision, artifacts, noise_mode, memory_format)`
+(raises BackendUnavailable with one line, before any work) and is made by `create(models, device,
+precision, artifacts, memory_format)`. Each declares what it can do (`devices`, `precisions`,
+`noise_modes`, `memory_formats`, `stage_timing`, `separate_uint8`, `max_batch`); callers ask it, they
+never test its type. A backend never moves, casts or re-lays out the modules it is given: it copies
+what it must change (`t2f.devices.placed`).
 """
 
 from __future__ import annotations
@@ -28,12 +30,16 @@ from t2f.precision import Precision
 
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
+# The synthesis network's activation layouts: "nchw" (PyTorch's default) or "channels_last" (NHWC in memory).
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
 
 class Backend:
     name = "base"
     devices: tuple[str, ...] = ("cpu", "cuda")      # device types it runs on
     precisions: tuple[Precision, ...] = (Precision.FP32, Precision.FP16)
     noise_modes: tuple[str, ...] = ("const",)      # exported graphs hold constant noise
+    memory_formats: tuple[str, ...] = ("nchw",)    # activation layouts (MEMORY_FORMATS) it runs the synthesis in
     modules: tuple[str, ...] = ()                  # Python packages it needs
     stage_timing = "graph"          # what t2f-bench's per-stage columns time: "graph" (each stage's own graph or
                                     # eager module, as `full` runs it) or "eager" (eager twins of a captured pipeline)
@@ -43,15 +49,15 @@ class Backend:
     min_batch = 1                   # smallest batch one call runs (engines' profiles; a smaller one is padded up to it)
     max_batch = 1 << 30             # largest batch one call takes (engines have a profile)
 
-    def __init__(self, device: torch.device, precision: Precision):
-        self.device, self.precision = device, precision
+    def __init__(self, device: torch.device, precision: Precision, memory_format: str = "nchw"):
+        self.device, self.precision, self.memory_format = device, precision, memory_format
         self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
 
     # --- the contract ---------------------------------------------------------
 
     @classmethod
     def check_available(cls, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
-                        noise_mode: str = "const") -> None:
+                        noise_mode: str = "const", memory_format: str = "nchw") -> None:
         """BackendUnavailable with one line, before any work, where this backend cannot run as asked."""
         if device.type not in cls.devices:
             raise BackendUnavailable(f"{cls.name} needs a CUDA device" if cls.devices == ("cuda",) else
@@ -65,6 +71,9 @@ class Backend:
             raise BackendUnavailable(str(e)) from None
         if noise_mode not in cls.noise_modes:
             raise BackendUnavailable(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
+        if memory_format not in cls.memory_formats:
+            raise BackendUnavailable(f"{cls.name} runs the synthesis in {' or '.join(cls.memory_formats)} only, not "
+                                     f"{memory_format} (the torch backends run both)")
         missing = [m for m in cls.modules if not importable(m)]
         if missing:
             raise BackendUnavailable(f"{cls.name} needs the Python package {missing[0]}, which is not installed (or does not import)"
@@ -82,7 +91,9 @@ class Backend:
         """The backend's own checks of its runtime (providers, plugins); BackendUnavailable where it cannot run."""
 
     @classmethod
-    def create(cls, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None) -> "Backend":
+    def create(cls, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
+               memory_format: str = "nchw") -> "Backend":
+        """The backend; memory_format is one of its `memory_formats` (check_available has refused any other)."""
         raise NotImplementedError
 
     # --- running ----------------------------------------------------------------
@@ -103,8 +114,8 @@ class ArtifactBackend(Backend):
     specs: dict[str, GraphSpec]
 
     @classmethod
-    def create(cls, models: Models, device, precision, artifacts=None):
-        """On `artifacts`, or (exports_on_demand) on graphs exported into the cache once."""
+    def create(cls, models: Models, device, precision, artifacts=None, memory_format: str = "nchw"):
+        """On `artifacts`, or (exports_on_demand) on graphs exported into the cache once (their layout is NCHW)."""
         if cls.exports_on_demand:
             from .ondemand import ensure_onnx
 

@@ -241,34 +241,10 @@ def test_a_cuda_pipeline_leaves_a_cpu_pipelines_modules_on_the_cpu():
         gpu = TextToFace(cpu.generator, cpu.clip, cpu.mapper, device="cuda", backend=backend, precision=precision, batch_size=2)
         faces = gpu(["a smiling woman"], n=2, seed=1)
         gpu(["a face"], mode="image", images=torch.zeros([1, 3, 32, 32]))
-        assert (faces.images.int() - expected.images.int()).float().mean() < 2.0
+        assert (faces.images.int() - expected.images.int()).abs().float().mean() < 2.0
     for b, module in zip(before, (cpu.generator, cpu.clip.model, cpu.mapper)):
         assert_same_state(b, state(module))
     assert torch.equal(cpu(["a smiling woman"], n=2, seed=1).images, expected.images)
-
-
-@pytest.mark.gpu
-def test_torch_compile_on_cuda_at_two_batch_sizes_matches_eager_and_keeps_its_results():
-    """CUDA graph trees (mode "reduce-overhead"): full() at two batch sizes, then encode -> map -> synthesize feeding
-    each other; each result within fp16's bounds of eager fp16 and untouched by the calls after it."""
-    pipe = tiny_pipeline(device="cpu")
-    device = torch.device("cuda")
-    compiled = TorchCompileBackend.create(models(pipe), device, Precision.FP16)
-    eager = TorchBackend.create(models(pipe), device, Precision.FP16)
-    kept = []
-    for batch in (1, 3, 1):
-        tokens, z, psi = inputs(pipe, batch, device)
-        ws, image = compiled.full(tokens, z, psi)
-        reference_ws = eager.map(eager.encode(tokens), z, psi)
-        assert relative(ws, reference_ws) < 2e-2
-        assert (image.float() - eager.synthesize(reference_ws).float()).abs().mean() < 2.0
-        kept.append((ws, image, ws.clone(), image.clone()))
-    tokens, z, psi = inputs(pipe, 3, device)
-    chained = compiled.synthesize(compiled.map(compiled.encode(tokens), z, psi))
-    assert (chained.int() - kept[1][1].int()).abs().max() <= 1
-    for ws, image, ws_copy, image_copy in kept:                          # later calls did not overwrite them
-        assert torch.equal(ws, ws_copy) and torch.equal(image, image_copy)
-    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or os.environ["TORCHINDUCTOR_CACHE_DIR"] != compiled.cache
 
 
 @pytest.mark.gpu
@@ -282,3 +258,28 @@ def test_channels_last_on_cuda_matches_nchw():
         a, b = nchw.full(tokens, z, psi), nhwc.full(tokens, z, psi)
         assert torch.equal(a[0], b[0]), cls.name
         assert (a[1].float() - b[1].float()).abs().mean() < 1.0, cls.name
+
+
+@pytest.mark.gpu
+def test_torch_compile_on_cuda_at_two_batch_sizes_matches_eager_and_keeps_its_results():
+    """CUDA graph trees (mode "reduce-overhead"): full() at two batch sizes, then encode -> map -> synthesize feeding
+    each other (at the first batch size: Triton's kernel cache serves most of their kernels); each result within fp16's
+    bounds of eager fp16 and untouched by the calls after it. The last test here: it compiles five graphs."""
+    pipe = tiny_pipeline(device="cpu")
+    device = torch.device("cuda")
+    compiled = TorchCompileBackend.create(models(pipe), device, Precision.FP16)
+    eager = TorchBackend.create(models(pipe), device, Precision.FP16)
+    kept = []
+    for batch in (1, 3, 1):
+        tokens, z, psi = inputs(pipe, batch, device)
+        ws, image = compiled.full(tokens, z, psi)
+        reference_ws = eager.map(eager.encode(tokens), z, psi)
+        assert relative(ws, reference_ws) < 2e-2
+        assert (image.float() - eager.synthesize(reference_ws).float()).abs().mean() < 2.0
+        kept.append((ws, image, ws.clone(), image.clone()))
+    tokens, z, psi = inputs(pipe, 1, device)
+    chained = compiled.synthesize(compiled.map(compiled.encode(tokens), z, psi))
+    assert (chained.int() - kept[0][1].int()).abs().max() <= 1
+    for ws, image, ws_copy, image_copy in kept:                          # later calls did not overwrite them
+        assert torch.equal(ws, ws_copy) and torch.equal(image, image_copy)
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or os.environ["TORCHINDUCTOR_CACHE_DIR"] != compiled.cache

@@ -141,16 +141,21 @@ print("date", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 print("python", platform.python_version(), "on", platform.platform())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("cuda available", torch.cuda.is_available(), *(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())))
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError:
-    print("triton not installed")
+for name in ("triton", "open_clip", "onnxruntime"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "?"))
+    except ImportError as e:
+        print(name, "not importable:", e)
 print("t2f", t2f.__version__, "from", os.path.dirname(t2f.__file__), "and", os.path.dirname(t2f.engine.__file__))
-commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
-print("checkout", commit.stdout.strip() if commit.returncode == 0 else "unknown (no git here)")
+try:
+    commit = subprocess.run(["git", "-C", os.environ["ROOT"], "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:
+    commit = ""
+print("checkout", os.environ["ROOT"], commit or "(not a git checkout here)")
 if not os.path.realpath(t2f.engine.__file__).startswith(site + os.sep):
     sys.exit(f"t2f is imported from {t2f.engine.__file__}, not from {site}: another install shadows this checkout's")
+import open_clip  # noqa: E402,F401  (every step needs it: the set-up fails here where the wheels were missing)
 PYTHON
     cat "$RESULTS/env.txt"
 }

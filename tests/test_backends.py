@@ -176,7 +176,7 @@ def test_bench_writes_json_and_markdown_with_every_stage(tmp_path):
         eager = rows[("torch", r["batch"])]["stages"]["end_to_end"]["median_ms"]
         assert abs(r["speedup"] - eager / stages["end_to_end"]["median_ms"]) < 1e-9 and r["peak_memory_mb"] > 0
     assert [s["backend"] for s in report["skipped"]] == ["tensorrt"]
-    assert "| onnxruntime | fp32 | 2 |" in (tmp_path / "bench.md").read_text()
+    assert "| onnxruntime | fp32 | nchw | 2 |" in (tmp_path / "bench.md").read_text()
 
 
 @pytest.mark.slow
@@ -391,7 +391,7 @@ def test_bench_skips_a_failed_export_and_keeps_every_row(tmp_path, monkeypatch):
     real_measure, calls = bench.measure, []
 
     def measure_then_stop(*args, **kwargs):
-        if len(calls) == 2:                               # two rows (torch, onnxruntime) per round
+        if len(calls) == 2 * bench.PROVISIONAL_CALLS + 2:  # two rows (torch, onnxruntime): their provisional calls, a round
             raise KeyboardInterrupt
         calls.append(1)
         return real_measure(*args, **kwargs)

@@ -185,6 +185,8 @@ def test_bench_bad_input(tmp_path):
     assert proc.returncode == 2 and "--batches" in proc.stderr
     proc = run(["t2f-bench", "--backends", "warp-drive"], tmp_path)
     assert proc.returncode == 2 and "unknown backends" in proc.stderr
+    proc = run(["t2f-bench", "--memory-formats", "nchw,nhwc"], tmp_path)
+    assert proc.returncode == 2 and "unknown memory formats ['nhwc']" in proc.stderr and "Traceback" not in proc.stderr
 
 
 @pytest.mark.slow

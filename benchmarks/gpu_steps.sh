@@ -6,7 +6,7 @@
 # is packed into $OUT/$ARCHIVE (atomically: a temporary file in $OUT, then a rename), and summary.txt copied beside it.
 
 KILL_AFTER=5        # seconds between a step's TERM and its KILL
-RESERVE=10          # seconds kept free after every step: packing, the summary, the exit
+RESERVE=10          # seconds a step leaves before the deadline: the last packing, nvidia-smi, the exit
 PACK_EVERY=45       # seconds between packings during a step (what a cut-off call returns)
 MAX_ARCHIVE=$((15 * 1024 * 1024))   # bytes; a bigger archive is packed again with each file's last MiB only
 
@@ -98,8 +98,8 @@ hide_modules() {
 gpu_state() {
     {
         date -u +%Y-%m-%dT%H:%M:%SZ
-        nvidia-smi --query-gpu=name,pci.bus_id,driver_version,memory.total,pstate,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,power.limit --format=csv
-        nvidia-smi -q -d CLOCK,PERFORMANCE,POWER,TEMPERATURE
+        timeout 5 nvidia-smi --query-gpu=name,pci.bus_id,driver_version,memory.total,pstate,clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,temperature.gpu,power.draw,power.limit --format=csv
+        timeout 5 nvidia-smi -q -d CLOCK,PERFORMANCE,POWER,TEMPERATURE
     } > "$1" 2>&1 || true
 }
 

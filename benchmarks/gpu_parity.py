@@ -41,12 +41,12 @@ def main(generator, clip, device, batch, json_path):
     from t2f.engine.backends import BackendUnavailable, Models, make_backend
     from t2f.engine.pipeline import sample_z
     from t2f.precision import Precision
-    from t2f.presets import load_mapper
+    from t2f.presets import random_mapper
 
     start = time.perf_counter()
     dev = resolve_device(device)
     G, C = t2f.load_generator(generator), t2f.load_clip(clip)
-    M = load_mapper("tiny", G, generator, C)
+    M = random_mapper(G, C.embed_dim)
     prompts = ["a photo of an old man with white hair", "a smiling woman", "a child with curly hair", "a man with a beard"]
     tokens = C.tokenize([prompts[i % len(prompts)] for i in range(batch)]).to(dev, torch.int32)
     z, psi = sample_z(0, batch, 1, M.z_dim).to(dev), torch.full([batch], 0.7, device=dev)

@@ -7,7 +7,9 @@
 Runs the real `t2f-train` stages in a temporary run directory: synth of --samples pairs, then
 fit for --steps steps (with the CLIP-consistency loss every --clip-every steps). Reports the
 rate of the work itself, model loading excluded; the first batch/steps are warm-up and excluded.
-Prints one JSON object (and writes it with --json).
+Prints one JSON object (and writes it with --json). On CUDA the run keeps PyTorch's numerics, as `t2f-train`
+does: "precision" says what fp32 computed ("fp32 (TF32 in cuDNN convolutions)" under PyTorch's defaults) and
+"cuda_numerics" holds the flags.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
 def main(generator, clip, device, samples, synth_batch, downsample, steps, batch, clip_every, json_path):
     import t2f
-    from t2f.devices import resolve_device
+    from t2f.devices import cuda_numerics, fp32_label, resolve_device
     from t2f.io import fingerprint
     from t2f.trainer.fit import FitOptions, fit
     from t2f.trainer.run import Dist, Run
@@ -67,7 +69,8 @@ def main(generator, clip, device, samples, synth_batch, downsample, steps, batch
     result = dict(
         date=time.strftime("%Y-%m-%d"), device=str(dev), device_name=device_name(dev), torch=torch.__version__,
         threads=torch.get_num_threads(), cpu=platform.processor() or platform.machine(),
-        generator=generator, clip=C.name, resolution=G.resolution, precision="fp32",
+        generator=generator, clip=C.name, resolution=G.resolution, precision=fp32_label(dev),
+        cuda_numerics=cuda_numerics() if dev.type == "cuda" else None,
         synth_samples=samples, synth_batch=synth_batch, synth_samples_per_s=round(samples / synth_s, 2),
         fit_steps=steps, fit_batch=batch, clip_every=clip_every,
         fit_steps_per_s=round((end["step"] - mid["step"]) / (t_end - t_mid), 2),

@@ -10,14 +10,14 @@ import warnings
 import numpy as np
 import torch
 
-from t2f.bank import Bank, knn_condition
+from t2f.bank import Bank, check_bank, knn_condition
 from t2f.clip import Clip
 from t2f.devices import resolve_device
 from t2f.mapper import Mapper
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, Generator
 
-from .backends import BackendUnavailable, Models, make_backend, pad_rows
+from .backends import MEMORY_FORMATS, BackendUnavailable, Models, make_backend, pad_rows
 
 
 class DeviceFallbackWarning(UserWarning):
@@ -155,22 +155,27 @@ class TextToFace:
         backend: str = "torch",                 # "torch", "torch-compile", "onnxruntime", "openvino", ... or "auto".
         artifacts: str | None = None,           # t2f-export output for the exported-graph backends (exported to the cache if None).
         noise_mode: str = "const",              # The noise mode the runs will use: "auto" picks a backend that supports it.
+        memory_format: str = "nchw",            # The synthesis' activation layout: "nchw" or "channels_last" (torch backends).
     ):
+        """The models are used as given, never moved, cast or switched to eval: the backend copies what it needs on
+        another device, and mode "image" copies CLIP to the device on first use where it is elsewhere."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
         check_compatible(generator, clip, mapper)
         if bank is not None:
             check_bank(bank, clip)
         self.bank = bank
-        self.device, self.backend = self._backend(device, precision, backend, Models(generator, clip, mapper), artifacts, noise_mode)
+        models = Models(generator, clip, mapper)
+        self.device, self.backend = self._backend(device, precision, backend, models, artifacts, noise_mode, memory_format)
         self.precision = self.backend.precision
-        self.generator = generator.eval().requires_grad_(False).to(self.device)
-        self.mapper = mapper.eval().requires_grad_(False).to(self.device)
-        self.clip = clip.to(self.device)
+        self.generator, self.mapper, self.clip = generator, mapper, clip
+        self._image_clip = None                 # CLIP on self.device for mode "image": made on first use
         self.batch_size = min(batch_size or default_batch_size(self.device), self.backend.max_batch)
 
     @staticmethod
-    def _backend(device, precision: Precision | None, name: str, models: Models, artifacts, noise_mode):
+    def _backend(device, precision: Precision | None, name: str, models: Models, artifacts, noise_mode, memory_format):
         """(device, backend): on the requested device; with "auto", on the CPU (with a note) where the backend
         cannot run on the GPU (onnxruntime without a CUDA provider, say)."""
         resolved = resolve_device(device)
@@ -182,7 +187,7 @@ class TextToFace:
             candidates.append(torch.device("cpu"))
         for i, dev in enumerate(candidates):
             try:
-                return dev, make_backend(name, models, dev, precision, artifacts, noise_mode=noise_mode)
+                return dev, make_backend(name, models, dev, precision, artifacts, noise_mode=noise_mode, memory_format=memory_format)
             except BackendUnavailable as e:
                 if i == len(candidates) - 1:
                     raise
@@ -244,7 +249,9 @@ class TextToFace:
 
     def _image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
-        return torch.cat([self.clip.encode_image(x.to(self.device))[:count].float() for count, (x,) in blocks(self.batch_size, images)])
+        if self._image_clip is None:
+            self._image_clip = self.clip.on(self.device)            # the caller's CLIP, or a copy on this device
+        return torch.cat([self._image_clip.encode_image(x.to(self.device))[:count].float() for count, (x,) in blocks(self.batch_size, images)])
 
     def _knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
         if not (math.isfinite(float(alpha)) and alpha > 0):
@@ -406,10 +413,3 @@ def to_host(images: torch.Tensor) -> torch.Tensor:
     torch.cuda.current_stream(images.device).synchronize()
     return host
 
-
-def check_bank(bank: Bank, clip: Clip) -> None:
-    if bank.clip_fingerprint != clip.fingerprint:
-        raise ValueError(f"the embedding bank was made with CLIP {bank.clip or '?'}, not these {clip.name} weights; "
-                         f"use the bank of a run trained with --clip {clip.name}")
-    if bank.embeddings.shape[1] != clip.embed_dim:
-        raise ValueError(f"the bank holds {bank.embeddings.shape[1]}-d embeddings, CLIP {clip.name} gives {clip.embed_dim}-d")

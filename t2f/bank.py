@@ -84,3 +84,12 @@ def knn_condition(
             weights = np.random.default_rng([int(seed), i, j, 1]).dirichlet([alpha] * picked.shape[0])
             out.append(torch.from_numpy(weights).to(picked) @ picked)
     return F.normalize(torch.stack(out), dim=-1)
+
+
+def check_bank(bank: Bank, clip) -> None:
+    """ValueError where `bank` was not made with these CLIP weights (its fingerprint) or holds embeddings of another size."""
+    if bank.clip_fingerprint != clip.fingerprint:
+        raise ValueError(f"the embedding bank was made with CLIP {bank.clip or '?'}, not these {clip.name} weights; "
+                         f"use the bank of a run trained with --clip {clip.name}")
+    if bank.embeddings.shape[1] != clip.embed_dim:
+        raise ValueError(f"the bank holds {bank.embeddings.shape[1]}-d embeddings, CLIP {clip.name} gives {clip.embed_dim}-d")

@@ -8,6 +8,7 @@ config with random weights from a fixed seed, for tests and offline smoke runs, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import warnings
@@ -152,6 +153,7 @@ class Clip:
         return next(self.model.parameters()).device
 
     def to(self, device) -> "Clip":
+        """Moves this Clip's weights to `device` in place (as nn.Module.to does) and returns it; see `on` for a copy."""
         self.model.to(device)
         self.image_encoder.to(device)
         return self
@@ -161,6 +163,18 @@ class Clip:
         """How many token ids the tokenizer has (open_clip's SimpleTokenizer: vocab_size; a Hugging Face one: its length)."""
         size = getattr(self.tokenizer, "vocab_size", None)
         return int(size) if size is not None else len(self.tokenizer.tokenizer)
+
+    def on(self, device) -> "Clip":
+        """This Clip where its weights are on `device` already, else a copy on `device`: this one is not moved."""
+        from .devices import placed
+
+        image_encoder = placed(self.image_encoder, device)          # holds the model and CLIP's preprocessing buffers
+        if image_encoder is self.image_encoder:
+            return self
+        clip = copy.copy(self)
+        clip.image_encoder, clip.model = image_encoder, image_encoder.model
+        clip.text_encoder = TextEncoder(clip.model)
+        return clip
 
     def token_count(self, prompt: str) -> int | None:
         """Tokens `prompt` takes, start and end tokens included; None where the tokenizer cannot say."""

@@ -208,18 +208,22 @@ class MapperGraph(nn.Module):
 class SynthesisGraph(nn.Module):
     """ws -> image with constant noise; uint8 [B, H, W, C] in the graph, so no float image leaves the device.
 
-    The weight-only computations are folded into constant buffers for `precision` (see SynthesisLayer.fold).
+    The weight-only computations are folded into constant buffers for `precision` (see SynthesisLayer.fold). With
+    memory_format=torch.channels_last the folded weights and every activation are NHWC in memory (same values).
     """
 
-    def __init__(self, generator: Generator, precision: Precision = Precision.FP32, uint8: bool = True):
+    def __init__(self, generator: Generator, precision: Precision = Precision.FP32, uint8: bool = True,
+                 memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
         self.precision = Precision.parse(precision)
         self.synthesis = copy.deepcopy(generator.synthesis).eval().requires_grad_(False)
         self.synthesis.fold(self.precision)
-        self.uint8 = uint8
+        self.uint8, self.memory_format = uint8, memory_format
+        if memory_format != torch.contiguous_format:
+            self.synthesis.to(memory_format=memory_format)          # the 4-d weights and kernels: this module's own copy
 
     def forward(self, ws: torch.Tensor) -> torch.Tensor:
-        img = self.synthesis(ws, noise_mode="const", precision=self.precision)
+        img = self.synthesis(ws, noise_mode="const", precision=self.precision, memory_format=self.memory_format)
         return to_uint8(img) if self.uint8 else img
 
 

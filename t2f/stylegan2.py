@@ -296,9 +296,13 @@ class SynthesisBlock(nn.Module):
         dtype: torch.dtype,              # Compute dtype of this block.
         noise_mode: str,
         generators: list | None = None,  # noise_mode "random": one torch.Generator per row; None = torch's global one.
+        memory_format: torch.memory_format = torch.contiguous_format,   # Layout of the first block's activations (NCHW,
+                                         # or torch.channels_last: NHWC); every later convolution keeps its input's.
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.in_channels == 0:
             x = self.const.to(dtype).unsqueeze(0).expand(ws.shape[0], -1, -1, -1)
+            if memory_format != torch.contiguous_format:
+                x = x.contiguous(memory_format=memory_format)
             x = self.conv1(x, ws[:, 0], noise_mode, generators)
         else:
             x = self.conv0(x.to(dtype), ws[:, 0], noise_mode, generators)
@@ -346,6 +350,8 @@ class SynthesisNetwork(nn.Module):
         precision: Precision = Precision.FP32,    # FP16 / BF16: the fp16 blocks run in that 16-bit type.
         noise_seeds: list[int] | None = None,     # noise_mode "random": one seed per row (its noise depends on it alone);
                                                   # None = torch's global generator.
+        memory_format: torch.memory_format = torch.contiguous_format,    # Activations' layout: NCHW, or
+                                                  # torch.channels_last (NHWC; the image is then NHWC in memory too).
     ) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
@@ -362,7 +368,7 @@ class SynthesisNetwork(nn.Module):
             block = getattr(self, f"b{res}")
             dtype = self.block_dtype(block, precision)
             block_ws = ws[:, w_idx : w_idx + block.num_conv + block.num_torgb]
-            x, img = block(x, img, block_ws, dtype, noise_mode, generators)
+            x, img = block(x, img, block_ws, dtype, noise_mode, generators, memory_format)
             w_idx += block.num_conv
         return img
 

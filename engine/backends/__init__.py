@@ -11,15 +11,15 @@
 One file per runtime; `registry` holds the backends, `choose`, `auto`'s preference lists and the on-demand export.
 """
 
-from .base import ArtifactBackend, Backend, BackendUnavailable, Models, cpu_threads, pad_rows, runnable_batch
+from .base import MEMORY_FORMATS, ArtifactBackend, Backend, BackendUnavailable, Models, cpu_threads, pad_rows, runnable_batch
 from .ondemand import ensure_onnx, onnx_cache_dir
 from .registry import BACKEND_CLASSES, BACKENDS, PREFERENCE, choose, make_backend
-from .onnx_runtime import ORT_CACHE, OnnxRuntimeBackend, OnnxRuntimeTensorRTBackend, check_first_provider, ort_providers
+from .onnx_runtime import ORT_CACHE, OnnxRuntimeBackend, OnnxRuntimeTensorRTBackend, check_first_provider, ort_providers, session_config
 from .openvino_runtime import OpenVINOBackend
 from .pytorch import CudaGraphBackend, TorchBackend, TorchCompileBackend
 from .tensorrt_engines import TensorRTBackend, enqueue
 
-__all__ = ["ArtifactBackend", "Backend", "BackendUnavailable", "Models", "cpu_threads", "pad_rows", "runnable_batch",
+__all__ = ["MEMORY_FORMATS", "ArtifactBackend", "Backend", "BackendUnavailable", "Models", "cpu_threads", "pad_rows", "runnable_batch",
            "BACKEND_CLASSES", "BACKENDS", "PREFERENCE", "choose", "ensure_onnx", "make_backend", "onnx_cache_dir",
-           "ORT_CACHE", "OnnxRuntimeBackend", "OnnxRuntimeTensorRTBackend", "check_first_provider", "ort_providers",
+           "ORT_CACHE", "OnnxRuntimeBackend", "OnnxRuntimeTensorRTBackend", "check_first_provider", "ort_providers", "session_config",
            "OpenVINOBackend", "CudaGraphBackend", "TorchBackend", "TorchCompileBackend", "TensorRTBackend", "enqueue"]

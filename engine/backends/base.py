@@ -10,11 +10,13 @@ Torch tensors in, torch tensors out, on the backend's device. Backends other tha
 their output buffers once per batch size and return those buffers: a result is valid until the next
 call with the same batch size (copy it to keep it).
 
-Every backend class answers `check_available(device, precision, artifacts, noise_mode, models)` (raises
-BackendUnavailable with one line, before any work; given the models, it also says whether it can run
-their text tower) and is made by `create(models, device, precision, artifacts)`. Each declares what it
-can do (`devices`, `precisions`, `noise_modes`, `stage_timing`, `separate_uint8`, `max_batch`,
-`any_text_tower`); callers ask it, they never test its type.
+Every backend class answers `check_available(device, precision, artifacts, noise_mode, memory_format, models)`
+(raises BackendUnavailable with one line, before any work; given the models, it also says whether it can
+run their text tower) and is made by `create(models, device, precision, artifacts, memory_format)`. Each
+declares what it can do (`devices`, `precisions`, `noise_modes`, `memory_formats`, `stage_timing`,
+`separate_uint8`, `max_batch`, `any_text_tower`); callers ask it, they never test its type. A backend
+never moves, casts or re-lays out the modules it is given: it copies what it must change
+(`t2f.devices.placed`).
 """
 
 from __future__ import annotations
@@ -29,12 +31,16 @@ from t2f.precision import Precision
 
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
+# The synthesis network's activation layouts: "nchw" (PyTorch's default) or "channels_last" (NHWC in memory).
+MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
+
 
 class Backend:
     name = "base"
     devices: tuple[str, ...] = ("cpu", "cuda")      # device types it runs on
     precisions: tuple[Precision, ...] = (Precision.FP32, Precision.FP16)
     noise_modes: tuple[str, ...] = ("const",)      # exported graphs hold constant noise
+    memory_formats: tuple[str, ...] = ("nchw",)    # activation layouts (MEMORY_FORMATS) it runs the synthesis in
     modules: tuple[str, ...] = ()                  # Python packages it needs
     stage_timing = "graph"          # what t2f-bench's per-stage columns time: "graph" (each stage's own graph or
                                     # eager module, as `full` runs it) or "eager" (eager twins of a captured pipeline)
@@ -46,8 +52,8 @@ class Backend:
     min_batch = 1                   # smallest batch one call runs (engines' profiles; a smaller one is padded up to it)
     max_batch = 1 << 30             # largest batch one call takes (engines have a profile)
 
-    def __init__(self, device: torch.device, precision: Precision):
-        self.device, self.precision = device, precision
+    def __init__(self, device: torch.device, precision: Precision, memory_format: str = "nchw"):
+        self.device, self.precision, self.memory_format = device, precision, memory_format
         self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
         self.text_encoder_source: str | None = None     # what runs the text tower where t2f's rewrite does not (else None)
 
@@ -55,7 +61,7 @@ class Backend:
 
     @classmethod
     def check_available(cls, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
-                        noise_mode: str = "const", models: Models | None = None) -> None:
+                        noise_mode: str = "const", memory_format: str = "nchw", models: Models | None = None) -> None:
         """BackendUnavailable with one line, before any work, where this backend cannot run as asked (and, given
         `models`, where it cannot run their text tower: said first, as it holds in every precision and device)."""
         if models is not None and not cls.any_text_tower:
@@ -78,6 +84,9 @@ class Backend:
             raise BackendUnavailable(str(e)) from None
         if noise_mode not in cls.noise_modes:
             raise BackendUnavailable(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
+        if memory_format not in cls.memory_formats:
+            raise BackendUnavailable(f"{cls.name} runs the synthesis in {' or '.join(cls.memory_formats)} only, not "
+                                     f"{memory_format} (the torch backends run both)")
         missing = [m for m in cls.modules if not importable(m)]
         if missing:
             raise BackendUnavailable(f"{cls.name} needs the Python package {missing[0]}, which is not installed (or does not import)"
@@ -95,7 +104,9 @@ class Backend:
         """The backend's own checks of its runtime (providers, plugins); BackendUnavailable where it cannot run."""
 
     @classmethod
-    def create(cls, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None) -> "Backend":
+    def create(cls, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
+               memory_format: str = "nchw") -> "Backend":
+        """The backend; memory_format is one of its `memory_formats` (check_available has refused any other)."""
         raise NotImplementedError
 
     # --- running ----------------------------------------------------------------
@@ -116,8 +127,8 @@ class ArtifactBackend(Backend):
     specs: dict[str, GraphSpec]
 
     @classmethod
-    def create(cls, models: Models, device, precision, artifacts=None):
-        """On `artifacts`, or (exports_on_demand) on graphs exported into the cache once."""
+    def create(cls, models: Models, device, precision, artifacts=None, memory_format: str = "nchw"):
+        """On `artifacts`, or (exports_on_demand) on graphs exported into the cache once (their layout is NCHW)."""
         if cls.exports_on_demand:
             from .ondemand import ensure_onnx
 

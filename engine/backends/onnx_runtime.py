@@ -6,8 +6,9 @@
                            fp16 where the artifacts are fp16, engine and timing caches in the artifact directory
 
 A session whose first provider is not the one asked for is refused (ONNX Runtime otherwise falls back to
-another provider silently, with none of our options); ONNX Runtime's own exception types (which do not
-derive from RuntimeError) become BackendUnavailable when a session is made and RuntimeError when it runs.
+another provider silently, with none of our options), and so is a TensorRT session that would run some nodes
+on the CPU (`session_config`); ONNX Runtime's own exception types (which do not derive from RuntimeError)
+become BackendUnavailable when a session is made and RuntimeError when it runs.
 """
 
 from __future__ import annotations
@@ -42,23 +43,42 @@ def ort_providers(provider: str, device: torch.device, stream: int, spec: GraphS
     """The execution providers of one graph's session (a pure function of its arguments).
 
     CPU: the CPU provider. CUDA: the CUDA provider on `device_id` with `stream` (a non-default torch stream; ONNX Runtime
-    treats 0 as "none") as its compute stream, so the backend can order ONNX Runtime's work with torch's. With
-    provider "tensorrt", ONNX Runtime's TensorRT provider alone (same device and stream), with the spec's profile
-    for `batch`, fp16 for fp16 graphs, and its engine and timing caches in `cache`, so engines are built once.
+    treats 0 as "none") as its compute stream, so the backend can order ONNX Runtime's work with torch's; no TF32;
+    cuDNN's convolution algorithm chosen by its heuristics (the provider's default, an exhaustive timed search, makes
+    first calls slow and the choice vary from run to run). With provider "tensorrt", ONNX Runtime's TensorRT provider
+    alone (same device and stream), with the spec's profile for `batch`, fp16 where the graph computes in fp16 (the
+    spec's compute precision: the mapper stays fp32), and its engine and timing caches in `cache`, so engines are
+    built once.
     """
     if device.type != "cuda":
         return ["CPUExecutionProvider"]
     index = device.index if device_id is None else device_id
     common = {"device_id": str(index or 0), "user_compute_stream": str(stream), "has_user_compute_stream": "1"}
     if provider != "tensorrt":
-        return [("CUDAExecutionProvider", dict(common, use_tf32="0"))]    # fp32 is fp32 (TF32 is on by default)
+        return [("CUDAExecutionProvider", dict(common, use_tf32="0", cudnn_conv_algo_search="HEURISTIC"))]
     profile = spec.profile(batch)
     options = dict(common, trt_engine_cache_enable="True", trt_engine_cache_path=str(cache),
                    trt_timing_cache_enable="True", trt_timing_cache_path=str(cache),
-                   trt_fp16_enable="True" if precision.half else "False",
+                   trt_fp16_enable="True" if spec.compute_precision(precision).half else "False",
                    trt_profile_min_shapes=_shapes(profile, 0), trt_profile_opt_shapes=_shapes(profile, 1),
                    trt_profile_max_shapes=_shapes(profile, 2))
     return [("TensorrtExecutionProvider", options)]
+
+
+def session_config(provider: str, device: torch.device) -> dict[str, str]:
+    """The session configuration entries of a graph's session (a pure function of its arguments).
+
+    No busy-waiting between runs: spinning threads steal the cores the next stage needs (measured on 2 cores). With
+    the TensorRT provider, no node may fall back to the CPU provider ("session.disable_cpu_ep_fallback"): the session
+    is refused instead of running part of the graph on the CPU. Not with the CUDA provider: there ONNX Runtime places
+    the dynamic batch's shape arithmetic (Shape -> Gather -> Concat, in every exported graph) on the CPU on purpose,
+    which that option cannot tell from a fallback, so every session would be refused; the CUDA provider has kernels
+    for every compute node of the exported graphs.
+    """
+    config = {"session.intra_op.allow_spinning": "0"}
+    if device.type == "cuda" and provider == "tensorrt":
+        config["session.disable_cpu_ep_fallback"] = "1"
+    return config
 
 
 def check_first_provider(session, wanted: str, what: str) -> None:
@@ -102,8 +122,8 @@ class OnnxRuntimeBackend(ArtifactBackend):
         manifest = self._checked_manifest(artifacts, models)
         self.graph_precisions["mapper"] = Precision.FP32
         options = onnxruntime.SessionOptions()
-        # No busy-waiting between runs: spinning threads steal the cores the next stage needs (measured on 2 cores).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        for key, value in session_config(self.provider, device).items():
+            options.add_session_config_entry(key, value)
         if device.type == "cpu":
             options.intra_op_num_threads = cpu_threads()
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None

@@ -2,37 +2,67 @@
 
     torch             eager PyTorch in fp32, fp16 (CUDA) or bf16 (CPU); every noise mode
     torch-cudagraph   fp16, tokens -> uint8 image captured as one CUDA graph per batch size
-    torch-compile     each stage through torch.compile (Inductor), static shapes per block size; on CUDA with
-                      CUDA graphs (mode "reduce-overhead"); Inductor's caches in t2f's cache directory
+    torch-compile     the whole pipeline (tokens -> ws, uint8 image) compiled as one function by torch.compile
+                      (Inductor), each stage as one more for encode / map / synthesize; static shapes per block size;
+                      on CUDA with CUDA graphs (mode "reduce-overhead"); Inductor's caches in t2f's cache directory
 
-All three run the same stage modules (t2f.graphs): one recipe per stage and precision. `torch` also runs
-the text towers t2f's exportable rewrite cannot express (`t2f.graphs.text_tower`) with open_clip's own
-encode_text; the other two refuse them (`any_text_tower`).
+All three run the same stage modules (t2f.graphs): one recipe per stage and precision, the synthesis in NCHW or
+channels_last (`memory_format`). `torch` also runs the text towers t2f's exportable rewrite cannot express
+(`t2f.graphs.text_tower`) with open_clip's own encode_text; the other two refuse them (`any_text_tower`). None of them moves, casts or re-lays out the modules it is given: the stage modules
+are copies, and eager PyTorch's synthesis network is the caller's own only where it is on the device already
+(`t2f.devices.placed`).
+
+torch-compile and CUDA graph trees: with mode "reduce-overhead" Inductor replays CUDA graphs from a tree per device,
+and a compiled call's outputs live in that tree's memory pool until a later compiled call starts a new generation
+(every call of a compiled function does), which frees or overwrites them. Stages compiled apart and fed into each
+other would read overwritten inputs. So `full` is one compiled function (no intermediate leaves it), and every
+compiled call's outputs are cloned and the originals dropped before the call returns: what a caller gets is its own,
+a stage's output can feed the next stage, and the tree finds the previous call's outputs dead, so each call starts
+from a root graph. `torch.compiler.cudagraph_mark_step_begin()` is not called: once called, CUDA graph trees count
+generations by that call alone, process-wide, which would change how the caller's own compiled models are freed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
+import threading
 
 import torch
+from torch import nn
 
-from t2f.devices import importable, pin_cuda_numerics
+from t2f.devices import importable, pin_cuda_numerics, placed
 from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph, UnsupportedTextTower, example_tokens
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, to_uint8
 
-from .base import Backend, BackendUnavailable, Models
+from .base import MEMORY_FORMATS, Backend, BackendUnavailable, Models
+
+
+class PipelineGraph(nn.Module):
+    """tokens [B, context] int32, z [B, z_dim], psi [B] -> (ws [B, num_ws, w_dim] float32, image [B, H, W, C] uint8):
+    the three stage modules in a row, as torch-cudagraph captures it and torch-compile compiles it."""
+
+    def __init__(self, text: nn.Module, mapper: nn.Module, synthesis: nn.Module):
+        super().__init__()
+        self.text, self.mapper, self.synthesis = text, mapper, synthesis
+
+    def forward(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ws = self.mapper(self.text(tokens), z, psi)
+        return ws, self.synthesis(ws)
 
 
 class _StageModules(Backend):
     """The text encoder and mapper modules on the device (the text encoder in the backend's precision), with the one
     eager recipe of each; subclasses add their synthesis."""
 
+    memory_formats = tuple(MEMORY_FORMATS)
+
     @classmethod
-    def create(cls, models, device, precision, artifacts=None):
-        return cls(models, device, precision)
+    def create(cls, models, device, precision, artifacts=None, memory_format="nchw"):
+        return cls(models, device, precision, memory_format)
 
     def _stages(self, models: Models, device: torch.device, precision: Precision, synthesis: bool = True):
         if device.type == "cuda":
@@ -41,7 +71,8 @@ class _StageModules(Backend):
         self._example_row = example_tokens(models.clip, 1, 0)                   # [1, context] int32, any valid row
         self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
         if synthesis:
-            self.synthesis = SynthesisGraph(models.generator, precision).to(device)
+            self.synthesis = SynthesisGraph(models.generator, precision, memory_format=MEMORY_FORMATS[self.memory_format]).to(device)
+            self.pipeline = PipelineGraph(self.text, self.mapper, self.synthesis)
         self.context, self.z_dim = models.clip.context_length, models.mapper.z_dim
         self.graph_precisions["mapper"] = Precision.FP32
 
@@ -69,7 +100,7 @@ class OpenClipTextEncoder(torch.nn.Module):
 
     def __init__(self, clip, device: torch.device, precision: Precision):
         super().__init__()
-        self.encoder = clip.text_encoder            # the caller's model, not a copy
+        self.encoder = clip.on(device).text_encoder     # the caller's model where it is on the device already, else a copy
         autocast = precision.reduced and torch.amp.is_autocast_available(device.type)
         self.precision = precision if autocast else Precision.FP32
 
@@ -97,15 +128,16 @@ class TorchBackend(_StageModules):
             self.text_encoder_source = "open_clip's own encode_text" + (" (autocast)" if encoder.precision.reduced else "")
             return encoder
 
-    def __init__(self, models: Models, device: torch.device, precision: Precision):
-        super().__init__(device, precision)
+    def __init__(self, models: Models, device: torch.device, precision: Precision, memory_format: str = "nchw"):
+        super().__init__(device, precision, memory_format)
         self._stages(models, device, precision, synthesis=False)
-        self.clip = models.clip.to(device)
-        self.synthesis = models.generator.synthesis.to(device).eval().requires_grad_(False)
+        self.synthesis = placed(models.generator.synthesis, device)    # the caller's own where it is on the device already
+        self.layout = MEMORY_FORMATS[memory_format]
 
     @torch.no_grad()
     def synthesize_float(self, ws, noise_mode: str = "const", noise_seeds: list[int] | None = None):
-        return self.synthesis(ws.to(self.device), noise_mode=noise_mode, precision=self.precision, noise_seeds=noise_seeds)
+        return self.synthesis(ws.to(self.device), noise_mode=noise_mode, precision=self.precision, noise_seeds=noise_seeds,
+                              memory_format=self.layout)
 
     @torch.no_grad()
     def synthesize(self, ws, noise_mode: str = "const", noise_seeds: list[int] | None = None):
@@ -116,7 +148,8 @@ class TorchBackend(_StageModules):
 class CudaGraphBackend(_StageModules):
     """fp16; tokens -> uint8 image captured as one CUDA graph per batch size (launch overhead gone).
 
-    `encode`, `map` and `synthesize` run the same modules eagerly (stage_timing "eager"); `full` replays the graph.
+    `encode`, `map` and `synthesize` run the same modules eagerly (stage_timing "eager"); `full` replays the graph
+    and returns its output buffers (valid until the next call at that batch size).
     """
 
     name = "torch-cudagraph"
@@ -124,15 +157,10 @@ class CudaGraphBackend(_StageModules):
     precisions = (Precision.FP16,)
     stage_timing = "eager"
 
-    def __init__(self, models: Models, device: torch.device, precision: Precision):
-        super().__init__(device, precision)
+    def __init__(self, models: Models, device: torch.device, precision: Precision, memory_format: str = "nchw"):
+        super().__init__(device, precision, memory_format)
         self._stages(models, device, precision)
         self.graphs: dict[int, tuple] = {}
-
-    def _pipeline(self, tokens, z, psi):
-        embedding = self.text(tokens)
-        ws = self.mapper(embedding, z, psi)
-        return embedding, ws, self.synthesis(ws)
 
     @torch.no_grad()
     def _graph(self, batch: int):
@@ -143,16 +171,16 @@ class CudaGraphBackend(_StageModules):
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
                     for _ in range(3):                  # warm-up: kernels chosen, allocator primed
-                        self._pipeline(tokens, z, psi)
+                        self.pipeline(tokens, z, psi)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    outputs = self._pipeline(tokens, z, psi)
+                    outputs = self.pipeline(tokens, z, psi)
             self.graphs[batch] = (graph, (tokens, z, psi), outputs)
         return self.graphs[batch]
 
     def full(self, tokens, z, psi):
-        graph, inputs, (_, ws, image) = self._graph(tokens.shape[0])
+        graph, inputs, (ws, image) = self._graph(tokens.shape[0])
         for buffer, value in zip(inputs, (tokens, z, psi)):
             buffer.copy_(value, non_blocking=True)
         with torch.cuda.device(self.device):
@@ -169,9 +197,9 @@ class CudaGraphBackend(_StageModules):
 
 
 def inductor_cache() -> str:
-    """Inductor's cache directory: $TORCHINDUCTOR_CACHE_DIR if the user set it, else T2F_CACHE/inductor (set for this
-    process). Inductor writes its own default (/tmp/torchinductor_USER) into the variable once it has looked, so that
-    value counts as unset."""
+    """Inductor's cache directory for t2f's compiles: $TORCHINDUCTOR_CACHE_DIR if the user set it, else T2F_CACHE/inductor.
+    Inductor writes its own default (/tmp/torchinductor_USER) into the variable once it has looked, so that value
+    counts as unset. Nothing is written into the environment here (see `inductor_environment`)."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     from t2f.download import cache_dir
@@ -181,8 +209,30 @@ def inductor_cache() -> str:
     if not path or os.path.abspath(path) == os.path.abspath(default_cache_dir()):
         path = str(cache_dir() / "inductor")
     private_dir(path, fix="set T2F_CACHE (or TORCHINDUCTOR_CACHE_DIR) to a directory of your own")   # its code runs here
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = path           # read by Inductor when it first compiles
     return path
+
+
+INDUCTOR_VARIABLES = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+_ENVIRONMENT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def inductor_environment(cache: str):
+    """TORCHINDUCTOR_CACHE_DIR=cache inside the block, then INDUCTOR_VARIABLES restored to what they were (removed
+    where they were unset): Inductor reads its cache directory from the environment only, and writes both variables
+    while it compiles. One block at a time in this process (compiles are serialized by Dynamo anyway); another thread
+    that compiles meanwhile without t2f writes into this cache too."""
+    with _ENVIRONMENT_LOCK:
+        saved = {name: os.environ.get(name) for name in INDUCTOR_VARIABLES}
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 def cxx_compiler() -> str | None:
@@ -194,20 +244,25 @@ def cxx_compiler() -> str | None:
 
 
 class TorchCompileBackend(_StageModules):
-    """Each stage through torch.compile: static shapes (one compiled graph per block size), Inductor's caches in
-    t2f's cache directory, CUDA graphs on a GPU. The first call at a batch size compiles (seconds to minutes;
-    t2f-bench reports it as first_call_ms); a later process with the same models finds Inductor's cache."""
+    """torch.compile: the whole pipeline as one compiled function (`full`), each stage as one more (`encode`, `map`,
+    `synthesize`, compiled on their first use); static shapes (one compiled graph per block size), CUDA graphs on a
+    GPU, outputs cloned (see the module docstring). The first call at a batch size compiles (seconds to minutes;
+    t2f-bench reports it as first_call_ms), with Inductor's cache in `self.cache`; a later process with the same
+    models finds it there."""
 
     name = "torch-compile"
     precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
 
-    def __init__(self, models: Models, device: torch.device, precision: Precision):
-        super().__init__(device, precision)
+    def __init__(self, models: Models, device: torch.device, precision: Precision, memory_format: str = "nchw"):
+        super().__init__(device, precision, memory_format)
         self._stages(models, device, precision)
         self.cache = inductor_cache()
-        mode = "reduce-overhead" if device.type == "cuda" else None
-        compile = lambda m: torch.compile(m, dynamic=False, fullgraph=True, mode=mode)      # noqa: E731
-        self._text, self._mapper, self._synthesis = compile(self.text), compile(self.mapper), compile(self.synthesis)
+        self.cudagraphs = device.type == "cuda"
+        compile = functools.partial(torch.compile, dynamic=False, fullgraph=True, mode="reduce-overhead" if self.cudagraphs else None)
+        with inductor_environment(self.cache):                      # torch.compile itself looks up Inductor's cache
+            self.compiled = {"pipeline": compile(self.pipeline), "text_encoder": compile(self.text),
+                             "mapper": compile(self.mapper), "synthesis": compile(self.synthesis)}
+        self.compiled_shapes: set[tuple] = set()       # (graph, input shapes) already called: later calls do not compile
 
     @classmethod
     def check_runtime(cls, device, precision):
@@ -216,16 +271,29 @@ class TorchCompileBackend(_StageModules):
         if device.type == "cuda" and not importable("triton"):
             raise BackendUnavailable("torch-compile on CUDA needs the triton package")
 
-    def _call(self, fn, *args):
-        with torch.no_grad(), torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext():
-            return fn(*args)
+    def _call(self, graph: str, *inputs: torch.Tensor):
+        """The compiled `graph` on `inputs` (on the device, contiguous); its outputs cloned and the originals dropped.
+        The first call at each input shape compiles, inside `inductor_environment` (as the torch.compile calls were)."""
+        key = (graph, tuple(tuple(t.shape) for t in inputs))
+        first = key not in self.compiled_shapes
+        device = torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+        with torch.no_grad(), device, inductor_environment(self.cache) if first else contextlib.nullcontext():
+            out = self.compiled[graph](*inputs)
+            out = tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+        self.compiled_shapes.add(key)
+        return out
+
+    def _floats(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t.to(self.device, torch.float32).contiguous() for t in tensors]
+
+    def full(self, tokens, z, psi):
+        return self._call("pipeline", tokens.to(self.device, torch.int32).contiguous(), *self._floats(z, psi))
 
     def encode(self, tokens):
-        return self._call(self._text, tokens.to(self.device, torch.int32).contiguous())
+        return self._call("text_encoder", tokens.to(self.device, torch.int32).contiguous())
 
     def map(self, embedding, z, psi):
-        return self._call(self._mapper, embedding.to(self.device).float().contiguous(), z.to(self.device).float().contiguous(),
-                          psi.to(self.device).float().contiguous())
+        return self._call("mapper", *self._floats(embedding, z, psi))
 
     def synthesize(self, ws):
-        return self._call(self._synthesis, ws.to(self.device).float().contiguous())
+        return self._call("synthesis", *self._floats(ws))

@@ -39,7 +39,7 @@ PREFERENCE: dict[str, tuple[tuple[str, Precision], ...]] = {
 
 
 def choose(device: torch.device, backend: str = "auto", precision: Precision | None = None, artifacts=None,
-           noise_mode: str = "const", models: Models | None = None) -> tuple[type[Backend], Precision]:
+           noise_mode: str = "const", memory_format: str = "nchw", models: Models | None = None) -> tuple[type[Backend], Precision]:
     """(backend class, precision) for a request; `backend` "auto" and `precision` None (auto) are resolved from the
     device's preference list: its first entry that matches what was fixed and passes `check_available` (given
     `models`, one that can run their text tower: `torch` for a tower the exportable rewrite cannot express).
@@ -53,17 +53,20 @@ def choose(device: torch.device, backend: str = "auto", precision: Precision | N
     if noise_mode != "const":       # only eager PyTorch draws noise: the list's torch entries, else torch as asked
         candidates = [c for c in candidates if noise_mode in BACKEND_CLASSES[c[0]].noise_modes] or \
                      [("torch", precision or (FP32 if device.type == "cpu" else FP16))]
+    if memory_format != "nchw":     # auto picks among the backends that run this layout
+        candidates = [c for c in candidates if memory_format in BACKEND_CLASSES[c[0]].memory_formats]
     if backend != "auto":           # a named backend: its preferred precisions on this device, then any it has
         cls = BACKEND_CLASSES[backend]
         candidates += [(backend, p) for p in cls.precisions if (backend, p) not in candidates and precision in (None, p)]
         if not candidates:
             raise BackendUnavailable(f"{backend} runs in {' or '.join(map(str, cls.precisions))}, not {precision}")
     elif not candidates:
-        raise BackendUnavailable(f"no backend runs in {precision} on {device.type}")
+        layout = "" if memory_format == "nchw" else f" with {memory_format}"
+        raise BackendUnavailable(f"no backend runs in {precision or 'any precision'}{layout} on {device.type}")
     errors = []
     for name, p in candidates:
         try:
-            BACKEND_CLASSES[name].check_available(device, p, artifacts, noise_mode, models)
+            BACKEND_CLASSES[name].check_available(device, p, artifacts, noise_mode, memory_format, models)
             return BACKEND_CLASSES[name], p
         except BackendUnavailable as e:
             errors.append(e)
@@ -72,13 +75,13 @@ def choose(device: torch.device, backend: str = "auto", precision: Precision | N
 
 
 def make_backend(name: str, models: Models, device: torch.device, precision: Precision | None = None,
-                 artifacts: str | None = None, noise_mode: str = "const") -> Backend:
-    """A backend by name ("auto": see `choose`), in `precision` (None: the backend's best here); BackendUnavailable,
-    before any export, where it cannot run here."""
+                 artifacts: str | None = None, noise_mode: str = "const", memory_format: str = "nchw") -> Backend:
+    """A backend by name ("auto": see `choose`), in `precision` (None: the backend's best here) and `memory_format`
+    (MEMORY_FORMATS); BackendUnavailable, before any export, where it cannot run here."""
     from t2f.graphs import ExportError
 
-    cls, precision = choose(device, name, precision, artifacts, noise_mode, models)
+    cls, precision = choose(device, name, precision, artifacts, noise_mode, memory_format, models)
     try:
-        return cls.create(models, device, precision, artifacts)
+        return cls.create(models, device, precision, artifacts, memory_format)
     except ExportError as e:                     # artifacts that cannot be used here: this backend cannot run
         raise BackendUnavailable(str(e)) from None

@@ -7,9 +7,11 @@ default, which also bounds a head by itself) inside `Guard`, an asyncio protocol
 byte before the parser does and holds, whatever parser runs:
 
 - a request head (request line and headers) gets at most `max_head_bytes`: the parser is never
-  given more; past it the answer is 431 and the connection closes;
+  given more; past it the answer is 431 and the connection closes (closes at once where the head
+  comes pipelined while an earlier request is answered);
 - a head must be complete `head_timeout_s` after its first byte (408), and a connection with no
-  request under way (new, or kept alive) closes after `idle_timeout_s`;
+  request under way (new, or kept alive) closes after `idle_timeout_s`, also where the client has
+  stopped reading its answer (what is still unsent is dropped);
 - at most `max_connections` connections are open at once (WebSockets included), and at most
   `max_connections_per_client` from one address; one more is answered 503 and closed;
 - a response sent while the client is still sending a body nobody reads (a refusal before the body)
@@ -124,7 +126,7 @@ def guarded_protocol(limits: FrontLimits, say) -> type[asyncio.Protocol]:
             self.client = "?"
             self.state = HEAD
             self.since = self.head_started = None
-            self.head_bytes = 0
+            self.head_bytes = self.unsent = 0                           # unsent: bytes of answers the client has not read yet
 
         # -- the transport's calls, passed on to the parser
         def connection_made(self, transport) -> None:
@@ -173,18 +175,26 @@ def guarded_protocol(limits: FrontLimits, say) -> type[asyncio.Protocol]:
             self._update(now)
             if self.state in (LINGER, REFUSED):
                 return                                                  # the rest of a request nobody reads: dropped
-            if self.state != HEAD:
-                return self._feed(data, now)
+            if self.state == UPGRADED or (self.state == REQUEST and self.cycle.more_body):
+                return self._feed(data, now)                            # a WebSocket's frames, or a body: bounded by the app
+            # A head: the next request's, or (REQUEST) one sent while this request is answered (pipelining).
             if self.head_started is None:
                 self.head_started = now
             room = limits.max_head_bytes - self.head_bytes
             piece = data if len(data) <= room else data[:room]          # the parser never sees more of a head than the limit
             self.head_bytes += len(piece)
+            cycle = self.cycle
             self._feed(piece, now)
-            if len(piece) < len(data) and self.state not in (LINGER, REFUSED):
-                if self.state == HEAD:
-                    return self.refuse(431, "Request Header Fields Too Large", f"the request head is more than {limits.max_head_bytes} bytes")
-                self._feed(data[len(piece):], now)                      # the head ended inside the piece: the rest is the request's
+            if len(piece) == len(data) or self.state in (LINGER, REFUSED, UPGRADED):
+                return
+            if self.cycle is not cycle or (self.state == REQUEST and self.cycle.more_body):
+                return self._feed(data[len(piece):], now)               # the head ended inside the piece: the rest is the request's
+            message = f"the request head is more than {limits.max_head_bytes} bytes"
+            if self.state == HEAD:
+                return self.refuse(431, "Request Header Fields Too Large", message)
+            log("head-431", f"closed a connection from {self.client}: {message} (sent while a request was answered)")
+            self.state = LINGER
+            self.transport.abort()                                      # an answer under way cannot be followed by another
 
         # -- state
         def _feed(self, data: bytes, now: float) -> None:
@@ -204,26 +214,31 @@ def guarded_protocol(limits: FrontLimits, say) -> type[asyncio.Protocol]:
                 self.transport.set_protocol(self)
                 return
             cycle = getattr(self.inner, "cycle", None)
-            if cycle is not None and cycle is not self.cycle:
-                self.cycle, self.state = cycle, REQUEST
+            if cycle is not None and cycle is not self.cycle:          # a new request: its head is complete
+                self.cycle, self.state, self.head_bytes, self.head_started = cycle, REQUEST, 0, None
             if self.state == REQUEST and cycle.response_complete:
                 if cycle.more_body and not cycle.disconnected:          # answered before its body was read: read no more of it
                     self._linger(now)
-                else:
-                    self._enter_head(now)
+                else:                                                   # the next head, what of it came already counted
+                    self.state, self.since = HEAD, now
 
         def check(self, now: float) -> None:
             """The clock: idle connections, slow heads, and lingering closes that are over."""
             self._update(now)
             if self.state == HEAD:
+                unsent = self.transport.get_write_buffer_size()
+                if unsent != self.unsent:                               # the client reads what it was sent: not idle
+                    self.unsent, self.since = unsent, now
                 if self.head_started is None and now - self.since > limits.idle_timeout_s:
-                    self.transport.close()
+                    self.transport.abort() if unsent else self.transport.close()   # a client that stopped reading
                 elif self.head_started is not None and now - self.head_started > limits.head_timeout_s:
                     self.refuse(408, "Request Timeout", f"the request head took more than {limits.head_timeout_s:g} s")
             elif self.state == LINGER and now - self.since > limits.linger_s:
-                self.transport.close()
+                self.transport.abort() if self.transport.get_write_buffer_size() else self.transport.close()
 
         def refuse(self, status: int, reason: str, message: str) -> None:
+            if self.transport.is_closing():
+                return
             log(f"head-{status}", f"refused a request from {self.client}: {message}")
             self.transport.write(plain_response(status, reason, message))
             self._linger(time.monotonic())

@@ -114,16 +114,22 @@ def json_tensor(data, datatype: str, count: int, name: str) -> bytes:
     return array.astype(np.dtype(DTYPES[datatype]).newbyteorder("<")).tobytes()
 
 
+def copy_of(body: bytes | bytearray, start: int, stop: int) -> bytes:
+    """body[start:stop] as bytes, copied once (a bytearray's slice would copy twice); no view of `body` outlives the call, so
+    the caller can empty it."""
+    with memoryview(body) as view:
+        return bytes(view[start:stop])
+
+
 def parse_infer_body(body: bytes | bytearray, header_length: int | None, model: str, max_batch: int) -> InferBody:
     """A KServe v2 infer body (JSON, then binary tensors where Inference-Header-Content-Length says) -> InferBody; BadRequest."""
-    body = memoryview(body)                                       # slices below are views: each tensor is copied once
     if header_length is None:
         header_length = len(body)
     if not 0 <= header_length <= len(body):
         raise BadRequest(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
     if header_length > MAX_JSON_BYTES:
         raise BadRequest(f"the JSON part of the body is {header_length} bytes, more than {MAX_JSON_BYTES}; send tensors in binary")
-    header = bytes(body[:header_length])
+    header = copy_of(body, 0, header_length)
     if json_depth_exceeds(header, MAX_JSON_DEPTH):
         raise BadRequest(f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
@@ -138,15 +144,15 @@ def parse_infer_body(body: bytes | bytearray, header_length: int | None, model: 
             raise BadRequest('every input needs a "name", a "datatype" and a "shape"')
         declared.append((tensor["name"], tensor["datatype"], tensor.get("shape")))
     counts = check_inputs(model, declared, max_batch)             # shapes checked before any data is looked at
-    binary, offset, inputs = body[header_length:], 0, []
+    offset, end, inputs = header_length, len(body), []
     for tensor in request["inputs"]:
         name, datatype, shape = tensor["name"], tensor["datatype"], list(tensor["shape"])
         parameters = tensor.get("parameters") or {}
         size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         if size is not None:
-            if type(size) is not int or not 0 <= size <= len(binary) - offset:
+            if type(size) is not int or not 0 <= size <= end - offset:
                 raise BadRequest(f"input {name}: binary_data_size {size} is more than the body holds")
-            raw = binary[offset:offset + size]
+            raw = copy_of(body, offset, offset + size)
             offset += size
             if datatype == "BYTES":
                 check_strings(raw, counts[name], name)
@@ -156,9 +162,9 @@ def parse_infer_body(body: bytes | bytearray, header_length: int | None, model: 
             raw = json_tensor(tensor["data"], datatype, counts[name], name)
         else:
             raise BadRequest(f"input {name} has no data")
-        inputs.append(Input(name, datatype, shape, bytes(raw)))
-    if offset != len(binary):
-        raise BadRequest(f"the body holds {len(binary) - offset} bytes after the last binary tensor")
+        inputs.append(Input(name, datatype, shape, raw))
+    if offset != end:
+        raise BadRequest(f"the body holds {end - offset} bytes after the last binary tensor")
     outputs, names = [], {t.name for t in OUTPUTS}
     if not isinstance(request.get("outputs") or [], list):
         raise BadRequest('"outputs" must be a list')

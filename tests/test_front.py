@@ -103,6 +103,34 @@ def test_a_never_ending_header_is_answered_431_at_the_head_limit_whatever_the_pa
         assert http_request(f.port, "GET", "/v2/health/live", timeout=30)[0] == 200
 
 
+@pytest.mark.parametrize("parser", [pytest.param("h11", marks=pytest.mark.slow), "httptools"])   # h11 stops reading by itself
+def test_a_never_ending_head_pipelined_behind_a_request_in_flight_is_cut_too(parser):
+    """While GET /metrics waits on a Triton that does not answer (5 s), the next request's head comes without end."""
+    pytest.importorskip(parser)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        with running_front(FrontLimits(parser=parser), metrics_url=f"http://127.0.0.1:{silent.getsockname()[1]}/metrics") as f:
+            s = connect(f.port)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\nGET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Endless: ")
+            sent, chunk, deadline, closed = 0, b"a" * 65536, time.monotonic() + 30, False
+            while sent < 128 * 2**20 and time.monotonic() < deadline and not closed:
+                readable, writable, _ = select.select([s], [s], [], 1)
+                try:
+                    if readable and not s.recv(65536, socket.MSG_PEEK):
+                        closed = True                                  # the server closed
+                    elif readable:
+                        s.recv(65536)                                  # the answer to GET /metrics (503)
+                    elif writable:
+                        sent += s.send(chunk)
+                except OSError:
+                    closed = True                                      # reset
+            s.close()
+            assert closed and sent < 128 * 2**20, sent               # cut, not read on and on
+            assert http_request(f.port, "GET", "/v2/health/live", timeout=30)[0] == 200
+            silent.close()                                         # GET /metrics ends (503): the front stops at once
+
+
 def test_half_sent_heads_get_408_and_idle_connections_close():
     with running_front(FrontLimits(head_timeout_s=1.0, idle_timeout_s=1.5)) as f:
         slow, idle = connect(f.port), connect(f.port)
@@ -119,6 +147,41 @@ def test_half_sent_heads_get_408_and_idle_connections_close():
         assert time.monotonic() - start < 8
         assert answer(idle, timeout=15) == b""             # closed without a word
         assert http_request(f.port, "GET", "/v2/health/live")[0] == 200
+
+
+def test_a_client_that_stops_reading_its_answer_is_dropped_after_the_idle_timeout():
+    """A 32 MiB answer (GET /metrics) the client never reads: the front drops it after idle_timeout_s instead of holding it."""
+    import http.server
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(32 * 2**20))
+            self.end_headers()
+            self.wfile.write(b"#" * (32 * 2**20))
+
+        def log_message(self, *args):
+            pass
+
+    metrics = http.server.HTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=metrics.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{metrics.server_address[1]}/metrics"
+        with running_front(FrontLimits(idle_timeout_s=1.5), metrics_url=url) as f:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)      # before connecting: the window stays small
+            s.connect(("127.0.0.1", f.port))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            time.sleep(4)                                                   # answered, never read
+            received = 0
+            s.settimeout(10)
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := s.recv(2**20):
+                    received += len(chunk)
+            s.close()
+            assert received < 32 * 2**20, received                        # dropped, not kept for a reader that never comes
+    finally:
+        metrics.shutdown()
 
 
 @pytest.mark.slow

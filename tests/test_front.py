@@ -514,3 +514,18 @@ def test_restarts_0_stops_at_the_first_death():
     with pytest.raises(Stopped, match="exited with status 0; not restarting"):
         supervise(triton, threading.Event(), RestartBudget(restarts=0), print, poll_s=0.05)
     assert len(triton.starts) == 1
+
+
+def test_a_workspace_too_long_for_a_unix_socket_is_one_line(tmp_path):
+    from t2f.engine.tritonserver import Binaries, Triton, TritonError, Workspace
+
+    workspace = Workspace(str(tmp_path / ("d" * 120)))
+    try:
+        triton = Triton(Binaries("/bin/false", str(tmp_path), ()), workspace)
+        assert triton.grpc_url == f"unix:{workspace.path}/grpc:0"
+        with pytest.raises(TritonError, match="too long a path for Triton's gRPC socket .* give a shorter --cache"):
+            triton.start()
+        assert triton.process is None                                      # refused before anything ran
+    finally:
+        workspace.remove()
+

@@ -710,6 +710,7 @@ def test_an_unclean_triton_death_leaves_nothing_in_the_temp_directories():
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare -m (root) to give the server a /tmp of its own")
     root = tempfile.mkdtemp(prefix="t2f-test-", dir="/var/tmp")                  # not under /tmp, which the server sees replaced
+    first = second = None
     try:
         cache, private_tmp, tmpdir = (os.path.join(root, name) for name in ("cache", "tmp", "tmpdir"))
         for path in (cache, private_tmp, tmpdir):
@@ -733,6 +734,9 @@ def test_an_unclean_triton_death_leaves_nothing_in_the_temp_directories():
         assert python_envs() == [] and os.listdir(tmpdir) == [], (os.listdir(private_tmp), os.listdir(tmpdir))
         assert os.listdir(os.path.join(cache, "serve")) == []
     finally:
+        for running in (first, second):                                          # a failed check leaves no server behind
+            if running is not None and running.process.poll() is None:
+                running.stop(signal.SIGTERM)
         shutil.rmtree(root, ignore_errors=True)
 
 

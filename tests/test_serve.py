@@ -819,8 +819,12 @@ def test_usage_errors_exit_2(tmp_path):
 
     from t2f.engine.serve import main
 
-    result = CliRunner().invoke(main, [*TINY, "--http-port", "9000", "--grpc-port", "9000"])
+    result = CliRunner().invoke(main, [*TINY, "--http-port", "9000", "--metrics-port", "9000"])
     assert result.exit_code == 2 and "every port must differ" in result.output
+    result = CliRunner().invoke(main, [*TINY, "--grpc-host", "127.0.0.1", "--http-port", "9000", "--grpc-port", "9000"])
+    assert result.exit_code == 2 and "every port must differ: --http-port 9000, --metrics-port 8002, --grpc-port 9000" in result.output
+    result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--max-body-memory", "8"])
+    assert result.exit_code == 2 and "8 MiB is less than one request of --max-batch 32 may send (52 MiB)" in result.output
     result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--precision", "fp16"])
     assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.output
     result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--host", "0.0.0.0"])

@@ -14,7 +14,8 @@ of --clients images (the best a batch of that size does without a server). Model
 warm-up are excluded. Prints a markdown table and one JSON object (written with --json).
 
 --protocol http goes through t2f's checking front (body checks, then gRPC to Triton); --protocol
-grpc goes to Triton directly: the difference between two runs is what the front's hop costs.
+grpc goes to Triton directly (the server is started with --grpc-host 127.0.0.1 for it): the
+difference between two runs is what the front's hop costs.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main(generator, clip, mapper, backend, device, precision, clients, requests,
     args = ["--generator", generator, "--clip", clip, "--mapper", mapper, "--backend", backend, "--device", device,
             "--precision", precision, "--max-batch", str(max_batch), "--queue-delay-us", str(queue_delay_us),
             *(["--batch", str(batch)] if batch else []),
-            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics),
+            *(["--grpc-host", "127.0.0.1"] if protocol == "grpc" else [])]          # Triton's gRPC on TCP only when asked
     process = start_server(args, http, threads)
     try:
         url = f"127.0.0.1:{http if protocol == 'http' else grpc}"

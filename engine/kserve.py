@@ -1,18 +1,22 @@
 """KServe v2 over HTTP <-> Triton over gRPC: t2f-serve's front checks each body here before any of it reaches Triton.
 
 Checks, each refused with one line: the body's size (413), a Content-Encoding other than gzip /
-deflate, or one that expands past the size limit (415 / 413), the JSON's size and nesting depth,
-input names, datatypes, ranks, rows and face sizes (before any data is read into arrays), element
-counts and string lengths (400); the protocol's table and limits are engine/protocol.py's.
+deflate, or one that expands past the size limit (415 / 413), or is not what it says (400), the
+bytes all requests hold at once (503), a body that stalls or crawls (408), the JSON's size and
+nesting depth, input names, datatypes, ranks, rows and face sizes (before any data is read into
+arrays), element counts, number ranges and string lengths (400); the protocol's table and limits
+are engine/protocol.py's. A malformed request is the client's fault: never a 500.
 `Forwarder` then sends the checked tensors to Triton over gRPC (Triton's own HTTP front end dies
 on crafted bodies, so it stays off).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import json
+import re
 import struct
 import zlib
 
@@ -103,10 +107,21 @@ def json_tensor(data, datatype: str, count: int, name: str) -> bytes:
             raise BadRequest(f"input {name}: a value is outside {datatype}'s range")
     elif not all(type(v) in (int, float) for v in values):
         raise BadRequest(f"input {name}: {datatype} data must be numbers")
-    return np.asarray(values, dtype=DTYPES[datatype]).astype(np.dtype(DTYPES[datatype]).newbyteorder("<")).tobytes()
+    try:
+        array = np.asarray(values, dtype=DTYPES[datatype])
+    except OverflowError:                                         # an integer of hundreds of digits as a float
+        raise BadRequest(f"input {name}: a value is outside {datatype}'s range") from None
+    return array.astype(np.dtype(DTYPES[datatype]).newbyteorder("<")).tobytes()
 
 
-def parse_infer_body(body: bytes, header_length: int | None, model: str, max_batch: int) -> InferBody:
+def copy_of(body: bytes | bytearray, start: int, stop: int) -> bytes:
+    """body[start:stop] as bytes, copied once (a bytearray's slice would copy twice); no view of `body` outlives the call, so
+    the caller can empty it."""
+    with memoryview(body) as view:
+        return bytes(view[start:stop])
+
+
+def parse_infer_body(body: bytes | bytearray, header_length: int | None, model: str, max_batch: int) -> InferBody:
     """A KServe v2 infer body (JSON, then binary tensors where Inference-Header-Content-Length says) -> InferBody; BadRequest."""
     if header_length is None:
         header_length = len(body)
@@ -114,7 +129,7 @@ def parse_infer_body(body: bytes, header_length: int | None, model: str, max_bat
         raise BadRequest(f"Inference-Header-Content-Length {header_length} is outside the body's {len(body)} bytes")
     if header_length > MAX_JSON_BYTES:
         raise BadRequest(f"the JSON part of the body is {header_length} bytes, more than {MAX_JSON_BYTES}; send tensors in binary")
-    header = body[:header_length]
+    header = copy_of(body, 0, header_length)
     if json_depth_exceeds(header, MAX_JSON_DEPTH):
         raise BadRequest(f"the JSON nests deeper than {MAX_JSON_DEPTH} levels")
     try:
@@ -129,15 +144,15 @@ def parse_infer_body(body: bytes, header_length: int | None, model: str, max_bat
             raise BadRequest('every input needs a "name", a "datatype" and a "shape"')
         declared.append((tensor["name"], tensor["datatype"], tensor.get("shape")))
     counts = check_inputs(model, declared, max_batch)             # shapes checked before any data is looked at
-    binary, offset, inputs = body[header_length:], 0, []
+    offset, end, inputs = header_length, len(body), []
     for tensor in request["inputs"]:
         name, datatype, shape = tensor["name"], tensor["datatype"], list(tensor["shape"])
         parameters = tensor.get("parameters") or {}
         size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
         if size is not None:
-            if type(size) is not int or not 0 <= size <= len(binary) - offset:
+            if type(size) is not int or not 0 <= size <= end - offset:
                 raise BadRequest(f"input {name}: binary_data_size {size} is more than the body holds")
-            raw = binary[offset:offset + size]
+            raw = copy_of(body, offset, offset + size)
             offset += size
             if datatype == "BYTES":
                 check_strings(raw, counts[name], name)
@@ -147,10 +162,12 @@ def parse_infer_body(body: bytes, header_length: int | None, model: str, max_bat
             raw = json_tensor(tensor["data"], datatype, counts[name], name)
         else:
             raise BadRequest(f"input {name} has no data")
-        inputs.append(Input(name, datatype, shape, bytes(raw)))
-    if offset != len(binary):
-        raise BadRequest(f"the body holds {len(binary) - offset} bytes after the last binary tensor")
+        inputs.append(Input(name, datatype, shape, raw))
+    if offset != end:
+        raise BadRequest(f"the body holds {end - offset} bytes after the last binary tensor")
     outputs, names = [], {t.name for t in OUTPUTS}
+    if not isinstance(request.get("outputs") or [], list):
+        raise BadRequest('"outputs" must be a list')
     for tensor in request.get("outputs") or []:
         if not isinstance(tensor, dict) or tensor.get("name") not in names:
             raise BadRequest(f"outputs may name {', '.join(sorted(names))}")
@@ -185,25 +202,107 @@ def response_body(response, body: InferBody) -> tuple[bytes, dict]:
     return text + b"".join(chunks), {"content-type": "application/octet-stream", "inference-header-content-length": str(len(text))}
 
 
-async def read_body(receive_stream, headers, limit: int) -> bytes:
-    """The request body, decompressed (gzip / deflate), at most `limit` bytes either way; Refused otherwise."""
+class BodyBudget:
+    """Request body bytes held at once across all requests; a request that would pass `limit` is refused with 503.
+
+    One per front, used from its event loop only. `hold()` is one request's share, given back when the request ends.
+    """
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+
+    @contextlib.contextmanager
+    def hold(self):
+        share = BodyShare(self)
+        try:
+            yield share
+        finally:
+            self.held -= share.bytes
+
+
+class BodyShare:
+    def __init__(self, budget: BodyBudget):
+        self.budget, self.bytes = budget, 0
+
+    def grow(self, total: int) -> None:
+        """This request now holds `total` bytes; Refused(503) where all requests together would hold more than the limit."""
+        if total <= self.bytes:
+            return
+        if self.budget.held + total - self.bytes > self.budget.limit:
+            raise Refused(503, f"the server holds {self.budget.held} bytes of request bodies, and may hold {self.budget.limit}: "
+                               "retry later")
+        self.budget.held += total - self.bytes
+        self.bytes = total
+
+
+DIGITS = re.compile(r"[0-9]{1,15}")
+
+
+def byte_count(value: str, header: str) -> int:
+    """A header that counts bytes (ASCII digits only: int() also takes "²" and "٣"); BadRequest otherwise."""
+    if not DIGITS.fullmatch(value):
+        raise BadRequest(f"{header} must be a number of bytes, got {value[:40]!r}")
+    return int(value)
+
+
+async def read_body(receive_stream, headers, limit: int, share: BodyShare | None = None, stall_s: float | None = None,
+                    min_rate: float | None = None) -> bytearray:
+    """The request body, decompressed (gzip / deflate), at most `limit` bytes either way; Refused otherwise.
+
+    `share`: this request's part of the bytes held across requests (503 past it); `stall_s`: the longest pause between
+    two parts of the body, and with `min_rate` (bytes/s) the pace it must keep after its first `stall_s` (408 otherwise).
+    """
     length = headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > limit):
+    if length is not None and byte_count(length, "Content-Length") > limit:
         raise Refused(413, f"the body is {length} bytes, more than {limit}")
     encoding = headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("identity", "gzip", "deflate"):
-        raise Refused(415, f"Content-Encoding {encoding} is not supported (gzip, deflate or none)")
+        raise Refused(415, f"Content-Encoding {encoding[:40]} is not supported (gzip, deflate or none)")
     inflate = zlib.decompressobj(31 if encoding == "gzip" else 15) if encoding != "identity" else None
-    parts, size = [], 0
-    async for chunk in receive_stream:
+    if share is not None and length is not None:
+        share.grow(int(length))                                   # before reading: a body that cannot be held is not read
+    body = bytearray()
+    try:
+        await _read_into(body, receive_stream, limit, inflate, encoding, share, stall_s, min_rate)
+    except BaseException:
+        del body[:]                     # the exception's traceback keeps this frame (in a cycle): not the bytes with it
+        raise
+    return body
+
+
+async def _read_into(body: bytearray, receive_stream, limit, inflate, encoding, share, stall_s, min_rate) -> None:
+    received = 0
+    chunks = receive_stream.__aiter__()
+    start = asyncio.get_running_loop().time()
+    while True:
+        wait = None
+        if stall_s is not None:
+            wait = stall_s
+            if min_rate:
+                wait = min(wait, start + stall_s + received / min_rate - asyncio.get_running_loop().time())
+            if wait <= 0:
+                raise Refused(408, f"the body came slower than {min_rate / 1024:g} KiB/s")
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), wait)
+        except StopAsyncIteration:
+            break
+        except asyncio.TimeoutError:
+            stalled = wait == stall_s
+            raise Refused(408, f"no part of the body came for {stall_s:g} s" if stalled else
+                               f"the body came slower than {min_rate / 1024:g} KiB/s") from None
+        received += len(chunk)
         if inflate is not None:
-            chunk = inflate.decompress(chunk, limit - size + 1)
+            try:
+                chunk = inflate.decompress(chunk, limit - len(body) + 1)
+            except zlib.error:
+                raise Refused(400, f"the body is not {encoding} data" + (" (a zlib stream, RFC 9110)" if encoding == "deflate" else "")) from None
             if inflate.unconsumed_tail:
                 raise Refused(413, f"the body expands past {limit} bytes")
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise Refused(413, f"the body is more than {limit} bytes")
-        parts.append(chunk)
+        if share is not None:
+            share.grow(len(body) + len(chunk))
+        body += chunk
     if inflate is not None:
         try:
             tail = inflate.flush()
@@ -211,8 +310,9 @@ async def read_body(receive_stream, headers, limit: int) -> bytes:
             tail = b""
         if not inflate.eof:
             raise Refused(400, f"the {encoding} body is truncated or corrupt")
-        parts.append(tail)
-    return b"".join(parts)
+        if len(body) + len(tail) > limit:
+            raise Refused(413, f"the body expands past {limit} bytes")
+        body += tail
 
 # ----------------------------------------------------------------------------
 # Triton over gRPC.

@@ -7,9 +7,11 @@
                          Python backend: engine/triton_model.py, one process per instance, per model
 
 The models, inputs and limits are engine/protocol.py's. t2f-serve writes the repository into a
-private workspace, starts tritonserver on it (the one bundled in nvidia-pytriton, or --tritonserver),
-supervises it (one line and a restart when it dies; readiness is false meanwhile), and removes the
-workspace, Triton's processes and shared memory on exit; a start removes those of servers that died.
+private workspace, starts tritonserver on it (the one bundled in nvidia-pytriton, or --tritonserver)
+with its gRPC on a Unix socket in that workspace (TCP only with --grpc-host), supervises it (one
+line and a restart within a budget per window when it dies, engine/supervise.py; readiness is false
+meanwhile), and removes the workspace, Triton's processes and shared memory on exit; a start
+removes those of servers that died.
 `--write-repository DIR` writes the same repository for NVIDIA's Triton container (docs/serving.md).
 """
 
@@ -24,20 +26,29 @@ import urllib.request
 
 import click
 
+from t2f.cli_errors import printable
+
 from .config import PipelineConfig, pipeline_options
 from .protocol import IMAGE_MODEL, TEXT_MODEL
 
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+-]{16,256}")
+MAX_TOKEN_FILE_BYTES = 4096
 
 
 def read_token(path: str) -> str:
-    """The bearer token in `path` (16..256 URL-safe characters), refused where other users can read the file."""
+    """The bearer token in `path` (16..256 URL-safe characters), refused where other users can read the file, or where it is
+    not a small regular file (a FIFO would wait forever, /dev/zero never end)."""
+    from t2f.io import open_regular_file
+
     try:
-        info = os.stat(path)
-        with open(path, encoding="utf-8") as f:
-            token = f.read().strip()
+        with open_regular_file(path, "rb") as f:
+            info = os.fstat(f.fileno())
+            data = f.read(MAX_TOKEN_FILE_BYTES + 1)
+        token = data.decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as e:
         raise click.BadParameter(f"cannot read {path}: {getattr(e, 'strerror', None) or e}", param_hint="--token-file") from None
+    if len(data) > MAX_TOKEN_FILE_BYTES:
+        raise click.BadParameter(f"{path} holds more than {MAX_TOKEN_FILE_BYTES} bytes: not a token file", param_hint="--token-file")
     if info.st_mode & 0o077:
         raise click.BadParameter(f"{path} can be read by other users; chmod 600 it", param_hint="--token-file")
     if not TOKEN_PATTERN.fullmatch(token):
@@ -66,18 +77,26 @@ def served_summary(metrics_text: str) -> str:
 @click.option("--queue-delay-us",   help="How long a request may wait for others to batch with", metavar="INT", type=click.IntRange(0, 10_000_000), default=0, show_default=True)
 @click.option("--host",             help="Address of the HTTP front and page (off loopback: needs --token-file)", metavar="ADDR", default="127.0.0.1", show_default=True)
 @click.option("--http-port",        help="HTTP port: KServe v2 (checked, then forwarded to Triton's gRPC), /metrics, the page", metavar="INT", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--grpc-host",        help="Address of Triton's gRPC (KServe v2, no token); 0.0.0.0 = every interface", metavar="ADDR", default="127.0.0.1", show_default=True)
-@click.option("--grpc-port",        help="Triton's gRPC port", metavar="INT", type=click.IntRange(1, 65535), default=8001, show_default=True)
+@click.option("--grpc-host",        help="Also open Triton's gRPC to TCP clients on ADDR: no token, and all of Triton's gRPC API, its "
+                                         "system-shared-memory calls included (other local users could read requests with them) "
+                                         "[default: none; the front uses a Unix socket only this user can open]", metavar="ADDR")
+@click.option("--grpc-port",        help="Triton's gRPC port, with --grpc-host", metavar="INT", type=click.IntRange(1, 65535), default=8001, show_default=True)
 @click.option("--metrics-port",     help="Triton's Prometheus port on 127.0.0.1 (also at HTTP /metrics)", metavar="INT", type=click.IntRange(1, 65535), default=8002, show_default=True)
 @click.option("--web",              help="Also serve the page where faces follow your typing (on --http-port)", is_flag=True)
 @click.option("--allow-origin",     help="Another origin whose pages may open the page's WebSocket (repeat)", metavar="URL", multiple=True)
 @click.option("--token-file",       help="File holding the bearer token clients and the page must send", metavar="FILE", type=click.Path(dir_okay=False))
 @click.option("--tritonserver",     help="Your own tritonserver (ROOT/bin/tritonserver, with ROOT/backends/python) [default: nvidia-pytriton's]", metavar="PATH")
-@click.option("--restarts",         help="How often to restart a Triton that died before exiting 1", metavar="INT", type=click.IntRange(0, 1000), default=3, show_default=True)
+@click.option("--restarts",         help="Restarts of a Triton that died per --restart-window, with backoff; more wait for the window "
+                                         "(0 = exit 1 when Triton dies)", metavar="INT", type=click.IntRange(0, 1000), default=5, show_default=True)
+@click.option("--restart-window",   help="The window of --restarts, in seconds", metavar="S", type=click.IntRange(1, 86400), default=600, show_default=True)
+@click.option("--max-connections",  help="Connections the front keeps open, a quarter of them from one address; more are answered 503",
+                                    metavar="INT", type=click.IntRange(4, 1_000_000), default=1024, show_default=True)
+@click.option("--max-body-memory",  help="MiB of request bodies the front holds at once, all requests together; more are answered 503",
+                                    metavar="MIB", type=click.IntRange(1, 1 << 20), default=256, show_default=True)
 @click.option("--write-repository", help="Write the Triton model repository into DIR and exit (for NVIDIA's Triton container)", metavar="DIR", type=click.Path(file_okay=False))
 @click.option("--verbose",          help="Triton's log on the console", is_flag=True)
 def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_port, grpc_host, grpc_port, metrics_port, web,
-         allow_origin, token_file, tritonserver, restarts, write_repository, verbose):
+         allow_origin, token_file, tritonserver, restarts, restart_window, max_connections, max_body_memory, write_repository, verbose):
     """Serve text -> faces on Triton Inference Server (a static model repository) behind a checking HTTP front, and optionally a live page.
 
     The generator and CLIP are the ones the mapper was trained for unless --generator / --clip are given;
@@ -100,12 +119,15 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     from t2f.devices import resolve_device
 
+    from .connections import FrontLimits, fit_descriptors
+    from .protocol import max_body_bytes
     from .repository import ModelOptions, write_repository as write
+    from .supervise import RestartBudget, Stopped, supervise
     from .tritonserver import (Triton, TritonError, Workspace, clean_stale_workspaces, embedded_binaries, tighten_shared_memory,
                                user_binaries, workspace_parent)
     from .web import Front, FrontConfig
 
-    ports = {"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port}
+    ports = {"--http-port": http_port, "--metrics-port": metrics_port, **({"--grpc-port": grpc_port} if grpc_host is not None else {})}
     if len(set(ports.values())) != len(ports):
         raise click.BadParameter("every port must differ: " + ", ".join(f"{k} {v}" for k, v in ports.items()), param_hint="--http-port")
     backend, precision, artifacts, cache = config.backend, config.precision, config.artifacts, config.cache
@@ -129,6 +151,9 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
     token = read_token(token_file) if token_file else None
     if not is_loopback(host) and token is None and write_repository is None:
         raise click.BadParameter(f"--host {host} serves other machines: give --token-file (a bearer token clients must send)", param_hint="--host")
+    if max_body_memory * 2**20 < max_body_bytes(max_batch):
+        raise click.BadParameter(f"{max_body_memory} MiB is less than one request of --max-batch {max_batch} may send "
+                                 f"({max_body_bytes(max_batch) / 2**20:.0f} MiB)", param_hint="--max-body-memory")
     for origin in allow_origin:
         if not re.fullmatch(r"https?://[^/\s]+", origin):
             raise click.BadParameter(f"{origin!r} is not an origin such as https://example.org:8443", param_hint="--allow-origin")
@@ -154,6 +179,8 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
                    f"{write_repository} --model-control-mode none", err=True)
         return
 
+    limits, lowered = fit_descriptors(FrontLimits(max_connections=max_connections, max_connections_per_client=max(1, max_connections // 4),
+                                                  max_body_memory=max_body_memory * 2**20))
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     front = workspace = triton = None
@@ -163,47 +190,42 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
         removed = clean_stale_workspaces(parent)
         if removed:
             click.echo(f"removed {len(removed)} workspace(s) of stopped servers: {', '.join(removed)}", err=True)
-        config = FrontConfig(grpc_url=f"127.0.0.1:{grpc_port}" if grpc_host in ("0.0.0.0", "::", "") else f"{grpc_host}:{grpc_port}",
-                             metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", max_batch=max_batch, page=web,
-                             max_count=min(16, max_batch), token=token, allow_origins=tuple(allow_origin), host=host)
-        front = Front(config, host, http_port)                   # binds now: a port clash fails before anything is made
         workspace = Workspace(parent)
-        write(workspace.repository, options, devices, max_batch=max_batch, queue_delay_us=queue_delay_us)
         binaries = user_binaries(tritonserver) if tritonserver else embedded_binaries(workspace.path)
         triton = Triton(binaries, workspace, grpc_host=grpc_host, grpc_port=grpc_port, metrics_port=metrics_port, verbose=verbose)
+        front_config = FrontConfig(grpc_url=triton.grpc_url, metrics_url=f"http://127.0.0.1:{metrics_port}/metrics", max_batch=max_batch,
+                                   page=web, max_count=min(16, max_batch), token=token, allow_origins=tuple(allow_origin), host=host,
+                                   limits=limits)
+        front = Front(front_config, host, http_port)                   # binds now: a port clash fails before Triton starts
+        write(workspace.repository, options, devices, max_batch=max_batch, queue_delay_us=queue_delay_us)
         click.echo(f"starting Triton Inference Server ({len(devices)} instance(s) per model on {', '.join(devices)})", err=True)
         triton.start(cancel=stop)
         front.start()
         where = "every interface" if host in ("0.0.0.0", "::") else host
+        grpc = f"gRPC {grpc_host}:{grpc_port} (no token)" if grpc_host is not None else f"gRPC {triton.grpc_url} (this user only)"
         click.echo(f"serving {TEXT_MODEL} and {IMAGE_MODEL}: HTTP {where}:{http_port} (checked, to Triton's gRPC), "
-                   f"gRPC {grpc_host}:{grpc_port}, metrics 127.0.0.1:{metrics_port}; max batch {max_batch}; "
+                   f"{grpc}, metrics 127.0.0.1:{metrics_port}; max batch {max_batch}; "
                    + ", ".join(f"{cls.name} {p} on {d}" for (cls, p), d in zip(chosen, devices)), err=True)
+        if lowered:
+            click.echo(lowered, err=True)
         if token is not None:
-            click.echo(f"token required: clients send Authorization: Bearer TOKEN (from {token_file}); "
-                       f"gRPC on {grpc_host} has no token", err=True)
+            click.echo(f"token required: clients send Authorization: Bearer TOKEN (from {token_file})"
+                       + (f"; gRPC on {grpc_host} has no token" if grpc_host is not None else ""), err=True)
         if web:
             click.echo(f"page: http://{'127.0.0.1' if where == 'every interface' else host}:{http_port}/"
                        + ("#token=TOKEN" if token is not None else ""), err=True)
         click.echo("ready; Ctrl-C to stop", err=True)
-        failures = 0
-        while not stop.wait(0.5):
+
+        def tighten():
             with contextlib.suppress(TritonError):
                 tighten_shared_memory(workspace.shm_prefix)
-            if triton.alive():
-                continue
-            failures += 1
-            reason = triton.exit_reason()
-            if failures > restarts:
-                raise TritonError(f"Triton Inference Server {reason}; not restarting ({restarts} restart(s) used)")
-            click.echo(f"Triton Inference Server {reason}; restarting ({failures} of {restarts})", err=True)
-            triton.stop()
-            triton.start(cancel=stop)
-            click.echo("ready again", err=True)
-        with contextlib.suppress(OSError), urllib.request.urlopen(config.metrics_url, timeout=5) as r:
+        supervise(triton, stop, RestartBudget(restarts, restart_window), lambda line: click.echo(printable(line), err=True),
+                  errors=(TritonError, OSError), every=tighten)
+        with contextlib.suppress(OSError), urllib.request.urlopen(front_config.metrics_url, timeout=5) as r:
             summary = served_summary(r.read().decode("utf-8", "replace"))
-    except (TritonError, OSError) as e:
+    except (TritonError, OSError, Stopped) as e:
         if not stop.is_set():                                     # Ctrl-C while starting also stops Triton: not an error
-            raise click.ClickException(" ".join(str(e).split())) from None
+            raise click.ClickException(printable(" ".join(str(e).split()))) from None
     finally:
         if front is not None:
             front.stop()

@@ -1,14 +1,16 @@
 """tritonserver as a child process of t2f-serve: its binaries, a private workspace, its shared memory, start, readiness, stop.
 
 Triton runs a static model repository (engine/repository.py) with `--model-control-mode none`: no
-load / unload API, no access token, no PyTriton. It listens on gRPC (127.0.0.1 unless told
-otherwise) and serves metrics on 127.0.0.1; its HTTP front end is off, t2f's own front
-(engine/web.py) takes HTTP. Nothing on its command line is a secret.
+load / unload API, no access token, no PyTriton. Its gRPC listens on a Unix socket in the private
+workspace (WORKSPACE/grpc:0; no other user can connect, so none can call its system-shared-memory
+API), or on a TCP address where asked; it serves metrics on 127.0.0.1; its HTTP front end is off,
+t2f's own front (engine/web.py) takes HTTP. Nothing on its command line is a secret. Its temporary
+files go to WORKSPACE/tmp; the Python backend's empty /tmp/python_env_* (a fixed path) is removed
+by t2f-serve, after a crash too.
 
 Workspaces live in CACHE/serve/PID-TOKEN (0700) and hold a lock that the live server keeps: a
-start removes the workspaces and shared-memory regions of servers that died (kill -9 included).
-Triton's Python backend creates its shared-memory regions 0644 whatever the umask; they are
-tightened to 0600 as soon as they appear (see tighten_shared_memory for what remains).
+start removes the workspaces, shared-memory regions and python_env directories of servers that
+died (kill -9 included); engine/triton_files.py has what lies outside the workspace.
 """
 
 from __future__ import annotations
@@ -29,11 +31,9 @@ import sysconfig
 import threading
 import time
 
-SHM_DIR = "/dev/shm"
+from .triton_files import TritonError, new_python_envs, remove_python_envs, remove_shared_memory, tighten_shared_memory
 
-
-class TritonError(RuntimeError):
-    """Triton did not start, or stopped; the message is one line."""
+MAX_SOCKET_PATH = 107                        # sockaddr_un's sun_path, less its NUL
 
 
 # ----------------------------------------------------------------------------
@@ -87,50 +87,6 @@ def user_binaries(tritonserver: str) -> Binaries:
 
 
 # ----------------------------------------------------------------------------
-# Shared memory.
-
-
-def shared_memory_regions(prefix: str) -> list[str]:
-    with contextlib.suppress(OSError):
-        return sorted(os.path.join(SHM_DIR, name) for name in os.listdir(SHM_DIR) if name.startswith(prefix))
-    return []
-
-
-def tighten_shared_memory(prefix: str) -> list[str]:
-    """Make this server's regions 0600; TritonError where one is not ours (someone made it first). The paths tightened.
-
-    What remains: a process of another user that opened a region in the moment between Triton
-    creating it (0644) and this call keeps its descriptor. Serve other users' machines from a
-    container or a user of its own (docs/serving.md).
-    """
-    tightened = []
-    for path in shared_memory_regions(prefix):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            continue
-        except OSError as e:
-            raise TritonError(f"shared memory {path}: {e.strerror}; another user's file has this server's name") from None
-        try:
-            info = os.fstat(fd)
-            if info.st_uid != os.getuid():
-                raise TritonError(f"shared memory {path} belongs to uid {info.st_uid}, not this server's; refusing to serve")
-            if info.st_mode & 0o077:
-                os.fchmod(fd, 0o600)
-                tightened.append(path)
-        finally:
-            os.close(fd)
-    return tightened
-
-
-def remove_shared_memory(prefix: str) -> None:
-    for path in shared_memory_regions(prefix):
-        with contextlib.suppress(OSError):
-            if os.lstat(path).st_uid == os.getuid():
-                os.unlink(path)
-
-
-# ----------------------------------------------------------------------------
 # Workspaces.
 
 
@@ -167,9 +123,13 @@ class Workspace:
         with open(os.path.join(self.path, "workspace.json"), "w") as f:
             json.dump(dict(pid=os.getpid(), shm_prefix=self.shm_prefix), f)
         self.repository = os.path.join(self.path, "repository")
+        self.grpc_socket = os.path.join(self.path, "grpc")      # Triton's gRPC: the socket file is grpc:0 (it adds the port)
+        self.tmp = os.path.join(self.path, "tmp")              # TMPDIR of Triton and its stubs
+        os.mkdir(self.tmp, 0o700)
 
     def remove(self) -> None:
         remove_shared_memory(self.shm_prefix)
+        remove_python_envs(self.path)
         shutil.rmtree(self.path, ignore_errors=True)
         self._lock.close()
 
@@ -210,6 +170,7 @@ def clean_stale_workspaces(parent: str) -> list[str]:
                 for pid in processes_naming(path):           # a Triton or stub that outlived its t2f-serve (kill -9)
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
+                remove_python_envs(path)
                 with contextlib.suppress(OSError, ValueError), open(os.path.join(path, "workspace.json")) as f:
                     prefix = str(json.load(f)["shm_prefix"])
                     if prefix.startswith("t2f"):
@@ -272,8 +233,8 @@ class Triton:
     def __init__(self,
         binaries: Binaries,
         workspace: Workspace,
-        grpc_host: str = "127.0.0.1",       # Address of Triton's gRPC (KServe v2); the front forwards to it.
-        grpc_port: int = 8001,
+        grpc_host: str | None = None,       # TCP address of Triton's gRPC (KServe v2); None = a Unix socket in the workspace.
+        grpc_port: int = 8001,              # With grpc_host.
         metrics_port: int = 8002,           # Prometheus metrics, on 127.0.0.1 (the front passes GET /metrics on).
         verbose: bool = False,              # Triton's log on the console (else WORKSPACE/triton.log).
         exit_timeout_s: int = 5,            # On stop: how long Triton waits for requests in flight.
@@ -286,17 +247,26 @@ class Triton:
         self.log_path = os.path.join(workspace.path, "triton.log")
         self.starts = 0
         self.log_offset = 0                 # where this start's lines begin in the log
+        self.python_envs_before: set[str] = set()
 
     @property
     def grpc_url(self) -> str:
+        """Where gRPC clients (the front) reach this Triton: unix:PATH, or HOST:PORT."""
+        if self.grpc_host is None:
+            return f"unix:{self.workspace.grpc_socket}:0"
         host = "127.0.0.1" if self.grpc_host in ("0.0.0.0", "") else ("[::1]" if self.grpc_host == "::" else self.grpc_host)
         return f"{host}:{self.grpc_port}"
+
+    def grpc_arguments(self) -> list[str]:
+        if self.grpc_host is None:
+            return ["--grpc-address", f"unix:{self.workspace.grpc_socket}", "--grpc-port", "0"]
+        return ["--grpc-address", self.grpc_host, "--grpc-port", str(self.grpc_port)]
 
     def command(self) -> list[str]:
         return [self.binaries.tritonserver, "--model-repository", self.workspace.repository, "--model-control-mode", "none",
                 "--backend-directory", self.binaries.backend_directory, "--id", self.workspace.server_id,
                 "--allow-http", "false", "--allow-sagemaker", "false", "--allow-vertex-ai", "false",
-                "--grpc-address", self.grpc_host, "--grpc-port", str(self.grpc_port),
+                *self.grpc_arguments(),
                 "--allow-metrics", "true", "--allow-gpu-metrics", "false", "--allow-cpu-metrics", "false",
                 "--metrics-address", "127.0.0.1", "--metrics-port", str(self.metrics_port),
                 "--backend-config", f"python,shm-region-prefix-name={self.workspace.shm_prefix}",
@@ -308,16 +278,23 @@ class Triton:
         env["LD_LIBRARY_PATH"] = ":".join([*self.binaries.library_path, *filter(None, [env.get("LD_LIBRARY_PATH")])])
         # The stub finds its interpreter on PATH: this one, so a virtual environment's packages are the ones the models import.
         env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+        for name in ("TMPDIR", "TMP", "TEMP"):                     # temporary files go with the workspace, after a crash too
+            env[name] = self.workspace.tmp
         return env
 
     def start(self, timeout_s: float = 600, cancel: threading.Event | None = None) -> None:
         """Start Triton and wait until it and both models are ready; TritonError (one line) where it does not."""
-        check_port_free(self.grpc_host, self.grpc_port, "--grpc-port")
+        if self.grpc_host is not None:
+            check_port_free(self.grpc_host, self.grpc_port, "--grpc-port")
+        elif len(os.fsencode(self.workspace.grpc_socket + ":0")) > MAX_SOCKET_PATH:
+            raise TritonError(f"the workspace {self.workspace.path} is too long a path for Triton's gRPC socket (at most "
+                              f"{MAX_SOCKET_PATH - len('/grpc:0')} bytes): give a shorter --cache")
         check_port_free("127.0.0.1", self.metrics_port, "--metrics-port")
         remove_shared_memory(self.workspace.shm_prefix)          # a previous run's, after a crash
         with contextlib.suppress(OSError):
             self.log_offset = os.path.getsize(self.log_path)
         log = None if self.verbose else open(self.log_path, "ab")
+        self.python_envs_before = set(new_python_envs(set()))
         try:
             self.process = subprocess.Popen(self.command(), env=self.environment(), stdout=log, stderr=subprocess.STDOUT if log else None,
                                             stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent, start_new_session=True)
@@ -344,6 +321,17 @@ class Triton:
         while not stop.wait(0.005):
             with contextlib.suppress(TritonError):
                 tighten_shared_memory(self.workspace.shm_prefix)
+            self.record_python_envs()
+        self.record_python_envs()
+
+    def record_python_envs(self) -> None:
+        """Note in the workspace the /tmp/python_env_* this start made (another of this user's Tritons starting in the same
+        moment may have made one of them: its empty directory would go too), so that they go with the workspace."""
+        found = new_python_envs(self.python_envs_before)
+        if found:
+            self.python_envs_before.update(found)
+            with open(os.path.join(self.workspace.path, "python_envs"), "a") as f:
+                f.write("".join(path + "\n" for path in found))
 
     def _wait_ready(self, timeout_s: float, cancel: threading.Event | None) -> None:
         import tritonclient.grpc as grpcclient
@@ -353,12 +341,14 @@ class Triton:
             while True:
                 if self.process.poll() is not None:
                     raise TritonError(f"Triton Inference Server {self.exit_reason()}")
+                name = None
                 with contextlib.suppress(Exception):
                     if client.is_server_ready() and all(client.is_model_ready(m) for m in self.models):
                         name = client.get_server_metadata().name
-                        if name != self.workspace.server_id:
-                            raise TritonError(f"port {self.grpc_port} answers another Triton ({name}), not this server's")
-                        return
+                if name is not None:
+                    if name != self.workspace.server_id:
+                        raise TritonError(f"{self.grpc_url} answers another Triton ({name}), not this server's")
+                    return
                 if cancel is not None and cancel.is_set():
                     raise TritonError("stopped while starting")
                 if time.monotonic() > deadline:
@@ -393,6 +383,7 @@ class Triton:
                 process.wait()
         self._stop_stubs()
         remove_shared_memory(self.workspace.shm_prefix)
+        remove_python_envs(self.workspace.path)
 
     def _stop_stubs(self, timeout_s: float = 15) -> None:
         """The Python backend stubs name this server's region on their command line; end any that outlive Triton."""

@@ -3,8 +3,10 @@
 Triton 2.51's HTTP front end dies on crafted bodies (a shape of 2^40 rows, 300,000 nested `[`), so
 it stays off: this Starlette app takes HTTP on --http-port, checks each body against the protocol
 (engine/kserve.py: size, encoding, JSON, names, datatypes, shapes and data; each refusal one line to
-the client and one in t2f-serve's log) and forwards it to Triton over gRPC. Only inference, health,
-metadata and metrics are offered: no repository API.
+the client and one in t2f-serve's log, what the client sent escaped) and forwards it to Triton over
+gRPC. Only inference, health, metadata and metrics are offered: no repository API. Below the app,
+engine/connections.py bounds request heads, idle and slow connections and their number; bodies
+are bounded here (size, bytes held across requests, stalls and pace: FrontLimits).
 
 The page (engine/page.py, with --web) talks over a WebSocket. A handshake whose Origin is not the
 page's own (or one of --allow-origin) is refused, as is a Host that is not this server's (DNS
@@ -23,7 +25,10 @@ import sys
 import threading
 import time
 
-from .kserve import Forwarder, Refused, parse_infer_body, read_body, response_body
+from t2f.cli_errors import printable
+
+from .connections import FrontLimits, guarded_protocol
+from .kserve import BodyBudget, Forwarder, Refused, byte_count, parse_infer_body, read_body, response_body
 from .page import MAX_FRAME_BYTES, Frames, converse, page_html
 from .protocol import INPUTS, MAX_BATCH, MODELS, BadRequest, max_body_bytes
 
@@ -45,12 +50,17 @@ class FrontConfig:
     allow_origins: tuple[str, ...] = ()    # origins besides the page's own that may open /ws
     host: str = "127.0.0.1"                # the address bound (a Host header naming it is accepted)
     log_refusals: bool = True              # one line on stderr per refused request
+    limits: FrontLimits = FrontLimits()    # heads, connections, bodies (engine/connections.py)
+
+
+def _log(config: FrontConfig, line: str) -> None:
+    """One line on stderr; what a client sent (paths, datatypes, names) is escaped, so it cannot forge or hide lines."""
+    if config.log_refusals:
+        print(f"t2f-serve: {printable(line, limit=1000)}", file=sys.stderr, flush=True)
 
 
 def _say(config: FrontConfig, client, what: str, message: str) -> None:
-    if config.log_refusals:
-        where = f"{client[0]}" if client else "?"
-        print(f"t2f-serve: refused {what} from {where}: {message}", file=sys.stderr, flush=True)
+    _log(config, f"refused {what} from {client[0] if client else '?'}: {message}")
 
 
 def _host_ok(config: FrontConfig, host_header: str | None) -> bool:
@@ -70,6 +80,7 @@ def create_app(config: FrontConfig):
     """The Starlette app: KServe v2 HTTP (checked, forwarded over gRPC), GET /metrics, and with config.page the page and /ws."""
     from google.protobuf import json_format
     from starlette.applications import Starlette
+    from starlette.requests import ClientDisconnect
     from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
     from starlette.routing import Route, WebSocketRoute
     from tritonclient.grpc import service_pb2
@@ -78,6 +89,7 @@ def create_app(config: FrontConfig):
     frames = Frames(forwarder, config.max_count)
     html = page_html() if config.page else ""
     limit = max_body_bytes(config.max_batch)
+    budget = BodyBudget(config.limits.max_body_memory)
     open_paths = {"/", "/v2/health/live", "/v2/health/ready"}
 
     def error(status: int, message: str):
@@ -105,6 +117,8 @@ def create_app(config: FrontConfig):
             return await handler(request)
         except (Refused, BadRequest) as e:
             return refused(request, e)
+        except ClientDisconnect:                     # the client left: nobody reads an answer
+            return Response(status_code=400)
         except Exception as e:                       # a bug: one line in the log and to the client, never a traceback
             return refused(request, Refused(500, f"internal error: {type(e).__name__}"))
 
@@ -144,13 +158,18 @@ def create_app(config: FrontConfig):
 
     async def infer(request):
         model, version = model_of(request)
-        body = await read_body(request.stream(), request.headers, limit)
         length = request.headers.get("inference-header-content-length")
-        if length is not None and not length.isdigit():
-            raise BadRequest("Inference-Header-Content-Length must be a number")
-        parsed = parse_infer_body(body, int(length) if length is not None else None, model, config.max_batch)
-        del body
-        response = await forwarder.infer(model, version, parsed.inputs, [name for name, _ in parsed.outputs], parsed.id)
+        length = byte_count(length, "Inference-Header-Content-Length") if length is not None else None
+        with budget.hold() as share:
+            body = await read_body(request.stream(), request.headers, limit, share, config.limits.body_stall_s, config.limits.min_body_rate)
+            try:
+                parsed = parse_infer_body(body, length, model, config.max_batch)
+            finally:
+                del body[:]                  # a refusal's traceback keeps this frame: not the bytes
+            try:
+                response = await forwarder.infer(model, version, parsed.inputs, [name for name, _ in parsed.outputs], parsed.id)
+            finally:
+                del parsed.inputs[:]
         content, headers = response_body(response, parsed)
         return Response(content, headers=headers)
 
@@ -223,8 +242,11 @@ class Front:
     def start(self, timeout_s: float = 30.0) -> None:
         import uvicorn
 
-        uv = uvicorn.Config(create_app(self.config), log_level="critical", lifespan="on", access_log=False,
-                            ws_max_size=MAX_FRAME_BYTES, ws_ping_interval=20, timeout_keep_alive=30, h11_max_incomplete_event_size=64 * 1024)
+        limits = self.config.limits
+        protocol = guarded_protocol(limits, lambda line: _log(self.config, line))
+        uv = uvicorn.Config(create_app(self.config), http=protocol, log_level="critical", lifespan="on", access_log=False,
+                            ws_max_size=MAX_FRAME_BYTES, ws_ping_interval=20, timeout_keep_alive=int(limits.idle_timeout_s) or 1,
+                            h11_max_incomplete_event_size=limits.max_head_bytes)
         self.server = uvicorn.Server(uv)
         self.thread = threading.Thread(target=self.server.run, kwargs=dict(sockets=[self.socket]), name="t2f-front", daemon=True)
         self.thread.start()

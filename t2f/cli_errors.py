@@ -32,6 +32,14 @@ def user_errors(*extra: type[BaseException]):
         logging.disable(previous)
 
 
+def printable(text: str, limit: int = 500) -> str:
+    """`text` safe for one log or console line: characters that are not printable (newlines, escape sequences, NUL,
+    bidi controls) written as Python escapes, and at most `limit` characters kept."""
+    if len(text) > limit:
+        text = text[:limit] + f"... ({len(text) - limit} more characters)"
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text) if not text.isprintable() else text
+
+
 # ----------------------------------------------------------------------------
 # Option types shared by every command.
 

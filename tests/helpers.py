@@ -1,11 +1,13 @@
 """What tests share besides fixtures: the in-process CLI runner and its error-line check, the tiny models'
-options and pipeline, and NVIDIA- and rosinality-layout weights crafted without their code."""
+options and pipeline, NVIDIA- and rosinality-layout weights crafted without their code, and HTTP on loopback."""
 
 from __future__ import annotations
 
 import collections
+import http.client
 import pathlib
 import pickle
+import socket
 import sys
 import types
 
@@ -219,3 +221,25 @@ def to_rosinality(generator: Generator) -> dict:
     for name in filters:
         out[name] = fir_filter() * 4
     return out
+
+
+# ----------------------------------------------------------------------------
+# HTTP on loopback.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                 timeout: float = 120) -> tuple[int, bytes]:
+    """(status, body) of one raw HTTP request to 127.0.0.1:port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()

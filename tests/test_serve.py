@@ -10,13 +10,13 @@ Crafted requests are answered with a 4xx, and the next good request gets the sam
 from __future__ import annotations
 
 import concurrent.futures
-import http.client
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,19 +35,13 @@ grpcclient = pytest.importorskip("tritonclient.grpc", reason='t2f-serve tests ne
 pytest.importorskip("pytriton", reason='t2f-serve\'s default tritonserver comes with nvidia-pytriton: pip install -e ".[serve]"')
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
-from helpers import TINY, tiny_pipeline  # noqa: E402
+from helpers import TINY, free_port, http_request as request, tiny_pipeline  # noqa: E402
 from t2f.engine.pipeline import face_tensor  # noqa: E402
 from t2f.engine.protocol import MAX_SAMPLE  # noqa: E402
 
 MAX_BATCH = 16
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 TOKEN = "test-token-0123456789abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
@@ -61,17 +55,18 @@ def get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 class Running:
     """A t2f-serve process on free ports."""
 
-    def __init__(self, cache, web: bool, extra=(), devices=("cpu",), max_batch=MAX_BATCH, ports=None, wait=True):
+    def __init__(self, cache, web: bool, extra=(), devices=("cpu",), max_batch=MAX_BATCH, ports=None, wait=True, wrap=(), env=None):
         self.http, self.grpc, self.metrics = ports or (free_port(), free_port(), free_port())
         self.cache = str(cache)
-        args = [sys.executable, "-m", "t2f.engine.serve", *TINY, *[a for d in devices for a in ("--device", d)], "--max-batch", str(max_batch),
+        args = [*wrap, sys.executable, "-m", "t2f.engine.serve", *TINY, *[a for d in devices for a in ("--device", d)], "--max-batch", str(max_batch),
                 "--cache", self.cache,
                 "--http-port", str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), *extra]
         if web:
             args += ["--web"]
+        self.args = args
         self.shm_before = set(os.listdir("/dev/shm"))
         self.tmp_before = set(os.listdir(tempfile.gettempdir()))
-        env = dict(os.environ, T2F_OFFLINE="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, T2F_OFFLINE="1", PYTHONUNBUFFERED="1", **(env or {}))
         self.log_path = os.path.join(self.cache, f"serve-{len([n for n in os.listdir(self.cache) if n.startswith('serve-')])}.log")
         self.log = open(self.log_path, "a")                                 # one log per server started on this cache
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -126,12 +121,20 @@ class Running:
         found += [name for name in os.listdir(tempfile.gettempdir()) if name.startswith("folder") and name not in self.tmp_before]
         return found
 
-    def workspace(self) -> dict:
-        """The live server's workspace.json (its pid and shared-memory prefix)."""
+    def workspace_path(self) -> str:
         serve_dir = os.path.join(self.cache, "serve")
         (name,) = [n for n in os.listdir(serve_dir) if n.startswith(f"{self.process.pid}-")]
-        with open(os.path.join(serve_dir, name, "workspace.json")) as f:
+        return os.path.join(serve_dir, name)
+
+    def workspace(self) -> dict:
+        """The live server's workspace.json (its pid and shared-memory prefix)."""
+        with open(os.path.join(self.workspace_path(), "workspace.json")) as f:
             return json.load(f)
+
+    @property
+    def grpc_url(self) -> str:
+        """Triton's gRPC: its Unix socket in the workspace, or with --grpc-host its TCP port."""
+        return f"127.0.0.1:{self.grpc}" if "--grpc-host" in self.args else f"unix:{self.workspace_path()}/grpc:0"
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +191,7 @@ ROWS = dict(prompts=["a smiling woman", "an old man with a beard", "a smiling wo
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
 def test_served_faces_match_the_direct_pipeline(server, direct, module):
-    url = f"127.0.0.1:{server.http if module is httpclient else server.grpc}"
+    url = f"127.0.0.1:{server.http}" if module is httpclient else server.grpc_url
     with module.InferenceServerClient(url) as client:
         assert client.is_server_ready() and client.is_model_ready("t2f") and client.is_model_ready("t2f_image")
         result = client.infer("t2f", text_inputs(module, **ROWS))
@@ -279,7 +282,7 @@ BAD_TEXT = [
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
 def test_bad_requests_are_refused_by_name_and_the_server_goes_on(server, direct, module):
-    url = f"127.0.0.1:{server.http if module is httpclient else server.grpc}"
+    url = f"127.0.0.1:{server.http}" if module is httpclient else server.grpc_url
     with module.InferenceServerClient(url) as client:
         for change, message in BAD_TEXT:
             args = {**dict(prompts=["a smiling woman"], seeds=[0], truncations=[0.7]), **change}
@@ -369,17 +372,6 @@ def test_browser_faces_follow_typing(server, direct, tmp_path):
 # Issue 16: crafted requests, each refused in one line (a 4xx), and the next good request answered as before.
 
 
-def request(port: int, method: str, path: str, body: bytes | None = None, headers: dict | None = None, timeout: float = 120):
-    """(status, body) of one raw HTTP request to 127.0.0.1:port."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-    try:
-        conn.request(method, path, body=body, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
-
-
 GOOD_BODY = json.dumps(dict(inputs=[dict(name="prompt", datatype="BYTES", shape=[2, 1], data=["a smiling woman", "an old man"]),
                                     dict(name="seed", datatype="INT64", shape=[2, 1], data=[3, 4]),
                                     dict(name="truncation", datatype="FP32", shape=[2, 1], data=[0.7, 0.5])],
@@ -441,7 +433,7 @@ def test_crafted_requests_get_a_4xx_and_the_next_good_request_the_same_bytes(ser
 
 
 def test_crafted_shapes_over_grpc_are_refused_and_a_zero_face_in_one_line(server, good_answer):
-    with grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc}") as client:
+    with grpcclient.InferenceServerClient(server.grpc_url) as client:
         for shape in ([1099511627776, 1], [2**62, 1], [1, 2**62]):
             seed = grpcclient.InferInput("seed", shape, "INT64")
             seed._raw_content = b"\0" * 8                                  # a shape that claims far more than it carries
@@ -596,9 +588,13 @@ def test_a_second_server_on_the_same_ports_says_so_and_leaves_nothing(server, go
     second.log.close()
     assert not second.leftovers()
     (tmp_path / "grpc").mkdir()
-    third = Running(tmp_path / "grpc", web=False, ports=(free_port(), server.grpc, server.metrics), wait=False)   # Triton's port
-    assert third.process.wait(timeout=120) == 1
-    assert f"Error: port {server.grpc} on 127.0.0.1 is in use (--grpc-port)" in third.output() and "Traceback" not in third.output()
+    with socket.socket() as taken:                                       # Triton's gRPC port, where --grpc-host asks for one
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        third = Running(tmp_path / "grpc", web=False, ports=(free_port(), port, free_port()), extra=["--grpc-host", "127.0.0.1"], wait=False)
+        assert third.process.wait(timeout=120) == 1
+    assert f"Error: port {port} on 127.0.0.1 is in use (--grpc-port)" in third.output() and "Traceback" not in third.output()
     third.log.close()
     assert not third.leftovers()
     assert request(server.http, "POST", "/v2/models/t2f/infer", GOOD_BODY) == (200, good_answer)
@@ -611,7 +607,7 @@ def test_triton_dying_is_restarted_and_kill_9_then_a_start_leaves_nothing(tmp_pa
     (triton,) = [pid for pid, c in _cmdlines_of(first.process.pid).items() if c.split(b"\0")[0].endswith(b"tritonserver")]
     os.kill(triton, signal.SIGKILL)                                             # Triton dies (as on bad_alloc)
     first.wait_for("ready again", timeout_s=240)
-    assert re.search(r"\nTriton Inference Server was killed by SIGKILL[^\n]*; restarting \(1 of 3\)\nready again\n", first.output())
+    assert re.search(r"\nTriton Inference Server was killed by SIGKILL[^\n]*; restarting\nready again\n", first.output())
     assert request(first.http, "POST", "/v2/models/t2f/infer", GOOD_BODY) == body
     os.kill(first.process.pid, signal.SIGKILL)                                  # case 10: t2f-serve itself, kill -9
     first.process.wait(timeout=60)
@@ -657,6 +653,155 @@ def test_the_written_repository_is_the_served_one(server, tmp_path):
     assert "--model-control-mode none" in result.output
 
 
+def _listening_tcp_ports(pid: int) -> set[int]:
+    """The TCP ports process `pid` listens on (its sockets' inodes in /proc/net/tcp and tcp6)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:                 # LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _as_another_user(code: str) -> subprocess.CompletedProcess:
+    """Python `code` run as uid/gid 65534 (nobody) with the system's python3; skips where that cannot be done."""
+    python = shutil.which("python3", path="/usr/bin:/bin")
+    if os.getuid() != 0 or not shutil.which("setpriv") or python is None:
+        pytest.skip("needs root, setpriv and /usr/bin/python3 to act as another user")
+    command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", code]
+    if subprocess.run(command[:-2] + ["-c", "pass"], capture_output=True).returncode != 0:
+        pytest.skip("setpriv cannot run python3 as uid 65534 here")
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def test_triton_opens_no_port_but_metrics_and_other_users_cannot_reach_its_grpc(server):
+    """Issue 23, 1: Triton's gRPC (and with it its system-shared-memory API) is a Unix socket in the 0700 workspace."""
+    processes = _cmdlines_of(server.process.pid)
+    (triton,) = [pid for pid, c in processes.items() if c.split(b"\0")[0].endswith(b"tritonserver")]
+    assert _listening_tcp_ports(triton) == {server.metrics}
+    assert _listening_tcp_ports(server.process.pid) == {server.http}
+    assert all(not _listening_tcp_ports(pid) for pid in processes if pid not in (triton, server.process.pid))      # the stubs
+    socket_path = os.path.join(server.workspace_path(), "grpc:0")
+    assert stat.S_ISSOCK(os.stat(socket_path).st_mode) and os.stat(server.workspace_path()).st_mode & 0o777 == 0o700
+    with grpcclient.InferenceServerClient(f"unix:{socket_path}") as client:          # this user: served
+        assert client.is_server_ready() and client.get_server_metadata().name == "t2f-serve-" + server.workspace_path().rsplit("-", 1)[1]
+    probe = _as_another_user(
+        "import socket\n"
+        f"u = socket.socket(socket.AF_UNIX)\ntry:\n    u.connect({socket_path!r}); print('unix: connected')\n"
+        "except OSError as e:\n    print('unix:', e.strerror)\n"
+        f"t = socket.socket()\ntry:\n    t.connect(('127.0.0.1', {server.grpc})); print('tcp: connected')\n"
+        "except OSError as e:\n    print('tcp:', e.strerror)\n")
+    assert probe.stdout.splitlines() == ["unix: Permission denied", "tcp: Connection refused"], probe
+
+
+def test_an_unclean_triton_death_leaves_nothing_in_the_temp_directories():
+    """Issue 23, 10: Triton's temporary files live in its workspace, and the Python backend's /tmp/python_env_* (a fixed
+    path) goes with it, after Triton or t2f-serve itself is killed. /tmp is a directory of this test's (a mount namespace)."""
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare -m (root) to give the server a /tmp of its own")
+    root = tempfile.mkdtemp(prefix="t2f-test-", dir="/var/tmp")                  # not under /tmp, which the server sees replaced
+    first = second = None
+    try:
+        cache, private_tmp, tmpdir = (os.path.join(root, name) for name in ("cache", "tmp", "tmpdir"))
+        for path in (cache, private_tmp, tmpdir):
+            os.mkdir(path)
+        wrap = ["unshare", "-m", "--propagation", "private", "sh", "-c", f'mount --bind "{private_tmp}" /tmp && exec "$@"', "sh"]
+        python_envs = lambda: sorted(n for n in os.listdir(private_tmp) if n.startswith("python_env_"))   # noqa: E731
+        first = Running(cache, web=False, wrap=wrap, env={"TMPDIR": tmpdir})
+        assert len(python_envs()) == 1
+        (triton,) = [pid for pid, c in _cmdlines_of(first.process.pid).items() if c.split(b"\0")[0].endswith(b"tritonserver")]
+        os.kill(triton, signal.SIGKILL)
+        first.wait_for("ready again", timeout_s=240)
+        assert len(python_envs()) == 1                                              # the dead Triton's is gone
+        os.kill(first.process.pid, signal.SIGKILL)                                  # t2f-serve itself: its Triton dies with it
+        first.process.wait(timeout=60)
+        first.log.close()
+        assert len(python_envs()) == 1
+        second = Running(cache, web=False, wrap=wrap, env={"TMPDIR": tmpdir})       # ends what the first left
+        assert "removed 1 workspace(s) of stopped servers" in second.output()
+        assert len(python_envs()) == 1                                              # the second's own
+        assert second.stop(signal.SIGTERM) == 0, second.final_output
+        assert python_envs() == [] and os.listdir(tmpdir) == [], (os.listdir(private_tmp), os.listdir(tmpdir))
+        assert os.listdir(os.path.join(cache, "serve")) == []
+    finally:
+        for running in (first, second):                                          # a failed check leaves no server behind
+            if running is not None and running.process.poll() is None:
+                running.stop(signal.SIGTERM)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+FAKE_TRITON = """#!{python}
+# A tritonserver that answers readiness over gRPC; its first FAKE_TRITON_DEATHS times it dies FAKE_TRITON_LIFE seconds after
+# t2f-serve found it ready.
+import os, signal, sys, threading, time
+from concurrent import futures
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+with open(os.environ["FAKE_TRITON_STARTS"], "a") as f:
+    f.write("start\\n")
+starts = open(os.environ["FAKE_TRITON_STARTS"]).read().count("start")
+
+
+class Service(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def ServerReady(self, request, context):
+        return service_pb2.ServerReadyResponse(ready=True)
+
+    def ModelReady(self, request, context):
+        return service_pb2.ModelReadyResponse(ready=True)
+
+    def ServerMetadata(self, request, context):
+        seen.set()
+        return service_pb2.ServerMetadataResponse(name=args["--id"])
+
+
+seen = threading.Event()
+
+server = grpc.server(futures.ThreadPoolExecutor(2))
+service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Service(), server)
+server.add_insecure_port(f"{{args['--grpc-address']}}:{{args['--grpc-port']}}")
+server.start()
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+seen.wait()
+time.sleep(float(os.environ["FAKE_TRITON_LIFE"]) if starts <= int(os.environ["FAKE_TRITON_DEATHS"]) else 3600)
+os._exit(3)
+"""
+
+
+def test_a_triton_killed_again_and_again_is_restarted_within_a_budget_and_never_given_up(tmp_path):
+    """Issue 23, 1: --restarts is a budget per window with backoff: whoever kills Triton slows restarts down, never ends them."""
+    root = tmp_path / "triton"
+    (root / "bin").mkdir(parents=True)
+    (root / "backends" / "python").mkdir(parents=True)
+    (root / "backends" / "python" / "libtriton_python.so").write_bytes(b"")
+    fake = root / "bin" / "tritonserver"
+    fake.write_text(FAKE_TRITON.format(python=sys.executable))
+    fake.chmod(0o755)
+    env = dict(FAKE_TRITON_STARTS=str(tmp_path / "starts"), FAKE_TRITON_LIFE="0.5", FAKE_TRITON_DEATHS="4")
+    running = Running(tmp_path, web=False, extra=["--tritonserver", str(fake), "--restarts", "2"], env=env)
+    running.wait_for("(2 restart(s) in the last 600 s)", timeout_s=120)          # the third death: this window's budget is spent
+    time.sleep(2)
+    assert running.process.poll() is None, running.output()                      # waiting for the window, not exiting 1
+    lines = [line for line in running.output().splitlines() if line.startswith("Triton Inference Server")]
+    died = "Triton Inference Server exited with status 3 (run with --verbose for its log); restarting"
+    assert lines[:2] == [died, f"{died} in 1 s (1 restart(s) in the last 600 s)"] and len(lines) == 3, running.output()
+    wait = re.fullmatch(re.escape(died) + r" in (\d+) s \(2 restart\(s\) in the last 600 s\)", lines[2])
+    assert wait and 550 < int(wait.group(1)) < 600, lines[2]                     # until the first restart leaves the window
+    assert running.stop(signal.SIGTERM) == 0, running.final_output                # a stop ends the wait at once
+    assert "Traceback" not in running.final_output and running.final_output.rstrip().endswith("stopped")
+
+
 def test_triton_gets_this_interpreter(tmp_path):
     from t2f.engine.tritonserver import Binaries, Triton, Workspace, python_libdir
 
@@ -674,8 +819,12 @@ def test_usage_errors_exit_2(tmp_path):
 
     from t2f.engine.serve import main
 
-    result = CliRunner().invoke(main, [*TINY, "--http-port", "9000", "--grpc-port", "9000"])
+    result = CliRunner().invoke(main, [*TINY, "--http-port", "9000", "--metrics-port", "9000"])
     assert result.exit_code == 2 and "every port must differ" in result.output
+    result = CliRunner().invoke(main, [*TINY, "--grpc-host", "127.0.0.1", "--http-port", "9000", "--grpc-port", "9000"])
+    assert result.exit_code == 2 and "every port must differ: --http-port 9000, --metrics-port 8002, --grpc-port 9000" in result.output
+    result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--max-body-memory", "8"])
+    assert result.exit_code == 2 and "8 MiB is less than one request of --max-batch 32 may send (52 MiB)" in result.output
     result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--precision", "fp16"])
     assert result.exit_code == 2 and "fp16 needs a CUDA device" in result.output
     result = CliRunner().invoke(main, [*TINY, "--device", "cpu", "--host", "0.0.0.0"])
@@ -697,14 +846,15 @@ def test_usage_errors_exit_2(tmp_path):
 @pytest.fixture(scope="module")
 def two_instances(tmp_path_factory):
     """Two model instances (two pipelines, eager PyTorch fp32) on the CPU, graphs in blocks of 4 rows; batches of up to 4 rows that
-    wait up to 0.5 s to fill; a bearer token (--token-file) that HTTP clients must send (gRPC has none)."""
+    wait up to 0.5 s to fill; a bearer token (--token-file) that HTTP clients must send; Triton's gRPC on TCP too (--grpc-host:
+    no token)."""
     cache = tmp_path_factory.mktemp("serve2")
     token_file = cache / "token"
     token_file.write_text(TOKEN + "\n")
     token_file.chmod(0o600)
     running = Running(cache, web=False, devices=("cpu", "cpu"), max_batch=4,
                       extra=["--queue-delay-us", "500000", "--batch", "4", "--token-file", str(token_file), "--backend", "torch",
-                             "--precision", "fp32"])
+                             "--precision", "fp32", "--grpc-host", "127.0.0.1"])
     yield running
     if running.process.poll() is None:                  # (the last test stops it and checks what it leaves)
         assert running.stop(signal.SIGTERM) == 0, running.final_output
@@ -730,7 +880,7 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def test_random_noise_is_served_by_the_torch_backend_as_t2f_infer_makes_it(two_instances, direct4):
-    with grpcclient.InferenceServerClient(f"127.0.0.1:{two_instances.grpc}") as client:
+    with grpcclient.InferenceServerClient(two_instances.grpc_url) as client:
         noisy = client.infer("t2f", text_inputs(grpcclient, ["a child"], [5], [0.8], noise_mode="random"))
     faces = direct4(["a child"], n=1, seed=5, truncation_psi=0.8, noise_mode="random")
     assert_same(noisy.as_numpy("image")[0], noisy.as_numpy("ws")[0], faces, 0)
@@ -742,7 +892,7 @@ MERGED_BAD = [(dict(prompts=[""]), "prompt is empty"), (dict(truncations=[float(
 
 @pytest.mark.parametrize("module", [httpclient, grpcclient], ids=["http", "grpc"])
 def test_a_bad_request_fails_alone_in_the_batch_it_was_merged_into(two_instances, direct4, module):
-    url = f"127.0.0.1:{two_instances.http if module is httpclient else two_instances.grpc}"
+    url = f"127.0.0.1:{two_instances.http}" if module is httpclient else two_instances.grpc_url
     good = [dict(prompts=["a smiling woman"], seeds=[3], truncations=[0.7], samples=[1]),
             dict(prompts=["an old man"], seeds=[8], truncations=[0.5], samples=[0]),
             dict(prompts=["a child"], seeds=[1], truncations=[1.0], samples=[2])]

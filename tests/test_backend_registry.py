@@ -60,6 +60,8 @@ def test_the_docs_command_rewrites_a_stale_table_and_check_says_so(tmp_path):
     assert "| CPU | 1. `openvino` | bf16 |" in text and docs_main(["--check", str(doc)]) == 0
     with pytest.raises(ValueError, match="no backend table 'nope'"):
         update("<!-- backends:nope -->\n<!-- /backends:nope -->")
+    os.mkfifo(tmp_path / "fifo.md")                         # never opened: no hang
+    assert docs_main([]) == docs_main([str(tmp_path / "missing.md")]) == docs_main(["--check", str(tmp_path / "fifo.md")]) == 2
 
 
 def test_an_incomplete_or_clashing_backend_is_refused(own_registry):

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from t2f.io import atomic_path
+from t2f.io import atomic_path, is_regular_file
 from t2f.precision import Precision
 
 from .base import Backend
@@ -86,17 +86,28 @@ def update(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """0 when done (or, with --check, when every table is current), 1 where --check finds one out of date, 2 for bad
+    arguments or a file that cannot be read or written (one line)."""
     args = sys.argv[1:] if argv is None else argv
-    check = "--check" in args
+    check, paths = "--check" in args, [Path(a) for a in args if a != "--check"]
+    if not paths:
+        print("usage: python -m t2f.engine.backends.docs [--check] FILE.md ...", file=sys.stderr)
+        return 2
     stale = []
-    for path in (Path(a) for a in args if a != "--check"):
-        text = path.read_text(encoding="utf-8")
-        new = update(text)
-        if new != text:
-            stale.append(str(path))
-            if not check:
-                with atomic_path(path) as tmp:
-                    tmp.write_text(new, encoding="utf-8")
+    try:
+        for path in paths:
+            if not is_regular_file(path):
+                raise OSError(f"{path} is not a regular file")
+            text = path.read_text(encoding="utf-8")
+            new = update(text)
+            if new != text:
+                stale.append(str(path))
+                if not check:
+                    with atomic_path(path) as tmp:
+                        tmp.write_text(new, encoding="utf-8")
+    except (OSError, ValueError) as e:
+        print(f"Error: {e}", file=sys.stderr)
+        return 2
     if stale:
         print(f"{'out of date' if check else 'rewrote'}: {', '.join(stale)}", file=sys.stderr)
     return 1 if check and stale else 0

@@ -118,7 +118,9 @@ def main(generators, clip, mapper, serve, work, json_path):
     try:
         for generator in [g.strip() for g in generators.split(",") if g.strip()]:
             cache = os.path.join(work, f"cache-{generator}")
-            os.makedirs(cache, exist_ok=False)            # an empty cache: the first run is cold
+            if os.path.lexists(cache):                     # the first run must find an empty cache: cold
+                raise click.ClickException(f"{cache} exists: give --work a folder without it")
+            os.makedirs(cache)
             env = dict(os.environ, T2F_CACHE=cache)
             models = ["--mapper", mapper, "--generator", generator, "--clip", clip]
             for run in ("cold", "warm"):

@@ -197,3 +197,6 @@ def test_a_pipeline_holds_the_models_only_where_its_backend_runs_them(backend, p
     faces, image = lean(["a smiling woman"], n=2, seed=1), lean(mode="image", images=torch.zeros([1, 3, 32, 32]))
     assert (faces.images.int() - pipe(["a smiling woman"], n=2, seed=1).images.int()).abs().max() <= 1
     assert torch.allclose(image.ws, pipe(mode="image", images=torch.zeros([1, 3, 32, 32])).ws, atol=1e-5)
+    if not runs_them:                                       # its CLIP cannot make another pipeline: one clear line
+        with pytest.raises(ValueError, match="holds its image tower only .* pass the CLIP itself"):
+            TextToFace(pipe.generator, lean.clip, pipe.mapper, device="cpu")

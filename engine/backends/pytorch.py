@@ -90,6 +90,7 @@ class _StageModules(Backend):
     def map(self, embedding, z, psi):
         return self.mapper(embedding.to(self.device), z.to(self.device), psi.to(self.device))
 
+
 class OpenClipTextEncoder(torch.nn.Module):
     """open_clip's own text encoder (`Clip.text_encoder`: encode_text, normalized) for a text tower the exportable
     rewrite cannot express: tokens -> float32 embedding. In a reduced precision it runs under torch.autocast, the mixed

@@ -24,11 +24,6 @@ FP16_BOUND = 2e-2          # relative error of fp16 against fp32 (as t2f-export'
 UINT8_MEAN = 2.0           # mean absolute uint8 difference, fp16 against fp32
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
-
-
 @click.command()
 @click.option("--generator", default="random-1024", show_default=True)
 @click.option("--clip",      default="ViT-B-32:random", show_default=True)
@@ -37,6 +32,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
 def main(generator, clip, device, batch, json_path):
     import t2f
+    from t2f.accuracy import accuracy
     from t2f.devices import resolve_device
     from t2f.engine.backends import BackendUnavailable, Models, make_backend
     from t2f.engine.pipeline import sample_z
@@ -77,13 +73,12 @@ def main(generator, clip, device, batch, json_path):
                 continue
             label = f"{name} {precision}"
             check(f"{label}: ws identical on the same embedding", torch.equal(backend.map(embedding, z, psi), ws))
-            e = backend.encode(tokens).float()
-            check(f"{label}: text embedding", relative(e, embedding) <= FP16_BOUND, relative_error=relative(e, embedding))
-            image = backend.synthesize(ws).clone()
-            mean = (image.float() - reference_u8.float()).abs().mean().item()
+            err = accuracy({"embedding": backend.encode(tokens)}, {"embedding": embedding})["embedding_relative_error"]
+            check(f"{label}: text embedding", err <= FP16_BOUND, relative_error=err)
+            mean = accuracy({"image": backend.synthesize(ws)}, {"image": reference_u8})["uint8_mean_diff"]
             check(f"{label}: uint8 image from the same ws", mean <= UINT8_MEAN, mean_abs_levels=mean)
             if backend.separate_uint8:
-                err = relative(backend.synthesize_float(ws).float(), reference)
+                err = accuracy({"float_image": backend.synthesize_float(ws)}, {"float_image": reference})["float_image_relative_error"]
                 check(f"{label}: float image from the same ws", err <= FP16_BOUND, relative_error=err)
         graph = backends.get(("torch-cudagraph", Precision.FP16))
         if graph is not None:
@@ -93,7 +88,7 @@ def main(generator, clip, device, batch, json_path):
             again = graph.full(tokens, z, psi)[1]
             check("torch-cudagraph: replays are deterministic", torch.equal(again, graph_image))
             half = backends[("torch", Precision.FP16)].synthesize(graph_ws)
-            diff = (graph_image.int() - half.int()).abs().max().item()
+            diff = accuracy({"image": graph_image}, {"image": half})["uint8_max_diff"]
             check("torch-cudagraph vs eager fp16 (same ws): uint8 within 1 level", diff <= 1, max_abs_levels=diff)
     result = dict(generator=generator, clip=C.name, device=str(dev), batch=batch, checks=rows, skipped=skipped,
                   device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",

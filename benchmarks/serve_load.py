@@ -51,9 +51,10 @@ def summary(latencies_s: list[float], wall_s: float, images: int) -> dict:
                 p99_ms=float(np.percentile(ms, 99)), images_per_s=images / wall_s, wall_s=wall_s)
 
 
-def start_server(args: list[str], http: int, threads: int, timeout_s: float = 600) -> subprocess.Popen:
+def start_server(args: list[str], http: int, threads: int, timeout_s: float = 600, env: dict | None = None) -> subprocess.Popen:
+    """t2f-serve with `args`, once its front answers; `env`: variables to set for it, `threads`: OMP_NUM_THREADS (0: as is)."""
     log = tempfile.TemporaryFile("w+")
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    env = dict(os.environ, **(env or {}), **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
     process = subprocess.Popen([sys.executable, "-m", "t2f.engine.serve", *args], stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + timeout_s
     while True:

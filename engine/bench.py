@@ -44,7 +44,7 @@ from t2f.presets import TINY
 
 from .config import PipelineConfig, pipeline_options
 
-from .benchreport import BASELINE, DEFAULTS, STAGES, Memory, Run, accuracy, markdown, rows
+from .benchreport import BASELINE, DEFAULTS, STAGES, Memory, Run, markdown, row_accuracy, rows
 
 PROMPTS = ["a photo of an old man with white hair", "a smiling woman with red hair", "a child with curly hair",
            "a man with a beard and glasses"]
@@ -227,7 +227,7 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
                 reference[batch] = out
             live.append(dict(run=run, backend=backend, batch=batch, startup_s=startup, first_call_ms=first, error=None,
                              first_memory=first_memory, memory=Memory(device), stages_timed=stages,
-                             cuda_numerics=flags, accuracy=accuracy(out, reference[batch]) if batch in reference else None,
+                             cuda_numerics=flags, accuracy=row_accuracy(out, reference.get(batch)),
                              provisional={s: [t[s] for t in provisional] for s in STAGES}, samples={s: [] for s in STAGES}))
             report["results"] = rows(live, flops, peak, auto)
             save(report)
@@ -277,14 +277,15 @@ def _batches(ctx, param, value: str) -> list[int]:
 
 
 def _backends(ctx, param, value: str) -> list[str]:
-    from .backends import BACKENDS
+    from .backends import backend_names
 
     from t2f.precision import PRECISIONS
 
-    names = list(BACKENDS) if value == "all" else [b.strip() for b in value.split(",")]
-    unknown = [b for b in names if b.partition(":")[0] not in BACKENDS]
+    known = backend_names()
+    names = list(known) if value == "all" else [b.strip() for b in value.split(",")]
+    unknown = [b for b in names if b.partition(":")[0] not in known]
     if unknown:
-        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+        raise click.BadParameter(f"unknown backends {unknown}; choose from {', '.join(known)}")
     odd = [b for b in names if b.partition(":")[2] not in ("",) + PRECISIONS]
     if odd:
         raise click.BadParameter(f"unknown precision in {odd}; NAME:PRECISION takes one of {', '.join(PRECISIONS)}")

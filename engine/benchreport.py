@@ -12,6 +12,7 @@ import resource
 import numpy as np
 import torch
 
+from t2f.accuracy import accuracy
 from t2f.precision import Precision
 
 STAGES = ("tokenize", "text_encoder", "mapper", "synthesis", "uint8_conversion", "device_to_host", "end_to_end")
@@ -51,17 +52,10 @@ def summarize(samples: list[float]) -> dict:
     return stats
 
 
-def accuracy(out: dict, reference: dict) -> dict:
-    """The row's outputs against eager fp32's: embedding cosine (smallest; None where the embedding was not taken),
-    ws relative error (largest), uint8 difference."""
-    cos = None
-    if out.get("embedding") is not None and reference.get("embedding") is not None:
-        e, r = out["embedding"].double(), reference["embedding"].double()
-        cos = torch.nn.functional.cosine_similarity(e, r, dim=-1).min().item()
-    ws, wr = out["ws"].double(), reference["ws"].double()
-    ws_err = ((ws - wr).flatten(1).norm(dim=1) / wr.flatten(1).norm(dim=1).clamp_min(1e-12)).max().item()
-    d = (out["image"].int() - reference["image"].int()).abs().float()
-    return dict(embedding_cosine=cos, ws_relative_error=ws_err, uint8_mean_diff=d.mean().item(), uint8_max_diff=int(d.max().item()))
+def row_accuracy(out: dict, reference: dict | None) -> dict | None:
+    """A row's outputs (embedding, ws, image) against eager fp32's on the same inputs (t2f.accuracy; a relative error is
+    the largest of the batch's rows'); None without a reference row, embedding_cosine None without an embedding."""
+    return None if reference is None else {"embedding_cosine": None, **accuracy(out, reference, per_row=True)}
 
 
 class Memory:

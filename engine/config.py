@@ -19,7 +19,7 @@ from t2f.config import FieldError
 from t2f.precision import Precision
 from t2f.sources import ModelSources
 
-from .backends import BACKENDS
+from .backends import backend_names
 from .pipeline import TextToFace
 
 MAX_BATCH = 256      # --batch's bound (rows per graph call); the library takes any positive count.
@@ -31,7 +31,7 @@ class PipelineConfig:
     mapper: str | None = None             # Run directory, hf-hub:ORG/NAME[@REVISION], or "tiny"; None = fail saying how to get one.
     generator: str | None = None          # None = the one the mapper was trained for (its config.json).
     clip: str | None = None               # None = the one the mapper was trained for.
-    backend: str = "auto"                 # "auto" (the fastest accurate one here) or a name in t2f.engine.backends.BACKENDS.
+    backend: str = "auto"                 # "auto" (the fastest accurate one here) or a registered backend's name.
     precision: Precision | None = None    # None ("auto" is taken too) = the backend's fastest accurate precision here.
     device: str = "auto"                  # "auto" (CUDA where the backend runs there, else cpu), "cpu", "cuda", "cuda:N".
     batch_size: int | None = None         # Rows per graph call; None = 1 on the CPU, 8 on a GPU.
@@ -44,8 +44,8 @@ class PipelineConfig:
         models = ModelSources(mapper=self.mapper, generator=self.generator, clip=self.clip, cache=self.cache)
         for name in ("mapper", "generator", "clip", "cache"):
             object.__setattr__(self, name, getattr(models, name))         # paths as strings
-        if self.backend != "auto" and self.backend not in BACKENDS:
-            raise FieldError("backend", f"unknown backend {self.backend!r}; one of auto, {', '.join(BACKENDS)}")
+        if self.backend != "auto" and self.backend not in backend_names():
+            raise FieldError("backend", f"unknown backend {self.backend!r}; one of auto, {', '.join(backend_names())}")
         precision = None if self.precision in (None, "auto") else self.precision
         try:
             precision = None if precision is None else Precision.parse(precision)
@@ -131,7 +131,7 @@ def pipeline_options(runtime: bool = True, multiple_devices: bool = False, mappe
     from t2f.cli_errors import DeviceParam, PrecisionChoice, model_options
 
     options = [
-        click.option("--backend",   help="How to run the graphs (auto = the fastest accurate one here)", type=click.Choice(("auto",) + BACKENDS),
+        click.option("--backend",   help="How to run the graphs (auto = the fastest accurate one here)", type=click.Choice(("auto",) + backend_names()),
                      default="auto", show_default=True),
         click.option("--precision", help="Compute precision: auto = the backend's fastest accurate one here (fp16 needs CUDA, bf16 a CPU "
                                          "with bf16 instructions)", type=PrecisionChoice(), default="auto", show_default=True),

@@ -13,9 +13,11 @@ import torch
 from t2f.bank import Bank, check_bank, knn_condition
 from t2f.clip import Clip
 from t2f.devices import resolve_device
+from t2f.latents import seeded_latents
 from t2f.mapper import Mapper
 from t2f.precision import Precision
-from t2f.stylegan2 import NOISE_MODES, Generator
+from t2f.stylegan2 import NOISE_MODES
+from t2f.types import StyleGenerator
 
 from .backends import MEMORY_FORMATS, BackendUnavailable, Models, make_backend, pad_rows
 
@@ -35,17 +37,14 @@ def sample_z(seed: int, num_prompts: int, n: int, z_dim: int) -> torch.Tensor:
     the same seed gives the same latents on every device, and an image's latent does not
     depend on how many prompts or images were asked for.
     """
-    return latents(_keys(seed, num_prompts, n), z_dim)
+    return seeded_latents(_keys(seed, num_prompts, n), z_dim)
 
 
-def latents(keys: list[tuple[int, int, int]], z_dim: int) -> torch.Tensor:
-    """Mapper latents [len(keys), z_dim]: row r draws from numpy's generator seeded with keys[r] = (seed, row, image)."""
-    z = [np.random.default_rng([int(s), int(i), int(j)]).standard_normal(z_dim, dtype=np.float32) for s, i, j in keys]
-    return torch.from_numpy(np.stack(z)) if z else torch.zeros([0, z_dim])
-
-
-def check_compatible(generator: Generator, clip: Clip, mapper: Mapper) -> None:
-    """Raise ValueError naming the first dimension on which the three models disagree."""
+def check_compatible(generator: StyleGenerator, clip: Clip, mapper: Mapper) -> None:
+    """Raise ValueError naming the first dimension on which the three models disagree (or a CLIP without its text tower)."""
+    if clip.text_encoder is None:
+        raise ValueError(f"CLIP {clip.name} here holds its image tower only (a pipeline's own `clip` where its backend "
+                         "runs copies or exported graphs): pass the CLIP itself")
     cfg = mapper.config
     if cfg.embed_dim != clip.embed_dim:
         raise ValueError(f"the mapper expects {cfg.embed_dim}-d CLIP embeddings but CLIP {clip.name} gives {clip.embed_dim}-d")
@@ -133,6 +132,11 @@ class TextToFace:
 
     Made by t2f.engine.load_pipeline (which sets `sources`), or from loaded models.
 
+    Each model is held once: the pipeline keeps the models it was given only where its backend runs them (eager
+    PyTorch with the generator on its device: `generator` and `clip` are the caller's). Every other backend holds what
+    it runs (its own copies on the device, or exported graphs), and the pipeline keeps the mapper (small), CLIP's
+    tokenizer and image tower (`clip` is `Clip.only("image")`, for mode "image") and no generator (`generator` None).
+
     A row is one condition: a prompt (modes "text" and "knn") or a face image (mode "image").
     Image j of row i depends only on (seed, i, j) and the condition, not on how many were asked for:
     every graph runs on blocks of exactly `batch_size` rows (see `blocks`), so for one batch_size,
@@ -142,7 +146,7 @@ class TextToFace:
     sources = None          # t2f.sources.Resolved: the mapper, generator and CLIP load_pipeline loaded (None if made directly).
 
     def __init__(self,
-        generator: Generator,
+        generator: StyleGenerator,
         clip: Clip,
         mapper: Mapper,
         device: str | torch.device = "auto",   # "auto" = the best that works here: CUDA when available and the backend runs there, else cpu.
@@ -158,7 +162,7 @@ class TextToFace:
         memory_format: str = "nchw",            # The synthesis' activation layout: "nchw" or "channels_last" (torch backends).
     ):
         """The models are used as given, never moved, cast or switched to eval: the backend copies what it needs on
-        another device, and mode "image" copies CLIP to the device on first use where it is elsewhere."""
+        another device, and mode "image" copies CLIP's image tower to the device on first use where it is elsewhere."""
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if memory_format not in MEMORY_FORMATS:
@@ -167,11 +171,12 @@ class TextToFace:
         if bank is not None:
             check_bank(bank, clip)
         self.bank = bank
-        models = Models(generator, clip, mapper)
-        self.device, self.backend = self._backend(device, precision, backend, models, artifacts, noise_mode, memory_format)
+        self.device, self.backend = self._backend(device, precision, backend, Models(generator, clip, mapper), artifacts,
+                                                  noise_mode, memory_format)
         self.precision = self.backend.precision
-        self.generator, self.mapper, self.clip = generator, mapper, clip
-        self._image_clip = None                 # CLIP on self.device for mode "image": made on first use
+        given = self.backend.runs_given_modules             # else the backend's own copies or graphs are the only ones
+        self.generator, self.clip, self.mapper = (generator if given else None), (clip if given else clip.only("image")), mapper
+        self._image_clip = None                 # CLIP's image tower on self.device for mode "image": made on first use
         self.batch_size = min(batch_size or default_batch_size(self.device), self.backend.max_batch)
 
     @staticmethod
@@ -250,7 +255,7 @@ class TextToFace:
     def _image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
         if self._image_clip is None:
-            self._image_clip = self.clip.on(self.device)            # the caller's CLIP, or a copy on this device
+            self._image_clip = self.clip.on(self.device)            # the pipeline's CLIP, or a copy on this device
         return torch.cat([self._image_clip.encode_image(x.to(self.device))[:count].float() for count, (x,) in blocks(self.batch_size, images)])
 
     def _knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
@@ -277,7 +282,7 @@ class TextToFace:
             raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         for p in psi:
             check_sampling(1, p)
-        z, psi = latents(list(keys), self.mapper.z_dim), torch.tensor([float(p) for p in psi])
+        z, psi = seeded_latents(list(keys), self.mapper.z_dim), torch.tensor([float(p) for p in psi])
         if tokens is not None and noise_mode == "const":
             return self._render_text(tokens, z, psi)
         if conditions is None:

@@ -57,7 +57,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from t2f.graphs import GRAPHS, ModelDims, UnsupportedTextTower, graph_specs
+from t2f.graphs import GRAPHS, ModelDims, UnsupportedTextTower
+from t2f.specs import graph_specs
 from t2f.precision import cpu_has_bf16, has_bf16_flag  # noqa: F401  (re-exported)
 from t2f.precision import Precision
 

@@ -1,6 +1,6 @@
 """ONNX export of the three graphs, with a cache, checks, and a parity table against eager PyTorch.
 
-Each graph (see `t2f.graphs.GraphSpec`) is traced once with the TorchScript exporter (opset 17,
+Each graph (see `t2f.specs.GraphSpec`) is traced once with the TorchScript exporter (opset 17,
 dynamic batch), checked with `onnx.checker`, written to a temporary file and renamed. A graph
 whose cache key (weights fingerprint, precision, opset, torch and t2f versions) and file checksum
 match the manifest is not exported again.
@@ -28,18 +28,19 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 import t2f
 from t2f.clip import Clip
-from t2f.graphs import GRAPHS, ExportError, GraphSpec, MapperGraph, ModelDims, graph_specs
+from t2f.graphs import GRAPHS, ExportError, ModelDims
 from t2f.io import atomic_path, fingerprint, sha256_file
 
 from .manifest import MANIFEST, Manifest, is_export_manifest_file
 from t2f.mapper import Mapper
 from t2f.precision import Precision
-from t2f.stylegan2 import Generator, to_uint8
+from t2f.specs import GraphSpec, graph_specs
+from t2f.stylegan2 import Generator
+from t2f.types import StyleGenerator
 
 OPSET = 17
 BOUNDS = {Precision.FP32: 1e-4, Precision.FP16: 2e-2, Precision.BF16: 5e-2}   # relative error of each graph's float output
@@ -182,31 +183,13 @@ def with_float_image(path: Path) -> bytes:
 # Parity.
 
 
-def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-
-
-def min_cosine(a: np.ndarray, b: np.ndarray) -> float:
-    """The smallest cosine between matching rows of a and b [B, D]."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    cos = (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-12)
-    return float(cos.min())
-
-
-def uint8_diff(a: np.ndarray, b: np.ndarray) -> dict:
-    """Mean, 99th percentile and max |a - b| of two uint8 images, in levels."""
-    d = np.abs(np.asarray(a, np.int32) - np.asarray(b, np.int32))
-    return dict(uint8_mean_diff=float(d.mean()), uint8_p99_diff=float(np.percentile(d, 99)), uint8_max_diff=int(d.max()))
-
-
 class _OrtRunner:
-    """A graph in ONNX Runtime on the CPU (the synthesis graph with its float image as a second output)."""
+    """A graph in ONNX Runtime on the CPU (with its float image as a second output where its parity reads that)."""
 
     def __init__(self, spec: GraphSpec, path: Path, sha: str):
         import onnxruntime
 
-        if spec.name == "synthesis":
+        if spec.float_output:
             if sha256_file(path) != sha:
                 raise ExportError(f"{path} changed while it was checked; run t2f-export again")
             self.session = onnxruntime.InferenceSession(with_float_image(path), providers=["CPUExecutionProvider"])
@@ -218,7 +201,7 @@ class _OrtRunner:
 
 
 class _OpenVINORunner:
-    """A graph in OpenVINO's CPU plugin in bf16 (the synthesis graph with its float image as a second output)."""
+    """A graph in OpenVINO's CPU plugin in bf16 (with its float image as a second output where its parity reads that)."""
 
     def __init__(self, spec: GraphSpec, path: Path, sha: str):
         from t2f.devices import cpu_threads, importable
@@ -230,7 +213,7 @@ class _OpenVINORunner:
         if sha256_file(path) != sha:
             raise ExportError(f"{path} changed while it was checked; run t2f-export again")
         core = openvino.Core()
-        model = core.read_model(with_float_image(path) if spec.name == "synthesis" else path.read_bytes(), b"")
+        model = core.read_model(with_float_image(path) if spec.float_output else path.read_bytes(), b"")
         self.compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "bf16", "INFERENCE_NUM_THREADS": cpu_threads()})
 
     def __call__(self, feeds: dict) -> list:
@@ -238,10 +221,11 @@ class _OpenVINORunner:
         return [result[out] for out in self.compiled.outputs]
 
 
-def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int], generator: Generator, clip: Clip,
+def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int], generator: StyleGenerator, clip: Clip,
            mapper: Mapper, sha: str) -> list[dict]:
     """Rows of the parity table for one exported graph against eager PyTorch fp32: ONNX Runtime (CPU) for fp32 and fp16
-    files, OpenVINO in bf16 for bf16 (the mapper, fp32 in every precision, is checked in ONNX Runtime)."""
+    files, OpenVINO in bf16 for bf16 (the mapper, fp32 in every precision, is checked in ONNX Runtime). The spec says
+    what its reference is, which metrics apply and which of its bounds a row must pass (`t2f.specs`)."""
     compute = spec.compute_precision(precision)
     if compute is Precision.BF16 and not compute.runs_on("cpu"):     # OpenVINO would run fp32 and call it bf16
         raise ExportError("bf16 parity cannot be measured on this CPU: it has no bfloat16 instructions (AVX512_BF16 or AMX)")
@@ -250,27 +234,12 @@ def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int]
     rows = []
     for batch in batches:
         inputs = spec.example_inputs(batch, 1000 + batch, generator, clip, mapper)
-        feeds = {n: t.numpy() for n, t in zip(spec.input_names, inputs)}
-        with torch.no_grad():
-            if spec.name == "text_encoder":
-                reference = clip.text_encoder(inputs[0].long())
-            elif spec.name == "mapper":
-                reference = MapperGraph(mapper, generator.w_avg)(*inputs)
-            else:
-                reference = generator.synthesis(inputs[0], noise_mode="const")
-        outputs = runner(feeds)
+        reference = spec.reference(inputs, generator, clip, mapper)
+        outputs = runner({n: t.numpy() for n, t in zip(spec.input_names, inputs)})
+        metrics = spec.parity_metrics(outputs, reference)
         row = dict(graph=spec.name, precision=str(precision), batch=batch, bound=bound, runs=str(compute),
-                   relative_error=relative_error(outputs[-1], reference.numpy()))
-        row["ok"] = row["relative_error"] <= bound
-        if spec.name == "text_encoder":
-            row["cosine"] = min_cosine(outputs[0], reference.numpy())
-        if spec.name == "synthesis":
-            row.update(uint8_diff(outputs[0], to_uint8(reference).numpy()))
-            if compute is Precision.FP32:
-                row["ok"] = row["ok"] and row["uint8_max_diff"] <= 1
-        if compute is Precision.BF16:
-            row["ok"] = row["ok"] and (row["cosine"] >= BF16_BOUNDS["text_encoder_cosine"] if spec.name == "text_encoder" else
-                                       row["uint8_mean_diff"] <= BF16_BOUNDS["uint8_mean"])
+                   relative_error=metrics.pop("relative_error"), ok=False, **metrics)
+        row["ok"] = spec.parity_ok(row, compute, bound, BF16_BOUNDS)
         rows.append(row)
     return rows
 

@@ -155,7 +155,8 @@ class Clip:
     def to(self, device) -> "Clip":
         """Moves this Clip's weights to `device` in place (as nn.Module.to does) and returns it; see `on` for a copy."""
         self.model.to(device)
-        self.image_encoder.to(device)
+        if self.image_encoder is not None:
+            self.image_encoder.to(device)
         return self
 
     @property
@@ -168,12 +169,33 @@ class Clip:
         """This Clip where its weights are on `device` already, else a copy on `device`: this one is not moved."""
         from .devices import placed
 
-        image_encoder = placed(self.image_encoder, device)          # holds the model and CLIP's preprocessing buffers
-        if image_encoder is self.image_encoder:
+        holder = self.image_encoder if self.image_encoder is not None else self.text_encoder   # the image encoder holds
+        moved = placed(holder, device)                              # the model and CLIP's preprocessing buffers
+        if moved is holder:
             return self
         clip = copy.copy(self)
-        clip.image_encoder, clip.model = image_encoder, image_encoder.model
-        clip.text_encoder = TextEncoder(clip.model)
+        clip.model = moved.model
+        clip.image_encoder = moved if self.image_encoder is not None else None
+        clip.text_encoder = TextEncoder(clip.model) if self.text_encoder is not None else None
+        return clip
+
+    def only(self, tower: str) -> "Clip":
+        """This Clip with one of its towers: "image" (encode_image; tokenize still works) or "text" (encode_text).
+
+        A new Clip on a new model object that shares the kept tower's weights with this one, which is not changed (the
+        other tower's weights are freed once nothing else holds them); its name, fingerprint and sizes are this one's.
+        A model without a `visual` tower (not an open_clip model) is kept whole.
+        """
+        if tower not in ("image", "text"):
+            raise ValueError(f"tower must be image or text, got {tower!r}")
+        if "visual" not in self.model._modules:
+            return self
+        kept = {name: m for name, m in self.model._modules.items() if (name == "visual") == (tower == "image")}
+        clip = copy.copy(self)
+        clip._fingerprint = self.fingerprint
+        clip.model = _sharing(self.model, kept)
+        clip.text_encoder = TextEncoder(clip.model) if tower == "text" else None
+        clip.image_encoder = _sharing(self.image_encoder, {"model": clip.model}) if tower == "image" else None
         return clip
 
     def token_count(self, prompt: str) -> int | None:
@@ -192,12 +214,29 @@ class Clip:
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         """prompts -> [len(prompts), embed_dim] float32, L2-normalized."""
+        self._check_tower(self.text_encoder, "text")
         tokens = self.tokenize(prompts).to(self.device)
         return self.text_encoder(tokens).to(torch.float32)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """images [batch, 3, H, W] in [-1, 1] -> [batch, embed_dim] float32, L2-normalized; differentiable."""
+        self._check_tower(self.image_encoder, "image")
         return self.image_encoder(images.to(self.device)).to(torch.float32)
+
+
+    def _check_tower(self, encoder, tower: str) -> None:
+        if encoder is None:
+            raise ValueError(f"this CLIP {self.name} holds its {'image' if tower == 'text' else 'text'} tower only (Clip.only), "
+                             f"not its {tower} tower")
+
+
+def _sharing(module: nn.Module, children: dict) -> nn.Module:
+    """A new module object of `module`'s class with its own parameters and buffers (the same tensors) and `children`
+    as its submodules: `module` itself is not changed."""
+    new = copy.copy(module)
+    new.__dict__.update({k: copy.copy(v) for k, v in module.__dict__.items() if isinstance(v, dict)})   # hooks, ...
+    new._modules = dict(children)
+    return new
 
 
 def register_tiny_config() -> None:

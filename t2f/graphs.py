@@ -1,4 +1,4 @@
-"""The three exported graphs: thin modules with one job each, and one spec per graph.
+"""The three exported graphs: thin modules with one job each, and the models' sizes their specs are made from.
 
 TextEncoderGraph:  tokens [B, context] int32 -> embedding [B, D] float32, L2-normalized
 MapperGraph:       embedding [B, D], z [B, z_dim], psi [B] (float32) -> ws [B, num_ws, w_dim] float32
@@ -21,9 +21,9 @@ precision with its activation clamp, keeps ws and the demodulation coefficients 
 holds its weight-only computations (fp16 pre-normalization, demodulation matrix, transposes,
 casts) as constant weights.
 
-`GraphSpec` owns everything else about a graph: input and output names, dtypes and shapes,
-dynamic axes, example inputs, the TensorRT optimization profile and the artifact file name.
-The exporter, the TensorRT builder, the manifest check and the backends all read it.
+`t2f.specs.GraphSpec` owns everything else about a graph: input and output names, dtypes and
+shapes, dynamic axes, example inputs, eager reference, parity metrics, the TensorRT optimization
+profile and the artifact file name.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ from torch import nn
 
 from .mapper import Mapper
 from .precision import Precision
-from .stylegan2 import Generator, to_uint8, truncate
+from .stylegan2 import to_uint8, truncate
+from .types import StyleGenerator
 
 GRAPHS = ("text_encoder", "mapper", "synthesis")
 DEFAULT_PROFILE = (1, 8, 32)        # engines' (MIN, OPT, MAX) batch where none is asked for: t2f-export and every runtime
@@ -212,7 +213,7 @@ class SynthesisGraph(nn.Module):
     memory_format=torch.channels_last the folded weights and every activation are NHWC in memory (same values).
     """
 
-    def __init__(self, generator: Generator, precision: Precision = Precision.FP32, uint8: bool = True,
+    def __init__(self, generator: StyleGenerator, precision: Precision = Precision.FP32, uint8: bool = True,
                  memory_format: torch.memory_format = torch.contiguous_format):
         super().__init__()
         self.precision = Precision.parse(precision)
@@ -228,7 +229,7 @@ class SynthesisGraph(nn.Module):
 
 
 # ----------------------------------------------------------------------------
-# One spec per graph.
+# The models' sizes (what the graph specs, t2f.specs, are made from).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +244,7 @@ class ModelDims:
     img_channels: int
 
     @classmethod
-    def of(cls, generator: Generator, clip, mapper: Mapper) -> "ModelDims":
+    def of(cls, generator: StyleGenerator, clip, mapper: Mapper) -> "ModelDims":
         return cls(context_length=clip.context_length, embed_dim=clip.embed_dim, z_dim=mapper.z_dim, num_ws=generator.num_ws,
                    w_dim=generator.w_dim, resolution=generator.resolution, img_channels=generator.img_channels)
 
@@ -257,86 +258,6 @@ class ModelDims:
                        img_channels=int(g["img_channels"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ExportError(f"the manifest does not record the models' sizes ({e}); run t2f-export again") from None
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: torch.dtype
-    shape: tuple[int, ...]          # without the leading (dynamic) batch dimension
-
-
-@dataclasses.dataclass(frozen=True)
-class GraphSpec:
-    name: str                       # "text_encoder", "mapper" or "synthesis"
-    inputs: tuple[TensorSpec, ...]
-    output: TensorSpec
-    fp32_only: bool = False         # runs in fp32 whatever the precision (the mapper)
-
-    @property
-    def input_names(self) -> list[str]:
-        return [t.name for t in self.inputs]
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self.output.name]
-
-    @property
-    def dynamic_axes(self) -> dict[str, dict[int, str]]:
-        """A dynamic batch on every input and output, nothing else."""
-        return {name: {0: "batch"} for name in self.input_names + self.output_names}
-
-    def file_name(self, precision: Precision, ext: str = "onnx") -> str:
-        return artifact_name(self.name, precision, ext)
-
-    def compute_precision(self, precision: Precision) -> Precision:
-        return Precision.FP32 if self.fp32_only else Precision.parse(precision)
-
-    def output_shape(self, batch: int) -> tuple[int, ...]:
-        return (batch, *self.output.shape)
-
-    def profile(self, batch: tuple[int, int, int]) -> dict[str, tuple[tuple[int, ...], ...]]:
-        """TensorRT optimization-profile shapes (min, opt, max) of each input for a (min, opt, max) batch."""
-        return {t.name: tuple((b, *t.shape) for b in batch) for t in self.inputs}
-
-    def module(self, generator: Generator, clip, mapper: Mapper, precision: Precision) -> nn.Module:
-        """The graph's module for export (on the models' device)."""
-        if self.name == "text_encoder":
-            return TextEncoderGraph(clip, precision)
-        if self.name == "mapper":
-            return MapperGraph(mapper, generator.w_avg)
-        return SynthesisGraph(generator, precision)
-
-    def example_inputs(self, batch: int, seed: int, generator: Generator, clip, mapper: Mapper) -> tuple[torch.Tensor, ...]:
-        """Fresh valid inputs on the CPU: token rows of random lengths, unit embeddings, mapped and truncated ws."""
-        g = torch.Generator().manual_seed(seed)
-        if self.name == "text_encoder":
-            return (example_tokens(clip, batch, seed),)
-        if self.name == "mapper":
-            embedding = F.normalize(torch.randn([batch, mapper.config.embed_dim], generator=g), dim=-1)
-            return (embedding, torch.randn([batch, mapper.z_dim], generator=g), 0.5 + 0.5 * torch.rand([batch], generator=g))
-        z = torch.randn([batch, generator.z_dim], generator=g)
-        with torch.no_grad():
-            return (generator.mapping(z.to(generator.w_avg.device), truncation_psi=0.7).cpu(),)
-
-
-def artifact_name(graph: str, precision: Precision, ext: str = "onnx") -> str:
-    """An artifact's file name: synthesis.onnx, synthesis.fp16.onnx, synthesis.fp16.plan, ..."""
-    return f"{graph}{Precision.parse(precision).suffix}.{ext}"
-
-
-def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:
-    """The three graph specs for models of these sizes, in pipeline order."""
-    return {
-        "text_encoder": GraphSpec("text_encoder", (TensorSpec("tokens", torch.int32, (dims.context_length,)),),
-                                  TensorSpec("embedding", torch.float32, (dims.embed_dim,))),
-        "mapper": GraphSpec("mapper", (TensorSpec("embedding", torch.float32, (dims.embed_dim,)),
-                                       TensorSpec("z", torch.float32, (dims.z_dim,)),
-                                       TensorSpec("psi", torch.float32, ())),
-                            TensorSpec("ws", torch.float32, (dims.num_ws, dims.w_dim)), fp32_only=True),
-        "synthesis": GraphSpec("synthesis", (TensorSpec("ws", torch.float32, (dims.num_ws, dims.w_dim)),),
-                               TensorSpec("image", torch.uint8, (dims.resolution, dims.resolution, dims.img_channels))),
-    }
 
 
 def example_tokens(clip, batch: int, seed: int) -> torch.Tensor:

@@ -87,6 +87,11 @@ class Precision(str, enum.Enum):
         """File-name suffix of artifacts in this precision: "" or ".fp16" (synthesis.fp16.onnx); bf16 uses the fp32 files."""
         return ".fp16" if self.half else ""
 
+    @property
+    def device_type(self) -> str | None:
+        """The one device type this precision runs on ("cuda" for fp16, "cpu" for bf16), or None (fp32: any)."""
+        return {Precision.FP16: "cuda", Precision.BF16: "cpu"}.get(self)
+
     def check_device(self, device: torch.device | str) -> None:
         """ValueError with one line where this precision cannot run on `device`.
 
@@ -94,13 +99,11 @@ class Precision(str, enum.Enum):
         bfloat16 instructions (without them it is emulated, slower than fp32); on CUDA use fp16.
         """
         kind = torch.device(device).type
-        if self.half and kind != "cuda":
-            raise ValueError("fp16 needs a CUDA device; use fp32 (or bf16 where the CPU has bf16 instructions) on the CPU")
-        if self is Precision.BF16:
-            if kind != "cpu":
-                raise ValueError("bf16 is the CPU's reduced precision here; use fp16 on CUDA")
-            if not cpu_has_bf16():
-                raise ValueError("bf16 needs a CPU with bfloat16 instructions (AVX512_BF16 or AMX), which this one lacks; use fp32")
+        if self.device_type not in (None, kind):
+            raise ValueError("fp16 needs a CUDA device; use fp32 (or bf16 where the CPU has bf16 instructions) on the CPU"
+                             if self.half else "bf16 is the CPU's reduced precision here; use fp16 on CUDA")
+        if self is Precision.BF16 and not cpu_has_bf16():
+            raise ValueError("bf16 needs a CPU with bfloat16 instructions (AVX512_BF16 or AMX), which this one lacks; use fp32")
 
     def runs_on(self, device: torch.device | str) -> bool:
         try:

@@ -37,7 +37,7 @@ def inputs(pipe, batch):
 
 @needs_onnxruntime
 def test_onnxruntime_matches_eager(pipe):
-    eager = TorchBackend.create(models(pipe), CPU, Precision.FP32)
+    eager = TorchBackend(models(pipe), CPU, Precision.FP32)
     ort = make_backend("onnxruntime", models(pipe), CPU, Precision.FP32)
     assert isinstance(ort, OnnxRuntimeBackend)
     for batch in (1, 3):
@@ -122,8 +122,8 @@ def test_auto_and_unavailable_backends(pipe, monkeypatch):
 @pytest.mark.gpu
 def test_cudagraph_matches_eager_fp16():
     pipe = tiny_pipeline(device="cuda")
-    eager = TorchBackend.create(models(pipe), torch.device("cuda"), Precision.FP16)
-    graph = CudaGraphBackend.create(models(pipe), torch.device("cuda"), Precision.FP16)
+    eager = TorchBackend(models(pipe), torch.device("cuda"), Precision.FP16)
+    graph = CudaGraphBackend(models(pipe), torch.device("cuda"), Precision.FP16)
     tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
     a, b = eager(tokens, z, psi), graph(tokens, z, psi).clone()
     assert (a.float() - b.float()).abs().mean() < 2.0
@@ -199,7 +199,7 @@ def test_artifacts_of_other_models_are_refused(pipe, tmp_path):
 
     out = tmp_path / "artifacts"
     export_artifacts(out, pipe.generator, pipe.clip, pipe.mapper, "fp32", [1], {})
-    OnnxRuntimeBackend(out, CPU, models(pipe))   # the right models: fine
+    OnnxRuntimeBackend(models(pipe), CPU, Precision.FP32, out)   # the right models: fine
     other = randomize(random_generator("tiny"), seed=7)
     with pytest.raises(BackendUnavailable, match="exported from other models"):
         make_backend("onnxruntime", models(pipe, other), CPU, artifacts=str(out))
@@ -252,7 +252,8 @@ def test_precision_is_one_type():
 
 def test_onnxruntime_providers_order_with_torch_and_trt_is_opt_in():
     from t2f.engine.backends import ort_providers
-    from t2f.graphs import ModelDims, graph_specs
+    from t2f.graphs import ModelDims
+    from t2f.specs import graph_specs
 
     cuda = torch.device("cuda", 1)
     assert ort_providers("cuda", torch.device("cpu"), 0) == ["CPUExecutionProvider"]
@@ -435,7 +436,7 @@ def test_cudagraph_on_an_explicit_device_index_and_replays_match_eager_twins():
     """cuda:0 by index (the device guards), and the captured pipeline's ws equal its eager stages' ws exactly."""
     device = torch.device("cuda", 0)
     pipe = tiny_pipeline(device="cpu")
-    graph = CudaGraphBackend.create(models(pipe), device, Precision.FP16)
+    graph = CudaGraphBackend(models(pipe), device, Precision.FP16)
     tokens, z, psi = (t.to(device) for t in inputs(pipe, 3))
     ws, image = graph.full(tokens, z, psi)
     eager_ws = graph.map(graph.encode(tokens), z, psi)
@@ -449,8 +450,8 @@ def test_fp16_eager_keeps_ws_in_fp32_on_cuda():
     from t2f.precision import Precision
 
     pipe = tiny_pipeline(device="cuda")
-    eager = TorchBackend.create(models(pipe), torch.device("cuda"), Precision.FP16)
-    full = TorchBackend.create(models(pipe), torch.device("cuda"), Precision.FP32)
+    eager = TorchBackend(models(pipe), torch.device("cuda"), Precision.FP16)
+    full = TorchBackend(models(pipe), torch.device("cuda"), Precision.FP32)
     tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
     e = full.encode(tokens)
     assert torch.equal(eager.map(e, z, psi), full.map(e, z, psi))         # the mapper is fp32 in both

@@ -165,3 +165,38 @@ def test_fp16_on_cuda_close_to_fp32():
     a = tiny_pipeline(device="cuda")(["a smiling woman"], n=2, seed=0)
     b = tiny_pipeline(device="cuda", precision="fp16")(["a smiling woman"], n=2, seed=0)
     assert (a.images.float() - b.images.float()).abs().mean() < 2.0
+
+
+@pytest.mark.parametrize("backend", ["torch", "torch-compile", "onnxruntime"])
+def test_a_pipeline_holds_the_models_only_where_its_backend_runs_them(backend, pipe, monkeypatch):
+    """load_pipeline's models are freed once the backend is built, but for what the pipeline still runs: eager torch
+    runs the generator and CLIP it was given; with its own copies (torch-compile) or exported graphs (onnxruntime) the
+    pipeline keeps CLIP's tokenizer and image tower (mode "image") and neither the generator nor the text tower."""
+    import gc
+    import weakref
+
+    import t2f.sources
+
+    if backend == "onnxruntime":
+        pytest.importorskip("onnxruntime", reason='needs onnxruntime: pip install -e ".[export]"')
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)        # construction only here
+    real, held = t2f.sources.load_models, {}
+
+    def load_models(*args, **kwargs):
+        generator, clip, mapper, resolved = real(*args, **kwargs)
+        held.update(generator=weakref.ref(generator), text=weakref.ref(clip.model.transformer),
+                    image=weakref.ref(clip.model.visual))
+        return generator, clip, mapper, resolved
+
+    monkeypatch.setattr(t2f.sources, "load_models", load_models)
+    lean = load_pipeline("tiny", backend=backend, device="cpu", precision="fp32", batch_size=pipe.batch_size)
+    gc.collect()
+    runs_them = backend == "torch"
+    assert (held["generator"]() is not None) == runs_them and (held["text"]() is not None) == runs_them
+    assert (lean.generator is not None) == runs_them and held["image"]() is lean.clip.model.visual
+    faces, image = lean(["a smiling woman"], n=2, seed=1), lean(mode="image", images=torch.zeros([1, 3, 32, 32]))
+    assert (faces.images.int() - pipe(["a smiling woman"], n=2, seed=1).images.int()).abs().max() <= 1
+    assert torch.allclose(image.ws, pipe(mode="image", images=torch.zeros([1, 3, 32, 32])).ws, atol=1e-5)
+    if not runs_them:                                       # its CLIP cannot make another pipeline: one clear line
+        with pytest.raises(ValueError, match="holds its image tower only .* pass the CLIP itself"):
+            TextToFace(pipe.generator, lean.clip, pipe.mapper, device="cpu")

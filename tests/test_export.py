@@ -287,6 +287,7 @@ def test_image_channels_come_from_the_manifest(tiny_clip, tmp_path):
     """A one-channel generator: the onnxruntime backend sizes its output from the manifest, not a hard-coded 3."""
     from t2f.engine.backends import OnnxRuntimeBackend
     from t2f.export.onnx_export import export_artifacts
+    from t2f.precision import Precision
     from t2f.presets import GENERATOR_ARCHS, random_mapper
     from t2f.stylegan2 import Generator, GeneratorConfig, to_uint8
 
@@ -296,7 +297,7 @@ def test_image_channels_come_from_the_manifest(tiny_clip, tmp_path):
     mapper = random_mapper(generator, tiny_clip.embed_dim)
     manifest, _ = export_artifacts(tmp_path / "gray", generator, tiny_clip, mapper, "fp32", [1], {})
     assert manifest.models["generator"]["img_channels"] == 1
-    backend = OnnxRuntimeBackend(tmp_path / "gray", torch.device("cpu"), (generator, tiny_clip, mapper))
+    backend = OnnxRuntimeBackend((generator, tiny_clip, mapper), torch.device("cpu"), Precision.FP32, tmp_path / "gray")
     ws = generator.mapping(torch.randn(3, config.z_dim))
     image = backend.synthesize(ws)
     assert image.shape == (3, 64, 64, 1)
@@ -304,9 +305,10 @@ def test_image_channels_come_from_the_manifest(tiny_clip, tmp_path):
 
 
 def test_specs_own_names_profiles_and_files(tiny_clip):
-    from t2f.graphs import ModelDims, graph_specs
+    from t2f.graphs import ModelDims
     from t2f.precision import Precision
     from t2f.presets import random_generator, random_mapper
+    from t2f.specs import graph_specs
 
     g = random_generator("tiny")
     specs = graph_specs(ModelDims.of(g, tiny_clip, random_mapper(g, tiny_clip.embed_dim)))

@@ -9,7 +9,8 @@ from torch import nn
 
 from t2f.engine import roofline
 from t2f.engine.roofline import count_flops, distance, peak_gflops, stage_flops
-from t2f.graphs import ModelDims, graph_specs
+from t2f.graphs import ModelDims
+from t2f.specs import graph_specs
 from t2f.precision import Precision
 from t2f.presets import random_mapper
 

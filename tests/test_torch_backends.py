@@ -98,8 +98,8 @@ def test_modules_are_copied_only_where_they_must_move():
 
 
 def test_channels_last_gives_the_same_images_within_fp32_bounds(pipe):
-    nchw = TorchBackend.create(models(pipe), CPU, Precision.FP32)
-    nhwc = TorchBackend.create(models(pipe), CPU, Precision.FP32, memory_format="channels_last")
+    nchw = TorchBackend(models(pipe), CPU, Precision.FP32)
+    nhwc = TorchBackend(models(pipe), CPU, Precision.FP32, memory_format="channels_last")
     assert (nchw.memory_format, nhwc.memory_format) == ("nchw", "channels_last")
     tokens, z, psi = inputs(pipe, 3)
     ws = nchw.map(nchw.encode(tokens), z, psi)
@@ -253,8 +253,8 @@ def test_channels_last_on_cuda_matches_nchw():
     device = torch.device("cuda")
     tokens, z, psi = inputs(pipe, 2, device)
     for cls in (TorchBackend, CudaGraphBackend):
-        nchw = cls.create(models(pipe), device, Precision.FP16)
-        nhwc = cls.create(models(pipe), device, Precision.FP16, memory_format="channels_last")
+        nchw = cls(models(pipe), device, Precision.FP16)
+        nhwc = cls(models(pipe), device, Precision.FP16, memory_format="channels_last")
         a, b = nchw.full(tokens, z, psi), nhwc.full(tokens, z, psi)
         assert torch.equal(a[0], b[0]), cls.name
         assert (a[1].float() - b[1].float()).abs().mean() < 1.0, cls.name
@@ -267,8 +267,8 @@ def test_torch_compile_on_cuda_at_two_batch_sizes_matches_eager_and_keeps_its_re
     bounds of eager fp16 and untouched by the calls after it. The last test here: it compiles five graphs."""
     pipe = tiny_pipeline(device="cpu")
     device = torch.device("cuda")
-    compiled = TorchCompileBackend.create(models(pipe), device, Precision.FP16)
-    eager = TorchBackend.create(models(pipe), device, Precision.FP16)
+    compiled = TorchCompileBackend(models(pipe), device, Precision.FP16)
+    eager = TorchBackend(models(pipe), device, Precision.FP16)
     kept = []
     for batch in (1, 3, 1):
         tokens, z, psi = inputs(pipe, batch, device)

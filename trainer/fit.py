@@ -37,7 +37,7 @@ from torch import nn
 from t2f.clip import Clip
 from t2f.io import write_model_files
 from t2f.mapper import MAPPER_KIND, Mapper, MapperConfig, embedding_statistics
-from t2f.stylegan2 import Generator
+from t2f.types import StyleGenerator
 
 from . import report
 from .checkpoint import append_stats, check_finite_weights, load_checkpoint, save_checkpoint, truncate_stats
@@ -132,7 +132,7 @@ class FitLoss:
     augmented ones the mapper sees; eps [B, z_dim] and z_prior [B, 2, z_dim] the step's latents.
     """
 
-    def __init__(self, generator: Generator, clip: Clip | None, *,
+    def __init__(self, generator: StyleGenerator, clip: Clip | None, *,
                  kl: float,                 # KL weight after its warm-up (the KL is divided by z_dim).
                  kl_warmup: int,            # Steps over which the KL weight ramps up from 0; 0 = none.
                  prior_weight: float,       # Weight of the prior path's energy score.
@@ -148,7 +148,7 @@ class FitLoss:
         self.downsample = downsample
 
     @classmethod
-    def from_options(cls, options: FitOptions, generator: Generator, clip: Clip | None, downsample: int = 0) -> FitLoss:
+    def from_options(cls, options: FitOptions, generator: StyleGenerator, clip: Clip | None, downsample: int = 0) -> FitLoss:
         o = options
         return cls(generator, clip, kl=o.kl, kl_warmup=o.kl_warmup, prior_weight=o.prior_weight, mean_weight=o.mean_weight,
                    clip_weight=o.clip_weight, clip_every=o.clip_every, clip_batch=o.clip_batch, clip_prior=o.clip_prior,
@@ -183,7 +183,7 @@ EVAL_SAMPLES = 16   # Prior samples of z per held-out embedding.
 
 
 @torch.no_grad()
-def evaluate(mapper: Mapper, w: torch.Tensor, e: torch.Tensor, w_mean: torch.Tensor, generator: Generator | None,
+def evaluate(mapper: Mapper, w: torch.Tensor, e: torch.Tensor, w_mean: torch.Tensor, generator: StyleGenerator | None,
              clip: Clip | None, downsample: int, seed: int) -> dict:
     """Held-out metrics of a mapper on pairs (w [N, w_dim], e [N, D]), through the path inference takes: z ~ N(0, I).
 
@@ -266,7 +266,7 @@ def draw_step(o: FitOptions, step: int, pairs: int, embed_dim: int, noise_unit: 
     return StepDraw(idx, scale, direction, eps, z_prior)
 
 
-def new_mapper(config: MapperConfig, generator: Generator, E_train: torch.Tensor, o: FitOptions) -> tuple[Mapper, float]:
+def new_mapper(config: MapperConfig, generator: StyleGenerator, E_train: torch.Tensor, o: FitOptions) -> tuple[Mapper, float]:
     """The mapper at initialization (seeded), standardized with the training embeddings; and the embedding noise's unit."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(o.seed)
@@ -290,7 +290,7 @@ def _grid_rows(val_w: torch.Tensor, val_e: torch.Tensor, num_ws: int, clip: Clip
     return torch.cat(rows), val_w[:report.HELD_OUT_ROWS].unsqueeze(1).expand(-1, num_ws, -1), len(rows) == 2
 
 
-def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: Generator, clip: Clip | None, options: FitOptions,
+def fit(run: Run, W: torch.Tensor, E: torch.Tensor, generator: StyleGenerator, clip: Clip | None, options: FitOptions,
         identity: dict, dist: Dist, device: torch.device, progress: bool = True, stop_after: int | None = None) -> int:
     """Train (or resume) the mapper for all its steps, or `stop_after` more; returns the step reached.
 

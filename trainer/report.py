@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from t2f.io import atomic_path, write_json
-from t2f.stylegan2 import Generator, to_uint8
+from t2f.stylegan2 import to_uint8
+from t2f.types import StyleGenerator
 
 from .run import Run, RunError
 
@@ -84,7 +85,7 @@ def grid_latents(z_dim: int, seed: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def face_grid(mapper, generator: Generator, conditions: torch.Tensor, truths: torch.Tensor | None, z: torch.Tensor) -> np.ndarray:
+def face_grid(mapper, generator: StyleGenerator, conditions: torch.Tensor, truths: torch.Tensor | None, z: torch.Tensor) -> np.ndarray:
     """Faces [rows * face, (1 + SAMPLES) * face, 3] uint8: per condition a blank or true face, then one face per z.
 
     conditions [rows, D]; truths [rows, num_ws, w_dim] for the last rows (the held-out pairs) or None.
@@ -101,12 +102,12 @@ def face_grid(mapper, generator: Generator, conditions: torch.Tensor, truths: to
     return cells.permute(0, 2, 1, 3, 4).reshape(rows * s, (1 + k) * s, 3).numpy()
 
 
-def _faces_shape(generator: Generator) -> tuple[int, int, int]:
+def _faces_shape(generator: StyleGenerator) -> tuple[int, int, int]:
     s = min(generator.resolution, FACE_MAX)
     return s, s, 3
 
 
-def _faces(generator: Generator, ws: torch.Tensor) -> torch.Tensor:
+def _faces(generator: StyleGenerator, ws: torch.Tensor) -> torch.Tensor:
     out = []
     for chunk in ws.split(8):
         img = generator.synthesis(chunk, noise_mode="const").float()

@@ -1,6 +1,6 @@
 """Stage 1, synth: the generator makes its own training data.
 
-Sample i draws z from numpy's generator seeded with (seed, i), maps it to w (psi 1),
+Sample i draws z from numpy's generator seeded with (seed, i) (`t2f.latents`), maps it to w (psi 1),
 synthesizes the image and embeds it with CLIP's image encoder. Pairs (w, embedding, index)
 are stored in shards of `shard_size` samples. A shard is written to a temporary file and
 renamed, so a killed run leaves whole shards only; a resumed run skips the shards on disk.
@@ -13,7 +13,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
@@ -21,20 +20,15 @@ from safetensors.torch import save
 
 from t2f.clip import Clip
 from t2f.io import atomic_path, read_json, write_json
-from t2f.stylegan2 import Generator
+from t2f.latents import seeded_latents
+from t2f.types import StyleGenerator
 
 from .run import Dist, Run, RunError
 
 SHARD_KIND = "t2f-pairs"
 
 
-def sample_latents(seed: int, start: int, end: int, z_dim: int) -> torch.Tensor:
-    """z for samples start..end-1: [end - start, z_dim], sample i from the stream (seed, i)."""
-    return torch.from_numpy(np.stack([np.random.default_rng([int(seed), i]).standard_normal(z_dim, dtype=np.float32)
-                                      for i in range(start, end)]))
-
-
-def image_embeddings(generator: Generator, clip: Clip, ws: torch.Tensor, downsample: int = 0) -> torch.Tensor:
+def image_embeddings(generator: StyleGenerator, clip: Clip, ws: torch.Tensor, downsample: int = 0) -> torch.Tensor:
     """ws [B, num_ws, w_dim] -> CLIP image embeddings [B, D] of G(ws) (constant noise); differentiable.
 
     downsample > 0 area-resizes the image to that size before CLIP's own preprocessing.
@@ -49,7 +43,7 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
 
-def synth(run: Run, generator: Generator, clip: Clip, identity: dict, dist: Dist, device: torch.device,
+def synth(run: Run, generator: StyleGenerator, clip: Clip, identity: dict, dist: Dist, device: torch.device,
           batch_size: int, progress: bool = True, max_shards: int | None = None) -> bool:
     """Make the missing shards of this rank (at most max_shards of them); True when the whole set is on disk."""
     samples, shard_size, seed, downsample = identity["samples"], identity["shard_size"], identity["seed"], identity["downsample"]
@@ -71,7 +65,7 @@ def synth(run: Run, generator: Generator, clip: Clip, identity: dict, dist: Dist
             start, end = k * shard_size, min(samples, (k + 1) * shard_size)
             ws_all, emb_all = [], []
             for b in range(start, end, batch_size):
-                z = sample_latents(seed, b, min(end, b + batch_size), generator.z_dim).to(device)
+                z = seeded_latents([(seed, i) for i in range(b, min(end, b + batch_size))], generator.z_dim).to(device)
                 ws = generator.mapping(z)
                 ws_all.append(ws[:, 0].cpu())
                 emb_all.append(image_embeddings(generator, clip, ws, downsample).cpu())

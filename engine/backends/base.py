@@ -1,4 +1,4 @@
-"""The backend contract: what every way of running the three graphs answers and how it is made.
+"""The backend contract: what every way of running the three graphs answers, declares, and how it is made.
 
     encode(tokens [B, context] int32)                  -> embedding [B, D] float32
     map(embedding [B, D], z [B, z_dim], psi [B])       -> ws [B, num_ws, w_dim] float32
@@ -6,28 +6,32 @@
     full(tokens, z, psi)                               -> (ws, image), the three in a row
     __call__(tokens, z, psi)                           -> image
 
-Torch tensors in, torch tensors out, on the backend's device. Backends other than `torch` allocate
-their output buffers once per batch size and return those buffers: a result is valid until the next
-call with the same batch size (copy it to keep it).
+`Backend` is an abstract base class: encode, map and synthesize are abstract, full and __call__ chain them. Torch
+tensors in, torch tensors out, on the backend's device. Backends other than `torch` allocate their output buffers once
+per batch size and return those buffers: a result is valid until the next call with the same batch size (copy it to
+keep it).
 
-Every backend class answers `check_available(device, precision, artifacts, noise_mode, memory_format, models)`
-(raises BackendUnavailable with one line, before any work; given the models, it also says whether it can
-run their text tower) and is made by `create(models, device, precision, artifacts, memory_format)`. Each
-declares what it can do (`devices`, `precisions`, `noise_modes`, `memory_formats`, `stage_timing`,
-`separate_uint8`, `max_batch`, `any_text_tower`); callers ask it, they never test its type. A backend
-never moves, casts or re-lays out the modules it is given: it copies what it must change
-(`t2f.devices.placed`).
+Every backend is made one way, `Cls(models, device, precision, artifacts=None, memory_format="nchw")`: the
+exported-graph backends check `artifacts` against the models (or export the graphs into the cache first, where they
+export on demand), the others ignore it. Each declares what it can do as class attributes (`devices`, `precisions`,
+`auto_rank`, `noise_modes`, `memory_formats`, `modules`, `install`, `any_text_tower`, `stage_timing`, ...); callers
+ask it, they never test its type, and the backend tables of README.md and docs/backends.md are made from them
+(`t2f.engine.backends.docs`). `check_available(device, precision, artifacts, noise_mode, memory_format, models)`
+refuses with one line (BackendUnavailable) before any work. A backend class is registered by `@register`
+(`registry`) in its own file. A backend never moves, casts or re-lays out the modules it is given: it copies what it
+must change (`t2f.devices.placed`).
 """
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 
 import torch
 
 from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-exported)
-from t2f.graphs import GraphSpec
 from t2f.precision import Precision
+from t2f.specs import GraphSpec
 
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
@@ -35,13 +39,18 @@ from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 MEMORY_FORMATS = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}
 
 
-class Backend:
+class Backend(abc.ABC):
     name = "base"
+    description = ""                # what runs, one line for the docs' backend table
     devices: tuple[str, ...] = ("cpu", "cuda")      # device types it runs on
     precisions: tuple[Precision, ...] = (Precision.FP32, Precision.FP16)
+    auto_rank: dict[str, dict[Precision, int]] = {}     # where `auto` tries it, per device type and precision: lower
+                                    # first (the built-ins use 10 to 70, so a new backend can go between); a device or
+                                    # precision it does not list, auto never picks there (torch-compile: anywhere)
     noise_modes: tuple[str, ...] = ("const",)      # exported graphs hold constant noise
     memory_formats: tuple[str, ...] = ("nchw",)    # activation layouts (MEMORY_FORMATS) it runs the synthesis in
     modules: tuple[str, ...] = ()                  # Python packages it needs
+    install = ""                    # how to install them, as its refusal and the docs say it
     stage_timing = "graph"          # what t2f-bench's per-stage columns time: "graph" (each stage's own graph or
                                     # eager module, as `full` runs it) or "eager" (eager twins of a captured pipeline)
     separate_uint8 = False          # True: synthesize_float(ws) + to_uint8 are separate steps (eager PyTorch)
@@ -52,12 +61,16 @@ class Backend:
     min_batch = 1                   # smallest batch one call runs (engines' profiles; a smaller one is padded up to it)
     max_batch = 1 << 30             # largest batch one call takes (engines have a profile)
 
-    def __init__(self, device: torch.device, precision: Precision, memory_format: str = "nchw"):
+    def __init__(self, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
+                 memory_format: str = "nchw"):
+        """memory_format is one of its `memory_formats` (check_available has refused any other). A subclass keeps
+        what it runs, never `models` itself: a pipeline's eager models are freed where nothing runs them."""
         self.device, self.precision, self.memory_format = device, precision, memory_format
         self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
         self.text_encoder_source: str | None = None     # what runs the text tower where t2f's rewrite does not (else None)
+        self.runs_given_modules = False     # True: it runs the caller's own modules (eager PyTorch on their device)
 
-    # --- the contract ---------------------------------------------------------
+    # --- what it can do ---------------------------------------------------------
 
     @classmethod
     def check_available(cls, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
@@ -90,26 +103,28 @@ class Backend:
         missing = [m for m in cls.modules if not importable(m)]
         if missing:
             raise BackendUnavailable(f"{cls.name} needs the Python package {missing[0]}, which is not installed (or does not import)"
-                                     f"{cls.install_hint()}")
+                                     + (f" ({cls.install})" if cls.install else ""))
         if cls.uses_artifacts and artifacts is None and not cls.exports_on_demand:
             raise BackendUnavailable(f"--backend {cls.name} needs --artifacts DIR with engines made by t2f-export")
         cls.check_runtime(device, precision)
 
     @classmethod
-    def install_hint(cls) -> str:
-        return ""
-
-    @classmethod
     def check_runtime(cls, device: torch.device, precision: Precision) -> None:
         """The backend's own checks of its runtime (providers, plugins); BackendUnavailable where it cannot run."""
 
-    @classmethod
-    def create(cls, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
-               memory_format: str = "nchw") -> "Backend":
-        """The backend; memory_format is one of its `memory_formats` (check_available has refused any other)."""
-        raise NotImplementedError
-
     # --- running ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, context] int32 -> embedding [B, D] float32, L2-normalized."""
+
+    @abc.abstractmethod
+    def map(self, embedding: torch.Tensor, z: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+        """embedding [B, D], z [B, z_dim], psi [B] -> truncated ws [B, num_ws, w_dim] float32."""
+
+    @abc.abstractmethod
+    def synthesize(self, ws: torch.Tensor) -> torch.Tensor:
+        """ws [B, num_ws, w_dim] -> image [B, H, W, C] uint8."""
 
     def __call__(self, tokens: torch.Tensor, z: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
         return self.full(tokens, z, psi)[1]
@@ -121,29 +136,34 @@ class Backend:
 
 
 class ArtifactBackend(Backend):
-    """Runs exported graphs by spec: subclasses implement _run(spec, feeds) -> output tensor."""
+    """Runs exported graphs by spec: subclasses implement _run(spec, feeds) -> output tensor.
+
+    Made on `artifacts` (checked against the models and the precision: `self.manifest`, `self.specs`), or, where it
+    exports on demand and none are given, on the ONNX graphs exported into the cache once (their layout is NCHW).
+    """
 
     uses_artifacts = True
     specs: dict[str, GraphSpec]
 
-    @classmethod
-    def create(cls, models: Models, device, precision, artifacts=None, memory_format: str = "nchw"):
-        """On `artifacts`, or (exports_on_demand) on graphs exported into the cache once (their layout is NCHW)."""
-        if cls.exports_on_demand:
+    def __init__(self, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
+                 memory_format: str = "nchw"):
+        from t2f.export.onnx_export import check_artifacts
+        from t2f.specs import graph_specs
+
+        super().__init__(models, device, precision, artifacts, memory_format)
+        if artifacts is None and self.exports_on_demand:
             from .ondemand import ensure_onnx
 
-            artifacts = ensure_onnx(models, precision, artifacts)
-        return cls(artifacts, device, models, precision)
+            artifacts = ensure_onnx(models, precision)
+        if artifacts is None:
+            raise BackendUnavailable(f"--backend {self.name} needs --artifacts DIR with engines made by t2f-export")
+        self.artifacts = Path(artifacts)
+        self.manifest = check_artifacts(self.artifacts, *models, precision, error=BackendUnavailable)
+        self.specs = graph_specs(self.manifest.dims)
 
-    def _checked_manifest(self, artifacts: Path, models: Models):
-        """The manifest of `artifacts` checked against the models and this precision (BackendUnavailable otherwise);
-        sets the graph specs from it."""
-        from t2f.export.onnx_export import check_artifacts
-        from t2f.graphs import graph_specs
-
-        manifest = check_artifacts(artifacts, *models, self.precision, error=BackendUnavailable)
-        self.specs = graph_specs(manifest.dims)
-        return manifest
+    @abc.abstractmethod
+    def _run(self, spec: GraphSpec, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The graph of `spec` on `feeds` (input name -> tensor): its output."""
 
     def encode(self, tokens):
         return self._run(self.specs["text_encoder"], {"tokens": tokens.to(torch.int32)})

@@ -1,4 +1,4 @@
-"""ONNX graphs exported on demand into the cache, for the exported-graph backends run without --artifacts."""
+"""ONNX graphs exported on demand into the cache, for the exported-graph backends made without artifacts."""
 
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ def onnx_cache_dir(models: Models) -> Path:
     return cache_dir() / "onnx" / f"{fingerprint(generator)}-{clip.fingerprint}-{fingerprint(mapper)}-{configs.hexdigest()[:8]}"
 
 
-def ensure_onnx(models: Models, precision: Precision, artifacts: str | None = None) -> Path:
-    """A directory with current ONNX graphs of these models for `precision`: `artifacts` if given, else one in the
-    cache, exported (and parity-checked in `precision`) once.
+def ensure_onnx(models: Models, precision: Precision) -> Path:
+    """A directory in the cache with current ONNX graphs of these models for `precision`, exported (and parity-checked
+    in `precision`) once.
 
     The cache folder is checked first (t2f.private.private_dir: 0700, no other user can change it), so no graph is
     read from a folder another user could have written. An export there holds the folder's lock, waiting for
@@ -35,8 +35,6 @@ def ensure_onnx(models: Models, precision: Precision, artifacts: str | None = No
     from t2f.io import directory_lock
     from t2f.private import private_dir
 
-    if artifacts is not None:
-        return Path(artifacts)                                         # checked against the models by the backend
     out = onnx_cache_dir(models)
     private_dir(cache_dir(), "onnx", out.name)
     if artifacts_current(out, *models, precision) and not temporaries(out):

@@ -1,9 +1,6 @@
-"""ONNX Runtime backends on the exported graphs.
-
-    onnxruntime            the CUDA execution provider on a GPU (onnxruntime-gpu), else the CPU; IO binding onto the
-                           torch tensors, ordered with torch's stream
-    onnxruntime-tensorrt   the same with ONNX Runtime's TensorRT execution provider (opt-in): the export's profile,
-                           fp16 where the artifacts are fp16, engine and timing caches in the artifact directory
+"""ONNX Runtime on the exported graphs: the CUDA execution provider on a GPU (onnxruntime-gpu), else the CPU; IO binding
+onto the torch tensors, ordered with torch's stream. `onnxruntime-tensorrt` (its own file) is the same with ONNX
+Runtime's TensorRT execution provider.
 
 A session whose first provider is not the one asked for is refused (ONNX Runtime otherwise falls back to
 another provider silently, with none of our options), and so is a TensorRT session that would run some nodes
@@ -17,10 +14,11 @@ from pathlib import Path
 
 import torch
 
-from t2f.graphs import GraphSpec
 from t2f.precision import Precision
+from t2f.specs import GraphSpec
 
-from .base import ArtifactBackend, BackendUnavailable, Models, cpu_threads, pad_rows, runnable_batch
+from .base import ArtifactBackend, BackendUnavailable, cpu_threads, pad_rows, runnable_batch
+from .registry import register
 
 _NUMPY_TYPES = {torch.float32: "float32", torch.int32: "int32", torch.uint8: "uint8", torch.float16: "float16"}
 ORT_CACHE = "onnxruntime-tensorrt"              # engine and timing caches of ONNX Runtime's TensorRT provider
@@ -89,18 +87,19 @@ def check_first_provider(session, wanted: str, what: str) -> None:
                                  f"{got[0] if got else 'nothing'}): its libraries do not load here")
 
 
+@register
 class OnnxRuntimeBackend(ArtifactBackend):
     """The exported ONNX graphs in ONNX Runtime (CUDA provider on a GPU, else CPU), with IO binding onto torch tensors."""
 
     name = "onnxruntime"
+    description = ("the exported ONNX graphs with IO binding onto torch tensors, on a torch stream given as ONNX Runtime's "
+                   "compute stream")
     precisions = (Precision.FP32, Precision.FP16)
+    auto_rank = {"cpu": {Precision.FP32: 30}, "cuda": {Precision.FP16: 30, Precision.FP32: 60}}
     modules = ("onnxruntime",)
+    install = 'pip install "t2f[export]", or onnxruntime-gpu for CUDA'
     exports_on_demand = True
     provider = "cuda"                   # on a GPU: the CUDA execution provider
-
-    @classmethod
-    def install_hint(cls):
-        return ' (pip install "t2f[export]", or onnxruntime-gpu for CUDA)'
 
     @classmethod
     def check_runtime(cls, device, precision):
@@ -112,14 +111,13 @@ class OnnxRuntimeBackend(ArtifactBackend):
                 raise BackendUnavailable(f"onnxruntime has no {wanted} here (install onnxruntime-gpu"
                                          f"{' and TensorRT' if cls.provider == 'tensorrt' else ''})")
 
-    def __init__(self, artifacts, device: torch.device, models: Models, precision: Precision = Precision.FP32):
+    def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
         import onnxruntime
 
         from t2f.export.onnx_export import onnx_session
 
-        super().__init__(device, precision)
-        artifacts = Path(artifacts)
-        manifest = self._checked_manifest(artifacts, models)
+        super().__init__(models, device, precision, artifacts, memory_format)
+        artifacts, manifest = self.artifacts, self.manifest
         self.graph_precisions["mapper"] = Precision.FP32
         options = onnxruntime.SessionOptions()
         for key, value in session_config(self.provider, device).items():
@@ -177,12 +175,3 @@ class OnnxRuntimeBackend(ArtifactBackend):
                 raise
             raise RuntimeError(f"ONNX Runtime failed running {spec.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
         return out[:batch]
-
-
-class OnnxRuntimeTensorRTBackend(OnnxRuntimeBackend):
-    """ONNX Runtime with its TensorRT execution provider (opt-in): the export's profile (a batch below its minimum
-    is padded, one above its maximum refused), fp16 for fp16 artifacts, caches in the artifacts."""
-
-    name = "onnxruntime-tensorrt"
-    devices = ("cuda",)
-    provider = "tensorrt"

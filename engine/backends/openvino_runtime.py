@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2f.graphs import GraphSpec
 from t2f.precision import Precision
+from t2f.specs import GraphSpec
 
-from .base import ArtifactBackend, BackendUnavailable, Models, cpu_threads
+from .base import ArtifactBackend, BackendUnavailable, cpu_threads
+from .registry import register
 
 OV_PRECISIONS = {Precision.FP32: "f32", Precision.BF16: "bf16"}
 
@@ -30,18 +31,20 @@ def openvino_cache() -> Path:
     return private_dir(cache_dir(), "openvino")
 
 
+@register
 class OpenVINOBackend(ArtifactBackend):
     """The exported ONNX graphs through OpenVINO's CPU plugin, fp32 or bf16, static shapes per block size."""
 
     name = "openvino"
+    description = ("the same ONNX graphs through OpenVINO's CPU plugin, compiled once per block size with static shapes; "
+                   "bf16 by `INFERENCE_PRECISION_HINT` on the fp32 graphs, per graph as its parity allows; compiled graphs "
+                   "cached in `T2F_CACHE/openvino`, so a second start loads them instead of compiling")
     devices = ("cpu",)
     precisions = (Precision.FP32, Precision.BF16)
+    auto_rank = {"cpu": {Precision.BF16: 10, Precision.FP32: 20}}
     modules = ("openvino",)
+    install = 'pip install "t2f[openvino]"'
     exports_on_demand = True
-
-    @classmethod
-    def install_hint(cls):
-        return ' (pip install "t2f[openvino]")'
 
     @classmethod
     def check_runtime(cls, device, precision):
@@ -51,12 +54,11 @@ class OpenVINOBackend(ArtifactBackend):
             if "BF16" not in openvino.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
                 raise BackendUnavailable("OpenVINO's CPU plugin does not offer bf16 on this CPU; use fp32")
 
-    def __init__(self, artifacts, device: torch.device, models: Models, precision: Precision = Precision.FP32):
+    def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
         import openvino
 
-        super().__init__(device, precision)
-        artifacts = Path(artifacts)
-        manifest = self._checked_manifest(artifacts, models)
+        super().__init__(models, device, precision, artifacts, memory_format)
+        artifacts, manifest = self.artifacts, self.manifest
         self.core = openvino.Core()
         self.cache = openvino_cache()
         self.core.set_property({"CACHE_DIR": str(self.cache)})

@@ -39,6 +39,9 @@ from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, to_uint8
 
 from .base import MEMORY_FORMATS, Backend, BackendUnavailable, Models
+from .registry import register
+
+FP32, FP16, BF16 = Precision.FP32, Precision.FP16, Precision.BF16
 
 
 class PipelineGraph(nn.Module):
@@ -56,13 +59,9 @@ class PipelineGraph(nn.Module):
 
 class _StageModules(Backend):
     """The text encoder and mapper modules on the device (the text encoder in the backend's precision), with the one
-    eager recipe of each; subclasses add their synthesis."""
+    eager recipe of each; subclasses add their synthesis. `artifacts` is not used."""
 
     memory_formats = tuple(MEMORY_FORMATS)
-
-    @classmethod
-    def create(cls, models, device, precision, artifacts=None, memory_format="nchw"):
-        return cls(models, device, precision, memory_format)
 
     def _stages(self, models: Models, device: torch.device, precision: Precision, synthesis: bool = True):
         if device.type == "cuda":
@@ -100,7 +99,7 @@ class OpenClipTextEncoder(torch.nn.Module):
 
     def __init__(self, clip, device: torch.device, precision: Precision):
         super().__init__()
-        self.encoder = clip.on(device).text_encoder     # the caller's model where it is on the device already, else a copy
+        self.encoder = clip.only("text").on(device).text_encoder   # the caller's text tower where it is on the device, else a copy
         autocast = precision.reduced and torch.amp.is_autocast_available(device.type)
         self.precision = precision if autocast else Precision.FP32
 
@@ -109,12 +108,15 @@ class OpenClipTextEncoder(torch.nn.Module):
             return self.encoder(tokens.long()).float()
 
 
+@register
 class TorchBackend(_StageModules):
     """Eager PyTorch: the text-encoder graph module (or open_clip's own text encoder where that rewrite does not
-    apply), the mapper, the synthesis network, then the uint8 conversion."""
+    apply), the mapper, the synthesis network (the caller's own where it is on the device), then the uint8 conversion."""
 
     name = "torch"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    description = "eager PyTorch; every noise mode"
+    precisions = (FP32, FP16, BF16)
+    auto_rank = {"cpu": {FP32: 40, BF16: 50}, "cuda": {FP16: 40, FP32: 70}}
     noise_modes = NOISE_MODES
     separate_uint8 = True
     any_text_tower = True
@@ -128,10 +130,11 @@ class TorchBackend(_StageModules):
             self.text_encoder_source = "open_clip's own encode_text" + (" (autocast)" if encoder.precision.reduced else "")
             return encoder
 
-    def __init__(self, models: Models, device: torch.device, precision: Precision, memory_format: str = "nchw"):
-        super().__init__(device, precision, memory_format)
+    def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
+        super().__init__(models, device, precision, artifacts, memory_format)
         self._stages(models, device, precision, synthesis=False)
         self.synthesis = placed(models.generator.synthesis, device)    # the caller's own where it is on the device already
+        self.runs_given_modules = self.synthesis is models.generator.synthesis
         self.layout = MEMORY_FORMATS[memory_format]
 
     @torch.no_grad()
@@ -145,6 +148,7 @@ class TorchBackend(_StageModules):
         return to_uint8(self.synthesize_float(ws, noise_mode, noise_seeds))
 
 
+@register
 class CudaGraphBackend(_StageModules):
     """fp16; tokens -> uint8 image captured as one CUDA graph per batch size (launch overhead gone).
 
@@ -153,12 +157,14 @@ class CudaGraphBackend(_StageModules):
     """
 
     name = "torch-cudagraph"
+    description = "tokens -> text encoder -> mapper -> synthesis -> uint8, captured as one CUDA graph per batch size"
     devices = ("cuda",)
-    precisions = (Precision.FP16,)
+    precisions = (FP16,)
+    auto_rank = {"cuda": {FP16: 20}}
     stage_timing = "eager"
 
-    def __init__(self, models: Models, device: torch.device, precision: Precision, memory_format: str = "nchw"):
-        super().__init__(device, precision, memory_format)
+    def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
+        super().__init__(models, device, precision, artifacts, memory_format)
         self._stages(models, device, precision)
         self.graphs: dict[int, tuple] = {}
 
@@ -243,6 +249,7 @@ def cxx_compiler() -> str | None:
     return None
 
 
+@register
 class TorchCompileBackend(_StageModules):
     """torch.compile: the whole pipeline as one compiled function (`full`), each stage as one more (`encode`, `map`,
     `synthesize`, compiled on their first use); static shapes (one compiled graph per block size), CUDA graphs on a
@@ -251,10 +258,14 @@ class TorchCompileBackend(_StageModules):
     models finds it there."""
 
     name = "torch-compile"
-    precisions = (Precision.FP32, Precision.FP16, Precision.BF16)
+    description = ("the whole pipeline (tokens -> ws and uint8 image) as one function through `torch.compile` (Inductor), "
+                   "static shapes, one compiled graph per block size; each stage one more for the modes that call stages "
+                   "alone (KNN, image); on CUDA with CUDA graphs (`mode=\"reduce-overhead\"`); Inductor's caches in "
+                   "`T2F_CACHE/inductor` (or `$TORCHINDUCTOR_CACHE_DIR`); the CPU needs a C++ compiler")
+    precisions = (FP32, FP16, BF16)
 
-    def __init__(self, models: Models, device: torch.device, precision: Precision, memory_format: str = "nchw"):
-        super().__init__(device, precision, memory_format)
+    def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
+        super().__init__(models, device, precision, artifacts, memory_format)
         self._stages(models, device, precision)
         self.cache = inductor_cache()
         self.cudagraphs = device.type == "cuda"

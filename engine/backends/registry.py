@@ -1,41 +1,87 @@
-"""Choosing and building a backend: the registry and `auto` (the on-demand ONNX export is in `ondemand`).
+"""Which backends there are, and choosing one: `register`, `choose` (with `auto`) and `make_backend`.
 
-`auto` is the first (backend, precision) of the device's preference list that passes
-`check_available`. The lists are ordered by measured end-to-end speed (benchmarks/RESULTS.md:
-on the 2-core AMD EPYC development CPU, OpenVINO bf16 ran text -> uint8 image fastest; on an
-H200, one fp16 CUDA graph ran fastest of what we could run there), and hold only accurate paths:
-every graph within its precision's parity bounds (`t2f.export.onnx_export`: fp32 1e-4 relative,
-fp16 2e-2, bf16 per graph, a failing bf16 graph runs fp32). torch-compile is left out of `auto`:
-its first call compiles for 10 s to minutes, more than it saves in a run of a few images.
-Given the models, `auto` skips the backends that cannot run their CLIP's text tower (every one
-but `torch` runs t2f's exportable rewrite of it): such a CLIP runs on `torch`.
+A backend class registers itself with `@register` in its own file; the package imports t2f's own backend modules
+(`t2f.engine.backends.BUILTIN`), then loads the entry points of group `t2f.backends` once (`load_entry_points`), so
+another package adds a runtime with one file and one entry point:
+
+    [project.entry-points."t2f.backends"]
+    my-runtime = "my_package.my_backend"        # a module whose class is decorated with @register (or the class)
+
+`auto` is the first (backend, precision) of the device's preference list that passes `check_available`. The list
+(`preference`) is made from what each registered class declares (`Backend.auto_rank`), ordered by rank; t2f's own
+ranks follow measured end-to-end speed (benchmarks/RESULTS.md: on the 2-core AMD EPYC development CPU, OpenVINO bf16
+ran text -> uint8 image fastest; on an H200, one fp16 CUDA graph ran fastest of what we could run there) and rank only
+accurate paths: every graph within its precision's parity bounds (`t2f.export.onnx_export`: fp32 1e-4 relative, fp16
+2e-2, bf16 per graph, a failing bf16 graph runs fp32). torch-compile has no rank: its first call compiles for 10 s
+to minutes, more than it saves in a run of a few images. Given the models, `auto` skips the backends that cannot run
+their CLIP's text tower (every one but `torch` runs t2f's exportable rewrite of it): such a CLIP runs on `torch`.
 """
 
 from __future__ import annotations
+
+import inspect
+import warnings
 
 import torch
 
 from t2f.precision import Precision
 
 from .base import Backend
-from .ondemand import ensure_onnx, onnx_cache_dir  # noqa: F401  (re-exported)
 from .types import BackendUnavailable, Models
-from .onnx_runtime import OnnxRuntimeBackend, OnnxRuntimeTensorRTBackend
-from .openvino_runtime import OpenVINOBackend
-from .pytorch import CudaGraphBackend, TorchBackend, TorchCompileBackend
-from .tensorrt_engines import TensorRTBackend
 
-BACKEND_CLASSES: dict[str, type[Backend]] = {cls.name: cls for cls in (
-    TorchBackend, CudaGraphBackend, TorchCompileBackend, OnnxRuntimeBackend, OpenVINOBackend, OnnxRuntimeTensorRTBackend,
-    TensorRTBackend)}
-BACKENDS = tuple(BACKEND_CLASSES)
+ENTRY_POINTS = "t2f.backends"
+BACKEND_CLASSES: dict[str, type[Backend]] = {}      # name -> class, in registration order (t2f's own first)
 
-FP32, FP16, BF16 = Precision.FP32, Precision.FP16, Precision.BF16
-PREFERENCE: dict[str, tuple[tuple[str, Precision], ...]] = {
-    "cpu": (("openvino", BF16), ("openvino", FP32), ("onnxruntime", FP32), ("torch", FP32), ("torch", BF16)),
-    "cuda": (("tensorrt", FP16), ("torch-cudagraph", FP16), ("onnxruntime", FP16), ("torch", FP16),
-             ("tensorrt", FP32), ("onnxruntime", FP32), ("torch", FP32)),
-}
+
+def register(cls: type[Backend]) -> type[Backend]:
+    """Class decorator: make `cls` a backend that `--backend` and `auto` know by its `name`. TypeError where it is not
+    a complete Backend (an abstract method left), its name is taken, or it ranks a precision it does not run there."""
+    if not (isinstance(cls, type) and issubclass(cls, Backend)) or inspect.isabstract(cls):
+        raise TypeError(f"{cls!r} is not a Backend subclass with encode, map and synthesize")
+    if not cls.name or cls.name == "auto" or cls.name in BACKEND_CLASSES and BACKEND_CLASSES[cls.name] is not cls:
+        raise TypeError(f"backend name {cls.name!r} is {'taken' if cls.name in BACKEND_CLASSES else 'not a name'}")
+    for device, ranks in cls.auto_rank.items():
+        odd = [p for p in ranks if device not in cls.devices or p not in cls.precisions or p.device_type not in (None, device)]
+        if odd:
+            raise TypeError(f"{cls.name} ranks {device} {', '.join(map(str, odd))}, which it does not run")
+    BACKEND_CLASSES[cls.name] = cls
+    return cls
+
+
+def backend_names() -> tuple[str, ...]:
+    return tuple(BACKEND_CLASSES)
+
+
+def builtin_classes() -> dict[str, type[Backend]]:
+    """t2f's own backends (those of t2f.engine.backends), as the docs' tables show them."""
+    return {name: cls for name, cls in BACKEND_CLASSES.items() if cls.__module__.startswith(__package__ + ".")}
+
+
+def load_entry_points(entry_points=None) -> list[str]:
+    """Load the backends other packages declare in the entry-point group `t2f.backends` (each a module that registers
+    its class, or the class itself); one that fails to load is left out with a warning. The names that failed."""
+    import importlib.metadata
+
+    failed = []
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS) if entry_points is None else entry_points:
+        try:
+            loaded = entry.load()
+            if isinstance(loaded, type):
+                register(loaded)
+        except Exception as e:              # a broken plugin never stops t2f's own backends
+            failed.append(entry.name)
+            warnings.warn(f"backend entry point {entry.name} ({entry.value}) does not load: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", RuntimeWarning, stacklevel=2)
+    return failed
+
+
+def preference(device_type: str, classes: dict[str, type[Backend]] | None = None) -> list[tuple[str, Precision]]:
+    """`auto`'s (backend, precision) list on a device type, best first: every registered class's `auto_rank` entries
+    there, by rank (equal ranks in registration order)."""
+    classes = BACKEND_CLASSES if classes is None else classes
+    ranked = [(rank, i, name, precision) for i, (name, cls) in enumerate(classes.items())
+              for precision, rank in cls.auto_rank.get(device_type, {}).items()]
+    return [(name, precision) for _, _, name, precision in sorted(ranked, key=lambda r: r[:2])]
 
 
 def choose(device: torch.device, backend: str = "auto", precision: Precision | None = None, artifacts=None,
@@ -47,12 +93,12 @@ def choose(device: torch.device, backend: str = "auto", precision: Precision | N
     BackendUnavailable with one line where none passes.
     """
     if backend != "auto" and backend not in BACKEND_CLASSES:
-        raise BackendUnavailable(f"unknown backend {backend!r}; one of auto, {', '.join(BACKENDS)}")
-    candidates = [(name, p) for name, p in PREFERENCE[device.type]
-                  if backend in ("auto", name) and precision in (None, p)]
+        raise BackendUnavailable(f"unknown backend {backend!r}; one of auto, {', '.join(BACKEND_CLASSES)}")
+    fp32 = Precision.FP32
+    candidates = [(name, p) for name, p in preference(device.type) if backend in ("auto", name) and precision in (None, p)]
     if noise_mode != "const":       # only eager PyTorch draws noise: the list's torch entries, else torch as asked
         candidates = [c for c in candidates if noise_mode in BACKEND_CLASSES[c[0]].noise_modes] or \
-                     [("torch", precision or (FP32 if device.type == "cpu" else FP16))]
+                     [("torch", precision or (fp32 if device.type == "cpu" else Precision.FP16))]
     if memory_format != "nchw":     # auto picks among the backends that run this layout
         candidates = [c for c in candidates if memory_format in BACKEND_CLASSES[c[0]].memory_formats]
     if backend != "auto":           # a named backend: its preferred precisions on this device, then any it has
@@ -82,6 +128,6 @@ def make_backend(name: str, models: Models, device: torch.device, precision: Pre
 
     cls, precision = choose(device, name, precision, artifacts, noise_mode, memory_format, models)
     try:
-        return cls.create(models, device, precision, artifacts, memory_format)
+        return cls(models, device, precision, artifacts, memory_format)
     except ExportError as e:                     # artifacts that cannot be used here: this backend cannot run
         raise BackendUnavailable(str(e)) from None

@@ -6,15 +6,14 @@ Not run by us: TensorRT cannot be installed on our machines. Written against Ten
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
-from t2f.graphs import GRAPHS, ExportError, GraphSpec
+from t2f.graphs import GRAPHS, ExportError
 from t2f.precision import Precision
+from t2f.specs import GraphSpec
 
 from .base import ArtifactBackend, BackendUnavailable, pad_rows, runnable_batch
+from .registry import register
 
 
 def enqueue(context, stream: int, graph: str) -> None:
@@ -23,6 +22,7 @@ def enqueue(context, stream: int, graph: str) -> None:
         raise RuntimeError(f"TensorRT could not enqueue the {graph} engine")
 
 
+@register
 class TensorRTBackend(ArtifactBackend):
     """The exported TensorRT engines: execute_async_v3 with set_tensor_address on torch tensors, one stream.
 
@@ -31,21 +31,20 @@ class TensorRTBackend(ArtifactBackend):
     """
 
     name = "tensorrt"
+    description = ("the exported engines (`--artifacts`), `execute_async_v3` on torch tensors, one stream, one shared "
+                   "scratch buffer, the three engines captured as one CUDA graph per batch size")
     devices = ("cuda",)
+    auto_rank = {"cuda": {Precision.FP16: 10, Precision.FP32: 50}}
     modules = ("tensorrt",)
+    install = "TensorRT >= 10 from NVIDIA's package index"
+    cuda_graph = True                   # capture the three engines as one CUDA graph per batch size (False: launch them)
 
-    @classmethod
-    def install_hint(cls):
-        return " (TensorRT >= 10 from NVIDIA's package index)"
-
-    def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: Precision = Precision.FP16,
-                 cuda_graph: bool = True):
+    def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
         from t2f.export.tensorrt import load_engine, tensorrt_module
         from t2f.io import sha256_file
 
-        super().__init__(device, precision)
-        artifacts = Path(artifacts)
-        manifest = self._checked_manifest(artifacts, models)
+        super().__init__(models, device, precision, artifacts, memory_format)
+        artifacts, manifest = self.artifacts, self.manifest
         records = manifest.tensorrt.get("engines", {})
         self.engines, self.min_batch = {}, 1
         with torch.cuda.device(device):
@@ -68,7 +67,7 @@ class TensorRTBackend(ArtifactBackend):
             self.stream = torch.cuda.Stream(device)
             self.contexts = self._contexts()
         self.outputs: dict[tuple, torch.Tensor] = {}
-        self.cuda_graph, self.graphs = cuda_graph, {}
+        self.graphs: dict[int, tuple] = {}
 
     def _contexts(self) -> dict:
         """One execution context per engine, on the shared scratch buffer."""
@@ -122,7 +121,7 @@ class TensorRTBackend(ArtifactBackend):
             torch.cuda.synchronize(self.device)
             if not (torch.equal(ws, expected[0]) and torch.equal(image, expected[1])):
                 raise RuntimeError("the captured TensorRT engines do not reproduce their un-captured run; "
-                                   "use the tensorrt backend without CUDA graphs (cuda_graph=False)")
+                                   "use the tensorrt backend without CUDA graphs (its cuda_graph = False)")
         self._graph_contexts = getattr(self, "_graph_contexts", []) + [contexts]      # keep them alive with the graph
         return graph, static, ws, image
 

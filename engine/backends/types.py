@@ -6,7 +6,7 @@ import dataclasses
 
 from t2f.clip import Clip
 from t2f.mapper import Mapper
-from t2f.stylegan2 import Generator
+from t2f.types import StyleGenerator
 
 
 class BackendUnavailable(Exception):
@@ -16,7 +16,7 @@ class BackendUnavailable(Exception):
 @dataclasses.dataclass(frozen=True)
 class Models:
     """The three models a pipeline runs."""
-    generator: Generator
+    generator: StyleGenerator
     clip: Clip
     mapper: Mapper
 

@@ -38,7 +38,7 @@ MAX_TOKEN_FILE_BYTES = 4096
 def read_token(path: str) -> str:
     """The bearer token in `path` (16..256 URL-safe characters), refused where other users can read the file, or where it is
     not a small regular file (a FIFO would wait forever, /dev/zero never end)."""
-    from t2f.io import open_regular_file
+    from t2f.files import open_regular_file
 
     try:
         with open_regular_file(path, "rb") as f:

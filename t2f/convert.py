@@ -43,7 +43,7 @@ def main(source, out, overwrite, cache):
     from .cli_errors import user_errors
     from .weights import save_generator
 
-    from .io import OutputPathError, check_output_dir
+    from .files import OutputPathError, check_output_dir
 
     try:
         check_output_dir(out, replace=True)

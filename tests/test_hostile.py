@@ -104,7 +104,7 @@ def test_a_symlinked_output_directory_is_written_into_but_never_replaced(tmp_pat
 
 
 def test_library_writers_refuse_special_files(tmp_path):
-    from t2f.io import OutputPathError, atomic_path, write_json
+    from t2f.files import OutputPathError, atomic_path, write_json
 
     os.mkfifo(tmp_path / "options.json")
     with pytest.raises(OutputPathError, match="FIFO"):
@@ -550,7 +550,7 @@ def _lock_held_by_another_process(directory):
     import subprocess
     import sys
 
-    code = (f"import sys\nfrom t2f.io import directory_lock\nwith directory_lock({str(directory)!r}, 'test'):\n"
+    code = (f"import sys\nfrom t2f.private import directory_lock\nwith directory_lock({str(directory)!r}, 'test'):\n"
             "    print('held', flush=True)\n    sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:

@@ -281,7 +281,7 @@ def _open_lock(directory, mode=0o600):
 
 def test_a_wait_for_the_cache_lock_ends_in_one_line_naming_its_holder(tmp_path, monkeypatch, models, capfd):
     from t2f.engine.backends.ondemand import ensure_onnx, onnx_cache_dir
-    from t2f.io import DirectoryInUse
+    from t2f.private import DirectoryInUse
     from t2f.precision import Precision
 
     monkeypatch.setenv("T2F_LOCK_TIMEOUT", "1")
@@ -301,7 +301,7 @@ def test_a_wait_for_the_cache_lock_ends_in_one_line_naming_its_holder(tmp_path, 
 
 
 def test_a_bad_lock_timeout_is_one_line(tmp_path, monkeypatch):
-    from t2f.io import directory_lock
+    from t2f.private import directory_lock
 
     monkeypatch.setenv("T2F_LOCK_TIMEOUT", "nan")
     with pytest.raises(ValueError, match="^T2F_LOCK_TIMEOUT must be a number of seconds, got 'nan'$"):
@@ -312,7 +312,7 @@ def test_a_bad_lock_timeout_is_one_line(tmp_path, monkeypatch):
 def test_a_lock_held_through_an_exited_process_names_no_pid(tmp_path):
     """The process that took the lock has exited but the open file lives on (in this test's own descriptor): the kernel
     still reports that dead pid as the holder, which t2f never presents as one."""
-    from t2f.io import DirectoryInUse, directory_lock
+    from t2f.private import DirectoryInUse, directory_lock
 
     fd = _open_lock(tmp_path)
     with _holding(fd) as holder:
@@ -330,7 +330,7 @@ def test_a_lock_held_through_an_exited_process_names_no_pid(tmp_path):
 def test_a_lock_held_by_another_user_is_named_so_and_lock_files_are_0600(tmp_path):
     """An earlier t2f made its lock files 0644: another user could open one read-only and hold its lock. t2f makes its
     lock files 0600 (so nobody else can open them from then on) and names such a holder without a dead pid."""
-    from t2f.io import DirectoryInUse, directory_lock
+    from t2f.private import DirectoryInUse, directory_lock
 
     fd = _open_lock(tmp_path, 0o644)
     os.fchmod(fd, 0o644)
@@ -390,7 +390,7 @@ def test_the_next_run_removes_what_a_killed_export_left_in_the_cache(tmp_path, m
 
 
 def test_atomic_writes_keep_the_umask_modes_without_touching_the_umask(tmp_path, monkeypatch):
-    from t2f.io import atomic_dir, atomic_path, write_json
+    from t2f.files import atomic_dir, atomic_path, write_json
 
     old = os.umask(0o027)
     try:

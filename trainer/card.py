@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from t2f.io import atomic_path, read_json
+from t2f.files import atomic_path, read_json
 
 from .run import Run
 

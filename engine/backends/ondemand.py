@@ -32,8 +32,7 @@ def ensure_onnx(models: Models, precision: Precision, artifacts: str | None = No
     from t2f.download import cache_dir
     from t2f.export.onnx_export import artifacts_current, export_artifacts, remove_stale_temporaries, temporaries
     from t2f.graphs import ExportError
-    from t2f.io import directory_lock
-    from t2f.private import private_dir
+    from t2f.private import directory_lock, private_dir
 
     if artifacts is not None:
         return Path(artifacts)                                         # checked against the models by the backend

@@ -41,7 +41,7 @@ class TensorRTBackend(ArtifactBackend):
     def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: Precision = Precision.FP16,
                  cuda_graph: bool = True):
         from t2f.export.tensorrt import load_engine, tensorrt_module
-        from t2f.io import sha256_file
+        from t2f.files import sha256_file
 
         super().__init__(device, precision)
         artifacts = Path(artifacts)

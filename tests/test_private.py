@@ -61,7 +61,7 @@ def test_the_cache_and_its_folders_are_created_0700(tmp_path, monkeypatch, model
     from t2f.engine.backends.ondemand import ensure_onnx, onnx_cache_dir
     from t2f.engine.backends.openvino_runtime import openvino_cache
     from t2f.engine.backends.pytorch import inductor_cache
-    from t2f.engine.tritonserver import workspace_parent
+    from t2f.engine.serve.tritonserver import workspace_parent
     from t2f.precision import Precision
 
     cache = tmp_path / "home" / ".cache" / "t2f"                 # nothing of it exists yet
@@ -93,7 +93,7 @@ def _use(folder: str, cache, models):
     from t2f.engine.backends.ondemand import ensure_onnx
     from t2f.engine.backends.openvino_runtime import openvino_cache
     from t2f.engine.backends.pytorch import inductor_cache
-    from t2f.engine.tritonserver import workspace_parent
+    from t2f.engine.serve.tritonserver import workspace_parent
     from t2f.precision import Precision
 
     if folder == "inductor":

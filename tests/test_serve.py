@@ -37,7 +37,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from helpers import TINY, free_port, http_request as request, tiny_pipeline  # noqa: E402
 from t2f.engine.pipeline import face_tensor  # noqa: E402
-from t2f.engine.protocol import MAX_SAMPLE  # noqa: E402
+from t2f.engine.serve.protocol import MAX_SAMPLE  # noqa: E402
 
 MAX_BATCH = 16
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -803,7 +803,7 @@ def test_a_triton_killed_again_and_again_is_restarted_within_a_budget_and_never_
 
 
 def test_triton_gets_this_interpreter(tmp_path):
-    from t2f.engine.tritonserver import Binaries, Triton, Workspace, python_libdir
+    from t2f.engine.serve.tritonserver import Binaries, Triton, Workspace, python_libdir
 
     workspace = Workspace(str(tmp_path))
     try:

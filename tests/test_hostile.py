@@ -1,4 +1,4 @@
-"""Hostile and careless input (issue 10): crafted files built here, each refused with one clear line.
+"""Hostile and careless input: crafted files built here, each refused with one clear line.
 
 Outputs: only new paths and regular files are replaced. Options: no NaN or infinity anywhere.
 """

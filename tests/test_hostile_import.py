@@ -1,4 +1,4 @@
-"""Hostile weights and configuration files (issue 17, items 12-16): crafted here, each refused with one clear line,
+"""Hostile weights and configuration files: crafted here, each refused with one clear line,
 in work and memory proportional to its size.
 
 The bounds are checked on work counted or in a child process under resource limits, never by timing

@@ -49,7 +49,7 @@ TEXT = [("prompt", "BYTES", [2, 1]), ("seed", "INT64", [2, 1]), ("truncation", "
 
 
 @pytest.mark.parametrize("change, message", [
-    (("seed", "INT64", [2**40, 1]), "rows"),                  # issue 16, case 1: Triton's HTTP front end died on these
+    (("seed", "INT64", [2**40, 1]), "rows"),                  # crafted case 1: Triton's HTTP front end died on these
     (("seed", "INT64", [2**62, 1]), "rows"),
     (("seed", "INT64", [1, 2**62]), "expects \\[rows, 1\\]"),
     (("seed", "INT64", [-1, 1]), "rows"),
@@ -70,9 +70,9 @@ def test_declared_shapes_are_checked_with_python_integers(change, message):
 
 
 @pytest.mark.parametrize("shape, message", [
-    ([1, 0, 0, 3], "image sides must be 1..1024, got 0 x 0"),           # issue 16, case 9: a zero-size face
+    ([1, 0, 0, 3], "image sides must be 1..1024, got 0 x 0"),           # crafted case 9: a zero-size face
     ([1, MAX_FACE_SIDE + 1, 8, 3], "image sides"),
-    ([8, 4096, 4096, 3], "image sides"),                               # issue 16, case 5: 384 MiB of faces
+    ([8, 4096, 4096, 3], "image sides"),                               # crafted case 5: 384 MiB of faces
     ([17, 1024, 1024, 3], f"more than {MAX_IMAGE_BYTES}"),
     ([1, 8, 8, 4], "expects \\[rows, -1, -1, 3\\]"),
 ])
@@ -162,7 +162,7 @@ def _read(data: bytes, headers: dict, limit: int, chunk: int = 65536):
 def test_bodies_are_bounded_before_and_after_decompression():
     from t2f.engine.serve.web import Refused
 
-    bomb = gzip.compress(b"\0" * (64 * 2**20))                                       # issue 16, case 4 (64 MiB here, 1 GiB there)
+    bomb = gzip.compress(b"\0" * (64 * 2**20))                                       # crafted case 4 (64 MiB here, 1 GiB in test_serve.py)
     with pytest.raises(Refused, match="expands past") as info:
         _read(bomb, {"content-encoding": "gzip"}, limit=2**20)
     assert info.value.status == 413

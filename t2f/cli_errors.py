@@ -142,7 +142,7 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
 
 def write_files(files: dict[str, bytes]) -> None:
-    """t2f.io.write_all (every file or none), with an OSError as one clear line."""
+    """t2f.files.write_all (every file or none), with an OSError as one clear line."""
     from .files import OutputPathError, write_all
 
     try:

@@ -46,14 +46,22 @@ def printable(text: str, limit: int = 500) -> str:
 # Outputs: what a path may be.
 
 
-class OutputPathError(T2FError, OSError):
-    """An output path that t2f refuses to write: it exists and is not what t2f replaces."""
+class PathError(T2FError, OSError):
+    """A path t2f refuses, with why: "PATH: REASON". An OSError too, so an `except OSError` still catches it."""
+
+    code = errno.EINVAL
 
     def __init__(self, path, reason: str):
-        super().__init__(errno.EEXIST, reason, str(path))
+        super().__init__(self.code, reason, str(path))
 
     def __str__(self) -> str:
         return f"{self.filename}: {self.strerror}"
+
+
+class OutputPathError(PathError):
+    """An output path that t2f refuses to write: it exists and is not what t2f replaces."""
+
+    code = errno.EEXIST
 
 
 _KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -106,14 +114,10 @@ def check_output_dir(path: str | os.PathLike, replace: bool = False) -> None:
 # Inputs: opened only if they are regular files, so a FIFO or a device is refused at once instead of blocking.
 
 
-class InputPathError(T2FError, OSError):
+class InputPathError(PathError):
     """An input path that t2f refuses to read: not a regular file (a FIFO, a device, a socket, a directory)."""
 
-    def __init__(self, path, reason: str):
-        super().__init__(errno.EINVAL, reason, str(path))
-
-    def __str__(self) -> str:
-        return f"{self.filename}: {self.strerror}"
+    code = errno.EINVAL
 
 
 def open_regular_file(path: str | os.PathLike, mode: str = "rb"):

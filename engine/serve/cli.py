@@ -21,7 +21,7 @@ import urllib.request
 
 import click
 
-from t2f.files import printable
+from t2f.files import open_regular_file, printable
 
 from ..config import PipelineConfig, pipeline_options
 from .addresses import is_loopback
@@ -34,8 +34,6 @@ MAX_TOKEN_FILE_BYTES = 4096
 def read_token(path: str) -> str:
     """The bearer token in `path` (16..256 URL-safe characters), refused where other users can read the file, or where it is
     not a small regular file (a FIFO would wait forever, /dev/zero never end)."""
-    from t2f.files import open_regular_file
-
     try:
         with open_regular_file(path, "rb") as f:
             info = os.fstat(f.fileno())

@@ -250,6 +250,22 @@ def test_write_repository_into_a_sticky_directory_is_private(tmp_path, run_cli):
     assert _mode(out / "t2f" / "1" / "model.py") == 0o644                     # readable by the container's user
 
 
+def test_write_repository_refuses_a_planted_symlink_and_replaces_nothing(tmp_path, run_cli):
+    out = tmp_path / "repository"
+    assert run_cli(serve_main, [*TINY, "--device", "cpu", "--write-repository", out], tmp_path).exit_code == 0
+    target, link = tmp_path / "elsewhere.py", out / "t2f_image" / "1" / "model.py"
+    target.write_text("not t2f's\n")
+    link.unlink()
+    link.symlink_to(target)
+    (out / "t2f" / "config.pbtxt").write_text("an older config\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
+    result = run_cli(serve_main, [*TINY, "--device", "cpu", "--write-repository", out], tmp_path)
+    assert_one_error_line(result, 1, f"--write-repository {out}: {link}: is a symlink (to {target})")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink()} == before   # every file or none
+    assert link.is_symlink() and target.read_text() == "not t2f's\n"
+    assert sorted(p.name for p in out.rglob("*") if p.name.endswith(".tmp")) == []                      # no temporary left
+
+
 # ----------------------------------------------------------------------------
 # Locks: private, and every wait bounded, ending in one line that names the lock and its live holder.
 

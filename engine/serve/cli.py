@@ -21,7 +21,7 @@ import urllib.request
 
 import click
 
-from t2f.files import open_regular_file, printable
+from t2f.files import PathError, open_regular_file, printable
 
 from ..config import PipelineConfig, pipeline_options
 from .addresses import is_loopback
@@ -162,8 +162,8 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
     if write_repository is not None:
         try:
             paths = write(write_repository, options, devices, max_batch=max_batch, queue_delay_us=queue_delay_us, file_mode=0o644)
-        except OSError as e:
-            raise click.ClickException(f"--write-repository {write_repository}: {e.strerror or e}") from None
+        except OSError as e:                                     # a refused path names its file; other errors say why
+            raise click.ClickException(f"--write-repository {write_repository}: {e if isinstance(e, PathError) else e.strerror or e}") from None
         click.echo(f"wrote {len(paths)} files: {TEXT_MODEL} and {IMAGE_MODEL} in {write_repository} "
                    f"({len(devices)} instance(s) each on {', '.join(devices)}); serve it with tritonserver --model-repository "
                    f"{write_repository} --model-control-mode none", err=True)

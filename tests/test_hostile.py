@@ -702,6 +702,14 @@ def test_a_huge_conditioning_image_is_refused_in_one_line(tmp_path, run_cli):
     assert not (tmp_path / "faces.png").exists()
 
 
+def test_convert_never_opens_a_fifo_for_the_config_of_the_directory_it_would_replace(tmp_path, hang_guard, run_cli):
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "config.json")
+    result = run_cli(convert_main, ["tiny", "--out", "out", "--overwrite"], tmp_path)
+    assert_one_error_line(result, 2, "refusing to replace", "not a t2f generator directory")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "out" / "config.json").st_mode)
+
+
 def test_export_never_opens_a_fifo_for_a_manifest(tmp_path, hang_guard, run_cli):
     out = tmp_path / "export"
     out.mkdir()

@@ -19,7 +19,6 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
-import json
 import os
 import secrets
 import shutil
@@ -29,6 +28,8 @@ import sys
 import sysconfig
 import threading
 import time
+
+from t2f.files import read_json, write_json
 
 from .addresses import bind_port
 from .triton_files import TritonError, new_python_envs, remove_python_envs, remove_shared_memory, tighten_shared_memory
@@ -120,8 +121,7 @@ class Workspace:
         os.mkdir(self.path, 0o700)
         self._lock = open(os.path.join(self.path, "lock"), "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with open(os.path.join(self.path, "workspace.json"), "w") as f:
-            json.dump(dict(pid=os.getpid(), shm_prefix=self.shm_prefix), f)
+        write_json(os.path.join(self.path, "workspace.json"), dict(pid=os.getpid(), shm_prefix=self.shm_prefix))
         self.repository = os.path.join(self.path, "repository")
         self.grpc_socket = os.path.join(self.path, "grpc")      # Triton's gRPC: the socket file is grpc:0 (it adds the port)
         self.tmp = os.path.join(self.path, "tmp")              # TMPDIR of Triton and its stubs
@@ -171,8 +171,8 @@ def clean_stale_workspaces(parent: str) -> list[str]:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 remove_python_envs(path)
-                with contextlib.suppress(OSError, ValueError), open(os.path.join(path, "workspace.json")) as f:
-                    prefix = str(json.load(f)["shm_prefix"])
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    prefix = str(read_json(os.path.join(path, "workspace.json"))["shm_prefix"])
                     if prefix.startswith("t2f"):
                         remove_shared_memory(prefix)
                 shutil.rmtree(path, ignore_errors=True)

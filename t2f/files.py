@@ -11,12 +11,13 @@ checks, checksums, and `printable` for what a file or a client names in a log li
     sha256_file(path)          the checksum manifests record
     printable(text)            text safe for one log line
 
-This module imports nothing outside the standard library (and t2f.errors), so the serving front, the
-Triton repository writer and the protocol use it without torch, numpy or click (tests/test_files.py
-imports it with those made unimportable). The folders only this user may change and the
-one-process-at-a-time directory locks are t2f.private's (also standard library only): both are about
-who may change or hold a directory, where this module is about one file's bytes. Model directories
-(`config.json` beside `model.safetensors`) and weight fingerprints need torch and are t2f.io's.
+This module imports nothing outside the standard library (and t2f.errors), so the serving front (its
+JSON depth check, its log lines) and the Triton repository writer use it without torch, numpy or
+click (tests/test_files.py imports it with those made unimportable). The folders only this user may
+change and the one-process-at-a-time directory locks are t2f.private's (also standard library only):
+both are about who may change or hold a directory, where this module is about one file's bytes (and
+together they would pass 420 lines). Model directories (`config.json` beside `model.safetensors`)
+and weight fingerprints need torch and are t2f.io's.
 """
 
 from __future__ import annotations

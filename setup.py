@@ -8,11 +8,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    # One `t2f` namespace: the core package plus the card's top-level folders under it.
-    packages=["t2f", "t2f.engine", "t2f.engine.backends", "t2f.export", "t2f.trainer"],
-    package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.engine.backends": "engine/backends", "t2f.export": "export",
-                 "t2f.trainer": "trainer"},
-    package_data={"t2f": ["clip_configs/*.json"], "t2f.engine": ["static/*.html"]},
+    # One `t2f` namespace: the core package plus the top-level folders engine/, export/ and trainer/ under it.
+    packages=["t2f", "t2f.engine", "t2f.engine.backends", "t2f.engine.serve", "t2f.export", "t2f.trainer"],
+    package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.engine.backends": "engine/backends", "t2f.engine.serve": "engine/serve",
+                 "t2f.export": "export", "t2f.trainer": "trainer"},
+    package_data={"t2f": ["clip_configs/*.json"], "t2f.engine.serve": ["static/*.html"]},
     install_requires=[
         "torch>=2.10,<2.15",  # weights_only loading: 2.10 fixes the last known bypass
         "torchvision>=0.25,<0.30",

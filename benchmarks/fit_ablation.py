@@ -20,8 +20,8 @@ from pathlib import Path
 
 import click
 
-# name -> the fit options it changes. "defaults" first; each other row undoes one change of issue 8
-# or tries one knob the issue names. (The EMA warm-up and the antithetic evaluation have no option:
+# name -> the fit options it changes. "defaults" first; each other row undoes one of the changes that made the
+# mapper use the text (see trainer/fit.py) or tries one more knob. (The EMA warm-up and the antithetic evaluation have no option:
 # they are in every row.)
 OLD = ["--no-mean-head", "--prior-weight", "0", "--clip-posterior", "--embed-noise-absolute", "--embed-noise", "0.75:1",
        "--embed-noise-share", "1", "--no-standardize", "--lr", "2e-4"]

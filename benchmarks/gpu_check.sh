@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check: what a first run of t2f on a CUDA GPU must show, in one call that ends within BUDGET (440) seconds.
+# The GPU check: what a first run of t2f on a CUDA GPU must show, in one run that ends within BUDGET (440) seconds.
 #
 #   bash benchmarks/gpu_check.sh OUTDIR                  # or OUT=OUTDIR bash benchmarks/gpu_check.sh
 #   WHEELS=DIR bash benchmarks/gpu_check.sh OUTDIR       # pip install --no-index DIR/*.whl first (default: .whl if there)
@@ -16,7 +16,7 @@
 #   5-first-image-compile-cold    the same with torch-compile and an empty Inductor cache
 #   6-first-image-compile-warm    the same again: Inductor's cache warm
 #   7-compile-1024       t2f-bench: torch-compile fp16, NCHW and channels_last, batches 1 and 32 (last: it may be cut)
-# What comes back in OUTDIR: summary.txt (a line per step: rc, seconds, limit) and t2f-gpu-check.tar.gz (results/:
+# What it leaves in OUTDIR: summary.txt (a line per step: rc, seconds, limit) and t2f-gpu-check.tar.gz (results/:
 # every step's log, JSON and markdown, env.txt, gpu-before.txt, gpu-after.txt, summary.txt), packed after every step.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1

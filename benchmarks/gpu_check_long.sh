@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The longer GPU work that does not fit benchmarks/gpu_check.sh, in a second call of at most BUDGET (440) seconds, with
+# The longer GPU work that does not fit benchmarks/gpu_check.sh, in a second run of at most BUDGET (440) seconds, with
 # the same use, set-up and output (summary.txt and t2f-gpu-check-long.tar.gz in OUTDIR; see benchmarks/README.md):
 #
 #   bash benchmarks/gpu_check_long.sh OUTDIR            # or OUT=OUTDIR; WHEELS=DIR as for gpu_check.sh

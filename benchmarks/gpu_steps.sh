@@ -1,6 +1,6 @@
-# Sourced by gpu_check.sh and gpu_check_long.sh: the work folder, steps under a deadline, and what comes back.
+# Sourced by gpu_check.sh and gpu_check_long.sh: the work folder, steps under a deadline, and what is left in OUT.
 #
-# The caller sets OUT (what comes back: summary.txt and ARCHIVE, nothing else), BUDGET (seconds from the script's
+# The caller sets OUT (what the check leaves: summary.txt and ARCHIVE, nothing else), BUDGET (seconds from the script's
 # start by which everything, packing included, has ended) and calls `begin`. Everything a step writes goes to
 # $RESULTS (in the work folder, never in $OUT); after every step, and every PACK_EVERY seconds during one, $RESULTS
 # is packed into $OUT/$ARCHIVE (atomically: a temporary file in $OUT, then a rename), and summary.txt copied beside it.
@@ -24,7 +24,7 @@ begin() {
     STEP_PID=
     trap finish EXIT
     trap '[ -n "$STEP_PID" ] && kill "$STEP_PID" 2>/dev/null; exit 143' TERM INT
-    echo "work folder $WORK; results come back in $OUT/summary.txt and $OUT/$ARCHIVE"
+    echo "work folder $WORK; results go to $OUT/summary.txt and $OUT/$ARCHIVE"
 }
 
 finish() {
@@ -94,7 +94,7 @@ hide_modules() {
     export PYTHONPATH=$dir${PYTHONPATH:+:$PYTHONPATH}
 }
 
-# gpu_state FILE: the card, its clocks, power, temperature and throttle reasons as nvidia-smi reads them now.
+# gpu_state FILE: the GPU, its clocks, power, temperature and throttle reasons as nvidia-smi reads them now.
 gpu_state() {
     {
         date -u +%Y-%m-%dT%H:%M:%SZ

@@ -27,7 +27,7 @@ import urllib.request
 import click
 from serve_load import free_port, start_server
 
-from t2f.io import atomic_path
+from t2f.files import atomic_path
 
 PROMPT = "a smiling woman"
 

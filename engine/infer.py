@@ -33,7 +33,7 @@ def load_face_images(paths: list[str]):
     import PIL.Image
     import torch
 
-    from t2f.io import InputPathError, open_regular_file
+    from t2f.files import InputPathError, open_regular_file
 
     from .pipeline import face_tensor
 

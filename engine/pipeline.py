@@ -243,7 +243,7 @@ class TextToFace:
         return self._generate(conditions, labels, n=n, seed=seed, truncation_psi=truncation_psi, noise_mode=noise_mode)
 
     # ------------------------------------------------------------------------
-    # Internal: conditions and rows. The server's batcher (engine/triton_model.py) calls _generate_rows; everything
+    # Internal: conditions and rows. The server's batcher (engine/serve/triton_model.py) calls _generate_rows; everything
     # else goes through __call__.
 
     # Conditions: [rows, D] or, for knn, [rows * n, D].

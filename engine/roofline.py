@@ -25,17 +25,19 @@ Counted, each at its true size:
     formula (4 * batch * heads * queries * keys * head_dim). No t2f graph calls it today (the
     text encoder writes its attention as two matrix products); it is there so that one that does is
     not silently counted as zero.
-Not counted (as in REFERENCE's ~148 GFLOP per 1024 image, which counts only convolutions and
-matrix products): elementwise and reduction ops (modulation and demodulation multiplies, noise,
+Not counted (as in the ~148 GFLOP per 1024 px image usually quoted for StyleGAN2 config-f, which
+counts only convolutions and matrix products): elementwise and reduction ops (modulation and demodulation multiplies, noise,
 bias, leaky ReLU, clamp, rsqrt, LayerNorm, softmax, GELU, the L2 normalization, the uint8
 conversion), embeddings, gathers and copies. At one operation per output element they are about
 0.12 G per 256 px image against 30.1 GFLOP counted, and 1.0 G per 1024 px image against 150.7:
-under 1%. They are memory-bound, though, and are where a GPU spends most of its time (REFERENCE's
-profile), which is why the share of the GEMM peak is a distance, not a goal of 100%.
+under 1%. They are memory-bound, though, and are where a GPU spends most of its time (profiled in
+fp16 at 1024 px, the convolutions' matrix products take under a tenth of it, the blur and the
+elementwise kernels about three quarters), which is why the share of the GEMM peak is a distance, not
+a goal of 100%.
 
 Per image, the 256 px synthesis (`random-256`) counts 30.07 GFLOP, and the 1024 px one (`random-1024`,
-config-f) 150.67 GFLOP = 75.3 G multiply-adds: 74.27 G in the convolutions and matrix products REFERENCE
-counts (its ~74 G, ~148 GFLOP) plus 1.07 G in the FIR blur and RGB up-sampling it leaves out. The
+config-f) 150.67 GFLOP = 75.3 G multiply-adds: 74.27 G in the convolutions and matrix products (the
+quoted ~74 G, ~148 GFLOP) plus 1.07 G in the FIR blur and RGB up-sampling that figure leaves out. The
 ViT-B-32 text encoder adds 5.96 GFLOP per row, the tiny mapper well under 0.01.
 
 Every counted op is linear in the batch, so the counts are exactly proportional to `batch` (a

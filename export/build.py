@@ -42,7 +42,7 @@ def export_models(
     and a GPU are checked before any work.
     """
     from t2f.graphs import UnsupportedTextTower, text_tower
-    from t2f.io import directory_lock
+    from t2f.private import directory_lock
     from t2f.sources import load_models
 
     from .onnx_export import export_artifacts, format_table, remove_stale_temporaries, specs_of

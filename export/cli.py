@@ -63,7 +63,7 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     t2f-export --mapper tiny --out /tmp/tiny --onnx-only
     """
     from t2f.hub import is_hub_id
-    from t2f.io import OutputPathError, check_output_dir
+    from t2f.files import OutputPathError, check_output_dir
     from t2f.presets import is_random_preset
 
     from .build import export_models

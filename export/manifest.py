@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from t2f.graphs import DEFAULT_PROFILE, ExportError, ModelDims
-from t2f.io import read_json, write_json
+from t2f.files import read_json, write_json
 
 MANIFEST = "manifest.json"
 

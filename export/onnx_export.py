@@ -33,7 +33,8 @@ import torch
 import t2f
 from t2f.clip import Clip
 from t2f.graphs import GRAPHS, ExportError, ModelDims
-from t2f.io import atomic_path, fingerprint, sha256_file
+from t2f.files import atomic_path, sha256_file
+from t2f.io import fingerprint
 
 from .manifest import MANIFEST, Manifest, is_export_manifest_file
 from t2f.mapper import Mapper

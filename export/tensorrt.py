@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 
 from t2f.graphs import ExportError
-from t2f.io import atomic_path
+from t2f.files import atomic_path
 from t2f.precision import Precision
 
 
@@ -123,7 +123,7 @@ def build_engines(
     log=print,
 ) -> None:
     """One engine per graph, rebuilt only where its record (ONNX hash, precision, profile, TensorRT, GPU) or its file changed."""
-    from t2f.io import sha256_file
+    from t2f.files import sha256_file
 
     built = manifest.tensorrt
     engines = dict(built.get("engines", {})) if built.get("gpu") == info["gpu"] else {}

@@ -1,4 +1,4 @@
-"""How close outputs are to a reference's: the one set of accuracy metrics t2f reports.
+"""How close outputs are to the eager outputs they are checked against: the one set of accuracy metrics t2f reports.
 
 t2f-export's parity table (each graph against eager PyTorch fp32), t2f-bench's accuracy columns (each row against
 eager fp32 on the same inputs) and benchmarks/gpu_parity.py all call `accuracy`. numpy and float64 throughout, on

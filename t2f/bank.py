@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .io import WeightsError, atomic_path
+from .files import atomic_path
+from .io import WeightsError
 
 BANK_KIND = "t2f-bank"
 BANK_NAME = "bank.safetensors"

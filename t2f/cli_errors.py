@@ -17,9 +17,9 @@ def user_errors(*extra: type[BaseException]):
     from .clip import ClipLoadError
     from .download import DownloadError
     from .hub import HubError
-    from .io import DirectoryInUse, WeightsError
+    from .io import WeightsError
     from .mapper import MissingMapperError
-    from .private import UnsafePathError
+    from .private import DirectoryInUse, UnsafePathError
 
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.ERROR))
@@ -120,7 +120,7 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
     """Refuse an output that could not be written: an unwritable or non-directory parent, or the wrong kind of path."""
     import os
 
-    from .io import OutputPathError, check_output_dir, check_output_file
+    from .files import OutputPathError, check_output_dir, check_output_file
 
     try:
         (check_output_dir if directory else check_output_file)(path)
@@ -142,8 +142,8 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
 
 def write_files(files: dict[str, bytes]) -> None:
-    """t2f.io.write_all (every file or none), with an OSError as one clear line."""
-    from .io import OutputPathError, write_all
+    """t2f.files.write_all (every file or none), with an OSError as one clear line."""
+    from .files import OutputPathError, write_all
 
     try:
         write_all(files)

@@ -338,7 +338,8 @@ def _model_from_checkpoint(model_name: str, path: str) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .io import InputPathError, WeightsError, is_regular_file
+    from .files import InputPathError, is_regular_file
+    from .io import WeightsError
     from .unpickle import safe_load_checkpoint
 
     try:

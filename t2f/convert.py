@@ -11,13 +11,11 @@ from .cli_errors import nonempty_path
 
 
 def _is_generator_dir(path: str) -> bool:
-    import json
-
+    from .files import read_json
     from .weights import GENERATOR_KIND
 
-    try:
-        with open(os.path.join(path, "config.json")) as f:
-            return json.load(f).get("kind") == GENERATOR_KIND
+    try:                                        # a bounded read: a FIFO or a device named config.json is refused, not waited on
+        return read_json(os.path.join(path, "config.json")).get("kind") == GENERATOR_KIND
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -43,7 +41,7 @@ def main(source, out, overwrite, cache):
     from .cli_errors import user_errors
     from .weights import save_generator
 
-    from .io import OutputPathError, check_output_dir
+    from .files import OutputPathError, check_output_dir
 
     try:
         check_output_dir(out, replace=True)

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .io import atomic_path
+from .files import atomic_path
 from .private import private_dir
 
 

@@ -59,7 +59,7 @@ class Precision(str, enum.Enum):
 
     @classmethod
     def from_flag(cls, fp16: bool) -> "Precision":
-        """t2f-export's --fp16 flag (the card's spelling)."""
+        """t2f-export's --fp16 flag (short for --precision fp16)."""
         return cls.FP16 if fp16 else cls.FP32
 
     @property

@@ -18,7 +18,8 @@ import os
 from . import hub
 from .bank import BANK_NAME
 from .config import FieldError
-from .io import WeightsError, read_json
+from .files import read_json
+from .io import WeightsError, read_config
 from .mapper import MAPPER_KIND, MissingMapperError, TrainedFor, check_trained_for, load_mapper_dir, trained_for
 from .presets import DEFAULT_CLIP, DEFAULT_GENERATOR, TINY, TINY_RECORD, is_generator_preset, is_random_preset, random_mapper
 
@@ -112,18 +113,7 @@ def _record(directory: str, label: str) -> TrainedFor:
     if not os.path.exists(directory):
         raise WeightsError(f"no mapper {label}: not a directory here (a mapper is a t2f-train run directory, "
                            f"{hub.PREFIX}ORG/NAME or {TINY})")
-    path = os.path.join(directory, "config.json")
-    try:
-        meta = read_json(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise WeightsError(f"{label} is not a t2f mapper directory: config.json is missing") from None
-    except ValueError as e:
-        raise WeightsError(str(e)) from None
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
-    if not isinstance(meta, dict) or meta.get("kind") != MAPPER_KIND:
-        found = meta.get("kind") if isinstance(meta, dict) else None
-        raise WeightsError(f"{path} describes a {found!r}, not a {MAPPER_KIND!r}")
+    meta = read_config(directory, MAPPER_KIND, f"{label} is not a t2f mapper directory: config.json is missing")
     return trained_for(meta, label)
 
 

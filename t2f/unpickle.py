@@ -42,7 +42,8 @@ import zipfile
 import numpy as np
 import torch
 
-from .io import WeightsError, open_regular_file
+from .files import open_regular_file
+from .io import WeightsError
 from .unpickle_rules import (BUDGETED_GLOBALS, SAFE_GLOBALS, Budget, PersistentRecord, PlainNamespace, StorageType,
                              check_keys)
 

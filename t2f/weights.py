@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .io import WeightsError, build_checked, is_regular_file, load_model_dir, open_regular_file, save_model_dir
+from .files import is_regular_file, open_regular_file
+from .io import WeightsError, build_checked, load_model_dir, save_model_dir
 from .stylegan2 import Generator, GeneratorConfig, fir_filter
 from .unpickle import MAX_PICKLE_DEPTH, PersistentRecord, safe_load_checkpoint, safe_unpickle
 

@@ -20,7 +20,7 @@ def pytest_collection_modifyitems(config, items):
     """Tests marked gpu skip, with the reason, where there is no CUDA GPU (benchmarks/gpu_check.sh runs them: -m gpu)."""
     if torch.cuda.is_available():
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none on the development and CI machines)")
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch finds none here)")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)

@@ -592,7 +592,7 @@ def test_two_processes_exporting_into_the_cache_take_turns(pipe, tmp_path):
     import threading
 
     from t2f.engine.backends import onnx_cache_dir
-    from t2f.io import directory_lock
+    from t2f.private import directory_lock
 
     out = onnx_cache_dir(models(pipe))
     released = threading.Event()

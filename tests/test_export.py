@@ -207,7 +207,7 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is needed (it cannot be installed on our machines)")
+@pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is needed (it is not installed here)")
 def test_tensorrt_engines_build_and_load(tmp_path):
     from t2f.export.manifest import Manifest
     from t2f.export.tensorrt import load_engine

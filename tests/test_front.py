@@ -27,9 +27,9 @@ pytest.importorskip("uvicorn", reason='the front needs uvicorn and starlette: pi
 pytest.importorskip("tritonclient.grpc", reason='the front needs tritonclient: pip install -e ".[serve]"')
 
 from helpers import free_port, http_request  # noqa: E402
-from t2f.engine.connections import FrontLimits, fit_descriptors  # noqa: E402
-from t2f.engine.supervise import RestartBudget, Stopped, supervise  # noqa: E402
-from t2f.engine.web import Front, FrontConfig  # noqa: E402
+from t2f.engine.serve.connections import FrontLimits, fit_descriptors  # noqa: E402
+from t2f.engine.serve.supervise import RestartBudget, Stopped, supervise  # noqa: E402
+from t2f.engine.serve.web import Front, FrontConfig  # noqa: E402
 
 NO_TRITON = "unix:/nonexistent/t2f-test/grpc:0"
 GOOD = json.dumps(dict(inputs=[dict(name="prompt", datatype="BYTES", shape=[1, 1], data=["a face"]),
@@ -71,6 +71,16 @@ def answer(s: socket.socket, timeout: float = 30) -> bytes:
         while chunk := s.recv(65536):
             data += chunk
     return data
+
+
+def trickle(s: socket.socket, data: bytes, times: int, every_s: float) -> None:
+    """Send `data` every `every_s` seconds, `times` times at most, until the server answers or closes."""
+    with contextlib.suppress(OSError):
+        for _ in range(times):
+            s.sendall(data)
+            time.sleep(every_s)
+            if select.select([s], [], [], 0)[0]:
+                break
 
 
 def status_of(response: bytes) -> int:
@@ -136,12 +146,7 @@ def test_half_sent_heads_get_408_and_idle_connections_close():
         slow, idle = connect(f.port), connect(f.port)
         slow.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         start = time.monotonic()
-        with contextlib.suppress(OSError):
-            for _ in range(100):                           # one header byte every 0.1 s: never complete
-                slow.sendall(b"X")
-                time.sleep(0.1)
-                if select.select([slow], [], [], 0)[0]:
-                    break
+        trickle(slow, b"X", 100, 0.1)                      # one header byte every 0.1 s: never complete
         response = answer(slow)
         assert status_of(response) == 408 and b"took more than 1 s" in response, response
         assert time.monotonic() - start < 8
@@ -237,7 +242,7 @@ def health_from(port: int, source: str) -> int:
 
 
 def test_the_connection_cap_fits_the_processes_file_descriptors():
-    import t2f.engine.connections as connections
+    import t2f.engine.serve.connections as connections
 
     code = ("import importlib.util, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)); "   # the module alone: no torch
             f"spec = importlib.util.spec_from_file_location('c', {connections.__file__!r}); c = importlib.util.module_from_spec(spec); "
@@ -246,6 +251,32 @@ def test_the_connection_cap_fits_the_processes_file_descriptors():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.splitlines() == ["44 44", "--max-connections lowered to 44: this process may open 300 files (ulimit -n)"], out
     assert fit_descriptors(FrontLimits(max_connections=8))[0].max_connections == 8
+
+
+# ----------------------------------------------------------------------------
+# Addresses and ports: decided once, for the command (--host without a token), the Host check and every port.
+
+
+def test_loopback_is_localhost_127_8_and_ip6_one_only():
+    from t2f.engine.serve.addresses import is_loopback
+
+    assert all(is_loopback(h) for h in ("127.0.0.1", "127.1.2.3", "localhost", "LocalHost", "::1", "[::1]", "0:0::1"))
+    assert not any(is_loopback(h) for h in ("0.0.0.0", "::", "", "10.0.0.1", "128.0.0.1", "[::2]", "127.example.org",
+                                            "localhost.example.org", "127.0.0.1.nip.io"))
+
+
+def test_a_taken_port_is_one_line_naming_its_option():
+    from t2f.engine.serve.addresses import bind_port
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError) as e:
+            bind_port("127.0.0.1", port, "--metrics-port")
+        assert str(e.value) == f"port {port} on 127.0.0.1 is in use (--metrics-port): Address already in use"
+    with bind_port("127.0.0.1", port, "--metrics-port") as free:                 # free again once its holder closed it
+        assert free.getsockname() == ("127.0.0.1", port)
 
 
 # ----------------------------------------------------------------------------
@@ -281,12 +312,7 @@ def test_stalled_and_slow_bodies_get_408():
         assert status_of(response) == 408 and b"no part of the body came for 1 s" in response, response
         slow = connect(f.port)
         slow.sendall(infer_head(100_000))
-        with contextlib.suppress(OSError):
-            for _ in range(40):                                           # 2 bytes/s: under 1000 bytes/s after the first second
-                slow.sendall(b" ")
-                time.sleep(0.5)
-                if select.select([slow], [], [], 0)[0]:
-                    break
+        trickle(slow, b" ", 40, 0.5)                                      # 2 bytes/s: under 1000 bytes/s after the first second
         response = answer(slow)
         assert status_of(response) == 408 and b"slower than" in response, response
 
@@ -296,7 +322,7 @@ def test_held_bodies_are_bounded_and_their_memory_is_given_back(tmp_path):
     """Uploads of 50 MiB held one byte short: the front holds at most --max-body-memory of them, answers the rest 503, and
     its memory comes back down when they close (a bound on RSS, never a timing)."""
     port = free_port()
-    code = ("import sys, time; from t2f.engine.web import Front, FrontConfig; "
+    code = ("import sys, time; from t2f.engine.serve.web import Front, FrontConfig; "
             f"f = Front(FrontConfig(grpc_url={NO_TRITON!r}), '127.0.0.1', {port}); f.start(); print('up', flush=True); time.sleep(600)")
     server = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -392,7 +418,7 @@ def test_malformed_requests_get_a_4xx_not_500(front, case, capfd):
 
 def read_token_within(path: str, seconds: float = 30):
     """t2f-serve's read_token(path) on a thread of its own: its outcome, or "still reading" after `seconds`."""
-    from t2f.engine.serve import read_token
+    from t2f.engine.serve.cli import read_token
 
     outcome = ["still reading"]
 
@@ -517,7 +543,7 @@ def test_restarts_0_stops_at_the_first_death():
 
 
 def test_a_workspace_too_long_for_a_unix_socket_is_one_line(tmp_path):
-    from t2f.engine.tritonserver import Binaries, Triton, TritonError, Workspace
+    from t2f.engine.serve.tritonserver import Binaries, Triton, TritonError, Workspace
 
     workspace = Workspace(str(tmp_path / ("d" * 120)))
     try:

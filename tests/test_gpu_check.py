@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh's shell logic, on this CPU: its dry run passes with what the GPU image lacks hidden, and
-what comes back ($OUT) fits the device tool's limits: at most 8 files, none deeper than two folders, 16 MiB each."""
+what it leaves in $OUT stays small enough to copy off any machine: at most 8 files, none deeper than two folders, 16 MiB each."""
 
 import os
 import subprocess

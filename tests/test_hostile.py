@@ -1,4 +1,4 @@
-"""Hostile and careless input (issue 10): crafted files built here, each refused with one clear line.
+"""Hostile and careless input: crafted files built here, each refused with one clear line.
 
 Outputs: only new paths and regular files are replaced. Options: no NaN or infinity anywhere.
 """
@@ -104,7 +104,7 @@ def test_a_symlinked_output_directory_is_written_into_but_never_replaced(tmp_pat
 
 
 def test_library_writers_refuse_special_files(tmp_path):
-    from t2f.io import OutputPathError, atomic_path, write_json
+    from t2f.files import OutputPathError, atomic_path, write_json
 
     os.mkfifo(tmp_path / "options.json")
     with pytest.raises(OutputPathError, match="FIFO"):
@@ -550,7 +550,7 @@ def _lock_held_by_another_process(directory):
     import subprocess
     import sys
 
-    code = (f"import sys\nfrom t2f.io import directory_lock\nwith directory_lock({str(directory)!r}, 'test'):\n"
+    code = (f"import sys\nfrom t2f.private import directory_lock\nwith directory_lock({str(directory)!r}, 'test'):\n"
             "    print('held', flush=True)\n    sys.stdin.read()")
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -700,6 +700,14 @@ def test_a_huge_conditioning_image_is_refused_in_one_line(tmp_path, run_cli):
     line = assert_one_error_line(result, 2, "--image", "13000x13000 (169 Mpixels)", "at most 40 Mpixels")
     assert "DecompressionBomb" not in result.output and "DecompressionBomb" not in line
     assert not (tmp_path / "faces.png").exists()
+
+
+def test_convert_never_opens_a_fifo_for_the_config_of_the_directory_it_would_replace(tmp_path, hang_guard, run_cli):
+    (tmp_path / "out").mkdir()
+    os.mkfifo(tmp_path / "out" / "config.json")
+    result = run_cli(convert_main, ["tiny", "--out", "out", "--overwrite"], tmp_path)
+    assert_one_error_line(result, 2, "refusing to replace", "not a t2f generator directory")
+    assert stat.S_ISFIFO(os.lstat(tmp_path / "out" / "config.json").st_mode)
 
 
 def test_export_never_opens_a_fifo_for_a_manifest(tmp_path, hang_guard, run_cli):

@@ -1,4 +1,4 @@
-"""Hostile weights and configuration files (issue 17, items 12-16): crafted here, each refused with one clear line,
+"""Hostile weights and configuration files: crafted here, each refused with one clear line,
 in work and memory proportional to its size.
 
 The bounds are checked on work counted or in a child process under resource limits, never by timing
@@ -327,7 +327,7 @@ def test_deeply_nested_json_in_a_run_is_one_line(tmp_path, name):
 
 
 def test_the_json_depth_check_ignores_brackets_in_strings(tmp_path):
-    from t2f.io import read_json
+    from t2f.files import read_json
 
     data = {"name": "[" * 1000 + "\\\"{" * 100, "list": [[[1]]]}
     (tmp_path / "ok.json").write_text(json.dumps(data))
@@ -427,7 +427,7 @@ def test_weights_refuse_a_fifo(tmp_path, fifo, tiny_generator):
 
 def test_library_readers_refuse_a_fifo(tmp_path, fifo):
     from t2f.clip import ClipLoadError, _model_from_checkpoint
-    from t2f.io import InputPathError, read_json, sha256_file
+    from t2f.files import InputPathError, read_json, sha256_file
     from t2f.unpickle import safe_load_checkpoint, safe_unpickle
 
     for read in (read_json, sha256_file, safe_unpickle, safe_load_checkpoint):

@@ -1,4 +1,4 @@
-"""What the GPU image lacks (issue 17, item 1): training finishes without matplotlib, its report says why it has no curves.
+"""What a GPU machine may lack: training finishes without matplotlib, its report says why it has no curves.
 
 benchmarks/gpu_check.sh --cpu-dry-run hides the same modules with the same shell function, so a step that
 needs one fails on the CPU first; these tests use that function too.

@@ -61,7 +61,7 @@ def test_the_cache_and_its_folders_are_created_0700(tmp_path, monkeypatch, model
     from t2f.engine.backends.ondemand import ensure_onnx, onnx_cache_dir
     from t2f.engine.backends.openvino_runtime import openvino_cache
     from t2f.engine.backends.pytorch import inductor_cache
-    from t2f.engine.tritonserver import workspace_parent
+    from t2f.engine.serve.tritonserver import workspace_parent
     from t2f.precision import Precision
 
     cache = tmp_path / "home" / ".cache" / "t2f"                 # nothing of it exists yet
@@ -93,7 +93,7 @@ def _use(folder: str, cache, models):
     from t2f.engine.backends.ondemand import ensure_onnx
     from t2f.engine.backends.openvino_runtime import openvino_cache
     from t2f.engine.backends.pytorch import inductor_cache
-    from t2f.engine.tritonserver import workspace_parent
+    from t2f.engine.serve.tritonserver import workspace_parent
     from t2f.precision import Precision
 
     if folder == "inductor":
@@ -250,6 +250,22 @@ def test_write_repository_into_a_sticky_directory_is_private(tmp_path, run_cli):
     assert _mode(out / "t2f" / "1" / "model.py") == 0o644                     # readable by the container's user
 
 
+def test_write_repository_refuses_a_planted_symlink_and_replaces_nothing(tmp_path, run_cli):
+    out = tmp_path / "repository"
+    assert run_cli(serve_main, [*TINY, "--device", "cpu", "--write-repository", out], tmp_path).exit_code == 0
+    target, link = tmp_path / "elsewhere.py", out / "t2f_image" / "1" / "model.py"
+    target.write_text("not t2f's\n")
+    link.unlink()
+    link.symlink_to(target)
+    (out / "t2f" / "config.pbtxt").write_text("an older config\n")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink()}
+    result = run_cli(serve_main, [*TINY, "--device", "cpu", "--write-repository", out], tmp_path)
+    assert_one_error_line(result, 1, f"--write-repository {out}: {link}: is a symlink (to {target})")
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and not p.is_symlink()} == before   # every file or none
+    assert link.is_symlink() and target.read_text() == "not t2f's\n"
+    assert sorted(p.name for p in out.rglob("*") if p.name.endswith(".tmp")) == []                      # no temporary left
+
+
 # ----------------------------------------------------------------------------
 # Locks: private, and every wait bounded, ending in one line that names the lock and its live holder.
 
@@ -281,7 +297,7 @@ def _open_lock(directory, mode=0o600):
 
 def test_a_wait_for_the_cache_lock_ends_in_one_line_naming_its_holder(tmp_path, monkeypatch, models, capfd):
     from t2f.engine.backends.ondemand import ensure_onnx, onnx_cache_dir
-    from t2f.io import DirectoryInUse
+    from t2f.private import DirectoryInUse
     from t2f.precision import Precision
 
     monkeypatch.setenv("T2F_LOCK_TIMEOUT", "1")
@@ -301,7 +317,7 @@ def test_a_wait_for_the_cache_lock_ends_in_one_line_naming_its_holder(tmp_path, 
 
 
 def test_a_bad_lock_timeout_is_one_line(tmp_path, monkeypatch):
-    from t2f.io import directory_lock
+    from t2f.private import directory_lock
 
     monkeypatch.setenv("T2F_LOCK_TIMEOUT", "nan")
     with pytest.raises(ValueError, match="^T2F_LOCK_TIMEOUT must be a number of seconds, got 'nan'$"):
@@ -312,7 +328,7 @@ def test_a_bad_lock_timeout_is_one_line(tmp_path, monkeypatch):
 def test_a_lock_held_through_an_exited_process_names_no_pid(tmp_path):
     """The process that took the lock has exited but the open file lives on (in this test's own descriptor): the kernel
     still reports that dead pid as the holder, which t2f never presents as one."""
-    from t2f.io import DirectoryInUse, directory_lock
+    from t2f.private import DirectoryInUse, directory_lock
 
     fd = _open_lock(tmp_path)
     with _holding(fd) as holder:
@@ -330,7 +346,7 @@ def test_a_lock_held_through_an_exited_process_names_no_pid(tmp_path):
 def test_a_lock_held_by_another_user_is_named_so_and_lock_files_are_0600(tmp_path):
     """An earlier t2f made its lock files 0644: another user could open one read-only and hold its lock. t2f makes its
     lock files 0600 (so nobody else can open them from then on) and names such a holder without a dead pid."""
-    from t2f.io import DirectoryInUse, directory_lock
+    from t2f.private import DirectoryInUse, directory_lock
 
     fd = _open_lock(tmp_path, 0o644)
     os.fchmod(fd, 0o644)
@@ -390,7 +406,7 @@ def test_the_next_run_removes_what_a_killed_export_left_in_the_cache(tmp_path, m
 
 
 def test_atomic_writes_keep_the_umask_modes_without_touching_the_umask(tmp_path, monkeypatch):
-    from t2f.io import atomic_dir, atomic_path, write_json
+    from t2f.files import atomic_dir, atomic_path, write_json
 
     old = os.umask(0o027)
     try:

@@ -1,4 +1,4 @@
-"""engine/protocol.py and the front's body checks (engine/web.py), without a server: the table, the limits, crafted bodies."""
+"""engine/serve/protocol.py and the front's body checks (engine/serve/kserve.py), without a server: the table, the limits, crafted bodies."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import zlib
 import numpy as np
 import pytest
 
-from t2f.engine import protocol
-from t2f.engine.protocol import MAX_FACE_SIDE, MAX_IMAGE_BYTES, BadRequest, check_inputs, json_depth_exceeds, parse_request
+from t2f.engine.serve import protocol
+from t2f.engine.serve.protocol import MAX_FACE_SIDE, MAX_IMAGE_BYTES, BadRequest, check_inputs, parse_request
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "serving.md")
 
@@ -49,7 +49,7 @@ TEXT = [("prompt", "BYTES", [2, 1]), ("seed", "INT64", [2, 1]), ("truncation", "
 
 
 @pytest.mark.parametrize("change, message", [
-    (("seed", "INT64", [2**40, 1]), "rows"),                  # issue 16, case 1: Triton's HTTP front end died on these
+    (("seed", "INT64", [2**40, 1]), "rows"),                  # crafted case 1: Triton's HTTP front end died on these
     (("seed", "INT64", [2**62, 1]), "rows"),
     (("seed", "INT64", [1, 2**62]), "expects \\[rows, 1\\]"),
     (("seed", "INT64", [-1, 1]), "rows"),
@@ -70,9 +70,9 @@ def test_declared_shapes_are_checked_with_python_integers(change, message):
 
 
 @pytest.mark.parametrize("shape, message", [
-    ([1, 0, 0, 3], "image sides must be 1..1024, got 0 x 0"),           # issue 16, case 9: a zero-size face
+    ([1, 0, 0, 3], "image sides must be 1..1024, got 0 x 0"),           # crafted case 9: a zero-size face
     ([1, MAX_FACE_SIDE + 1, 8, 3], "image sides"),
-    ([8, 4096, 4096, 3], "image sides"),                               # issue 16, case 5: 384 MiB of faces
+    ([8, 4096, 4096, 3], "image sides"),                               # crafted case 5: 384 MiB of faces
     ([17, 1024, 1024, 3], f"more than {MAX_IMAGE_BYTES}"),
     ([1, 8, 8, 4], "expects \\[rows, -1, -1, 3\\]"),
 ])
@@ -81,14 +81,6 @@ def test_face_shapes_are_bounded(shape, message):
     declared = [("image", "UINT8", shape), ("seed", "INT64", [rows, 1]), ("truncation", "FP32", [rows, 1])]
     with pytest.raises(BadRequest, match=message):
         check_inputs("t2f_image", declared, max_batch=32)
-
-
-def test_json_depth_is_measured_without_parsing():
-    assert json_depth_exceeds(b"[" * 300_000)                          # issue 16, case 2
-    assert not json_depth_exceeds(b'{"a": [[1, 2], {"b": "[[[[[[[[[[[[[[[[[[[[[["}]}')     # brackets in strings do not count
-    assert not json_depth_exceeds(b'{"a": "x\\"[[[[[[[[[[[[[[[[[[[[[[["}')
-    assert json_depth_exceeds('{"a": "\\\\"' + "[" * 20)                # an escaped backslash ends the string
-    assert json_depth_exceeds(b"[" * 17) and not json_depth_exceeds(b"[" * 16 + b"]" * 16)
 
 
 def test_parse_request_refuses_by_name_and_row():
@@ -120,7 +112,7 @@ GOOD = [dict(name="prompt", datatype="BYTES", shape=[1, 1], data=["a face"]), di
 
 
 def test_a_json_body_becomes_raw_tensors():
-    from t2f.engine.web import parse_infer_body
+    from t2f.engine.serve.web import parse_infer_body
 
     parsed = parse_infer_body(*body(GOOD, parameters=dict(binary_data_output=True)), "t2f", 16)
     raw = {t.name: t.raw for t in parsed.inputs}
@@ -139,7 +131,7 @@ def test_a_json_body_becomes_raw_tensors():
     ([{**GOOD[0], "data": None, "parameters": dict(binary_data_size=8)}] + GOOD[1:], struct.pack("<I", 2**31) + b"abcd", "prompt is too long"),
 ])
 def test_crafted_bodies_are_refused_in_one_line(inputs, binary, message):
-    from t2f.engine.web import parse_infer_body
+    from t2f.engine.serve.web import parse_infer_body
 
     inputs = [{k: v for k, v in t.items() if v is not None} for t in inputs]
     with pytest.raises(BadRequest, match=message) as info:
@@ -148,7 +140,7 @@ def test_crafted_bodies_are_refused_in_one_line(inputs, binary, message):
 
 
 def test_nested_and_broken_json_are_refused():
-    from t2f.engine.web import parse_infer_body
+    from t2f.engine.serve.web import parse_infer_body
 
     with pytest.raises(BadRequest, match="nests deeper than 16"):
         parse_infer_body(b"[" * 300_000, None, "t2f", 16)
@@ -159,7 +151,7 @@ def test_nested_and_broken_json_are_refused():
 
 
 def _read(data: bytes, headers: dict, limit: int, chunk: int = 65536):
-    from t2f.engine.web import read_body
+    from t2f.engine.serve.web import read_body
 
     async def stream():
         for k in range(0, len(data), chunk):
@@ -168,9 +160,9 @@ def _read(data: bytes, headers: dict, limit: int, chunk: int = 65536):
 
 
 def test_bodies_are_bounded_before_and_after_decompression():
-    from t2f.engine.web import Refused
+    from t2f.engine.serve.web import Refused
 
-    bomb = gzip.compress(b"\0" * (64 * 2**20))                                       # issue 16, case 4 (64 MiB here, 1 GiB there)
+    bomb = gzip.compress(b"\0" * (64 * 2**20))                                       # crafted case 4 (64 MiB here, 1 GiB in test_serve.py)
     with pytest.raises(Refused, match="expands past") as info:
         _read(bomb, {"content-encoding": "gzip"}, limit=2**20)
     assert info.value.status == 413

@@ -1,5 +1,5 @@
 """t2f-serve: the real Triton Inference Server (a static model repository) on 127.0.0.1 with the tiny models,
-called through t2f's HTTP front, Triton's gRPC and a browser; and the crafted requests of issue 16.
+called through t2f's HTTP front, Triton's gRPC and a browser; and crafted requests (docs/serving.md, Security).
 
 Results are compared with the direct pipeline at the same --batch bit for bit (the default, 1 on the CPU; and 4):
 the graphs run on fixed blocks of --batch rows, so a row does not depend on the requests the
@@ -37,7 +37,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from helpers import TINY, free_port, http_request as request, tiny_pipeline  # noqa: E402
 from t2f.engine.pipeline import face_tensor  # noqa: E402
-from t2f.engine.protocol import MAX_SAMPLE  # noqa: E402
+from t2f.engine.serve.protocol import MAX_SAMPLE  # noqa: E402
 
 MAX_BATCH = 16
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -369,7 +369,7 @@ def test_browser_faces_follow_typing(server, direct, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Issue 16: crafted requests, each refused in one line (a 4xx), and the next good request answered as before.
+# Crafted requests, each refused in one line (a 4xx), and the next good request answered as before.
 
 
 GOOD_BODY = json.dumps(dict(inputs=[dict(name="prompt", datatype="BYTES", shape=[2, 1], data=["a smiling woman", "an old man"]),
@@ -404,7 +404,7 @@ def _face_body(shape) -> tuple[bytes, dict]:
     return header + bytes(int(np.prod(shape))), {"Inference-Header-Content-Length": str(len(header))}
 
 
-CRAFTED = {   # issue 16's case number: (path, body, headers, status, message)
+CRAFTED = {   # case number and name: (path, body, headers, status, message)
     "1-shape-2^40-rows": lambda: ("t2f", _seed_shape([1099511627776, 1]), {}, 400, "seed has 1099511627776 rows, the other inputs 1"),
     "1-shape-2^62-rows": lambda: ("t2f", _seed_shape([2**62, 1]), {}, 400, f"seed has {2**62} rows, the other inputs 1"),
     "1-shape-2^62-wide": lambda: ("t2f", _seed_shape([1, 2**62]), {}, 400, "expects [rows, 1]"),
@@ -685,7 +685,7 @@ def _as_another_user(code: str) -> subprocess.CompletedProcess:
 
 
 def test_triton_opens_no_port_but_metrics_and_other_users_cannot_reach_its_grpc(server):
-    """Issue 23, 1: Triton's gRPC (and with it its system-shared-memory API) is a Unix socket in the 0700 workspace."""
+    """Triton's gRPC (and with it its system-shared-memory API) is a Unix socket in the 0700 workspace."""
     processes = _cmdlines_of(server.process.pid)
     (triton,) = [pid for pid, c in processes.items() if c.split(b"\0")[0].endswith(b"tritonserver")]
     assert _listening_tcp_ports(triton) == {server.metrics}
@@ -705,7 +705,7 @@ def test_triton_opens_no_port_but_metrics_and_other_users_cannot_reach_its_grpc(
 
 
 def test_an_unclean_triton_death_leaves_nothing_in_the_temp_directories():
-    """Issue 23, 10: Triton's temporary files live in its workspace, and the Python backend's /tmp/python_env_* (a fixed
+    """Triton's temporary files live in its workspace, and the Python backend's /tmp/python_env_* (a fixed
     path) goes with it, after Triton or t2f-serve itself is killed. /tmp is a directory of this test's (a mount namespace)."""
     if subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
         pytest.skip("needs unshare -m (root) to give the server a /tmp of its own")
@@ -780,7 +780,7 @@ os._exit(3)
 
 
 def test_a_triton_killed_again_and_again_is_restarted_within_a_budget_and_never_given_up(tmp_path):
-    """Issue 23, 1: --restarts is a budget per window with backoff: whoever kills Triton slows restarts down, never ends them."""
+    """--restarts is a budget per window with backoff: whoever kills Triton slows restarts down, never ends them."""
     root = tmp_path / "triton"
     (root / "bin").mkdir(parents=True)
     (root / "backends" / "python").mkdir(parents=True)
@@ -803,7 +803,7 @@ def test_a_triton_killed_again_and_again_is_restarted_within_a_budget_and_never_
 
 
 def test_triton_gets_this_interpreter(tmp_path):
-    from t2f.engine.tritonserver import Binaries, Triton, Workspace, python_libdir
+    from t2f.engine.serve.tritonserver import Binaries, Triton, Workspace, python_libdir
 
     workspace = Workspace(str(tmp_path))
     try:

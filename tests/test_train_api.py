@@ -129,7 +129,7 @@ def test_the_run_holds_its_model_card(tmp_path):
     assert body.startswith(MARKER + "\n\n# t2f mapper for tiny and CLIP tiny\n")
     assert 't2f-infer --mapper hf-hub:ORG/NAME "a smiling woman"' in body and f't2f-infer --mapper {run} "a smiling woman"' in body
     assert f"| `w_explained` | {last['w_explained']:.4g} |" in body and "## Held-out metrics (step 12 of 12)" in body
-    # Rewriting the card changes no other file of the run.
+    # Rewriting the model card changes no other file of the run.
     others = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "README.md"}
     assert write_card(Run(run)) == run / "README.md" and (run / "README.md").read_text() == text
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != "README.md"} == others

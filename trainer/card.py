@@ -3,7 +3,7 @@
 t2f-train rewrites it (atomically) whenever a stage finishes, from what the run holds: options.json
 (the options that define the result), config.json (the generator and CLIP the mapper was trained for)
 and stats.jsonl (the last held-out evaluation). Nothing else in the run is touched. A README.md
-without the card's marker line is the user's own and is left alone. docs/publishing.md says how to
+without the model card's marker line is the user's own and is left alone. docs/publishing.md says how to
 upload a run and which of its files to include.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from t2f.io import atomic_path, read_json
+from t2f.files import atomic_path, read_json
 
 from .run import Run
 
@@ -55,7 +55,7 @@ def write_card(run: Run) -> Path | None:
 
 
 def card_text(run: Run) -> str:
-    """The card: YAML front matter (the Hub's model metadata, and t2f's) then markdown."""
+    """The model card: YAML front matter (the Hub's model metadata, and t2f's) then markdown."""
     import yaml
 
     from t2f.presets import clip_origin, generator_origin

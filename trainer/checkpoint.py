@@ -13,7 +13,7 @@ import pickle
 import torch
 from torch import nn
 
-from t2f.io import atomic_path
+from t2f.files import atomic_path
 
 from .run import Dist, Run, RunError
 

@@ -8,7 +8,7 @@ linear warm-up, divided by z_dim as in Fast text2StyleGAN). The prior path, the 
 takes (z ~ N(0, I)): an energy score of two decoded prior samples against w, and Fast
 text2StyleGAN's CLIP-consistency loss 1 - cos(CLIP(G(w_hat)), e) through the generator and CLIP's
 image encoder every k steps, on a prior sample. Trained on the posterior path alone, the decoder
-reads w out of z and ignores the embedding (issue 8; the ablation is in benchmarks/RESULTS.md).
+reads w out of z and ignores the embedding (the ablation is in benchmarks/RESULTS.md).
 Embedding noise augmentation bridges CLIP's text/image gap (clip2latent), scaled by the training
 embeddings' spread, on half of the samples (the other half keeps the clean image embeddings that
 KNN and image modes give); the mapper standardizes its embedding input with their mean and

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from t2f.io import atomic_path, write_json
+from t2f.files import atomic_path, write_json
 from t2f.stylegan2 import to_uint8
 from t2f.types import StyleGenerator
 

@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 
 from t2f.devices import resolve_device
-from t2f.io import LOCK_NAME, read_json, write_json
+from t2f.files import read_json, write_json
+from t2f.private import LOCK_NAME
 
 
 RUN_KIND = "t2f-train-run"

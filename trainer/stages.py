@@ -29,7 +29,7 @@ class Session:
     """Loaded models and the run, shared by the stages of one call; holds the run directory's lock while open."""
 
     def __init__(self, out: str | os.PathLike, device: str):
-        from t2f.io import directory_lock
+        from t2f.private import directory_lock
 
         self.run = Run(out)
         self.run.check_usable()

@@ -19,7 +19,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from t2f.clip import Clip
-from t2f.io import atomic_path, read_json, write_json
+from t2f.files import atomic_path, read_json, write_json
 from t2f.latents import seeded_latents
 from t2f.types import StyleGenerator
 

@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from t2f.io import atomic_path, is_regular_file
+from t2f.files import atomic_path, is_regular_file
 from t2f.precision import Precision
 
 from .base import Backend

@@ -32,8 +32,7 @@ def ensure_onnx(models: Models, precision: Precision) -> Path:
     from t2f.download import cache_dir
     from t2f.export.onnx_export import artifacts_current, export_artifacts, remove_stale_temporaries, temporaries
     from t2f.graphs import ExportError
-    from t2f.io import directory_lock
-    from t2f.private import private_dir
+    from t2f.private import directory_lock, private_dir
 
     out = onnx_cache_dir(models)
     private_dir(cache_dir(), "onnx", out.name)

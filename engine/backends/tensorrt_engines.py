@@ -41,7 +41,7 @@ class TensorRTBackend(ArtifactBackend):
 
     def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
         from t2f.export.tensorrt import load_engine, tensorrt_module
-        from t2f.io import sha256_file
+        from t2f.files import sha256_file
 
         super().__init__(models, device, precision, artifacts, memory_format)
         artifacts, manifest = self.artifacts, self.manifest

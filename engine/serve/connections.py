@@ -17,7 +17,7 @@ byte before the parser does and holds, whatever parser runs:
 - a response sent while the client is still sending a body nobody reads (a refusal before the body)
   is followed by a short lingering close instead of reading the rest.
 
-Bodies are bounded in the app, where a refusal can be an answer (engine/kserve.py read_body: size,
+Bodies are bounded in the app, where a refusal can be an answer (kserve.py read_body: size,
 bytes held across all requests, stalls and slow bodies), with the same `FrontLimits`.
 """
 

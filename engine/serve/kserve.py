@@ -5,7 +5,7 @@ deflate, or one that expands past the size limit (415 / 413), or is not what it 
 bytes all requests hold at once (503), a body that stalls or crawls (408), the JSON's size and
 nesting depth, input names, datatypes, ranks, rows and face sizes (before any data is read into
 arrays), element counts, number ranges and string lengths (400); the protocol's table and limits
-are engine/protocol.py's. A malformed request is the client's fault: never a 500.
+are protocol.py's. A malformed request is the client's fault: never a 500.
 `Forwarder` then sends the checked tensors to Triton over gRPC (Triton's own HTTP front end dies
 on crafted bodies, so it stays off).
 """
@@ -22,8 +22,10 @@ import zlib
 
 import numpy as np
 
+from t2f.files import json_depth_exceeds
+
 from .protocol import (DTYPES, ITEM_BYTES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_NOISE_MODE_BYTES, MAX_PROMPT_BYTES, OUTPUTS,
-                       BadRequest, check_inputs, json_depth_exceeds)
+                       BadRequest, check_inputs)
 
 STRING_LIMITS = {"prompt": MAX_PROMPT_BYTES, "noise_mode": MAX_NOISE_MODE_BYTES}
 GRPC_MAX_MESSAGE = 512 * 1024 * 1024

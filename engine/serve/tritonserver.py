@@ -1,16 +1,16 @@
 """tritonserver as a child process of t2f-serve: its binaries, a private workspace, its shared memory, start, readiness, stop.
 
-Triton runs a static model repository (engine/repository.py) with `--model-control-mode none`: no
+Triton runs a static model repository (repository.py) with `--model-control-mode none`: no
 load / unload API, no access token, no PyTriton. Its gRPC listens on a Unix socket in the private
 workspace (WORKSPACE/grpc:0; no other user can connect, so none can call its system-shared-memory
 API), or on a TCP address where asked; it serves metrics on 127.0.0.1; its HTTP front end is off,
-t2f's own front (engine/web.py) takes HTTP. Nothing on its command line is a secret. Its temporary
+t2f's own front (web.py) takes HTTP. Nothing on its command line is a secret. Its temporary
 files go to WORKSPACE/tmp; the Python backend's empty /tmp/python_env_* (a fixed path) is removed
 by t2f-serve, after a crash too.
 
 Workspaces live in CACHE/serve/PID-TOKEN (0700) and hold a lock that the live server keeps: a
 start removes the workspaces, shared-memory regions and python_env directories of servers that
-died (kill -9 included); engine/triton_files.py has what lies outside the workspace.
+died (kill -9 included); triton_files.py has what lies outside the workspace.
 """
 
 from __future__ import annotations
@@ -19,18 +19,19 @@ import contextlib
 import ctypes
 import dataclasses
 import fcntl
-import json
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
 
+from t2f.files import read_json, write_json
+
+from .addresses import bind_port
 from .triton_files import TritonError, new_python_envs, remove_python_envs, remove_shared_memory, tighten_shared_memory
 
 MAX_SOCKET_PATH = 107                        # sockaddr_un's sun_path, less its NUL
@@ -120,8 +121,7 @@ class Workspace:
         os.mkdir(self.path, 0o700)
         self._lock = open(os.path.join(self.path, "lock"), "w")
         fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with open(os.path.join(self.path, "workspace.json"), "w") as f:
-            json.dump(dict(pid=os.getpid(), shm_prefix=self.shm_prefix), f)
+        write_json(os.path.join(self.path, "workspace.json"), dict(pid=os.getpid(), shm_prefix=self.shm_prefix))
         self.repository = os.path.join(self.path, "repository")
         self.grpc_socket = os.path.join(self.path, "grpc")      # Triton's gRPC: the socket file is grpc:0 (it adds the port)
         self.tmp = os.path.join(self.path, "tmp")              # TMPDIR of Triton and its stubs
@@ -171,8 +171,8 @@ def clean_stale_workspaces(parent: str) -> list[str]:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, signal.SIGKILL)
                 remove_python_envs(path)
-                with contextlib.suppress(OSError, ValueError), open(os.path.join(path, "workspace.json")) as f:
-                    prefix = str(json.load(f)["shm_prefix"])
+                with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+                    prefix = str(read_json(os.path.join(path, "workspace.json"))["shm_prefix"])
                     if prefix.startswith("t2f"):
                         remove_shared_memory(prefix)
                 shutil.rmtree(path, ignore_errors=True)
@@ -181,21 +181,6 @@ def clean_stale_workspaces(parent: str) -> list[str]:
                 if lock is not None:
                     lock.close()
     return removed
-
-
-# ----------------------------------------------------------------------------
-# Ports.
-
-
-def check_port_free(host: str, port: int, option: str) -> None:
-    """TritonError (one line) where `port` on `host` is taken."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise TritonError(f"port {port} on {host} is in use ({option}): {e.strerror}") from None
 
 
 # ----------------------------------------------------------------------------
@@ -284,12 +269,15 @@ class Triton:
 
     def start(self, timeout_s: float = 600, cancel: threading.Event | None = None) -> None:
         """Start Triton and wait until it and both models are ready; TritonError (one line) where it does not."""
-        if self.grpc_host is not None:
-            check_port_free(self.grpc_host, self.grpc_port, "--grpc-port")
-        elif len(os.fsencode(self.workspace.grpc_socket + ":0")) > MAX_SOCKET_PATH:
+        if self.grpc_host is None and len(os.fsencode(self.workspace.grpc_socket + ":0")) > MAX_SOCKET_PATH:
             raise TritonError(f"the workspace {self.workspace.path} is too long a path for Triton's gRPC socket (at most "
                               f"{MAX_SOCKET_PATH - len('/grpc:0')} bytes): give a shorter --cache")
-        check_port_free("127.0.0.1", self.metrics_port, "--metrics-port")
+        ports = [(self.grpc_host, self.grpc_port, "--grpc-port")] if self.grpc_host is not None else []
+        try:
+            for host, port, option in [*ports, ("127.0.0.1", self.metrics_port, "--metrics-port")]:
+                bind_port(host, port, option).close()            # free now; Triton binds it next
+        except OSError as e:
+            raise TritonError(str(e)) from None
         remove_shared_memory(self.workspace.shm_prefix)          # a previous run's, after a crash
         with contextlib.suppress(OSError):
             self.log_offset = os.path.getsize(self.log_path)

@@ -2,7 +2,7 @@
 
     REPOSITORY/
       t2f/config.pbtxt          backend "python", max batch, dynamic batching, instance groups, parameter t2f (JSON)
-      t2f/1/model.py            engine/triton_model.py, unchanged
+      t2f/1/model.py            triton_model.py, unchanged
       t2f_image/...             the same for the image model
 
 `t2f-serve` writes one into its workspace and runs tritonserver on it with `--model-control-mode
@@ -14,12 +14,12 @@ Triton runs the model.py it finds there.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.resources
 import json
 import os
-import tempfile
+
+from t2f.files import write_all
 
 from .protocol import IMAGE_MODEL, INPUTS, MODELS, OUTPUTS
 
@@ -78,44 +78,26 @@ def config_pbtxt(model: str, options: ModelOptions, devices: list[str], max_batc
 
 
 def model_py() -> bytes:
-    return importlib.resources.files("t2f.engine").joinpath("triton_model.py").read_bytes()
-
-
-def write_atomically(path: str, data: bytes, mode: int = 0o600) -> None:
-    directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fchmod(f.fileno(), mode)
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    return importlib.resources.files(__package__).joinpath("triton_model.py").read_bytes()
 
 
 def write_repository(directory: str, options: ModelOptions, devices: list[str], max_batch: int = 32, queue_delay_us: int = 0,
                      file_mode: int = 0o600) -> list[str]:
-    """Write the repository into `directory` (created 0700 where missing); the paths written.
+    """Write the repository into `directory` (created 0700 where missing), each file `file_mode`; the paths written.
 
-    An existing directory may hold other models; t2f's own two are replaced file by file. UnsafePathError
+    An existing directory may hold other models; t2f's own files are replaced all together or not at all. UnsafePathError
     (one line) where another user owns or can write `directory`, a model's folder in it, or can rename one
     of the directories above it (t2f.private.private_dir).
     """
     from t2f.private import private_dir
 
-    written = []
+    files = {}
     for model in MODELS:
         private_dir(directory, model, "1", fix="choose a directory of your own")
-        for relative, data in ((os.path.join(model, "config.pbtxt"), config_pbtxt(model, options, devices, max_batch, queue_delay_us).encode()),
-                               (os.path.join(model, "1", "model.py"), model_py())):
-            path = os.path.join(directory, relative)
-            write_atomically(path, data, file_mode)
-            written.append(path)
-    return written
+        files[os.path.join(directory, model, "config.pbtxt")] = config_pbtxt(model, options, devices, max_batch, queue_delay_us).encode()
+        files[os.path.join(directory, model, "1", "model.py")] = model_py()
+    write_all(files, mode=file_mode)
+    return list(files)
 
 
-__all__ = ["IMAGE_MODEL", "ModelOptions", "config_pbtxt", "instance_groups", "write_repository", "write_atomically"]
+__all__ = ["IMAGE_MODEL", "ModelOptions", "config_pbtxt", "instance_groups", "write_repository"]

@@ -1,8 +1,8 @@
 """What t2f's Triton models take and give, and the limits every request is held to (numpy only).
 
 One table for everyone who speaks the protocol: the static model repository's config.pbtxt and
-model.py (engine/repository.py, engine/triton_model.py), the HTTP front that checks a body before
-it reaches Triton (engine/web.py), the page, and docs/serving.md (tests/test_protocol.py holds the
+model.py (repository.py, triton_model.py), the HTTP front that checks a body before it reaches
+Triton (web.py, kserve.py), the page, and docs/serving.md (tests/test_protocol.py holds the
 document's table to this one). numpy is the only import, so Triton's Python backend stub and the
 front load it without torch.
 
@@ -159,37 +159,6 @@ def check_face_shape(shape) -> None:
     if math.prod(shape) > MAX_IMAGE_BYTES:
         raise BadRequest(f"the faces of one request hold {math.prod(shape)} bytes, more than {MAX_IMAGE_BYTES} "
                          f"({MAX_IMAGE_BYTES // 2**20} MiB); send fewer or smaller faces")
-
-
-def json_depth_exceeds(text: bytes | str, limit: int = MAX_JSON_DEPTH) -> bool:
-    """True where JSON `text` nests [ and { deeper than `limit` (strings skipped), without parsing it."""
-    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    depth, i, n = 0, 0, len(data)
-    find = data.find
-    while i < n:
-        c = data[i]
-        if c == 0x22:                                  # a string: skip to its closing quote
-            j = i + 1
-            while True:
-                j = find(b'"', j)
-                if j < 0:
-                    return False                       # unterminated: the parser refuses it
-                k = j - 1
-                while data[k] == 0x5C:                  # count the backslashes before the quote
-                    k -= 1
-                if (j - 1 - k) % 2 == 0:
-                    break
-                j += 1
-            i = j + 1
-            continue
-        if c in (0x5B, 0x7B):
-            depth += 1
-            if depth > limit:
-                return True
-        elif c in (0x5D, 0x7D):
-            depth -= 1
-        i += 1
-    return False
 
 
 # ----------------------------------------------------------------------------

@@ -2,13 +2,13 @@
 
 Triton 2.51's HTTP front end dies on crafted bodies (a shape of 2^40 rows, 300,000 nested `[`), so
 it stays off: this Starlette app takes HTTP on --http-port, checks each body against the protocol
-(engine/kserve.py: size, encoding, JSON, names, datatypes, shapes and data; each refusal one line to
+(kserve.py: size, encoding, JSON, names, datatypes, shapes and data; each refusal one line to
 the client and one in t2f-serve's log, what the client sent escaped) and forwards it to Triton over
 gRPC. Only inference, health, metadata and metrics are offered: no repository API. Below the app,
-engine/connections.py bounds request heads, idle and slow connections and their number; bodies
+connections.py bounds request heads, idle and slow connections and their number; bodies
 are bounded here (size, bytes held across requests, stalls and pace: FrontLimits).
 
-The page (engine/page.py, with --web) talks over a WebSocket. A handshake whose Origin is not the
+The page (page.py, with --web) talks over a WebSocket. A handshake whose Origin is not the
 page's own (or one of --allow-origin) is refused, as is a Host that is not this server's (DNS
 rebinding). With a token (--token-file; required off loopback) every route but the page itself and
 the health checks needs `Authorization: Bearer TOKEN`; the page sends it as WebSocket subprotocol
@@ -25,14 +25,13 @@ import sys
 import threading
 import time
 
-from t2f.cli_errors import printable
+from t2f.files import printable
 
+from .addresses import bind_port, is_loopback
 from .connections import FrontLimits, guarded_protocol
 from .kserve import BodyBudget, Forwarder, Refused, byte_count, parse_infer_body, read_body, response_body
 from .page import MAX_FRAME_BYTES, Frames, converse, page_html
 from .protocol import INPUTS, MAX_BATCH, MODELS, BadRequest, max_body_bytes
-
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 # ----------------------------------------------------------------------------
@@ -50,7 +49,7 @@ class FrontConfig:
     allow_origins: tuple[str, ...] = ()    # origins besides the page's own that may open /ws
     host: str = "127.0.0.1"                # the address bound (a Host header naming it is accepted)
     log_refusals: bool = True              # one line on stderr per refused request
-    limits: FrontLimits = FrontLimits()    # heads, connections, bodies (engine/connections.py)
+    limits: FrontLimits = FrontLimits()    # heads, connections, bodies (connections.py)
 
 
 def _log(config: FrontConfig, line: str) -> None:
@@ -69,7 +68,7 @@ def _host_ok(config: FrontConfig, host_header: str | None) -> bool:
     if not host_header:
         return False
     name = host_header.rsplit(":", 1)[0] if not host_header.endswith("]") else host_header
-    return name.lower() in LOOPBACK_NAMES or name == config.host or name.strip("[]") == config.host
+    return is_loopback(name) or name == config.host or name.strip("[]") == config.host
 
 
 def _token_ok(config: FrontConfig, presented: str | None) -> bool:
@@ -226,16 +225,7 @@ class Front:
     """uvicorn serving the app on a thread of its own, on a socket bound before Triton starts (a port clash fails first)."""
 
     def __init__(self, config: FrontConfig, host: str, port: int):
-        import socket as sockets
-
-        family = sockets.AF_INET6 if ":" in host else sockets.AF_INET
-        self.socket = sockets.socket(family, sockets.SOCK_STREAM)
-        self.socket.setsockopt(sockets.SOL_SOCKET, sockets.SO_REUSEADDR, 1)
-        try:
-            self.socket.bind((host, port))
-        except OSError as e:
-            self.socket.close()
-            raise OSError(f"port {port} on {host} is in use (--http-port): {e.strerror}") from None
+        self.socket = bind_port(host, port, "--http-port")
         self.config, self.host, self.port = config, host, port
         self.server = self.thread = None
 

@@ -1,6 +1,6 @@
 """The model.py of t2f's static Triton model repository: Triton's Python backend runs this file, one process per instance.
 
-engine/repository.py copies it unchanged into `REPOSITORY/t2f/1/model.py` and
+repository.py copies it unchanged into `REPOSITORY/t2f/1/model.py` and
 `REPOSITORY/t2f_image/1/model.py`; config.pbtxt's parameter `t2f` (JSON) says which pipeline to
 load (t2f.engine.load_pipeline's arguments), and the instance group which device. It needs only
 an interpreter where `t2f` is installed: t2f-serve's embedded tritonserver, or NVIDIA's Triton
@@ -23,7 +23,7 @@ import traceback
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from t2f.engine.protocol import IMAGE_MODEL, INPUTS, BadRequest, parse_request
+from t2f.engine.serve.protocol import IMAGE_MODEL, INPUTS, BadRequest, parse_request
 
 
 def _error(message: str, code: str = "INVALID_ARG"):

@@ -1,17 +1,12 @@
 """`t2f-serve`: the pipeline on NVIDIA Triton Inference Server (a static model repository), behind a checking HTTP front.
 
-    clients --HTTP (KServe v2), page, /metrics--> t2f's front (engine/web.py): every body checked
-            --gRPC (KServe v2)--------------------------------------------+
-                                                                           v
-                         tritonserver --model-control-mode none on REPOSITORY (engine/repository.py)
-                         Python backend: engine/triton_model.py, one process per instance, per model
-
-The models, inputs and limits are engine/protocol.py's. t2f-serve writes the repository into a
-private workspace, starts tritonserver on it (the one bundled in nvidia-pytriton, or --tritonserver)
-with its gRPC on a Unix socket in that workspace (TCP only with --grpc-host), supervises it (one
-line and a restart within a budget per window when it dies, engine/supervise.py; readiness is false
-meanwhile), and removes the workspace, Triton's processes and shared memory on exit; a start
-removes those of servers that died.
+Option mapping, usage checks, start, supervision and stop; the parts are the package's other modules
+(the map and the data flow are in its __init__). The models, inputs and limits are protocol.py's.
+t2f-serve writes the repository into a private workspace, starts tritonserver on it (the one bundled
+in nvidia-pytriton, or --tritonserver) with its gRPC on a Unix socket in that workspace (TCP only
+with --grpc-host), supervises it (one line and a restart within a budget per window when it dies,
+supervise.py; readiness is false meanwhile), and removes the workspace, Triton's processes and
+shared memory on exit; a start removes those of servers that died.
 `--write-repository DIR` writes the same repository for NVIDIA's Triton container (docs/serving.md).
 """
 
@@ -26,9 +21,10 @@ import urllib.request
 
 import click
 
-from t2f.cli_errors import printable
+from t2f.files import PathError, open_regular_file, printable
 
-from .config import PipelineConfig, pipeline_options
+from ..config import PipelineConfig, pipeline_options
+from .addresses import is_loopback
 from .protocol import IMAGE_MODEL, TEXT_MODEL
 
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+-]{16,256}")
@@ -38,8 +34,6 @@ MAX_TOKEN_FILE_BYTES = 4096
 def read_token(path: str) -> str:
     """The bearer token in `path` (16..256 URL-safe characters), refused where other users can read the file, or where it is
     not a small regular file (a FIFO would wait forever, /dev/zero never end)."""
-    from t2f.io import open_regular_file
-
     try:
         with open_regular_file(path, "rb") as f:
             info = os.fstat(f.fileno())
@@ -54,10 +48,6 @@ def read_token(path: str) -> str:
     if not TOKEN_PATTERN.fullmatch(token):
         raise click.BadParameter(f"{path} must hold one token of 16..256 characters A-Z a-z 0-9 . _ ~ + -", param_hint="--token-file")
     return token
-
-
-def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "localhost", "::1") or host.startswith("127.")
 
 
 def served_summary(metrics_text: str) -> str:
@@ -142,7 +132,7 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--precision") from None
     try:                            # what "auto" resolves to here: the instances resolve it the same way
-        from .backends import BackendUnavailable, choose
+        from ..backends import BackendUnavailable, choose
 
         chosen = [choose(d, backend, precision, artifacts) for d in resolved]
     except BackendUnavailable as e:
@@ -172,8 +162,8 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
     if write_repository is not None:
         try:
             paths = write(write_repository, options, devices, max_batch=max_batch, queue_delay_us=queue_delay_us, file_mode=0o644)
-        except OSError as e:
-            raise click.ClickException(f"--write-repository {write_repository}: {e.strerror or e}") from None
+        except OSError as e:                                     # a refused path names its file; other errors say why
+            raise click.ClickException(f"--write-repository {write_repository}: {e if isinstance(e, PathError) else e.strerror or e}") from None
         click.echo(f"wrote {len(paths)} files: {TEXT_MODEL} and {IMAGE_MODEL} in {write_repository} "
                    f"({len(devices)} instance(s) each on {', '.join(devices)}); serve it with tritonserver --model-repository "
                    f"{write_repository} --model-control-mode none", err=True)
@@ -238,7 +228,3 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
     if summary:
         click.echo(f"served: {summary}", err=True)
     click.echo("stopped", err=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,9 @@
-"""t2f-serve's page (engine/static/index.html, with --web): faces that follow typing, over a WebSocket.
+"""t2f-serve's page (static/index.html, with --web): faces that follow typing, over a WebSocket.
 
 Each keystroke sends the whole text; per client only the newest pending message is kept, and
 each message becomes one request to the t2f models through Triton (the same batcher as API
 clients). Odd frames (binary, too big, not JSON, too deep) close the socket with a code. The
-handshake's checks (Host, Origin, token) are the front's (engine/web.py).
+handshake's checks (Host, Origin, token) are the front's (web.py).
 
 Client -> server (JSON):
     {"type": "text",  "id": 7, "prompt": "...", "seed": 0, "truncation": 0.7, "count": 4, "noise_mode": "const"}
@@ -23,14 +23,16 @@ import time
 
 import numpy as np
 
+from t2f.files import json_depth_exceeds
+
 from .kserve import Forwarder, Input, Refused, encode_strings
-from .protocol import IMAGE_MODEL, MAX_JSON_DEPTH, MAX_PROMPT_BYTES, MAX_SEED, TEXT_MODEL, TRUNCATION_RANGE, BadRequest, check_inputs, json_depth_exceeds
+from .protocol import IMAGE_MODEL, MAX_JSON_DEPTH, MAX_PROMPT_BYTES, MAX_SEED, TEXT_MODEL, TRUNCATION_RANGE, BadRequest, check_inputs
 
 MAX_FRAME_BYTES = 64 * 1024          # A page message (JSON); larger ones close the socket (1009).
 
 
 def page_html() -> str:
-    return importlib.resources.files("t2f.engine").joinpath("static/index.html").read_text(encoding="utf-8")
+    return importlib.resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------

@@ -62,12 +62,12 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     t2f-export --mapper hf-hub:ORG/NAME --out engines/hub --onnx-only         # a mapper from the Hugging Face Hub
     t2f-export --mapper tiny --out /tmp/tiny --onnx-only
     """
+    from t2f.artifacts import foreign_files
     from t2f.hub import is_hub_id
     from t2f.io import OutputPathError, check_output_dir
     from t2f.presets import is_random_preset
 
     from .build import export_models
-    from .onnx_export import foreign_files
 
     out = Path(out)
     try:

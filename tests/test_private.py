@@ -365,6 +365,7 @@ def test_a_lock_file_of_another_user_is_refused(tmp_path, run_cli):
 
 
 def test_the_next_run_removes_what_a_killed_export_left_in_the_cache(tmp_path, monkeypatch, models):
+    import t2f.engine.backends.ondemand as ondemand
     import t2f.export.onnx_export as onnx_export
     from t2f.engine.backends.ondemand import ensure_onnx, onnx_cache_dir
     from t2f.precision import Precision
@@ -380,7 +381,7 @@ def test_the_next_run_removes_what_a_killed_export_left_in_the_cache(tmp_path, m
     assert seen == [[".t2f.lock"]]                                   # removed before the export, under its lock
     # Graphs already current (a killed export of another precision left its temporary): removed, nothing exported.
     (out / ".manifest.json.k1ll3d.tmp").write_bytes(b"{")
-    monkeypatch.setattr(onnx_export, "artifacts_current", lambda *_: True)
+    monkeypatch.setattr(ondemand, "artifacts_current", lambda *_: True)
     assert ensure_onnx(models, Precision.FP32) == out
     assert sorted(os.listdir(out)) == [".t2f.lock"] and len(seen) == 1
 

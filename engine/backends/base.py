@@ -25,8 +25,9 @@ from pathlib import Path
 
 import torch
 
+from t2f.artifacts import check_artifacts
 from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-exported)
-from t2f.graphs import GraphSpec
+from t2f.graphs import GraphSpec, graph_specs
 from t2f.precision import Precision
 
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
@@ -138,9 +139,6 @@ class ArtifactBackend(Backend):
     def _checked_manifest(self, artifacts: Path, models: Models):
         """The manifest of `artifacts` checked against the models and this precision (BackendUnavailable otherwise);
         sets the graph specs from it."""
-        from t2f.export.onnx_export import check_artifacts
-        from t2f.graphs import graph_specs
-
         manifest = check_artifacts(artifacts, *models, self.precision, error=BackendUnavailable)
         self.specs = graph_specs(manifest.dims)
         return manifest

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from t2f.artifacts import onnx_session
 from t2f.graphs import GraphSpec
 from t2f.precision import Precision
 
@@ -114,8 +115,6 @@ class OnnxRuntimeBackend(ArtifactBackend):
 
     def __init__(self, artifacts, device: torch.device, models: Models, precision: Precision = Precision.FP32):
         import onnxruntime
-
-        from t2f.export.onnx_export import onnx_session
 
         super().__init__(device, precision)
         artifacts = Path(artifacts)

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
+from t2f.artifacts import load_engine, tensorrt_module
 from t2f.graphs import GRAPHS, ExportError, GraphSpec
+from t2f.io import sha256_file
 from t2f.precision import Precision
 
 from .base import ArtifactBackend, BackendUnavailable, pad_rows, runnable_batch
@@ -40,9 +42,6 @@ class TensorRTBackend(ArtifactBackend):
 
     def __init__(self, artifacts: str | os.PathLike, device: torch.device, models: tuple, precision: Precision = Precision.FP16,
                  cuda_graph: bool = True):
-        from t2f.export.tensorrt import load_engine, tensorrt_module
-        from t2f.io import sha256_file
-
         super().__init__(device, precision)
         artifacts = Path(artifacts)
         manifest = self._checked_manifest(artifacts, models)

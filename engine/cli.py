@@ -13,7 +13,7 @@ import warnings
 
 import click
 
-from t2f.cli_errors import FiniteFloatRange, check_writable, nonempty_path, write_files
+from t2f.cli import FiniteFloatRange, check_writable, nonempty_path, write_files
 from t2f.stylegan2 import NOISE_MODES
 
 from .backends import BackendUnavailable
@@ -146,7 +146,7 @@ def _validate(prompts, mode, image, n, interactive, mapper, bank, out, save_imag
 
 def _run(request: _Request, load: dict, work):
     """Load the pipeline and call `work(pipe)`; user errors as one line, warnings as one line each."""
-    from t2f.cli_errors import user_errors
+    from t2f.cli import user_errors
     from t2f.graphs import ExportError
 
     from t2f.presets import is_random_preset

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from t2f.cli_errors import printable
+from t2f.cli import printable
 
 from .connections import FrontLimits, guarded_protocol
 from .kserve import BodyBudget, Forwarder, Refused, byte_count, parse_infer_body, read_body, response_body

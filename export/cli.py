@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from t2f.cli_errors import PrecisionChoice, model_options, nonempty_path
+from t2f.cli import PrecisionChoice, model_options, nonempty_path
 from t2f.graphs import DEFAULT_PROFILE
 from t2f.precision import Precision
 
@@ -29,7 +29,7 @@ def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
 
 @contextlib.contextmanager
 def _errors_as_clicks():
-    from t2f.cli_errors import user_errors
+    from t2f.cli import user_errors
 
     from t2f.graphs import ExportError
 

@@ -255,7 +255,7 @@ def test_offline_clip_loads_leave_the_environment_and_huggingface_hub_alone(monk
 
 
 def test_user_errors_put_the_logging_level_back():
-    from t2f.cli_errors import user_errors
+    from t2f.cli import user_errors
 
     logging.disable(logging.WARNING)
     try:

@@ -10,7 +10,7 @@ import stat
 import PIL.Image
 import pytest
 
-from t2f.convert import main as convert_main
+from t2f.export.convert import main as convert_main
 from t2f.engine.bench import main as bench_main
 from t2f.engine.cli import main as infer_main
 from t2f.engine.serve import main as serve_main
@@ -144,7 +144,7 @@ FLOAT_OPTIONS = [
 def _float_options(command):
     import click
 
-    from t2f.cli_errors import FiniteFloatRange
+    from t2f.cli import FiniteFloatRange
 
     commands = [command] + list(getattr(command, "commands", {}).values())
     return [(c.name, p.opts[0], type(p.type)) for c in commands for p in c.params
@@ -154,7 +154,7 @@ def _float_options(command):
 @pytest.mark.parametrize("command", [infer_main, train_main, export_main, bench_main, convert_main, serve_main],
                          ids=lambda c: c.name)
 def test_every_float_option_of_every_command_is_finite(command):
-    from t2f.cli_errors import FiniteFloatRange
+    from t2f.cli import FiniteFloatRange
 
     found = _float_options(command)
     assert all(kind is FiniteFloatRange for _, _, kind in found), found

@@ -14,7 +14,7 @@ import math
 
 import click
 
-from t2f.cli_errors import FiniteFloatRange, nonempty_path
+from t2f.cli import FiniteFloatRange, nonempty_path
 from t2f.presets import DEFAULT_CLIP, DEFAULT_GENERATOR
 
 from .config import BUDGET, PRESET_BUDGETS, RANGES, STAGES, BankOptions, FitOptions, SynthOptions, TrainConfig, budget
@@ -115,7 +115,7 @@ BANK = _options(
 
 @contextlib.contextmanager
 def _errors_as_clicks():
-    from t2f.cli_errors import user_errors
+    from t2f.cli import user_errors
 
     from .run import RunError
 

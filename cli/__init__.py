@@ -1,4 +1,5 @@
-"""User errors, shown by the command-line tools as one `Error:` line with a non-zero exit; the options every command shares."""
+"""t2f.cli: what every command line shares: user errors shown as one `Error:` line with a non-zero exit, the click
+option types and the model options. The core package (t2f/) never imports click; its tools do, through here."""
 
 from __future__ import annotations
 
@@ -14,12 +15,12 @@ import click
 def user_errors(*extra: type[BaseException]):
     """Turn the library's user-facing errors (and `extra` types) into click errors, with third-party logging muted
     below ERROR inside the block (the level before it is put back after)."""
-    from .clip import ClipLoadError
-    from .download import DownloadError
-    from .hub import HubError
-    from .io import DirectoryInUse, WeightsError
-    from .mapper import MissingMapperError
-    from .private import UnsafePathError
+    from t2f.clip import ClipLoadError
+    from t2f.download import DownloadError
+    from t2f.hub import HubError
+    from t2f.io import DirectoryInUse, WeightsError
+    from t2f.mapper import MissingMapperError
+    from t2f.private import UnsafePathError
 
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.ERROR))
@@ -73,12 +74,12 @@ class PrecisionChoice(click.Choice):
     """
 
     def __init__(self, auto: bool = True):
-        from .precision import PRECISIONS
+        from t2f.precision import PRECISIONS
 
         super().__init__((("auto",) if auto else ()) + PRECISIONS)
 
     def convert(self, value, param, ctx):
-        from .precision import Precision
+        from t2f.precision import Precision
 
         if value is None or isinstance(value, Precision):
             return value
@@ -94,7 +95,7 @@ class DeviceParam(click.ParamType):
     def convert(self, value, param, ctx):
         import torch
 
-        from .devices import resolve_device
+        from t2f.devices import resolve_device
 
         if isinstance(value, torch.device) or value == "auto":
             return value
@@ -106,7 +107,7 @@ class DeviceParam(click.ParamType):
 
 def check_precision_device(precision, device, param_hint: str = "--precision") -> None:
     """click.BadParameter (exit 2, one line) where `precision` cannot run on `device` ("auto" = the device auto gives)."""
-    from .devices import resolve_device
+    from t2f.devices import resolve_device
 
     if precision is None:
         return
@@ -120,7 +121,7 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
     """Refuse an output that could not be written: an unwritable or non-directory parent, or the wrong kind of path."""
     import os
 
-    from .io import OutputPathError, check_output_dir, check_output_file
+    from t2f.io import OutputPathError, check_output_dir, check_output_file
 
     try:
         (check_output_dir if directory else check_output_file)(path)
@@ -143,7 +144,7 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
 def write_files(files: dict[str, bytes]) -> None:
     """t2f.io.write_all (every file or none), with an OSError as one clear line."""
-    from .io import OutputPathError, write_all
+    from t2f.io import OutputPathError, write_all
 
     try:
         write_all(files)
@@ -162,7 +163,7 @@ MAPPER_HELP = "Mapper: a t2f-train run directory, hf-hub:ORG/NAME[@REVISION] (th
 def model_options(mapper_default: str | None = None):
     """click decorator: --mapper, --generator, --clip and --cache, passed to the command as one
     t2f.sources.ModelSources argument `models` (a value it refuses is a usage error on its option: exit code 2)."""
-    from .presets import TINY
+    from t2f.presets import TINY
 
     recorded = f"[default: the one the mapper was trained for (its config.json records it; {TINY} for --mapper {TINY})]"
     options = [
@@ -176,8 +177,8 @@ def model_options(mapper_default: str | None = None):
     def decorate(f):
         @functools.wraps(f)
         def command(mapper, generator, clip, cache, **kw):
-            from .config import FieldError
-            from .sources import ModelSources
+            from t2f.config import FieldError
+            from t2f.sources import ModelSources
 
             try:
                 models = ModelSources(mapper=mapper, generator=generator, clip=clip, cache=cache)

@@ -21,13 +21,14 @@ import torch
 import torch.distributed as dist
 
 from t2f.devices import resolve_device
+from t2f.errors import T2FError
 from t2f.io import LOCK_NAME, read_json, write_json
 
 
 RUN_KIND = "t2f-train-run"
 
 
-class RunError(Exception):
+class RunError(T2FError):
     """A run directory that cannot be used as asked: another run, a missing stage, bad data."""
 
 

@@ -27,6 +27,7 @@ import torch
 
 from t2f.artifacts import check_artifacts
 from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-exported)
+from t2f.errors import UsageError
 from t2f.graphs import GraphSpec, graph_specs
 from t2f.precision import Precision
 
@@ -162,5 +163,5 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 def runnable_batch(batch: int, min_batch: int, max_batch: int) -> int:
     """The batch an engine runs for `batch` rows: padded up to its profile's minimum; ValueError above its maximum."""
     if batch > max_batch:
-        raise ValueError(f"batch {batch} is above the engines' profile (at most {max_batch}); re-export with a larger --batch")
+        raise UsageError(f"batch {batch} is above the engines' profile (at most {max_batch}); re-export with a larger --batch")
     return max(batch, min_batch)

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from t2f.artifacts import load_engine, tensorrt_module
+from t2f.errors import UsageError
 from t2f.graphs import GRAPHS, ExportError, GraphSpec
 from t2f.io import sha256_file
 from t2f.precision import Precision
@@ -134,7 +135,7 @@ class TensorRTBackend(ArtifactBackend):
                 tensor = pad_rows(tensor.to(self.device), rows).contiguous()
                 feeds[name] = tensor
                 if not context.set_input_shape(name, tuple(tensor.shape)):
-                    raise ValueError(f"{name} {tuple(tensor.shape)} is outside the {spec.name} engine's profile "
+                    raise UsageError(f"{name} {tuple(tensor.shape)} is outside the {spec.name} engine's profile "
                                      f"(batch {self.min_batch} to {self.max_batch}); re-export with another --batch")
                 context.set_tensor_address(name, tensor.data_ptr())
             key = (spec.name, rows, id(context))

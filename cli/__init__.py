@@ -12,23 +12,30 @@ import click
 
 
 @contextlib.contextmanager
-def user_errors(*extra: type[BaseException]):
-    """Turn the library's user-facing errors (and `extra` types) into click errors, with third-party logging muted
-    below ERROR inside the block (the level before it is put back after)."""
-    from t2f.clip import ClipLoadError
-    from t2f.download import DownloadError
-    from t2f.hub import HubError
+def user_errors(output: str | None = None):
+    """Every command's one error adapter: t2f's own errors (T2FError) and a file that cannot be read or written
+    (OSError) become one `Error:` line with exit code 1 (click.ClickException). Anything else keeps its traceback: a
+    plain ValueError is a bug, not a user's mistake. Third-party logging is muted below ERROR inside the block (the
+    level before it is put back after).
+
+    `output` names what the command writes ("the run directory"): an OSError then reads "cannot write FILE: REASON",
+    FILE the error's own file name where it has one; without it, an OSError is its own message.
+    """
+    from t2f.errors import T2FError
     from t2f.io import DirectoryInUse, WeightsError
-    from t2f.mapper import MissingMapperError
     from t2f.private import UnsafePathError
 
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.ERROR))
     try:
         yield
-    except (WeightsError, DirectoryInUse, UnsafePathError, DownloadError, ClipLoadError, HubError, MissingMapperError,
-            ValueError, *extra) as e:
+    except (T2FError, WeightsError, DirectoryInUse, UnsafePathError) as e:
         raise click.ClickException(" ".join(str(e).split())) from None
+    except OSError as e:
+        if output is None:
+            raise click.ClickException(" ".join(str(e).split())) from None
+        # Disk full, permissions: one line naming the file; atomic writes leave nothing partial behind.
+        raise click.ClickException(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     finally:
         logging.disable(previous)
 

@@ -328,10 +328,9 @@ def main(config: PipelineConfig, backends, batches, warmup, iters, baseline, jso
     """
     from t2f.cli import check_writable, user_errors, write_files
     from t2f.devices import resolve_device
-    from t2f.graphs import ExportError
     from t2f.sources import load_models
 
-    from .backends import BackendUnavailable, Models
+    from .backends import Models
 
     for path, param in ((json_path, "--json"), (md_path, "--markdown")):
         if path is not None:
@@ -347,7 +346,7 @@ def main(config: PipelineConfig, backends, batches, warmup, iters, baseline, jso
         if files:
             write_files(files)
 
-    with user_errors(OSError, BackendUnavailable, ExportError):
+    with user_errors():
         dev = resolve_device(config.device)
         G, C, M, resolved = load_models(config.models)
         report = benchmark(Models(G, C, M), dev, backends, batches, warmup, iters, config.artifacts, save=save,

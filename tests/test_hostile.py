@@ -3,7 +3,6 @@
 Outputs: only new paths and regular files are replaced. Options: no NaN or infinity anywhere.
 """
 
-import contextlib
 import os
 import stat
 
@@ -17,7 +16,7 @@ from t2f.engine.serve import main as serve_main
 from t2f.export.cli import main as export_main
 from t2f.trainer.cli import main as train_main
 
-from helpers import TINY, FakeNvidia, Record, assert_one_error_line, invoke, to_rosinality, write_nvidia_pickle
+from helpers import TINY, FakeNvidia, Record, assert_one_error_line, child_holding, invoke, to_rosinality, write_nvidia_pickle
 
 
 # ----------------------------------------------------------------------------
@@ -544,21 +543,13 @@ def test_disk_full_for_real_with_a_file_size_limit(pairs, tmp_path):
     assert not (run / "checkpoint.pt").exists() and not [p for p in os.listdir(run) if p.endswith(".tmp")]
 
 
-@contextlib.contextmanager
 def _lock_held_by_another_process(directory):
     """A child process holding `directory`'s lock until the block ends."""
-    import subprocess
     import sys
 
     code = (f"import sys\nfrom t2f.io import directory_lock\nwith directory_lock({str(directory)!r}, 'test'):\n"
             "    print('held', flush=True)\n    sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        yield holder
-    finally:
-        holder.stdin.close()
-        holder.wait()
+    return child_holding([sys.executable, "-c", code])
 
 
 @pytest.mark.slow

@@ -6,11 +6,9 @@ cases skip where the tests do not run as root. Group- and world-writable folders
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import time
 import types
@@ -22,7 +20,7 @@ from t2f.engine.serve import main as serve_main
 from t2f.export.cli import main as export_main
 from t2f.private import UnsafePathError
 
-from helpers import TINY, assert_one_error_line, tiny_pipeline
+from helpers import TINY, assert_one_error_line, child_holding, tiny_pipeline
 
 OTHER = 65534                   # nobody
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="making a folder another user's (os.chown) needs root")
@@ -254,7 +252,6 @@ def test_write_repository_into_a_sticky_directory_is_private(tmp_path, run_cli):
 # Locks: private, and every wait bounded, ending in one line that names the lock and its live holder.
 
 
-@contextlib.contextmanager
 def _holding(fd: int, user: int | None = None):
     """A child process (of another user where `user` is given) holding an flock on the open file `fd`, until the block ends."""
     code = f"import fcntl, sys; fcntl.flock({fd}, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
@@ -264,14 +261,7 @@ def _holding(fd: int, user: int | None = None):
         if not shutil.which("setpriv"):
             pytest.skip("setpriv (util-linux) is not installed")
         prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-    child = subprocess.Popen([*prefix, python, "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             pass_fds=(fd,), cwd="/")
-    try:
-        assert child.stdout.readline() == "held\n"
-        yield child
-    finally:
-        child.stdin.close()
-        child.wait()
+    return child_holding([*prefix, python, "-S", "-c", code], pass_fds=(fd,), cwd="/")
 
 
 def _open_lock(directory, mode=0o600):

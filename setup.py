@@ -8,10 +8,10 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    # One `t2f` namespace: the core package plus the top-level folders engine/, export/ and trainer/ under it.
-    packages=["t2f", "t2f.engine", "t2f.engine.backends", "t2f.engine.serve", "t2f.export", "t2f.trainer"],
-    package_dir={"t2f": "t2f", "t2f.engine": "engine", "t2f.engine.backends": "engine/backends", "t2f.engine.serve": "engine/serve",
-                 "t2f.export": "export", "t2f.trainer": "trainer"},
+    # One `t2f` namespace: the core package plus the top-level folders cli/, engine/, export/ and trainer/ under it.
+    packages=["t2f", "t2f.cli", "t2f.engine", "t2f.engine.backends", "t2f.engine.serve", "t2f.export", "t2f.trainer"],
+    package_dir={"t2f": "t2f", "t2f.cli": "cli", "t2f.engine": "engine", "t2f.engine.backends": "engine/backends",
+                 "t2f.engine.serve": "engine/serve", "t2f.export": "export", "t2f.trainer": "trainer"},
     package_data={"t2f": ["clip_configs/*.json"], "t2f.engine.serve": ["static/*.html"]},
     install_requires=[
         "torch>=2.10,<2.15",  # weights_only loading: 2.10 fixes the last known bypass
@@ -37,7 +37,7 @@ setup(
     entry_points={
         "console_scripts": [
             "t2f-infer=t2f.engine.cli:main",
-            "t2f-convert=t2f.convert:main",
+            "t2f-convert=t2f.export.convert:main",
             "t2f-train=t2f.trainer.cli:main",
             "t2f-export=t2f.export.cli:main",
             "t2f-bench=t2f.engine.bench:main",

@@ -121,8 +121,16 @@ install_site() {
         done
     fi
     rm -rf "$SITE/t2f"
-    cp -r "$ROOT/t2f" "$SITE/t2f"
-    for package in engine export trainer; do cp -r "$ROOT/$package" "$SITE/t2f/$package"; done
+    "$PY" - "$ROOT" "$SITE" <<'PYTHON'
+import ast, os, shutil, sys
+root, site = sys.argv[1:]                       # setup.py's package_dir, parents first: t2f, then t2f.cli, t2f.engine, ...
+folders = next(ast.literal_eval(k.value) for k in ast.walk(ast.parse(open(os.path.join(root, "setup.py")).read()))
+               if isinstance(k, ast.keyword) and k.arg == "package_dir")
+for name, folder in sorted(folders.items(), key=lambda item: item[0].count(".")):
+    target = os.path.join(site, *name.split("."))
+    if not os.path.exists(target):             # a nested package comes with its parent's folder
+        shutil.copytree(os.path.join(root, folder), target)
+PYTHON
     mkdir -p "$SITE/bin"                            # setup.py's console scripts, as pip writes them (PATH has $SITE/bin)
     "$PY" - "$ROOT/setup.py" "$SITE/bin" "$PY" <<'PYTHON'
 import os, re, sys

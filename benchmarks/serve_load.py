@@ -36,7 +36,7 @@ import urllib.request
 import click
 import numpy as np
 
-from t2f.cli_errors import FiniteFloatRange
+from t2f.cli import FiniteFloatRange
 
 
 def free_port() -> int:

@@ -39,7 +39,7 @@ import time
 import click
 import torch
 
-from t2f.cli_errors import nonempty_path
+from t2f.cli import nonempty_path
 from t2f.presets import TINY
 
 from .config import PipelineConfig, pipeline_options
@@ -327,12 +327,11 @@ def main(config: PipelineConfig, backends, batches, warmup, iters, baseline, jso
     t2f-bench --generator random-1024 --clip ViT-B-32:random --device cuda --backends torch-compile:fp16 \\
               --batches 1,32 --memory-formats nchw,channels_last --no-stages
     """
-    from t2f.cli_errors import check_writable, user_errors, write_files
+    from t2f.cli import check_writable, user_errors, write_files
     from t2f.devices import resolve_device
-    from t2f.graphs import ExportError
     from t2f.sources import load_models
 
-    from .backends import BackendUnavailable, Models
+    from .backends import Models
 
     for path, param in ((json_path, "--json"), (md_path, "--markdown")):
         if path is not None:
@@ -348,7 +347,7 @@ def main(config: PipelineConfig, backends, batches, warmup, iters, baseline, jso
         if files:
             write_files(files)
 
-    with user_errors(OSError, BackendUnavailable, ExportError):
+    with user_errors():
         dev = resolve_device(config.device)
         G, C, M, resolved = load_models(config.models)
         report = benchmark(Models(G, C, M), dev, backends, batches, warmup, iters, config.artifacts, save=save,

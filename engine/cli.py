@@ -13,10 +13,9 @@ import warnings
 
 import click
 
-from t2f.cli_errors import FiniteFloatRange, check_writable, nonempty_path, write_files
+from t2f.cli import FiniteFloatRange, check_writable, nonempty_path, write_files
 from t2f.stylegan2 import NOISE_MODES
 
-from .backends import BackendUnavailable
 from .config import PipelineConfig, pipeline_options
 from .infer import IMAGE_FORMATS, ImageInputError, load_face_images, run_files, run_interactive
 from .pipeline import MODES
@@ -146,15 +145,13 @@ def _validate(prompts, mode, image, n, interactive, mapper, bank, out, save_imag
 
 def _run(request: _Request, load: dict, work):
     """Load the pipeline and call `work(pipe)`; user errors as one line, warnings as one line each."""
-    from t2f.cli_errors import user_errors
-    from t2f.graphs import ExportError
-
+    from t2f.cli import user_errors
     from t2f.presets import is_random_preset
 
     from .config import build_pipeline
     from .pipeline import DeviceFallbackWarning
 
-    with user_errors(OSError, BackendUnavailable, ExportError), warnings.catch_warnings(record=True) as caught:
+    with user_errors(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             pipe = build_pipeline(**load)

@@ -2,7 +2,7 @@
 
 `load_pipeline`, `t2f-infer`, `t2f-serve` and `t2f-bench` all build a PipelineConfig (the commands
 through the one option group `pipeline_options`); `t2f-export` takes its models part,
-t2f.sources.ModelSources (t2f.cli_errors.model_options). The defaults are the commands' and the
+t2f.sources.ModelSources (t2f.cli.model_options). The defaults are the commands' and the
 library's alike: the generator and CLIP the mapper was trained for, backend and precision "auto".
 """
 
@@ -122,13 +122,13 @@ OPTION_OF = dict(mapper="--mapper", generator="--generator", clip="--clip", cach
 
 
 def pipeline_options(runtime: bool = True, multiple_devices: bool = False, mapper_default: str | None = None):
-    """click decorator: the model options (t2f.cli_errors.model_options), --device and --artifacts, and with `runtime`
+    """click decorator: the model options (t2f.cli.model_options), --device and --artifacts, and with `runtime`
     --backend, --precision and --batch, passed to the command as one PipelineConfig argument `config`.
 
     multiple_devices (t2f-serve): --device may be repeated; the command also gets them all as `devices`
     (config.device is the first). A value the config refuses is a usage error on its option (exit code 2).
     """
-    from t2f.cli_errors import DeviceParam, PrecisionChoice, model_options
+    from t2f.cli import DeviceParam, PrecisionChoice, model_options
 
     options = [
         click.option("--backend",   help="How to run the graphs (auto = the fastest accurate one here)", type=click.Choice(("auto",) + backend_names()),

@@ -15,12 +15,14 @@ import warnings
 
 import numpy as np
 
+from t2f.errors import T2FError
+
 MAX_IMAGE_PIXELS = 40_000_000   # A conditioning image (CLIP sees 224x224): a 13000x13000 PNG is refused before decoding.
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}   # file extension -> what is written
 
 
-class ImageInputError(ValueError):
+class ImageInputError(T2FError, ValueError):
     """A conditioning image that cannot be read or is too large; one line naming the file."""
 
 

@@ -14,6 +14,7 @@ from t2f.bank import Bank, check_bank, knn_condition
 from t2f.clip import Clip
 from t2f.devices import resolve_device
 from t2f.latents import seeded_latents
+from t2f.errors import UsageError
 from t2f.mapper import Mapper
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES
@@ -47,9 +48,9 @@ def check_compatible(generator: StyleGenerator, clip: Clip, mapper: Mapper) -> N
                          "runs copies or exported graphs): pass the CLIP itself")
     cfg = mapper.config
     if cfg.embed_dim != clip.embed_dim:
-        raise ValueError(f"the mapper expects {cfg.embed_dim}-d CLIP embeddings but CLIP {clip.name} gives {clip.embed_dim}-d")
+        raise UsageError(f"the mapper expects {cfg.embed_dim}-d CLIP embeddings but CLIP {clip.name} gives {clip.embed_dim}-d")
     if (cfg.w_dim, cfg.num_ws) != (generator.w_dim, generator.num_ws):
-        raise ValueError(f"the mapper makes {cfg.num_ws} x {cfg.w_dim} ws but the generator takes {generator.num_ws} x {generator.w_dim}")
+        raise UsageError(f"the mapper makes {cfg.num_ws} x {cfg.w_dim} ws but the generator takes {generator.num_ws} x {generator.w_dim}")
 
 
 # ----------------------------------------------------------------------------
@@ -66,30 +67,30 @@ def is_blank(prompt: str) -> bool:
 
 def check_prompts(prompts: list[str]) -> None:
     if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
-        raise ValueError("every prompt must be a non-empty string")
+        raise UsageError("every prompt must be a non-empty string")
 
 
 def as_prompts(prompt) -> list[str]:
     """A prompt or a list (or tuple) of prompts -> the rows; ValueError (one line) for an empty or blank one, or another type."""
     if isinstance(prompt, str):
         if is_blank(prompt):
-            raise ValueError("the prompt is empty: give a non-empty string, or a list of them")
+            raise UsageError("the prompt is empty: give a non-empty string, or a list of them")
         return [prompt]
     if not isinstance(prompt, (list, tuple)) or not prompt:
         what = "an empty list" if isinstance(prompt, (list, tuple)) else repr(prompt) if prompt is None else type(prompt).__name__
-        raise ValueError(f"prompt must be a non-empty string or a non-empty list of strings, got {what}")
+        raise UsageError(f"prompt must be a non-empty string or a non-empty list of strings, got {what}")
     for i, p in enumerate(prompt):
         if not isinstance(p, str) or is_blank(p):
-            raise ValueError(f"prompt {i} of {len(prompt)} is {'empty' if isinstance(p, str) else 'not a string'}: "
+            raise UsageError(f"prompt {i} of {len(prompt)} is {'empty' if isinstance(p, str) else 'not a string'}: "
                              "every prompt must be a non-empty string")
     return list(prompt)
 
 
 def check_sampling(n: int, truncation_psi: float) -> None:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+        raise UsageError(f"n must be an integer >= 1, got {n!r}")
     if not math.isfinite(float(truncation_psi)):
-        raise ValueError(f"truncation psi must be finite, got {truncation_psi}")
+        raise UsageError(f"truncation psi must be finite, got {truncation_psi}")
 
 
 def blocks(rows: int, *tensors: torch.Tensor):
@@ -164,9 +165,9 @@ class TextToFace:
         """The models are used as given, never moved, cast or switched to eval: the backend copies what it needs on
         another device, and mode "image" copies CLIP's image tower to the device on first use where it is elsewhere."""
         if batch_size is not None and batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if memory_format not in MEMORY_FORMATS:
-            raise ValueError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
+            raise UsageError(f"memory_format must be one of {', '.join(MEMORY_FORMATS)}, got {memory_format!r}")
         check_compatible(generator, clip, mapper)
         if bank is not None:
             check_bank(bank, clip)
@@ -225,16 +226,16 @@ class TextToFace:
         (its CUDA graph, where it has one). ValueError (one line) for an empty prompt or list, and bad options.
         """
         if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+            raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode == "image":
             if images is None:
-                raise ValueError('mode "image" needs images [rows, 3, H, W] in [-1, 1]')
+                raise UsageError('mode "image" needs images [rows, 3, H, W] in [-1, 1]')
             labels = [f"image {r}" for r in range(images.shape[0])] if prompt is None else as_prompts(prompt)
             if len(labels) != images.shape[0]:
-                raise ValueError(f"mode image needs one label per image: {len(labels)} for {images.shape[0]} images")
+                raise UsageError(f"mode image needs one label per image: {len(labels)} for {images.shape[0]} images")
             conditions = self._image_conditions(images)
         elif images is not None:
-            raise ValueError(f'images go with mode "image", not mode {mode!r}')
+            raise UsageError(f'images go with mode "image", not mode {mode!r}')
         else:
             labels = as_prompts(prompt)
             if mode == "text" and noise_mode == "const":
@@ -260,9 +261,9 @@ class TextToFace:
 
     def _knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
         if not (math.isfinite(float(alpha)) and alpha > 0):
-            raise ValueError(f"the KNN Dirichlet concentration must be a finite number > 0, got {alpha}")
+            raise UsageError(f"the KNN Dirichlet concentration must be a finite number > 0, got {alpha}")
         if self.bank is None:
-            raise ValueError("mode knn needs an embedding bank")
+            raise UsageError("mode knn needs an embedding bank")
         return knn_condition(self._text_conditions(prompts), self.bank.embeddings, n, seed, k=k, m=m, alpha=alpha)
 
     # The one row-based core: every caller says, per image row, its latent key, its truncation and its condition.
@@ -279,7 +280,7 @@ class TextToFace:
         tokens or condition alone. Text with constant noise runs the backend's whole pipeline (its CUDA graph, where it
         has one); otherwise the condition goes through map and synthesize."""
         if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+            raise UsageError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         for p in psi:
             check_sampling(1, p)
         z, psi = seeded_latents(list(keys), self.mapper.z_dim), torch.tensor([float(p) for p in psi])
@@ -303,7 +304,7 @@ class TextToFace:
         images = []
         if noise_mode != "const":
             if noise_mode not in self.backend.noise_modes:
-                raise ValueError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
+                raise UsageError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
             # One noise stream per image (its own seed), so an image does not depend on its batch: each block's
             # noise is drawn row by row from per-row generators and passed in, then the block runs at once.
             seeds = torch.tensor(noise, dtype=torch.int64)                 # < 2**63 (noise_seed); padded like the rows
@@ -404,7 +405,7 @@ def face_tensor(image) -> torch.Tensor:
 def check_finite(faces: Faces) -> Faces:
     """Refuse faces whose ws hold NaN or infinity (broken weights or options): their images would be flat colour."""
     if not torch.isfinite(faces.ws).all():
-        raise ValueError("the pipeline produced non-finite ws (NaN or infinity): the mapper or generator weights are "
+        raise UsageError("the pipeline produced non-finite ws (NaN or infinity): the mapper or generator weights are "
                          "broken; nothing was written")
     return faces
 

@@ -41,12 +41,13 @@ def export_models(
     Returns (manifest, specs). Raises ExportError, WeightsError and the loaders' errors; TensorRT
     and a GPU are checked before any work.
     """
+    from t2f.artifacts import remove_stale_temporaries, runtime_info, specs_of
     from t2f.graphs import UnsupportedTextTower, text_tower
     from t2f.private import directory_lock
     from t2f.sources import load_models
 
-    from .onnx_export import export_artifacts, format_table, remove_stale_temporaries, specs_of
-    from .tensorrt import build_engines, runtime_info
+    from .onnx_export import export_artifacts, format_table
+    from .tensorrt import build_engines
 
     with contextlib.ExitStack() as held:
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing

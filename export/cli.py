@@ -5,14 +5,13 @@ Option mapping, usage checks and messages only: the work is export/build.py's (`
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from pathlib import Path
 
 import click
 
-from t2f.cli_errors import PrecisionChoice, model_options, nonempty_path
+from t2f.cli import PrecisionChoice, model_options, nonempty_path, user_errors
 from t2f.graphs import DEFAULT_PROFILE
 from t2f.precision import Precision
 
@@ -25,19 +24,6 @@ def _batch_range(ctx, param, value: str) -> tuple[int, int, int]:
     if len(parts) != 3 or not 1 <= parts[0] <= parts[1] <= parts[2] <= 4096:
         raise click.BadParameter(f"expected 1 <= MIN <= OPT <= MAX <= 4096, got {value!r}")
     return parts
-
-
-@contextlib.contextmanager
-def _errors_as_clicks():
-    from t2f.cli_errors import user_errors
-
-    from t2f.graphs import ExportError
-
-    try:
-        with user_errors(ExportError):
-            yield
-    except OSError as e:
-        raise click.ClickException(f"cannot write {e.filename or 'the output'}: {e.strerror or e}") from None
 
 
 @click.command(context_settings=dict(help_option_names=["-h", "--help"]))
@@ -62,12 +48,12 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     t2f-export --mapper hf-hub:ORG/NAME --out engines/hub --onnx-only         # a mapper from the Hugging Face Hub
     t2f-export --mapper tiny --out /tmp/tiny --onnx-only
     """
+    from t2f.artifacts import foreign_files
     from t2f.hub import is_hub_id
     from t2f.files import OutputPathError, check_output_dir
     from t2f.presets import is_random_preset
 
     from .build import export_models
-    from .onnx_export import foreign_files
 
     out = Path(out)
     try:
@@ -98,7 +84,7 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
                    "measured here; exporting and checking the fp32 graphs only", err=True)
         precision = Precision.FP32
     start = time.perf_counter()
-    with _errors_as_clicks():
+    with user_errors(output="the output"):
         manifest, specs = export_models(out, models, precision, batch, onnx_only, opt_level,
                                         Path(timing_cache) if timing_cache else None, log=click.echo)
     if onnx_only:

@@ -21,29 +21,24 @@ folding; the parity check runs on the simplified file).
 from __future__ import annotations
 
 import copy
-import json
-import os
-import re
-import shutil
 import warnings
 from pathlib import Path
 
 import torch
 
 import t2f
+from t2f.artifacts import OPSET, Manifest, graph_keys, onnx_session, specs_of
 from t2f.clip import Clip
 from t2f.graphs import GRAPHS, ExportError, ModelDims
 from t2f.files import atomic_path, sha256_file
 from t2f.io import fingerprint
 
-from .manifest import MANIFEST, Manifest, is_export_manifest_file
 from t2f.mapper import Mapper
 from t2f.precision import Precision
-from t2f.specs import GraphSpec, graph_specs
+from t2f.specs import GraphSpec
 from t2f.stylegan2 import Generator
 from t2f.types import StyleGenerator
 
-OPSET = 17
 BOUNDS = {Precision.FP32: 1e-4, Precision.FP16: 2e-2, Precision.BF16: 5e-2}   # relative error of each graph's float output
 BF16_BOUNDS = dict(text_encoder_cosine=0.999,  # the embedding's cosine to fp32's, every row (CLIP retrieval keeps its order)
                    synthesis_relative=5e-2,    # the float image's relative error
@@ -51,57 +46,8 @@ BF16_BOUNDS = dict(text_encoder_cosine=0.999,  # the embedding's cosine to fp32'
 CONTROL_FLOW = ("If", "Loop", "Scan")          # TensorRT's ONNX parser rejects an If with branches of unequal rank
 
 
-def specs_of(generator: Generator, clip: Clip, mapper: Mapper) -> dict[str, GraphSpec]:
-    return graph_specs(ModelDims.of(generator, clip, mapper))
-
-
-# What an export directory holds: the graphs, engines, their record, and temporaries of a killed export.
-EXPORT_NAMES = re.compile(r"(text_encoder|mapper|synthesis)(\.fp16)?\.(onnx|plan)|parity\.md|manifest\.json|timing\.cache"
-                          r"|\.t2f\.lock|\.parity-.*|\..+\.(tmp|old)")
-
-
-def foreign_files(out: Path) -> list[str]:
-    """Files in `out` that t2f-export did not make (a manifest.json that is not an export's counts as one)."""
-    if not out.is_dir():
-        return []
-    names = sorted(p.name for p in out.iterdir())
-    foreign = [n for n in names if not EXPORT_NAMES.fullmatch(n)]
-    if MANIFEST in names and not is_export_manifest_file(out / MANIFEST):
-        foreign.append(MANIFEST)                           # a FIFO there is never opened
-    return foreign
-
-
-def temporaries(out: Path) -> list[Path]:
-    """What an export that did not finish leaves in `out`: .parity-* scratch directories, .*.tmp and .*.old files."""
-    found = out.iterdir() if out.is_dir() else ()
-    return [p for p in found if p.name.startswith(".parity-") or (p.name.startswith(".") and p.name.endswith((".tmp", ".old")))]
-
-
-def remove_stale_temporaries(out: Path) -> list[str]:
-    """Remove what a killed export left in `out` (see temporaries); call with its lock held. The names removed."""
-    for p in (found := temporaries(out)):
-        if p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-    return [p.name for p in found]
-
-
 # ----------------------------------------------------------------------------
 # Export.
-
-
-def graph_keys(generator: Generator, clip: Clip, mapper: Mapper, precision: Precision) -> dict[str, str]:
-    """Cache keys of the three graphs: weights, configs, precision, opset and versions."""
-    precision = Precision.parse(precision)
-    versions = f"t2f {t2f.__version__} torch {torch.__version__} opset {OPSET}"
-    gcfg = json.dumps(generator.config.to_dict(), sort_keys=True)
-    mcfg = json.dumps(mapper.config.to_dict(), sort_keys=True)
-    return {
-        "text_encoder": f"{clip.name} {clip.fingerprint} {precision} {versions}",
-        "mapper": f"{fingerprint(mapper)} {mcfg} w_avg {fingerprint(generator.mapping)} fp32 {versions}",
-        "synthesis": f"{fingerprint(generator)} {gcfg} {precision} uint8 folded {versions}",
-    }
 
 
 def on_cpu(generator: Generator, clip: Clip, mapper: Mapper):
@@ -146,21 +92,6 @@ def simplify(path: Path) -> bool:
         model = onnxslim.slim(onnx.load(str(path)))
     onnx.save(model, str(path))
     return True
-
-
-def onnx_session(path: str | os.PathLike, expected_sha256: str | None = None):
-    """An ONNX Runtime CPU session for an exported graph, refusing a file whose checksum is not the manifest's."""
-    import onnxruntime
-
-    path = Path(path)
-    if not path.is_file():
-        raise ExportError(f"{path} is missing; run t2f-export again")
-    if expected_sha256 is not None and sha256_file(path) != expected_sha256:
-        raise ExportError(f"{path} does not match its manifest (corrupt or changed); run t2f-export again to rebuild it")
-    try:
-        return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for invalid models
-        raise ExportError(f"{path} cannot be loaded by ONNX Runtime ({type(e).__name__}); run t2f-export again") from None
 
 
 def with_float_image(path: Path) -> bytes:
@@ -306,48 +237,6 @@ def run_onnx_exports(out: Path, generator: Generator, clip: Clip, mapper: Mapper
                                  parity_ok=passed if files is precision else bool(cached and entry.get("parity_ok")),
                                  checked=checked)
     return graphs, rows
-
-
-def check_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, precision: Precision,
-                    error: type[Exception] = ExportError) -> Manifest:
-    """The manifest of `out` if it holds all three graphs of exactly these models for `precision`, each unchanged since
-    export and checked in that precision; `error` (ExportError by default) saying in one line what differs otherwise."""
-    try:
-        return _check_artifacts(Path(out), generator, clip, mapper, Precision.parse(precision))
-    except ExportError as e:
-        if error is ExportError:
-            raise
-        raise error(str(e)) from None
-
-
-def _check_artifacts(out: Path, generator, clip, mapper, precision: Precision) -> Manifest:
-    manifest = Manifest.read(out)
-    specs = specs_of(generator, clip, mapper)
-    flag = {Precision.FP16: " --fp16", Precision.BF16: " --precision bf16"}.get(precision, "")
-    for graph, key in graph_keys(generator, clip, mapper, precision.onnx).items():
-        name = specs[graph].file_name(precision.onnx)
-        entry = manifest.onnx.get(name)
-        if not entry:
-            raise ExportError(f"{out} has no {name}; run t2f-export{flag} --out {out}")
-        if entry.get("key") != key:
-            raise ExportError(f"{out / name} was exported from other models or versions; run t2f-export again for these")
-        if not (out / name).is_file() or sha256_file(out / name) != entry.get("sha256"):
-            raise ExportError(f"{out / name} does not match its manifest (missing, corrupt or changed); run t2f-export again")
-        if not entry.get("parity_ok"):
-            raise ExportError(f"{out / name} failed its parity check; see {out / 'parity.md'}")
-        if precision.value not in entry.get("checked", [precision.onnx.value]):
-            raise ExportError(f"{out / name} has no {precision} parity check yet; run t2f-export{flag} --out {out}")
-    if manifest.dims != ModelDims.of(generator, clip, mapper):
-        raise ExportError(f"{out / MANIFEST} records other model sizes; run t2f-export again")
-    return manifest
-
-
-def artifacts_current(out: Path, generator: Generator, clip: Clip, mapper: Mapper, precision: Precision) -> bool:
-    try:
-        check_artifacts(out, generator, clip, mapper, precision)
-        return True
-    except ExportError:
-        return False
 
 
 def export_artifacts(out: Path, generator: Generator, clip: Clip, mapper: Mapper, precision: Precision, batches: list[int],

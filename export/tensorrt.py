@@ -6,47 +6,18 @@ This module is written against TensorRT 10's documented API; its tests skip wher
 `tensorrt` module is missing.
 
 pycuda and cuda-python are not needed: engines are built from bytes on the host, and the
-engine's buffers and stream belong to torch at run time.
+engine's buffers and stream belong to torch at run time. Engines are checked and loaded by
+`t2f.artifacts` (`load_engine`), which the runtimes use without this tool.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from t2f.artifacts import tensorrt_module
 from t2f.graphs import ExportError
-from t2f.files import atomic_path
+from t2f.files import atomic_path, sha256_file
 from t2f.precision import Precision
-
-
-def tensorrt_module():
-    try:
-        import tensorrt
-    except ImportError:
-        raise ExportError("TensorRT is not installed (its Python package comes from NVIDIA's index); "
-                          "install it, or pass --onnx-only") from None
-    return tensorrt
-
-
-def runtime_info(device=None) -> dict:
-    """TensorRT version and the GPU `device` (default: the current CUDA device) builds and runs engines on."""
-    import torch
-
-    trt = tensorrt_module()
-    if not torch.cuda.is_available():
-        raise ExportError("building TensorRT engines needs a CUDA GPU; pass --onnx-only on this machine")
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    major, minor = torch.cuda.get_device_capability(device)
-    return dict(tensorrt=trt.__version__, gpu=torch.cuda.get_device_name(device), compute_capability=f"{major}.{minor}")
-
-
-def check_compatible(manifest, runtime: dict) -> None:
-    """Refuse engines built with another TensorRT version or for another GPU (the manifest's record), saying to re-export."""
-    built = manifest.tensorrt
-    for key, what in (("tensorrt", "TensorRT version"), ("gpu", "GPU"), ("compute_capability", "compute capability")):
-        if built.get(key) != runtime.get(key):
-            raise ExportError(f"the engines were built for {what} {built.get(key)!r}, this machine has {runtime.get(key)!r}; "
-                              f"run t2f-export again on this machine to rebuild them")
 
 
 def build_engine(
@@ -96,34 +67,18 @@ def build_engine(
         tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
 
 
-def load_engine(path: str | os.PathLike, manifest, device=None):
-    """Deserialize an engine on `device` (default: the current one) after checking it was built for this TensorRT and GPU."""
-    import torch
-
-    trt = tensorrt_module()
-    device = torch.device("cuda", torch.cuda.current_device()) if device is None else torch.device(device)
-    check_compatible(manifest, runtime_info(device))
-    with torch.cuda.device(device):                    # an engine belongs to the device current when it is deserialized
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
-    if engine is None:
-        raise ExportError(f"{path} is not a valid engine for this TensorRT; run t2f-export again")
-    return engine
-
-
 def build_engines(
     out: Path,                                   # The export directory: ONNX graphs in, engines and the manifest out.
-    specs: dict,                                 # Graph name -> GraphSpec (onnx_export.specs_of).
+    specs: dict,                                 # Graph name -> GraphSpec (t2f.artifacts.specs_of).
     manifest,                                    # The export's Manifest, as export_artifacts left it; updated and written.
     precision: Precision,
     batch: tuple[int, int, int],                 # The TensorRT profile's (MIN, OPT, MAX) batch.
-    info: dict,                                  # runtime_info(): TensorRT version and GPU, recorded with each engine.
+    info: dict,                                  # t2f.artifacts.runtime_info(): TensorRT version and GPU, recorded with each engine.
     timing_cache: Path,
     optimization_level: int = 3,                 # TensorRT builder optimization level, 0-5.
     log=print,
 ) -> None:
     """One engine per graph, rebuilt only where its record (ONNX hash, precision, profile, TensorRT, GPU) or its file changed."""
-    from t2f.files import sha256_file
 
     built = manifest.tensorrt
     engines = dict(built.get("engines", {})) if built.get("gpu") == info["gpu"] else {}

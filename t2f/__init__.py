@@ -1,7 +1,8 @@
 """t2f: fast text-to-face. CLIP text encoder -> mapper -> StyleGAN2.
 
-The core package holds the shared models and their weight loading; `t2f.trainer`,
-`t2f.export` and `t2f.engine` build on it and it imports none of them.
+The core package holds the shared models, their weight loading and the export's artifacts;
+`t2f.trainer`, `t2f.export`, `t2f.engine` and `t2f.cli` build on it and it imports none of them
+(tests/test_structure.py holds it to that).
 
 Its names load on first use (`t2f.load_clip` imports t2f.clip, and with it torch, when it is first
 read), so the standard-library-only modules, t2f.files and t2f.private, import without torch.

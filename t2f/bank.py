@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
+from .errors import UsageError
 from .files import atomic_path
 from .io import WeightsError
 
@@ -90,7 +91,7 @@ def knn_condition(
 def check_bank(bank: Bank, clip) -> None:
     """ValueError where `bank` was not made with these CLIP weights (its fingerprint) or holds embeddings of another size."""
     if bank.clip_fingerprint != clip.fingerprint:
-        raise ValueError(f"the embedding bank was made with CLIP {bank.clip or '?'}, not these {clip.name} weights; "
+        raise UsageError(f"the embedding bank was made with CLIP {bank.clip or '?'}, not these {clip.name} weights; "
                          f"use the bank of a run trained with --clip {clip.name}")
     if bank.embeddings.shape[1] != clip.embed_dim:
-        raise ValueError(f"the bank holds {bank.embeddings.shape[1]}-d embeddings, CLIP {clip.name} gives {clip.embed_dim}-d")
+        raise UsageError(f"the bank holds {bank.embeddings.shape[1]}-d embeddings, CLIP {clip.name} gives {clip.embed_dim}-d")

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import T2FError, UsageError
 from .presets import DEFAULT_CLIP, TINY, TINY_SEED
 
 TINY_MODEL_NAME = "t2f-tiny"
@@ -25,7 +26,7 @@ RANDOM_TAG = "random"               # "MODEL:random": the architecture with rand
 _CONFIG_DIR = Path(__file__).parent / "clip_configs"
 
 
-class ClipLoadError(Exception):
+class ClipLoadError(T2FError):
     """A CLIP model that cannot be created or whose weights cannot be had."""
 
 
@@ -45,7 +46,7 @@ class ClipSpec:
             return cls(TINY_MODEL_NAME, None)
         model, sep, pretrained = spec.partition(":")
         if not model:
-            raise ValueError(f"invalid CLIP spec {spec!r}; expected MODEL:TAG, e.g. {DEFAULT_CLIP}")
+            raise UsageError(f"invalid CLIP spec {spec!r}; expected MODEL:TAG, e.g. {DEFAULT_CLIP}")
         if pretrained == RANDOM_TAG:
             return cls(model, None)
         return cls(model, pretrained if sep else "openai")

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from .errors import UsageError
+
 
 # ----------------------------------------------------------------------------
 # StyleGAN2's generator.
@@ -31,19 +33,19 @@ class GeneratorConfig:
     def __post_init__(self):
         res = self.resolution
         if type(res) is not int or res < 4 or res > 8192 or res & (res - 1):
-            raise ValueError(f"resolution must be a power of two from 4 to 8192, got {shown(res)}")
+            raise UsageError(f"resolution must be a power of two from 4 to 8192, got {shown(res)}")
         check_sizes(self, dict(z_dim=8192, w_dim=8192, img_channels=16, mapping_layers=64, channel_base=1 << 24,
                                channel_max=8192))
         if self.channel_base < res:
-            raise ValueError(f"channel_base {self.channel_base} leaves no channels at resolution {res}")
+            raise UsageError(f"channel_base {self.channel_base} leaves no channels at resolution {res}")
         if type(self.num_fp16_res) is not int or not 0 <= self.num_fp16_res <= 64:
-            raise ValueError(f"num_fp16_res must be an integer from 0 to 64, got {shown(self.num_fp16_res)}")
+            raise UsageError(f"num_fp16_res must be an integer from 0 to 64, got {shown(self.num_fp16_res)}")
         if self.conv_clamp is not None and not (type(self.conv_clamp) in (int, float) and self.conv_clamp > 0
                                                 and math.isfinite(self.conv_clamp)):
-            raise ValueError(f"conv_clamp must be a positive number or null, got {shown(self.conv_clamp)}")
+            raise UsageError(f"conv_clamp must be a positive number or null, got {shown(self.conv_clamp)}")
         if not (type(self.mapping_lr_multiplier) in (int, float) and self.mapping_lr_multiplier > 0
                 and math.isfinite(self.mapping_lr_multiplier)):
-            raise ValueError(f"mapping_lr_multiplier must be positive, got {shown(self.mapping_lr_multiplier)}")
+            raise UsageError(f"mapping_lr_multiplier must be positive, got {shown(self.mapping_lr_multiplier)}")
 
     @property
     def block_resolutions(self) -> list[int]:
@@ -94,21 +96,21 @@ def check_sizes(config, limits: dict[str, int]) -> None:
     for name, limit in limits.items():
         value = getattr(config, name)
         if type(value) is not int or not 0 < value <= limit:
-            raise ValueError(f"{name} must be an integer from 1 to {limit}, got {shown(value)}")
+            raise UsageError(f"{name} must be an integer from 1 to {limit}, got {shown(value)}")
 
 
 def config_from_dict(cls, data: dict):
     """Build a frozen config dataclass, refusing unknown or missing keys by name."""
     if not isinstance(data, dict):
-        raise ValueError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
+        raise UsageError(f"{cls.__name__}: expected a JSON object, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown keys {[name[:40] for name in unknown[:8]]}")
+        raise UsageError(f"{cls.__name__}: unknown keys {[name[:40] for name in unknown[:8]]}")
     return cls(**data)
 
 
-class FieldError(ValueError):
+class FieldError(UsageError):
     """A value of a run-time config (t2f.sources.ModelSources, the engine's PipelineConfig) that is not valid.
 
     `field` names it, so that a command reports it as a usage error on its own option.

@@ -9,11 +9,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .errors import T2FError
 from .files import atomic_path
 from .private import private_dir
 
 
-class DownloadError(Exception):
+class DownloadError(T2FError):
     """A weights file that is not cached and could not be downloaded or verified."""
 
 

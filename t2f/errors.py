@@ -4,6 +4,9 @@ A `T2FError` says what is wrong with the user's input, files, machine or request
 the command-line tools show it as one `Error:` line with a non-zero exit. Anything else that escapes
 (a ValueError from a bug, say) is a defect and keeps its traceback. Subclasses may also derive from
 the built-in type a caller would expect (`OSError` for a path, `ValueError` for an argument).
+
+Each module declares the errors of its own subject (WeightsError, ExportError, RunError, ...);
+`UsageError` is the one shared by every module for a value the caller got wrong.
 """
 
 from __future__ import annotations
@@ -11,3 +14,8 @@ from __future__ import annotations
 
 class T2FError(Exception):
     """An error of t2f's own, with a one-line message meant for the user."""
+
+
+class UsageError(T2FError, ValueError):
+    """A value t2f was given and refuses: an argument or option outside its range, a name it does not know, or values
+    that do not go together (fp16 on a CPU, a bank made with other CLIP weights, models whose sizes disagree)."""

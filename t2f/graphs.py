@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import T2FError
 from .mapper import Mapper
 from .precision import Precision
 from .stylegan2 import to_uint8, truncate
@@ -45,7 +46,7 @@ GRAPHS = ("text_encoder", "mapper", "synthesis")
 DEFAULT_PROFILE = (1, 8, 32)        # engines' (MIN, OPT, MAX) batch where none is asked for: t2f-export and every runtime
 
 
-class ExportError(Exception):
+class ExportError(T2FError):
     """A model that cannot be exported as asked, or artifacts that cannot be used."""
 
 

@@ -19,6 +19,8 @@ import os
 import re
 from pathlib import Path
 
+from .errors import T2FError, UsageError
+
 PREFIX = "hf-hub:"
 HUB_URL = "https://huggingface.co"
 
@@ -31,11 +33,11 @@ _REVISION_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 MAX_REVISION = 255
 
 
-class HubError(Exception):
+class HubError(T2FError):
     """A Hub mapper that cannot be had: not cached while offline, no such repository, revision or file, no network."""
 
 
-class HubIdError(ValueError):
+class HubIdError(UsageError):
     """A malformed `hf-hub:` id (a usage error: exit code 2 in the commands)."""
 
 

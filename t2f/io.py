@@ -11,13 +11,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
+from .errors import T2FError
 from .files import InputPathError, atomic_dir, atomic_path, is_regular_file, read_json, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 
 
-class WeightsError(Exception):
+class WeightsError(T2FError):
     """Weights that cannot be loaded: missing, truncated, corrupt, unsafe or mismatched."""
 
 

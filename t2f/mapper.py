@@ -18,6 +18,7 @@ from torch import nn
 
 from .io import WeightsError, fingerprint, load_model_dir, save_model_dir
 from .config import check_sizes, config_from_dict, shown
+from .errors import T2FError, UsageError
 from .stylegan2 import FullyConnected, normalize_2nd_moment
 
 MAPPER_KIND = "t2f-mapper"
@@ -41,10 +42,10 @@ class MapperConfig:
     def __post_init__(self):
         check_sizes(self, SIZE_LIMITS)
         if type(self.layers) is not int or not LAYER_RANGE[0] <= self.layers <= LAYER_RANGE[1]:
-            raise ValueError(f"layers must be an integer from {LAYER_RANGE[0]} to {LAYER_RANGE[1]}, got {shown(self.layers)}")
+            raise UsageError(f"layers must be an integer from {LAYER_RANGE[0]} to {LAYER_RANGE[1]}, got {shown(self.layers)}")
         for name in ("w_plus", "mean_head"):
             if type(getattr(self, name)) is not bool:
-                raise ValueError(f"{name} must be true or false, got {shown(getattr(self, name))}")
+                raise UsageError(f"{name} must be true or false, got {shown(getattr(self, name))}")
 
     @property
     def out_dim(self) -> int:
@@ -167,7 +168,7 @@ def load_mapper_dir(directory: str | os.PathLike) -> tuple[Mapper, dict]:
     return mapper.eval().requires_grad_(False), meta
 
 
-class MissingMapperError(Exception):
+class MissingMapperError(T2FError):
     """No mapper was given and none is published for the chosen generator and CLIP."""
 
 

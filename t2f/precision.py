@@ -19,6 +19,8 @@ import functools
 
 import torch
 
+from .errors import UsageError
+
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_bf16() -> bool:
@@ -55,7 +57,7 @@ class Precision(str, enum.Enum):
         try:
             return cls(value)
         except ValueError:
-            raise ValueError(f"precision must be one of {', '.join(p.value for p in cls)}, got {value!r}") from None
+            raise UsageError(f"precision must be one of {', '.join(p.value for p in cls)}, got {value!r}") from None
 
     @classmethod
     def from_flag(cls, fp16: bool) -> "Precision":
@@ -100,10 +102,10 @@ class Precision(str, enum.Enum):
         """
         kind = torch.device(device).type
         if self.device_type not in (None, kind):
-            raise ValueError("fp16 needs a CUDA device; use fp32 (or bf16 where the CPU has bf16 instructions) on the CPU"
+            raise UsageError("fp16 needs a CUDA device; use fp32 (or bf16 where the CPU has bf16 instructions) on the CPU"
                              if self.half else "bf16 is the CPU's reduced precision here; use fp16 on CUDA")
         if self is Precision.BF16 and not cpu_has_bf16():
-            raise ValueError("bf16 needs a CPU with bfloat16 instructions (AVX512_BF16 or AMX), which this one lacks; use fp32")
+            raise UsageError("bf16 needs a CPU with bfloat16 instructions (AVX512_BF16 or AMX), which this one lacks; use fp32")
 
     def runs_on(self, device: torch.device | str) -> bool:
         try:

@@ -22,10 +22,12 @@ import socket
 import stat
 from pathlib import Path
 
+from .errors import T2FError
+
 CACHE_FIX = "set T2F_CACHE to a directory of your own"      # the way out where a cache folder is refused
 
 
-class UnsafePathError(OSError):
+class UnsafePathError(T2FError, OSError):
     """A folder (or lock file) that t2f refuses to use because another user could change it; the message is one line."""
 
     def __init__(self, path, message: str):
@@ -100,7 +102,7 @@ LOCK_NAME = ".t2f.lock"
 LOCK_TIMEOUT_S = 1800        # How long wait=True waits for a lock; T2F_LOCK_TIMEOUT (seconds) overrides it.
 
 
-class DirectoryInUse(Exception):
+class DirectoryInUse(T2FError):
     """Another process holds the directory's lock."""
 
 

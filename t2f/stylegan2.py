@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import GeneratorConfig
+from .errors import UsageError
 from .precision import Precision
 
 NOISE_MODES = ("const", "random", "none")
@@ -354,13 +355,13 @@ class SynthesisNetwork(nn.Module):
                                                   # torch.channels_last (NHWC; the image is then NHWC in memory too).
     ) -> torch.Tensor:
         if noise_mode not in NOISE_MODES:
-            raise ValueError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+            raise UsageError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
         precision = Precision.parse(precision)
         ws = ws.to(torch.float32)
         generators = None
         if noise_mode == "random" and noise_seeds is not None:
             if len(noise_seeds) != ws.shape[0]:
-                raise ValueError(f"{len(noise_seeds)} noise seeds for {ws.shape[0]} rows")
+                raise UsageError(f"{len(noise_seeds)} noise seeds for {ws.shape[0]} rows")
             generators = [torch.Generator(ws.device).manual_seed(int(s)) for s in noise_seeds]
         x = img = None
         w_idx = 0

@@ -1,13 +1,16 @@
 """What tests share besides fixtures: the in-process CLI runner and its error-line check, the tiny models'
-options and pipeline, NVIDIA- and rosinality-layout weights crafted without their code, and HTTP on loopback."""
+options and pipeline, NVIDIA- and rosinality-layout weights crafted without their code, HTTP on loopback, and a
+child process holding a lock."""
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import pathlib
 import pickle
 import socket
+import subprocess
 import sys
 import types
 
@@ -243,3 +246,21 @@ def http_request(port: int, method: str, path: str, body: bytes | None = None, h
         return response.status, response.read()
     finally:
         conn.close()
+
+
+# ----------------------------------------------------------------------------
+# Another process holding something (a lock) while a test runs.
+
+
+@contextlib.contextmanager
+def child_holding(argv: list[str], **popen):
+    """A child process `argv` that prints "held" once it holds what it was started to hold and keeps it until its
+    standard input closes: started, waited for until it says "held", and ended (input closed, waited for) after the
+    block. `popen`: more subprocess.Popen arguments (pass_fds, cwd)."""
+    child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, **popen)
+    try:
+        assert child.stdout.readline() == "held\n"
+        yield child
+    finally:
+        child.stdin.close()
+        child.wait()

@@ -86,8 +86,10 @@ def test_load_pipeline_and_t2f_infer_build_the_same_config_by_default(monkeypatc
     built = []
 
     def record(config, **kwargs):
+        from t2f.errors import UsageError
+
         built.append(config)
-        raise ValueError("recorded")
+        raise UsageError("recorded")                 # a user's error: t2f-infer shows it as one line
 
     monkeypatch.setattr(config_module, "build_pipeline", record)
     with pytest.raises(ValueError, match="recorded"):
@@ -255,7 +257,7 @@ def test_offline_clip_loads_leave_the_environment_and_huggingface_hub_alone(monk
 
 
 def test_user_errors_put_the_logging_level_back():
-    from t2f.cli_errors import user_errors
+    from t2f.cli import user_errors
 
     logging.disable(logging.WARNING)
     try:

@@ -35,6 +35,13 @@ def inputs(pipe, batch):
     return tokens, sample_z(3, batch, 1, pipe.mapper.z_dim), torch.full([batch], 0.7)
 
 
+def on_cuda(*made):
+    """The tiny pipeline's models as each (backend class, precision) of `made` on CUDA, then 4 rows of inputs there."""
+    pipe = tiny_pipeline(device="cuda")
+    return (*(cls.create(models(pipe), torch.device("cuda"), precision) for cls, precision in made),
+            *(t.cuda() for t in inputs(pipe, 4)))
+
+
 @needs_onnxruntime
 def test_onnxruntime_matches_eager(pipe):
     eager = TorchBackend(models(pipe), CPU, Precision.FP32)
@@ -121,10 +128,7 @@ def test_auto_and_unavailable_backends(pipe, monkeypatch):
 
 @pytest.mark.gpu
 def test_cudagraph_matches_eager_fp16():
-    pipe = tiny_pipeline(device="cuda")
-    eager = TorchBackend(models(pipe), torch.device("cuda"), Precision.FP16)
-    graph = CudaGraphBackend(models(pipe), torch.device("cuda"), Precision.FP16)
-    tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
+    eager, graph, tokens, z, psi = on_cuda((TorchBackend, Precision.FP16), (CudaGraphBackend, Precision.FP16))
     a, b = eager(tokens, z, psi), graph(tokens, z, psi).clone()
     assert (a.float() - b.float()).abs().mean() < 2.0
     assert torch.equal(graph(tokens, z, psi), b)          # replays are deterministic
@@ -447,12 +451,7 @@ def test_cudagraph_on_an_explicit_device_index_and_replays_match_eager_twins():
 
 @pytest.mark.gpu
 def test_fp16_eager_keeps_ws_in_fp32_on_cuda():
-    from t2f.precision import Precision
-
-    pipe = tiny_pipeline(device="cuda")
-    eager = TorchBackend(models(pipe), torch.device("cuda"), Precision.FP16)
-    full = TorchBackend(models(pipe), torch.device("cuda"), Precision.FP32)
-    tokens, z, psi = (t.cuda() for t in inputs(pipe, 4))
+    eager, full, tokens, z, psi = on_cuda((TorchBackend, Precision.FP16), (TorchBackend, Precision.FP32))
     e = full.encode(tokens)
     assert torch.equal(eager.map(e, z, psi), full.map(e, z, psi))         # the mapper is fp32 in both
     ws = full.map(e, z, psi)

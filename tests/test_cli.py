@@ -10,7 +10,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from t2f.convert import main as convert_main
+from t2f.export.convert import main as convert_main
 from t2f.engine.cli import main as infer_main
 from t2f.weights import save_generator
 
@@ -192,7 +192,7 @@ def test_outputs_have_the_usual_permissions(tmp_path, run_cli):
 def test_a_failed_write_leaves_no_output(tmp_path):
     import click
 
-    from t2f.cli_errors import write_files as _write_all
+    from t2f.cli import write_files as _write_all
 
     (tmp_path / "blocker").write_text("a file where a directory should be")
     with pytest.raises(click.ClickException, match="cannot write"):

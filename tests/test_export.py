@@ -14,10 +14,9 @@ from click.testing import CliRunner
 pytest.importorskip("onnx")
 onnxruntime = pytest.importorskip("onnxruntime")
 
+from t2f.artifacts import check_compatible, onnx_session  # noqa: E402
 from t2f.export.cli import main as export_main  # noqa: E402
 from t2f.graphs import ExportError  # noqa: E402
-from t2f.export.onnx_export import onnx_session  # noqa: E402
-from t2f.export.tensorrt import check_compatible  # noqa: E402
 
 from helpers import TINY, invoke, randomize, tiny_pipeline  # noqa: E402
 
@@ -54,7 +53,8 @@ def test_bf16_export_on_a_cpu_without_bf16_says_so_and_what_ran(exported, tmp_pa
     """A CPU without bfloat16 instructions (simulated: t2f's detection finds none): OpenVINO would run the graphs in fp32
     there, so a bf16 parity check would check fp32 and call it bf16. t2f-export says so, exports and checks fp32, and
     records no graph as checked for bf16; the library refuses a bf16 parity check there."""
-    from t2f.export.onnx_export import parity, specs_of
+    from t2f.artifacts import specs_of
+    from t2f.export.onnx_export import parity
     from t2f.precision import Precision
 
     monkeypatch.setattr("t2f.precision.cpu_has_bf16", lambda: False)
@@ -196,7 +196,7 @@ def test_tensorrt_missing_fails_before_any_work(tmp_path):
 
 
 def test_engines_for_another_gpu_or_tensorrt_are_refused():
-    from t2f.export.manifest import Manifest
+    from t2f.artifacts import Manifest
 
     built = Manifest(tensorrt={"tensorrt": "10.3.0", "gpu": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0"})
     check_compatible(built, dict(built.tensorrt))
@@ -209,8 +209,7 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAVE_TENSORRT, reason="TensorRT is needed (it is not installed here)")
 def test_tensorrt_engines_build_and_load(tmp_path):
-    from t2f.export.manifest import Manifest
-    from t2f.export.tensorrt import load_engine
+    from t2f.artifacts import Manifest, load_engine
 
     out = tmp_path / "trt"
     export([*TINY, "--out", out, "--fp16", "--batch", "1:2:4"])
@@ -326,7 +325,7 @@ def test_runtime_info_asks_about_the_target_device(monkeypatch):
     """Our control flow only, with stand-ins for TensorRT and CUDA (neither ran): cuda:N is the device asked about."""
     import types
 
-    import t2f.export.tensorrt as trt
+    import t2f.artifacts as trt
 
     asked = []
     monkeypatch.setattr(trt, "tensorrt_module", lambda: types.SimpleNamespace(__version__="10.9.0"))

@@ -3,21 +3,20 @@
 Outputs: only new paths and regular files are replaced. Options: no NaN or infinity anywhere.
 """
 
-import contextlib
 import os
 import stat
 
 import PIL.Image
 import pytest
 
-from t2f.convert import main as convert_main
+from t2f.export.convert import main as convert_main
 from t2f.engine.bench import main as bench_main
 from t2f.engine.cli import main as infer_main
 from t2f.engine.serve import main as serve_main
 from t2f.export.cli import main as export_main
 from t2f.trainer.cli import main as train_main
 
-from helpers import TINY, FakeNvidia, Record, assert_one_error_line, invoke, to_rosinality, write_nvidia_pickle
+from helpers import TINY, FakeNvidia, Record, assert_one_error_line, child_holding, invoke, to_rosinality, write_nvidia_pickle
 
 
 # ----------------------------------------------------------------------------
@@ -144,7 +143,7 @@ FLOAT_OPTIONS = [
 def _float_options(command):
     import click
 
-    from t2f.cli_errors import FiniteFloatRange
+    from t2f.cli import FiniteFloatRange
 
     commands = [command] + list(getattr(command, "commands", {}).values())
     return [(c.name, p.opts[0], type(p.type)) for c in commands for p in c.params
@@ -154,7 +153,7 @@ def _float_options(command):
 @pytest.mark.parametrize("command", [infer_main, train_main, export_main, bench_main, convert_main, serve_main],
                          ids=lambda c: c.name)
 def test_every_float_option_of_every_command_is_finite(command):
-    from t2f.cli_errors import FiniteFloatRange
+    from t2f.cli import FiniteFloatRange
 
     found = _float_options(command)
     assert all(kind is FiniteFloatRange for _, _, kind in found), found
@@ -544,21 +543,13 @@ def test_disk_full_for_real_with_a_file_size_limit(pairs, tmp_path):
     assert not (run / "checkpoint.pt").exists() and not [p for p in os.listdir(run) if p.endswith(".tmp")]
 
 
-@contextlib.contextmanager
 def _lock_held_by_another_process(directory):
     """A child process holding `directory`'s lock until the block ends."""
-    import subprocess
     import sys
 
     code = (f"import sys\nfrom t2f.private import directory_lock\nwith directory_lock({str(directory)!r}, 'test'):\n"
             "    print('held', flush=True)\n    sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline() == "held\n"
-        yield holder
-    finally:
-        holder.stdin.close()
-        holder.wait()
+    return child_holding([sys.executable, "-c", code])
 
 
 @pytest.mark.slow

@@ -6,11 +6,9 @@ cases skip where the tests do not run as root. Group- and world-writable folders
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import stat
-import subprocess
 import sys
 import time
 import types
@@ -22,7 +20,7 @@ from t2f.engine.serve import main as serve_main
 from t2f.export.cli import main as export_main
 from t2f.private import UnsafePathError
 
-from helpers import TINY, assert_one_error_line, tiny_pipeline
+from helpers import TINY, assert_one_error_line, child_holding, tiny_pipeline
 
 OTHER = 65534                   # nobody
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="making a folder another user's (os.chown) needs root")
@@ -270,7 +268,6 @@ def test_write_repository_refuses_a_planted_symlink_and_replaces_nothing(tmp_pat
 # Locks: private, and every wait bounded, ending in one line that names the lock and its live holder.
 
 
-@contextlib.contextmanager
 def _holding(fd: int, user: int | None = None):
     """A child process (of another user where `user` is given) holding an flock on the open file `fd`, until the block ends."""
     code = f"import fcntl, sys; fcntl.flock({fd}, fcntl.LOCK_EX); print('held', flush=True); sys.stdin.read()"
@@ -280,14 +277,7 @@ def _holding(fd: int, user: int | None = None):
         if not shutil.which("setpriv"):
             pytest.skip("setpriv (util-linux) is not installed")
         prefix = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-    child = subprocess.Popen([*prefix, python, "-S", "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                             pass_fds=(fd,), cwd="/")
-    try:
-        assert child.stdout.readline() == "held\n"
-        yield child
-    finally:
-        child.stdin.close()
-        child.wait()
+    return child_holding([*prefix, python, "-S", "-c", code], pass_fds=(fd,), cwd="/")
 
 
 def _open_lock(directory, mode=0o600):
@@ -381,6 +371,7 @@ def test_a_lock_file_of_another_user_is_refused(tmp_path, run_cli):
 
 
 def test_the_next_run_removes_what_a_killed_export_left_in_the_cache(tmp_path, monkeypatch, models):
+    import t2f.engine.backends.ondemand as ondemand
     import t2f.export.onnx_export as onnx_export
     from t2f.engine.backends.ondemand import ensure_onnx, onnx_cache_dir
     from t2f.precision import Precision
@@ -396,7 +387,7 @@ def test_the_next_run_removes_what_a_killed_export_left_in_the_cache(tmp_path, m
     assert seen == [[".t2f.lock"]]                                   # removed before the export, under its lock
     # Graphs already current (a killed export of another precision left its temporary): removed, nothing exported.
     (out / ".manifest.json.k1ll3d.tmp").write_bytes(b"{")
-    monkeypatch.setattr(onnx_export, "artifacts_current", lambda *_: True)
+    monkeypatch.setattr(ondemand, "artifacts_current", lambda *_: True)
     assert ensure_onnx(models, Precision.FP32) == out
     assert sorted(os.listdir(out)) == [".t2f.lock"] and len(seen) == 1
 

@@ -119,12 +119,18 @@ def test_unsupported_networks(source_generator, tmp_path, override, message):
         import_generator(path)
 
 
-def test_stylegan3_is_refused(source_generator, tmp_path):
-    from t2f.weights import PersistentRecord, convert_nvidia, safe_unpickle
+def _g_ema_record(generator, path):
+    """`generator` written as an NVIDIA pickle at `path`, and its G_ema record as the safe unpickler reads it back."""
+    from t2f.weights import safe_unpickle
 
-    path = tmp_path / "network.pkl"
-    write_nvidia_pickle(source_generator, path)
-    record = safe_unpickle(path)["G_ema"]
+    write_nvidia_pickle(generator, path)
+    return safe_unpickle(path)["G_ema"]
+
+
+def test_stylegan3_is_refused(source_generator, tmp_path):
+    from t2f.weights import PersistentRecord, convert_nvidia
+
+    record = _g_ema_record(source_generator, tmp_path / "network.pkl")
     # StyleGAN3's synthesis network starts with an `input` layer (Fourier features).
     record.state["_modules"]["synthesis"].state["_modules"]["input"] = PersistentRecord("SynthesisInput", {"_parameters": {"freqs": torch.zeros(1)}})
     with pytest.raises(WeightsError, match="StyleGAN3"):
@@ -298,11 +304,10 @@ def test_forged_numpy_dtypes_are_refused(tmp_path, spec, state, message):
 
 
 def test_malformed_contents_give_weights_errors(source_generator, tmp_path):
-    from t2f.weights import convert_nvidia, safe_unpickle
+    from t2f.weights import convert_nvidia
 
     path = tmp_path / "network.pkl"
-    write_nvidia_pickle(source_generator, path)
-    record = safe_unpickle(path)["G_ema"]
+    record = _g_ema_record(source_generator, path)
     record.state["_modules"]["mapping"].state["_parameters"] = ["not", "a", "dict"]
     with pytest.raises(WeightsError, match="_parameters is not a mapping"):
         convert_nvidia(record, "network.pkl")

@@ -7,14 +7,13 @@ eval_every) for the options left out.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 
 import click
 
-from t2f.cli_errors import FiniteFloatRange, nonempty_path
+from t2f.cli import FiniteFloatRange, nonempty_path, user_errors
 from t2f.presets import DEFAULT_CLIP, DEFAULT_GENERATOR
 
 from .config import BUDGET, PRESET_BUDGETS, RANGES, STAGES, BankOptions, FitOptions, SynthOptions, TrainConfig, budget
@@ -113,20 +112,6 @@ BANK = _options(
 # Options -> TrainConfig -> train().
 
 
-@contextlib.contextmanager
-def _errors_as_clicks():
-    from t2f.cli_errors import user_errors
-
-    from .run import RunError
-
-    try:
-        with user_errors(RunError):
-            yield
-    except OSError as e:
-        # Disk full, permissions: one line naming the file; atomic writes leave nothing partial behind.
-        raise click.ClickException(f"cannot write {e.filename or 'the run directory'}: {e.strerror or e}") from None
-
-
 def _fit_options(kw: dict) -> FitOptions:
     noise_min, noise_max = _range(kw["embed_noise"])
     names = {f.name for f in dataclasses.fields(FitOptions)}
@@ -170,7 +155,7 @@ def _train(kw: dict, stages: tuple[str, ...]) -> None:
         return
     from .stages import train
 
-    with _errors_as_clicks():
+    with user_errors(output="the run directory"):
         train(kw["out"], config, stages)
 
 
@@ -243,7 +228,7 @@ def report(out):
     from .report import write_report
     from .run import Run
 
-    with _errors_as_clicks():
+    with user_errors(output="the run directory"):
         click.echo(f"report: {write_report(Run(out))}")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from t2f.config import shown
+from t2f.errors import UsageError
 from t2f.mapper import LAYER_RANGE, SIZE_LIMITS
 
 STAGES = ("synth", "fit", "bank")
@@ -38,7 +39,7 @@ def check_ranges(options, section: str) -> None:
         if value is None and defaults[name] is None:                   # an optional limit left off (max_shards, stop_after)
             continue
         if type(value) is not int or not low <= value <= high:
-            raise ValueError(f"{type(options).__name__}.{name} must be an integer from {low} to {high}, got {shown(value)}")
+            raise UsageError(f"{type(options).__name__}.{name} must be an integer from {low} to {high}, got {shown(value)}")
 
 
 @dataclasses.dataclass(frozen=True)

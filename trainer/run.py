@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from t2f.devices import resolve_device
+from t2f.errors import T2FError
 from t2f.files import read_json, write_json
 from t2f.private import LOCK_NAME
 
@@ -28,7 +29,7 @@ from t2f.private import LOCK_NAME
 RUN_KIND = "t2f-train-run"
 
 
-class RunError(Exception):
+class RunError(T2FError):
     """A run directory that cannot be used as asked: another run, a missing stage, bad data."""
 
 
@@ -67,6 +68,18 @@ def init_dist(device: str) -> tuple[Dist, torch.device]:
 # ----------------------------------------------------------------------------
 # The run directory.
 
+
+def read_run_json(path: Path):
+    """A JSON file of a run (read bounded, as t2f.io.read_json reads); RunError (one line) where it is malformed or
+    cannot be read."""
+    try:
+        return read_json(path)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    except OSError as e:
+        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 class Run:
     def __init__(self, out: str | os.PathLike):
         self.out = Path(out)
@@ -81,12 +94,7 @@ class Run:
         """options.json: {"kind": RUN_KIND, stage: {"identity": {...}, ...}}; {} for a new run."""
         if not self.options_path.exists():
             return {}
-        try:
-            options = read_json(self.options_path)
-        except ValueError as e:
-            raise RunError(str(e)) from None
-        except OSError as e:
-            raise RunError(f"{self.options_path}: cannot read ({e.strerror or e})") from None
+        options = read_run_json(self.options_path)
         if not isinstance(options, dict) or options.get("kind") != RUN_KIND:
             raise RunError(f"{self.out} holds an options.json that is not a t2f-train run's; choose another --out")
         for stage, section in options.items():

@@ -20,6 +20,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from t2f.errors import UsageError
+
 from .card import CARD_NAME, write_card
 from .config import STAGES, TrainConfig, fit_identity
 from .run import Run, RunError, init_dist
@@ -173,7 +175,7 @@ def check_stages(stages: Sequence[str]) -> list[str]:
     stages = [stages] if isinstance(stages, str) else list(stages)
     unknown = [s for s in stages if s not in STAGES]
     if unknown or not stages or len(set(stages)) != len(stages):
-        raise ValueError(f"stages must be distinct names among {', '.join(STAGES)}; got {stages!r}")
+        raise UsageError(f"stages must be distinct names among {', '.join(STAGES)}; got {stages!r}")
     return [s for s in STAGES if s in stages]
 
 

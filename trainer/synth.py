@@ -19,11 +19,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from t2f.clip import Clip
-from t2f.files import atomic_path, read_json, write_json
+from t2f.files import atomic_path, write_json
 from t2f.latents import seeded_latents
 from t2f.types import StyleGenerator
 
-from .run import Dist, Run, RunError
+from .run import Dist, Run, RunError, read_run_json
 
 SHARD_KIND = "t2f-pairs"
 
@@ -96,12 +96,7 @@ def load_pairs(run: Run) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """(w [N, w_dim], embedding [N, D], manifest) from a complete synth stage; clear errors for missing or bad shards."""
     if not run.manifest_path.is_file():
         raise RunError(f"{run.out} has no complete set of pairs (no {run.manifest_path.name}); run `t2f-train synth` first")
-    try:
-        manifest = read_json(run.manifest_path)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    except OSError as e:
-        raise RunError(f"{run.manifest_path}: cannot read ({e.strerror or e})") from None
+    manifest = read_run_json(run.manifest_path)
     shards = manifest.get("shards") if isinstance(manifest, dict) else None
     if not shards:
         raise RunError(f"{run.manifest_path} lists no shards")

@@ -29,9 +29,11 @@ from pathlib import Path
 
 import torch
 
+from t2f.artifacts import check_artifacts
 from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-exported)
+from t2f.errors import UsageError
 from t2f.precision import Precision
-from t2f.specs import GraphSpec
+from t2f.specs import GraphSpec, graph_specs
 
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
@@ -147,9 +149,6 @@ class ArtifactBackend(Backend):
 
     def __init__(self, models: Models, device: torch.device, precision: Precision, artifacts: str | Path | None = None,
                  memory_format: str = "nchw"):
-        from t2f.export.onnx_export import check_artifacts
-        from t2f.specs import graph_specs
-
         super().__init__(models, device, precision, artifacts, memory_format)
         if artifacts is None and self.exports_on_demand:
             from .ondemand import ensure_onnx
@@ -184,5 +183,5 @@ def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
 def runnable_batch(batch: int, min_batch: int, max_batch: int) -> int:
     """The batch an engine runs for `batch` rows: padded up to its profile's minimum; ValueError above its maximum."""
     if batch > max_batch:
-        raise ValueError(f"batch {batch} is above the engines' profile (at most {max_batch}); re-export with a larger --batch")
+        raise UsageError(f"batch {batch} is above the engines' profile (at most {max_batch}); re-export with a larger --batch")
     return max(batch, min_batch)

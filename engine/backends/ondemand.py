@@ -1,9 +1,15 @@
-"""ONNX graphs exported on demand into the cache, for the exported-graph backends made without artifacts."""
+"""ONNX graphs exported on demand into the cache, for the exported-graph backends made without artifacts.
+
+The one module of the engine that runs the export tool (`t2f.export.onnx_export.export_artifacts`, imported when an
+export is needed): checking and loading artifacts is the core's (`t2f.artifacts`).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from t2f.artifacts import artifacts_current, remove_stale_temporaries, temporaries
+from t2f.graphs import ExportError
 from t2f.precision import Precision
 
 from .types import BackendUnavailable, Models
@@ -30,8 +36,7 @@ def ensure_onnx(models: Models, precision: Precision) -> Path:
     another process's export up to T2F_LOCK_TIMEOUT, and first removes what a killed export left.
     """
     from t2f.download import cache_dir
-    from t2f.export.onnx_export import artifacts_current, export_artifacts, remove_stale_temporaries, temporaries
-    from t2f.graphs import ExportError
+    from t2f.export.onnx_export import export_artifacts            # the export tool itself: the one use of it here
     from t2f.private import directory_lock, private_dir
 
     out = onnx_cache_dir(models)

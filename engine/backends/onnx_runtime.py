@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from t2f.artifacts import onnx_session
 from t2f.precision import Precision
 from t2f.specs import GraphSpec
 
@@ -113,8 +114,6 @@ class OnnxRuntimeBackend(ArtifactBackend):
 
     def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
         import onnxruntime
-
-        from t2f.export.onnx_export import onnx_session
 
         super().__init__(models, device, precision, artifacts, memory_format)
         artifacts, manifest = self.artifacts, self.manifest

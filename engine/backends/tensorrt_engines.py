@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from t2f.artifacts import load_engine, tensorrt_module
+from t2f.errors import UsageError
+from t2f.files import sha256_file
 from t2f.graphs import GRAPHS, ExportError
 from t2f.precision import Precision
 from t2f.specs import GraphSpec
@@ -40,9 +43,6 @@ class TensorRTBackend(ArtifactBackend):
     cuda_graph = True                   # capture the three engines as one CUDA graph per batch size (False: launch them)
 
     def __init__(self, models, device, precision, artifacts=None, memory_format="nchw"):
-        from t2f.export.tensorrt import load_engine, tensorrt_module
-        from t2f.files import sha256_file
-
         super().__init__(models, device, precision, artifacts, memory_format)
         artifacts, manifest = self.artifacts, self.manifest
         records = manifest.tensorrt.get("engines", {})
@@ -134,7 +134,7 @@ class TensorRTBackend(ArtifactBackend):
                 tensor = pad_rows(tensor.to(self.device), rows).contiguous()
                 feeds[name] = tensor
                 if not context.set_input_shape(name, tuple(tensor.shape)):
-                    raise ValueError(f"{name} {tuple(tensor.shape)} is outside the {spec.name} engine's profile "
+                    raise UsageError(f"{name} {tuple(tensor.shape)} is outside the {spec.name} engine's profile "
                                      f"(batch {self.min_batch} to {self.max_batch}); re-export with another --batch")
                 context.set_tensor_address(name, tensor.data_ptr())
             key = (spec.name, rows, id(context))

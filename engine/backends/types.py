@@ -5,11 +5,12 @@ from __future__ import annotations
 import dataclasses
 
 from t2f.clip import Clip
+from t2f.errors import T2FError
 from t2f.mapper import Mapper
 from t2f.types import StyleGenerator
 
 
-class BackendUnavailable(Exception):
+class BackendUnavailable(T2FError):
     """A backend that cannot run here (missing library, GPU or artifacts, or a precision it does not run)."""
 
 

@@ -149,7 +149,7 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
             raise click.BadParameter(f"{origin!r} is not an origin such as https://example.org:8443", param_hint="--allow-origin")
     mapper = config.mapper
     if write_repository is None:   # the mapper (a Hub one fetched) and its record here, in one line, before Triton starts
-        from t2f.cli_errors import user_errors
+        from t2f.cli import user_errors
         from t2f.sources import resolve
 
         with user_errors():

@@ -23,6 +23,7 @@ import zlib
 import numpy as np
 
 from t2f.files import json_depth_exceeds
+from t2f.errors import T2FError
 
 from .protocol import (DTYPES, ITEM_BYTES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_NOISE_MODE_BYTES, MAX_PROMPT_BYTES, OUTPUTS,
                        BadRequest, check_inputs)
@@ -31,7 +32,7 @@ STRING_LIMITS = {"prompt": MAX_PROMPT_BYTES, "noise_mode": MAX_NOISE_MODE_BYTES}
 GRPC_MAX_MESSAGE = 512 * 1024 * 1024
 
 
-class Refused(Exception):
+class Refused(T2FError):
     """A request the front answers with `status` and one line."""
 
     def __init__(self, status: int, message: str):

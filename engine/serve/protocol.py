@@ -24,6 +24,8 @@ from typing import Callable
 
 import numpy as np
 
+from t2f.errors import T2FError
+
 TEXT_MODEL = "t2f"
 IMAGE_MODEL = "t2f_image"
 MODELS = (TEXT_MODEL, IMAGE_MODEL)
@@ -105,7 +107,7 @@ def markdown_table() -> str:
 # Checks on a request's declared shapes (the front, before any data is read into arrays).
 
 
-class BadRequest(ValueError):
+class BadRequest(T2FError, ValueError):
     """A request the models refuse; its message names the problem in one line."""
 
 

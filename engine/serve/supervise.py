@@ -16,6 +16,8 @@ import threading
 import time
 from typing import Callable, Protocol
 
+from t2f.errors import T2FError
+
 
 @dataclasses.dataclass
 class RestartBudget:
@@ -47,7 +49,7 @@ class Server(Protocol):
     def exit_reason(self) -> str: ...
 
 
-class Stopped(RuntimeError):
+class Stopped(T2FError, RuntimeError):
     """The server died and restarting is off; the message is one line."""
 
 

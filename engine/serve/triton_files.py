@@ -13,11 +13,13 @@ import contextlib
 import os
 import stat
 
+from t2f.errors import T2FError
+
 SHM_DIR = "/dev/shm"
 PYTHON_ENV_GLOB = ("/tmp", "python_env_")    # the Python backend's mkdtemp("/tmp/python_env_XXXXXX"): not TMPDIR
 
 
-class TritonError(RuntimeError):
+class TritonError(T2FError, RuntimeError):
     """Triton did not start, or stopped; the message is one line."""
 
 

@@ -1,4 +1,4 @@
-"""`t2f-convert`: any supported StyleGAN2 weights -> a t2f generator directory."""
+"""`t2f-convert`: any supported StyleGAN2 weights -> a t2f generator directory (the conversion is t2f.weights')."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 
 import click
 
-from .cli_errors import nonempty_path
+from t2f.cli import nonempty_path
 
 
 def _is_generator_dir(path: str) -> bool:
-    from .files import read_json
-    from .weights import GENERATOR_KIND
+    from t2f.files import read_json
+    from t2f.weights import GENERATOR_KIND
 
     try:                                        # a bounded read: a FIFO or a device named config.json is refused, not waited on
         return read_json(os.path.join(path, "config.json")).get("kind") == GENERATOR_KIND
@@ -37,11 +37,10 @@ def main(source, out, overwrite, cache):
     t2f-convert ffhq.pkl --out weights/ffhq-1024
     t2f-convert stylegan2-ffhq-config-f.pt --out weights/ffhq-rosinality
     """
-    from . import load_generator
-    from .cli_errors import user_errors
-    from .weights import save_generator
-
-    from .files import OutputPathError, check_output_dir
+    from t2f import load_generator
+    from t2f.cli import user_errors
+    from t2f.files import OutputPathError, check_output_dir
+    from t2f.weights import save_generator
 
     try:
         check_output_dir(out, replace=True)

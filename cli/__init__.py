@@ -1,4 +1,5 @@
-"""User errors, shown by the command-line tools as one `Error:` line with a non-zero exit; the options every command shares."""
+"""t2f.cli: what every command line shares: user errors shown as one `Error:` line with a non-zero exit, the click
+option types and the model options. The core package (t2f/) never imports click; its tools do, through here."""
 
 from __future__ import annotations
 
@@ -11,33 +12,30 @@ import click
 
 
 @contextlib.contextmanager
-def user_errors(*extra: type[BaseException]):
-    """Turn the library's user-facing errors (and `extra` types) into click errors, with third-party logging muted
-    below ERROR inside the block (the level before it is put back after)."""
-    from .clip import ClipLoadError
-    from .download import DownloadError
-    from .hub import HubError
-    from .io import WeightsError
-    from .mapper import MissingMapperError
-    from .private import DirectoryInUse, UnsafePathError
+def user_errors(output: str | None = None):
+    """Every command's one error adapter: t2f's own errors (T2FError) and a file that cannot be read or written
+    (OSError) become one `Error:` line with exit code 1 (click.ClickException). Anything else keeps its traceback: a
+    plain ValueError is a bug, not a user's mistake. Third-party logging is muted below ERROR inside the block (the
+    level before it is put back after).
+
+    `output` names what the command writes ("the run directory"): an OSError then reads "cannot write FILE: REASON",
+    FILE the error's own file name where it has one; without it, an OSError is its own message.
+    """
+    from t2f.errors import T2FError
 
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.ERROR))
     try:
         yield
-    except (WeightsError, DirectoryInUse, UnsafePathError, DownloadError, ClipLoadError, HubError, MissingMapperError,
-            ValueError, *extra) as e:
+    except T2FError as e:
         raise click.ClickException(" ".join(str(e).split())) from None
+    except OSError as e:
+        if output is None:
+            raise click.ClickException(" ".join(str(e).split())) from None
+        # Disk full, permissions: one line naming the file; atomic writes leave nothing partial behind.
+        raise click.ClickException(f"cannot write {e.filename or output}: {e.strerror or e}") from None
     finally:
         logging.disable(previous)
-
-
-def printable(text: str, limit: int = 500) -> str:
-    """`text` safe for one log or console line: characters that are not printable (newlines, escape sequences, NUL,
-    bidi controls) written as Python escapes, and at most `limit` characters kept."""
-    if len(text) > limit:
-        text = text[:limit] + f"... ({len(text) - limit} more characters)"
-    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text) if not text.isprintable() else text
 
 
 # ----------------------------------------------------------------------------
@@ -73,12 +71,12 @@ class PrecisionChoice(click.Choice):
     """
 
     def __init__(self, auto: bool = True):
-        from .precision import PRECISIONS
+        from t2f.precision import PRECISIONS
 
         super().__init__((("auto",) if auto else ()) + PRECISIONS)
 
     def convert(self, value, param, ctx):
-        from .precision import Precision
+        from t2f.precision import Precision
 
         if value is None or isinstance(value, Precision):
             return value
@@ -94,7 +92,7 @@ class DeviceParam(click.ParamType):
     def convert(self, value, param, ctx):
         import torch
 
-        from .devices import resolve_device
+        from t2f.devices import resolve_device
 
         if isinstance(value, torch.device) or value == "auto":
             return value
@@ -106,7 +104,7 @@ class DeviceParam(click.ParamType):
 
 def check_precision_device(precision, device, param_hint: str = "--precision") -> None:
     """click.BadParameter (exit 2, one line) where `precision` cannot run on `device` ("auto" = the device auto gives)."""
-    from .devices import resolve_device
+    from t2f.devices import resolve_device
 
     if precision is None:
         return
@@ -120,7 +118,7 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
     """Refuse an output that could not be written: an unwritable or non-directory parent, or the wrong kind of path."""
     import os
 
-    from .files import OutputPathError, check_output_dir, check_output_file
+    from t2f.files import OutputPathError, check_output_dir, check_output_file
 
     try:
         (check_output_dir if directory else check_output_file)(path)
@@ -143,7 +141,7 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
 def write_files(files: dict[str, bytes]) -> None:
     """t2f.files.write_all (every file or none), with an OSError as one clear line."""
-    from .files import OutputPathError, write_all
+    from t2f.files import OutputPathError, write_all
 
     try:
         write_all(files)
@@ -162,7 +160,7 @@ MAPPER_HELP = "Mapper: a t2f-train run directory, hf-hub:ORG/NAME[@REVISION] (th
 def model_options(mapper_default: str | None = None):
     """click decorator: --mapper, --generator, --clip and --cache, passed to the command as one
     t2f.sources.ModelSources argument `models` (a value it refuses is a usage error on its option: exit code 2)."""
-    from .presets import TINY
+    from t2f.presets import TINY
 
     recorded = f"[default: the one the mapper was trained for (its config.json records it; {TINY} for --mapper {TINY})]"
     options = [
@@ -176,8 +174,8 @@ def model_options(mapper_default: str | None = None):
     def decorate(f):
         @functools.wraps(f)
         def command(mapper, generator, clip, cache, **kw):
-            from .config import FieldError
-            from .sources import ModelSources
+            from t2f.config import FieldError
+            from t2f.sources import ModelSources
 
             try:
                 models = ModelSources(mapper=mapper, generator=generator, clip=clip, cache=cache)

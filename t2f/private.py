@@ -22,7 +22,7 @@ import socket
 import stat
 from pathlib import Path
 
-from .errors import T2FError
+from .errors import T2FError, UsageError
 
 CACHE_FIX = "set T2F_CACHE to a directory of your own"      # the way out where a cache folder is refused
 
@@ -163,14 +163,14 @@ def directory_lock(directory: str | os.PathLike, what: str, wait: bool = False):
 
 
 def lock_timeout() -> float:
-    """Seconds a lock is waited for: T2F_LOCK_TIMEOUT, else LOCK_TIMEOUT_S; ValueError (one line) for a bad value."""
+    """Seconds a lock is waited for: T2F_LOCK_TIMEOUT, else LOCK_TIMEOUT_S; UsageError (one line) for a bad value."""
     text = os.environ.get("T2F_LOCK_TIMEOUT", "").strip()
     try:
         value = float(text) if text else float(LOCK_TIMEOUT_S)
     except ValueError:
         value = float("nan")
     if not 0 <= value < float("inf"):
-        raise ValueError(f"T2F_LOCK_TIMEOUT must be a number of seconds, got {text[:40]!r}")
+        raise UsageError(f"T2F_LOCK_TIMEOUT must be a number of seconds, got {text[:40]!r}")
     return value
 
 

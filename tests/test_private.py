@@ -306,13 +306,17 @@ def test_a_wait_for_the_cache_lock_ends_in_one_line_naming_its_holder(tmp_path, 
     assert f"waiting for {out / '.t2f.lock'}, held by pid {holder.pid}" in capfd.readouterr().err
 
 
-def test_a_bad_lock_timeout_is_one_line(tmp_path, monkeypatch):
+def test_a_bad_lock_timeout_is_one_line(tmp_path, monkeypatch, run_cli):
+    from t2f.errors import UsageError
     from t2f.private import directory_lock
 
     monkeypatch.setenv("T2F_LOCK_TIMEOUT", "nan")
-    with pytest.raises(ValueError, match="^T2F_LOCK_TIMEOUT must be a number of seconds, got 'nan'$"):
+    with pytest.raises(UsageError, match="^T2F_LOCK_TIMEOUT must be a number of seconds, got 'nan'$"):
         with directory_lock(tmp_path, "test", wait=True):
             pass
+    monkeypatch.setenv("T2F_CACHE", str(tmp_path / "cache"))          # the on-demand export's wait: one line, no traceback
+    result = run_cli(infer_main, [*TINY, "a face", "--backend", "onnxruntime", "--out", "face.png"], tmp_path)
+    assert_one_error_line(result, 1, "T2F_LOCK_TIMEOUT must be a number of seconds, got 'nan'")
 
 
 def test_a_lock_held_through_an_exited_process_names_no_pid(tmp_path):

@@ -32,6 +32,7 @@ from .connections import FrontLimits, guarded_protocol
 from .kserve import BodyBudget, Forwarder, Refused, byte_count, parse_infer_body, read_body, response_body
 from .page import MAX_FRAME_BYTES, Frames, converse, page_html
 from .protocol import INPUTS, MAX_BATCH, MODELS, BadRequest, max_body_bytes
+from .triton_files import TritonError
 
 
 # ----------------------------------------------------------------------------
@@ -243,7 +244,7 @@ class Front:
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"the HTTP front did not start on port {self.port}")
+                raise TritonError(f"the HTTP front did not start on port {self.port}")
             time.sleep(0.05)
 
     def stop(self) -> None:

@@ -15,11 +15,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from .errors import UsageError
 from .files import atomic_path
-from .io import WeightsError
+from .io import WeightsError, safetensors_bytes
 
 BANK_KIND = "t2f-bank"
 BANK_NAME = "bank.safetensors"
@@ -36,7 +35,7 @@ def save_bank(path: str | os.PathLike, embeddings: torch.Tensor, clip: str, clip
     """Store embeddings (as fp16) with the CLIP's name and fingerprint, atomically."""
     e = F.normalize(embeddings.detach().float(), dim=-1).to(torch.float16).cpu().contiguous()
     with atomic_path(path) as tmp:
-        tmp.write_bytes(save({"embeddings": e}, metadata={"kind": BANK_KIND, "clip": clip, "clip_fingerprint": clip_fingerprint}))
+        tmp.write_bytes(safetensors_bytes({"embeddings": e}, metadata={"kind": BANK_KIND, "clip": clip, "clip_fingerprint": clip_fingerprint}))
 
 
 def load_bank(path: str | os.PathLike) -> Bank:

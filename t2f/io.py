@@ -4,7 +4,9 @@ needs torch. Reading and writing files (atomic writes, bounded JSON, input and o
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 from pathlib import Path
 
 import torch
@@ -26,12 +28,27 @@ class WeightsError(T2FError):
 # Model directories.
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """safetensors.torch.save, with the header's metadata in sorted key order: the same tensors and metadata give the
+    same bytes in every process (safetensors writes the metadata in its hash map's order, which changes per process)."""
+    data = save(tensors, metadata=metadata)
+    if not metadata:
+        return data
+    size = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > size:                                       # not safetensors' own compact JSON: leave it as written
+        return data
+    return data[:8] + text.ljust(size) + data[8 + size:]       # padded with spaces to the same length, as safetensors pads
+
+
 def write_model_files(directory: str | os.PathLike, kind: str, config: dict, state_dict: dict, **extra) -> Path:
     """Write `model.safetensors`, then `config.json` ({"kind", "config", **extra}), each atomically, into `directory`."""
     directory = Path(directory)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(directory / WEIGHTS_NAME) as tmp:
-        tmp.write_bytes(save(tensors))       # serialized in memory: a failed write is an OSError, not a library error
+        tmp.write_bytes(safetensors_bytes(tensors))   # serialized in memory: a failed write is an OSError, not a library error
     write_json(directory / CONFIG_NAME, dict(kind=kind, config=config, **extra))
     return directory
 

@@ -324,3 +324,43 @@ def test_written_files_get_the_usual_permissions(source_generator, tmp_path):
         os.umask(old)
     assert oct(out.stat().st_mode & 0o777) == oct(0o755)
     assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o644)
+
+
+# ----------------------------------------------------------------------------
+# The same tensors and metadata give the same file bytes in every process (banks and pair shards carry metadata).
+
+_BYTES_OF = """
+import hashlib, sys, torch
+from t2f.io import safetensors_bytes
+tensors = {"embeddings": torch.arange(12, dtype=torch.float16).reshape(3, 4), "a": torch.ones(2)}
+metadata = {"kind": "t2f-bank", "clip": "tiny", "clip_fingerprint": "0123456789abcdef", "zeta": "z"}
+sys.stdout.write(hashlib.sha256(safetensors_bytes(tensors, metadata)).hexdigest())
+"""
+
+
+def test_safetensors_bytes_sorts_the_metadata_and_keeps_the_file_valid():
+    import struct
+
+    from safetensors.torch import load
+
+    from t2f.io import safetensors_bytes
+
+    tensors = {"embeddings": torch.arange(12, dtype=torch.float16).reshape(3, 4), "a": torch.ones(2)}
+    metadata = {"kind": "t2f-bank", "clip": "tiny", "clip_fingerprint": "0123456789abcdef", "zeta": "z"}
+    data = safetensors_bytes(tensors, metadata)
+    size = struct.unpack("<Q", data[:8])[0]
+    assert list(json.loads(data[8:8 + size])["__metadata__"]) == sorted(metadata)
+    loaded = load(data)
+    assert loaded.keys() == tensors.keys() and all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.slow
+def test_safetensors_bytes_are_the_same_in_every_process():
+    """safetensors writes its metadata in a hash map's order, which differs from process to process: t2f's writes
+    do not (a bank or a shard written twice is the same file)."""
+    import subprocess
+    import sys
+
+    runs = [subprocess.Popen([sys.executable, "-c", _BYTES_OF], stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    digests = {run.communicate(timeout=120)[0] for run in runs}
+    assert len(digests) == 1 and len(digests.pop()) == 64

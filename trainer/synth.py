@@ -16,10 +16,10 @@ import time
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
 
 from t2f.clip import Clip
 from t2f.files import atomic_path, write_json
+from t2f.io import safetensors_bytes
 from t2f.latents import seeded_latents
 from t2f.types import StyleGenerator
 
@@ -72,7 +72,7 @@ def synth(run: Run, generator: StyleGenerator, clip: Clip, identity: dict, dist:
                 bar.update(ws.shape[0])
             tensors = {"w": torch.cat(ws_all), "embedding": torch.cat(emb_all), "index": torch.arange(start, end)}
             with atomic_path(run.pairs / shard_name(k)) as tmp:
-                tmp.write_bytes(save(tensors, metadata={"kind": SHARD_KIND, "clip_fingerprint": identity["clip_fingerprint"],
+                tmp.write_bytes(safetensors_bytes(tensors, metadata={"kind": SHARD_KIND, "clip_fingerprint": identity["clip_fingerprint"],
                                                        "generator_fingerprint": identity["generator_fingerprint"],
                                                        "synth_batch": str(batch_size)}))
     elapsed = time.perf_counter() - start_time

@@ -104,7 +104,7 @@ def _validate(prompts, mode, image, n, interactive, mapper, bank, out, save_imag
     """Every usage check, before any model is loaded: click.BadParameter (exit 2) for the first problem."""
     from t2f.hub import is_hub_id
 
-    from .pipeline import is_blank
+    from .prompts import is_blank
 
     prompts = [p.strip() for p in prompts]
     if interactive:

@@ -119,7 +119,7 @@ def run_interactive(pipe, lines, *,
     echo=_echo,                # echo(message, err=False): a line of progress (err=True: to standard error).
 ) -> int:
     """Prompts, one per line of `lines` -> one grid file per prompt, with each prompt's latency; the number of prompts."""
-    from .pipeline import is_blank
+    from .prompts import is_blank
 
     def generate(prompt: str):
         return pipe([prompt], n=n, seed=seed, truncation_psi=truncation, noise_mode=noise_mode, mode=mode, knn=knn)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import unicodedata
 import warnings
 
 import numpy as np
@@ -21,6 +20,7 @@ from t2f.stylegan2 import NOISE_MODES
 from t2f.types import StyleGenerator
 
 from .backends import MEMORY_FORMATS, BackendUnavailable, Models, make_backend, pad_rows
+from .prompts import as_prompts, check_prompts, check_sampling
 
 
 class DeviceFallbackWarning(UserWarning):
@@ -42,9 +42,9 @@ def sample_z(seed: int, num_prompts: int, n: int, z_dim: int) -> torch.Tensor:
 
 
 def check_compatible(generator: StyleGenerator, clip: Clip, mapper: Mapper) -> None:
-    """Raise ValueError naming the first dimension on which the three models disagree (or a CLIP without its text tower)."""
+    """Raise UsageError naming the first dimension on which the three models disagree (or a CLIP without its text tower)."""
     if clip.text_encoder is None:
-        raise ValueError(f"CLIP {clip.name} here holds its image tower only (a pipeline's own `clip` where its backend "
+        raise UsageError(f"CLIP {clip.name} here holds its image tower only (a pipeline's own `clip` where its backend "
                          "runs copies or exported graphs): pass the CLIP itself")
     cfg = mapper.config
     if cfg.embed_dim != clip.embed_dim:
@@ -58,39 +58,6 @@ def check_compatible(generator: StyleGenerator, clip: Clip, mapper: Mapper) -> N
 
 
 MODES = ("text", "knn", "image")
-
-
-def is_blank(prompt: str) -> bool:
-    """True for a prompt with nothing but white space and invisible format characters."""
-    return not "".join(c for c in prompt if not c.isspace() and unicodedata.category(c) != "Cf")
-
-
-def check_prompts(prompts: list[str]) -> None:
-    if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
-        raise UsageError("every prompt must be a non-empty string")
-
-
-def as_prompts(prompt) -> list[str]:
-    """A prompt or a list (or tuple) of prompts -> the rows; ValueError (one line) for an empty or blank one, or another type."""
-    if isinstance(prompt, str):
-        if is_blank(prompt):
-            raise UsageError("the prompt is empty: give a non-empty string, or a list of them")
-        return [prompt]
-    if not isinstance(prompt, (list, tuple)) or not prompt:
-        what = "an empty list" if isinstance(prompt, (list, tuple)) else repr(prompt) if prompt is None else type(prompt).__name__
-        raise UsageError(f"prompt must be a non-empty string or a non-empty list of strings, got {what}")
-    for i, p in enumerate(prompt):
-        if not isinstance(p, str) or is_blank(p):
-            raise UsageError(f"prompt {i} of {len(prompt)} is {'empty' if isinstance(p, str) else 'not a string'}: "
-                             "every prompt must be a non-empty string")
-    return list(prompt)
-
-
-def check_sampling(n: int, truncation_psi: float) -> None:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise UsageError(f"n must be an integer >= 1, got {n!r}")
-    if not math.isfinite(float(truncation_psi)):
-        raise UsageError(f"truncation psi must be finite, got {truncation_psi}")
 
 
 def blocks(rows: int, *tensors: torch.Tensor):

@@ -79,7 +79,7 @@ class TritonPythonModel:
         self.counters = _Counters(self.model, args["model_instance_name"])
 
     def _check_prompt(self, prompt: str) -> None:
-        from t2f.engine.pipeline import is_blank
+        from t2f.engine.prompts import is_blank
 
         if is_blank(prompt):
             raise BadRequest("prompt is empty")

@@ -39,7 +39,7 @@ def _graphs(cls: type[Backend]) -> str:
 
 def _needs(cls: type[Backend], precision: Precision) -> str:
     """What an entry of auto's list needs besides its device: a package, artifacts, instructions."""
-    needs = [f"`{cls.install}`" if cls.install else ""]
+    needs = [cls.install]
     needs.append("`--artifacts` engines" if cls.uses_artifacts and not cls.exports_on_demand else "")
     needs.append(PRECISION_NEEDS.get(precision, ""))
     return "; ".join(n for n in needs if n) or "-"
@@ -67,7 +67,7 @@ def backends_table(classes: dict[str, type[Backend]] | None = None) -> str:
         towers = "any open_clip tower" if cls.any_text_tower else "t2f's exportable rewrite"
         lines.append(f"| `{name}` | {', '.join(DEVICES[d] for d in cls.devices)} | {_precisions(cls)} | "
                      f"{', '.join(cls.noise_modes)} | {', '.join(cls.memory_formats)} | {towers} | {_graphs(cls)} | "
-                     f"{f'`{cls.install}`' if cls.install else '-'} | {auto} | {cls.description} |")
+                     f"{cls.install or '-'} | {auto} | {cls.description} |")
     return "\n".join(lines)
 
 

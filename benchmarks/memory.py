@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import signal
 import subprocess
 import sys
@@ -27,7 +26,9 @@ import urllib.request
 import click
 from serve_load import free_port, start_server
 
+from t2f.devices import cpu_model, load_average
 from t2f.files import atomic_path
+from t2f.precision import cpu_has_bf16
 
 PROMPT = "a smiling woman"
 
@@ -111,7 +112,7 @@ def serve_memory(models: list[str], env: dict) -> list[dict]:
               type=click.Path(file_okay=False))
 @click.option("--json", "json_path", type=click.Path(dir_okay=False))
 def main(generators, clip, mapper, serve, work, json_path):
-    keep = work is not None
+    keep, load_at_start = work is not None, load_average()
     work = os.path.abspath(work) if keep else tempfile.mkdtemp(prefix="t2f-memory-")
     os.makedirs(work, exist_ok=True)
     infer, served = [], []
@@ -139,8 +140,8 @@ def main(generators, clip, mapper, serve, work, json_path):
             import shutil
 
             shutil.rmtree(work, ignore_errors=True)
-    record = dict(date=time.strftime("%Y-%m-%d"), cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
-                  clip=clip, mapper=mapper, t2f_infer=infer, t2f_serve=served)
+    record = dict(date=time.strftime("%Y-%m-%d"), cpu=cpu_model(), cpu_bf16=cpu_has_bf16(), cores=os.cpu_count(),
+                  load_at_start=load_at_start, clip=clip, mapper=mapper, t2f_infer=infer, t2f_serve=served)
     click.echo("| process | generator | cache | MiB |")
     click.echo("|---|---|---|---|")
     for r in infer:

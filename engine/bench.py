@@ -40,6 +40,7 @@ import click
 import torch
 
 from t2f.cli import nonempty_path
+from t2f.devices import cpu_model, load_average
 from t2f.presets import TINY
 
 from .config import PipelineConfig, pipeline_options
@@ -119,22 +120,6 @@ def outputs(backend, clip, inputs: Inputs, stages: bool = True) -> dict:
         return dict(embedding=embedding, ws=ws.float().cpu().clone(), image=to_host(image))
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown model")
-    except OSError:
-        return platform.processor() or "unknown model"
-
-
-def _load() -> str:
-    try:
-        with open("/proc/loadavg", encoding="ascii") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "?"
-
-
 def _failure(e: BaseException) -> str:
     """One line for a row's exception: its type and first line."""
     lines = str(e).strip().splitlines()
@@ -178,9 +163,9 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
         auto = (cls.name, str(p))
     except BackendUnavailable:
         auto = None
-    report = dict(meta=dict(meta or {}, date=time.strftime("%Y-%m-%d"), device=str(device), load=_load(),
+    report = dict(meta=dict(meta or {}, date=time.strftime("%Y-%m-%d"), device=str(device), load=load_average(),
                             device_name=torch.cuda.get_device_name(device) if device.type == "cuda"
-                            else f"CPU ({_cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)",
+                            else f"CPU ({cpu_model()}, {platform.machine()}, {torch.get_num_threads()} threads)",
                             torch=torch.__version__, resolution=generator.resolution, clip=clip.name, stages=stages,
                             warmup=warmup, iters=iters, peak_gflops=peak, auto=" ".join(auto) if auto else "nothing",
                             peak_memory=("torch's allocator, per row: peak MB = the process-wide peak during the row's "

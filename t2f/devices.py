@@ -1,10 +1,11 @@
-"""Device selection, placing modules on a device without moving the caller's, CUDA numerics, and which optional
-runtimes this Python can import."""
+"""Device selection, placing modules on a device without moving the caller's, CUDA numerics, which optional
+runtimes this Python can import, and the CPU's name and load that benchmark reports carry."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import platform
 
 import torch
 from torch import nn
@@ -130,3 +131,21 @@ def importable(name: str) -> bool:
 def cpu_threads() -> int:
     """Threads of every CPU runtime t2f drives: torch's intra-op count (torch.set_num_threads / OMP_NUM_THREADS set it)."""
     return torch.get_num_threads()
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (what `lscpu` shows as "Model name")."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown model")
+    except OSError:
+        return platform.processor() or "unknown model"
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages, as /proc/loadavg gives them ("?" where it cannot be read)."""
+    try:
+        with open("/proc/loadavg", encoding="ascii") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"

@@ -178,3 +178,32 @@ def test_bodies_are_bounded_before_and_after_decompression():
     assert _read(zlib.compress(b"hello"), {"content-encoding": "deflate"}, limit=100) == b"hello"
     with pytest.raises(Refused, match="truncated or corrupt"):
         _read(gzip.compress(b"hello")[:-6], {"content-encoding": "gzip"}, limit=100)
+
+
+def _answer(rows: int, side: int):
+    """A stand-in for Triton's ModelInferResponse: `rows` faces of side x side and their ws."""
+    from types import SimpleNamespace
+
+    image = SimpleNamespace(name="image", datatype="UINT8", shape=[rows, side, side, 3])
+    ws = SimpleNamespace(name="ws", datatype="FP32", shape=[rows, 2, 4])
+    return SimpleNamespace(model_name="t2f", model_version="1", outputs=[ws, image],
+                           raw_output_contents=[bytes(4 * rows * 8), bytes(rows * side * side * 3)])
+
+
+def test_answers_as_json_numbers_are_bounded_and_binary_ones_are_not():
+    from t2f.engine.serve.kserve import InferBody, response_body
+    from t2f.engine.serve.web import Refused
+
+    text, headers = response_body(_answer(2, 8), InferBody("", [], [], False))                 # small: JSON numbers
+    assert headers["content-type"] == "application/json" and json.loads(text)["outputs"][1]["data"] == [0] * (2 * 8 * 8 * 3)
+    big = _answer(3, MAX_FACE_SIDE)                                                           # 3 x 1024 px: 9.4 M values
+    with pytest.raises(Refused, match="hold 9437208 values, more than 8388608: ask for them as binary data") as info:
+        response_body(big, InferBody("", [], [], False))
+    assert info.value.status == 400 and "\n" not in str(info.value)
+    with pytest.raises(Refused, match=r"\(image\)"):                                           # ws alone would fit
+        response_body(big, InferBody("", [], [("image", False), ("ws", True)], False))
+    text, headers = response_body(big, InferBody("", [], [("image", True), ("ws", False)], False))
+    length = int(headers["inference-header-content-length"])
+    assert len(text) - length == 3 * MAX_FACE_SIDE**2 * 3 and json.loads(text[:length])["outputs"][1]["parameters"]
+    text, _ = response_body(big, InferBody("", [], [], True))                                  # binary_data_output
+    assert len(text) > 3 * MAX_FACE_SIDE**2 * 3

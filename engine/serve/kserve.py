@@ -25,8 +25,8 @@ import numpy as np
 from t2f.files import json_depth_exceeds
 from t2f.errors import T2FError
 
-from .protocol import (DTYPES, ITEM_BYTES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_NOISE_MODE_BYTES, MAX_PROMPT_BYTES, OUTPUTS,
-                       BadRequest, check_inputs)
+from .protocol import (DTYPES, ITEM_BYTES, MAX_JSON_BYTES, MAX_JSON_DEPTH, MAX_JSON_OUTPUT_VALUES, MAX_NOISE_MODE_BYTES,
+                       MAX_PROMPT_BYTES, OUTPUTS, BadRequest, check_inputs)
 
 STRING_LIMITS = {"prompt": MAX_PROMPT_BYTES, "noise_mode": MAX_NOISE_MODE_BYTES}
 GRPC_MAX_MESSAGE = 512 * 1024 * 1024
@@ -183,15 +183,26 @@ def parse_infer_body(body: bytes | bytearray, header_length: int | None, model: 
 
 
 def response_body(response, body: InferBody) -> tuple[bytes, dict]:
-    """A gRPC ModelInferResponse -> (KServe v2 HTTP body, headers)."""
+    """A gRPC ModelInferResponse -> (KServe v2 HTTP body, headers).
+
+    Outputs asked for as JSON may carry MAX_JSON_OUTPUT_VALUES values together (a JSON number costs a Python int and
+    its text: about 12 bytes a value); an answer past it is refused (400) before any list is built: ask for binary data.
+    """
     binary_of = dict(body.outputs)
+    wanted = [(tensor, raw) for tensor, raw in zip(response.outputs, response.raw_output_contents)
+              if not body.outputs or tensor.name in binary_of]
+    as_json = [tensor for tensor, _ in wanted if not binary_of.get(tensor.name, body.binary_default)]
+    values = sum(int(np.prod([int(d) for d in tensor.shape])) for tensor in as_json)
+    if values > MAX_JSON_OUTPUT_VALUES:
+        names = ", ".join(tensor.name for tensor in as_json)
+        raise Refused(400, f"the answer's JSON outputs ({names}) hold {values} values, more than {MAX_JSON_OUTPUT_VALUES}: "
+                           f'ask for them as binary data ("parameters": {{"binary_data": true}} on each output, or '
+                           f'"binary_data_output": true on the request)')
     header = dict(model_name=response.model_name, model_version=response.model_version, outputs=[])
     if body.id:
         header["id"] = body.id
     chunks = []
-    for tensor, raw in zip(response.outputs, response.raw_output_contents):
-        if body.outputs and tensor.name not in binary_of:
-            continue
+    for tensor, raw in wanted:
         entry = dict(name=tensor.name, datatype=tensor.datatype, shape=[int(d) for d in tensor.shape])
         if binary_of.get(tensor.name, body.binary_default):
             entry["parameters"] = dict(binary_data_size=len(raw))

@@ -44,6 +44,7 @@ MAX_IMAGE_BYTES = 16 * 1024 * 1024 * 3   # t2f_image: all faces of one request t
 MAX_BATCH = 256                 # The largest --max-batch.
 MAX_JSON_BYTES = 4 * 1024 * 1024          # The JSON part of a KServe v2 HTTP body (faces go in its binary part).
 MAX_JSON_DEPTH = 16             # Nesting of that JSON ([ and { together); a t2f request needs 5.
+MAX_JSON_OUTPUT_VALUES = 2**23  # Values an answer may carry as JSON numbers (two 1024 px faces); more must ask for binary.
 
 
 def max_body_bytes(max_batch: int) -> int:

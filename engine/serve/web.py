@@ -170,7 +170,7 @@ def create_app(config: FrontConfig):
                 response = await forwarder.infer(model, version, parsed.inputs, [name for name, _ in parsed.outputs], parsed.id)
             finally:
                 del parsed.inputs[:]
-        content, headers = response_body(response, parsed)
+        content, headers = await asyncio.get_running_loop().run_in_executor(None, response_body, response, parsed)
         return Response(content, headers=headers)
 
     async def metrics(request):

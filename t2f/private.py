@@ -23,6 +23,7 @@ import stat
 from pathlib import Path
 
 from .errors import T2FError, UsageError
+from .files import printable
 
 CACHE_FIX = "set T2F_CACHE to a directory of your own"      # the way out where a cache folder is refused
 
@@ -144,14 +145,15 @@ def directory_lock(directory: str | os.PathLike, what: str, wait: bool = False):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
-                holder = lock_holder(fd)
+                pass
             if not wait:
-                raise DirectoryInUse(f"{directory} is in use by another {what}: {holder}; wait for it to finish or stop it")
+                raise DirectoryInUse(f"{directory} is in use by another {what}: {lock_holder(fd)}; wait for it to finish or "
+                                     "stop it")
             if time.monotonic() >= deadline:
-                raise DirectoryInUse(f"{path} is still held by {holder} after {timeout:g} s of waiting; stop it, or set "
-                                     "T2F_LOCK_TIMEOUT=SECONDS to wait longer")
-            if not said:
-                print(f"waiting for {path}, held by {holder} (up to {timeout:g} s)", file=sys.stderr, flush=True)
+                raise DirectoryInUse(f"{path} is still held by {lock_holder(fd)} after {timeout:g} s of waiting; stop it, or "
+                                     "set T2F_LOCK_TIMEOUT=SECONDS to wait longer")
+            if not said:                               # the holder is looked up for the lines only, not on every try
+                print(f"waiting for {path}, held by {lock_holder(fd)} (up to {timeout:g} s)", file=sys.stderr, flush=True)
                 said = True
             time.sleep(max(0.0, min(0.1, deadline - time.monotonic())))
         os.ftruncate(fd, 0)
@@ -208,7 +210,7 @@ def lock_holder(fd: int) -> str:
     recorded = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
     host = recorded.split(" on ", 1)[1].split(" ", 1)[0] if recorded.startswith("pid ") and " on " in recorded else None
     if host and host != socket.gethostname():
-        return f"{recorded.encode('unicode_escape').decode()[:160]}, as the lock file records"
+        return f"{printable(recorded, limit=160)}, as the lock file records"
     return "unknown"
 
 
@@ -226,5 +228,4 @@ def describe_process(pid: int) -> str | None:
     if len(args) > 1 and os.path.basename(args[0]).startswith("python") and not args[1].startswith("-"):
         args = args[1:]                                # a script (t2f-export): its name, not its interpreter's
     command = " ".join([os.path.basename(args[0]), *args[1:]]) if args else "?"
-    command = command.encode("unicode_escape").decode()
-    return f"pid {pid} on {socket.gethostname()} ({command[:120] + '...' if len(command) > 120 else command})"
+    return f"pid {pid} on {socket.gethostname()} ({printable(command, limit=120)})"

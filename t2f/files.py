@@ -227,7 +227,7 @@ def json_depth_exceeds(text: bytes | str, limit: int) -> bool:
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, mode: int | None = None):
-    """Yield a temporary path beside `path`; on success rename it over `path`, else delete it.
+    """Yield a temporary path beside `path`; on success flush it to disk and rename it over `path`, else delete it.
 
     `path` must be new or a regular file (see check_output_file); it is checked again just
     before the rename. The file gets `mode` exactly (0600 while it is written), or with
@@ -241,6 +241,11 @@ def atomic_path(path: str | os.PathLike, mode: int | None = None):
         yield tmp
         if mode is not None:
             os.chmod(tmp, mode)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)                               # on disk before it takes the name: a crash leaves old or new
+        finally:
+            os.close(fd)
         check_output_file(path)
         os.replace(tmp, path)
     except BaseException as e:
@@ -301,7 +306,8 @@ def _temporary_sibling(path: Path, directory: bool = False, mode: int = 0o666) -
 
 
 def write_all(files: dict[str | os.PathLike, bytes], mode: int | None = None) -> None:
-    """Write every file to a temporary sibling first, then rename them all: an OSError leaves none of them.
+    """Write every file to a temporary sibling first, then rename them all: an OSError while writing (a full disk, say)
+    leaves none of them. The renames come last, one by one; one that fails (rare) leaves those already renamed.
 
     mode: each file's exact mode (say 0o600); None = 0666 less the umask, as open() gives."""
     with contextlib.ExitStack() as stack:

@@ -85,7 +85,8 @@ def write_repository(directory: str, options: ModelOptions, devices: list[str], 
                      file_mode: int = 0o600) -> list[str]:
     """Write the repository into `directory` (created 0700 where missing), each file `file_mode`; the paths written.
 
-    An existing directory may hold other models; t2f's own files are replaced all together or not at all. UnsafePathError
+    An existing directory may hold other models; t2f's own files are all written before any replaces its old copy
+    (t2f.files.write_all). UnsafePathError
     (one line) where another user owns or can write `directory`, a model's folder in it, or can rename one
     of the directories above it (t2f.private.private_dir).
     """

@@ -6,7 +6,7 @@
 # is packed into $OUT/$ARCHIVE (atomically: a temporary file in $OUT, then a rename), and summary.txt copied beside it.
 
 KILL_AFTER=5        # seconds between a step's TERM and its KILL
-RESERVE=10          # seconds a step leaves before the deadline: the last packing, nvidia-smi, the exit
+RESERVE=20          # seconds a step leaves before the deadline: the last packing, nvidia-smi (two calls of up to 5 s), the exit
 PACK_EVERY=45       # seconds between packings during a step (what a cut-off call returns)
 MAX_ARCHIVE=$((15 * 1024 * 1024))   # bytes; a bigger archive is packed again with each file's last MiB only
 

@@ -249,7 +249,7 @@ def test_the_connection_cap_fits_the_processes_file_descriptors():
             "sys.modules['c'] = c; spec.loader.exec_module(c); limits, line = c.fit_descriptors(c.FrontLimits()); "
             "print(limits.max_connections, limits.max_connections_per_client); print(line)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.stdout.splitlines() == ["44 44", "--max-connections lowered to 44: this process may open 300 files (ulimit -n)"], out
+    assert out.stdout.splitlines() == ["44 11", "--max-connections lowered to 44: this process may open 300 files (ulimit -n)"], out
     assert fit_descriptors(FrontLimits(max_connections=8))[0].max_connections == 8
 
 

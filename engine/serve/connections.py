@@ -60,8 +60,9 @@ def fit_descriptors(limits: FrontLimits, reserve: int = 256) -> tuple[FrontLimit
         except (ValueError, OSError):
             pass
         if soft < wanted:
-            fitted = max(1, soft - reserve)
-            return (dataclasses.replace(limits, max_connections=fitted, max_connections_per_client=min(fitted, limits.max_connections_per_client)),
+            fitted = max(1, soft - reserve)           # one client's share stays the same fraction of the whole
+            per_client = max(1, min(fitted, limits.max_connections_per_client * fitted // limits.max_connections))
+            return (dataclasses.replace(limits, max_connections=fitted, max_connections_per_client=per_client),
                     f"--max-connections lowered to {fitted}: this process may open {soft} files (ulimit -n)")
     return limits, None
 

@@ -306,10 +306,13 @@ class Triton:
         tighten_shared_memory(self.workspace.shm_prefix)
 
     def _tighten_while(self, stop: threading.Event) -> None:
-        while not stop.wait(0.005):
+        ticks = 0
+        while not stop.wait(0.005):                    # shared memory every 5 ms: the window another user could use
             with contextlib.suppress(TritonError):
                 tighten_shared_memory(self.workspace.shm_prefix)
-            self.record_python_envs()
+            ticks += 1
+            if ticks % 100 == 0:                       # /tmp's listing every 0.5 s: for a start killed with -9
+                self.record_python_envs()
         self.record_python_envs()
 
     def record_python_envs(self) -> None:

@@ -412,6 +412,31 @@ def test_malformed_requests_get_a_4xx_not_500(front, case, capfd):
     assert http_request(front.port, "POST", "/v2/models/t2f/infer", GOOD)[0] == 503      # the good request: on to Triton
 
 
+def test_a_head_the_parser_refuses_is_answered_and_closed_without_a_reset(front):
+    """The parser's own 400 (a Content-Length that is no number) with 2 MB of body behind it: the client reads the answer
+    and then an orderly end, not a reset (closing with the body unread would reset the connection)."""
+    head = (b"POST /v2/models/t2f/infer HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: \xb2\r\n"
+            b"Content-Type: application/json\r\n\r\n")
+    s = connect(front.port)
+
+    def send():
+        with contextlib.suppress(OSError):                 # the rest of the body may meet the closed connection
+            s.sendall(head + b"x" * 2_000_000)
+    sender = threading.Thread(target=send)
+    sender.start()
+    time.sleep(0.3)
+    data = b""
+    try:
+        while chunk := s.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        data += b" [reset]"
+    finally:
+        sender.join(30)
+        s.close()
+    assert data.startswith(b"HTTP/1.1 400") and not data.endswith(b" [reset]"), data[-200:]
+
+
 # ----------------------------------------------------------------------------
 # The token file.
 

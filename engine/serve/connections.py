@@ -95,6 +95,25 @@ class Throttled:
 HEAD, REQUEST, LINGER, UPGRADED, REFUSED = "head", "request", "linger", "upgraded", "refused"
 
 
+class ParserTransport:
+    """The connection's transport as the parser sees it. A close while the parser reads what the client sent (a malformed
+    head it answers 400, say) becomes the Guard's lingering close: closing with the rest of the request unread resets the
+    connection, and the client may lose the answer. Everything else is the transport's own."""
+
+    def __init__(self, transport, guard):
+        self._transport, self._guard = transport, guard
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        guard = self._guard
+        if guard.feeding and guard.state in (HEAD, REQUEST) and not self._transport.is_closing():
+            guard._linger(time.monotonic())
+        else:
+            self._transport.close()
+
+
 def guarded_protocol(limits: FrontLimits, say) -> type[asyncio.Protocol]:
     """An asyncio protocol class for uvicorn's `http=`: limits.parser behind `Guard`. `say(line)` logs a refusal."""
     from uvicorn.importer import import_from_string
@@ -128,6 +147,7 @@ def guarded_protocol(limits: FrontLimits, say) -> type[asyncio.Protocol]:
             self.state = HEAD
             self.since = self.head_started = None
             self.head_bytes = self.unsent = 0                           # unsent: bytes of answers the client has not read yet
+            self.feeding = False                                        # the parser is reading what the client sent
 
         # -- the transport's calls, passed on to the parser
         def connection_made(self, transport) -> None:
@@ -146,7 +166,7 @@ def guarded_protocol(limits: FrontLimits, say) -> type[asyncio.Protocol]:
             live.add(self)
             per_client[self.client] += 1
             self._enter_head(time.monotonic())
-            self.inner.connection_made(transport)
+            self.inner.connection_made(ParserTransport(transport, self))
             if not ticking:
                 ticking.append(True)
                 self.loop.call_later(tick_s, tick, self.loop)
@@ -199,7 +219,11 @@ def guarded_protocol(limits: FrontLimits, say) -> type[asyncio.Protocol]:
 
         # -- state
         def _feed(self, data: bytes, now: float) -> None:
-            self.inner.data_received(data)
+            self.feeding = True
+            try:
+                self.inner.data_received(data)
+            finally:
+                self.feeding = False
             self._update(now)
 
         def _enter_head(self, now: float) -> None:

@@ -21,6 +21,7 @@ import urllib.request
 
 import click
 
+from t2f.errors import T2FError
 from t2f.files import PathError, open_regular_file, printable
 
 from ..config import PipelineConfig, pipeline_options
@@ -213,7 +214,7 @@ def main(config: PipelineConfig, devices, max_batch, queue_delay_us, host, http_
                   errors=(TritonError, OSError), every=tighten)
         with contextlib.suppress(OSError), urllib.request.urlopen(front_config.metrics_url, timeout=5) as r:
             summary = served_summary(r.read().decode("utf-8", "replace"))
-    except (TritonError, OSError, Stopped) as e:
+    except (T2FError, OSError, Stopped) as e:             # t2f's own (TritonError, FrontError, ...) and the OS's
         if not stop.is_set():                                     # Ctrl-C while starting also stops Triton: not an error
             raise click.ClickException(printable(" ".join(str(e).split()))) from None
     finally:

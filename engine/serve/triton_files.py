@@ -20,7 +20,7 @@ PYTHON_ENV_GLOB = ("/tmp", "python_env_")    # the Python backend's mkdtemp("/tm
 
 
 class TritonError(T2FError, RuntimeError):
-    """Triton (or the HTTP front before it) did not start, or Triton stopped; the message is one line."""
+    """Triton did not start, or Triton stopped; the message is one line."""
 
 
 # ----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+from t2f.errors import T2FError
 from t2f.files import printable
 
 from .addresses import bind_port, is_loopback
@@ -32,7 +33,10 @@ from .connections import FrontLimits, guarded_protocol
 from .kserve import BodyBudget, Forwarder, Refused, byte_count, parse_infer_body, read_body, response_body
 from .page import MAX_FRAME_BYTES, Frames, converse, page_html
 from .protocol import INPUTS, MAX_BATCH, MODELS, BadRequest, max_body_bytes
-from .triton_files import TritonError
+
+
+class FrontError(T2FError):
+    """The HTTP front did not start; the message is one line."""
 
 
 # ----------------------------------------------------------------------------
@@ -244,7 +248,7 @@ class Front:
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise TritonError(f"the HTTP front did not start on port {self.port}")
+                raise FrontError(f"the HTTP front did not start on port {self.port}")
             time.sleep(0.05)
 
     def stop(self) -> None:

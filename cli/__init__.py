@@ -14,19 +14,24 @@ import click
 @contextlib.contextmanager
 def user_errors(output: str | None = None):
     """Every command's one error adapter: t2f's own errors (T2FError) and a file that cannot be read or written
-    (OSError) become one `Error:` line with exit code 1 (click.ClickException). Anything else keeps its traceback: a
+    (OSError) become one `Error:` line with exit code 1 (click.ClickException); a value of a model option found wrong
+    only when it is used (t2f.config.FieldError: a mapper path that is not a directory) is a usage error on that
+    option (click.BadParameter, exit code 2), as when the option is parsed. Anything else keeps its traceback: a
     plain ValueError is a bug, not a user's mistake. Third-party logging is muted below ERROR inside the block (the
     level before it is put back after).
 
     `output` names what the command writes ("the run directory"): an OSError then reads "cannot write FILE: REASON",
     FILE the error's own file name where it has one; without it, an OSError is its own message.
     """
+    from t2f.config import FieldError
     from t2f.errors import T2FError
 
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.ERROR))
     try:
         yield
+    except FieldError as e:
+        raise click.BadParameter(" ".join(str(e).split()), param_hint=f"--{e.field}") from None
     except T2FError as e:
         raise click.ClickException(" ".join(str(e).split())) from None
     except OSError as e:

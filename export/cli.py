@@ -49,9 +49,7 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     t2f-export --mapper tiny --out /tmp/tiny --onnx-only
     """
     from t2f.artifacts import foreign_files
-    from t2f.hub import is_hub_id
     from t2f.files import OutputPathError, check_output_dir
-    from t2f.presets import is_random_preset
 
     from .build import export_models
 
@@ -67,11 +65,6 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK):
         raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
-    mapper = models.mapper
-    if mapper is None:
-        raise click.BadParameter("give the mapper to export: a t2f-train run directory, hf-hub:ORG/NAME or tiny", param_hint="--mapper")
-    if not (is_random_preset(mapper) or is_hub_id(mapper) or Path(mapper).is_dir()):
-        raise click.BadParameter(f"{mapper} is not a mapper directory", param_hint="--mapper")
     if fp16 and precision not in (None, Precision.FP16):
         raise click.BadParameter(f"--fp16 contradicts --precision {precision}", param_hint="--fp16")
     precision = precision or Precision.from_flag(fp16)

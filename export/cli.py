@@ -50,8 +50,10 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     """
     from t2f.artifacts import foreign_files
     from t2f.files import OutputPathError, check_output_dir
+    from t2f.graphs import ExportError
 
     from .build import export_models
+    from .onnx_export import check_parity_precision
 
     out = Path(out)
     try:
@@ -71,8 +73,11 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     if precision is Precision.BF16 and not onnx_only:
         click.echo("note: bf16 runs on the CPU through OpenVINO; writing the ONNX graphs only (no TensorRT engines)", err=True)
         onnx_only = True
-    no_bf16 = precision is Precision.BF16 and not precision.runs_on("cpu")
-    if no_bf16:                     # OpenVINO would run fp32 here: a bf16 parity check would check fp32 and call it bf16
+    try:                            # export_models refuses it: OpenVINO would run fp32 here and a bf16 check call it bf16
+        check_parity_precision(precision)
+        no_bf16 = False
+    except ExportError:
+        no_bf16 = True
         click.echo("note: bf16 is not available on this CPU (no AVX512_BF16 or AMX instructions), so its parity cannot be "
                    "measured here; exporting and checking the fp32 graphs only", err=True)
         precision = Precision.FP32

@@ -21,10 +21,12 @@ def user_errors(output: str | None = None):
     level before it is put back after).
 
     `output` names what the command writes ("the run directory"): an OSError then reads "cannot write FILE: REASON",
-    FILE the error's own file name where it has one; without it, an OSError is its own message.
+    FILE the error's own file name where it has one (an output t2f refuses, t2f.files.OutputPathError, reads so too);
+    without it, an OSError is its own message.
     """
     from t2f.config import FieldError
     from t2f.errors import T2FError
+    from t2f.files import OutputPathError
 
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.ERROR))
@@ -33,7 +35,8 @@ def user_errors(output: str | None = None):
     except FieldError as e:
         raise click.BadParameter(" ".join(str(e).split()), param_hint=f"--{e.field}") from None
     except T2FError as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
+        written = output is not None and isinstance(e, OutputPathError)
+        raise click.ClickException(("cannot write " if written else "") + " ".join(str(e).split())) from None
     except OSError as e:
         if output is None:
             raise click.ClickException(" ".join(str(e).split())) from None
@@ -145,15 +148,11 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
 
 def write_files(files: dict[str, bytes]) -> None:
-    """t2f.files.write_all (every file or none), with an OSError as one clear line."""
-    from t2f.files import OutputPathError, write_all
+    """t2f.files.write_all (every file or none), with an OSError as one "cannot write" line (user_errors)."""
+    from t2f.files import write_all
 
-    try:
+    with user_errors(output="output"):
         write_all(files)
-    except OutputPathError as e:
-        raise click.ClickException(f"cannot write {e}") from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------

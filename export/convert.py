@@ -54,10 +54,8 @@ def main(source, out, overwrite, cache):
     start = time.perf_counter()
     with user_errors():
         generator = load_generator(source, cache=cache)
-    try:
+    with user_errors(output=out):
         save_generator(generator, out, overwrite=overwrite, source=os.path.basename(str(source)))
-    except OSError as e:
-        raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
     cfg = generator.config
     click.echo(f"wrote {out}: StyleGAN2 {cfg.resolution}x{cfg.resolution}, {generator.num_ws} ws x {cfg.w_dim}, "
                f"{sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters, in {time.perf_counter() - start:.1f} s")

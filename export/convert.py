@@ -11,12 +11,13 @@ from t2f.cli import nonempty_path
 
 
 def _is_generator_dir(path: str) -> bool:
-    from t2f.files import read_json
+    from t2f.io import WeightsError, read_config
     from t2f.weights import GENERATOR_KIND
 
     try:                                        # a bounded read: a FIFO or a device named config.json is refused, not waited on
-        return read_json(os.path.join(path, "config.json")).get("kind") == GENERATOR_KIND
-    except (OSError, ValueError, AttributeError):
+        read_config(path, GENERATOR_KIND, f"{path} holds no config.json")
+        return True
+    except WeightsError:
         return False
 
 

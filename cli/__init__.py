@@ -128,18 +128,14 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
     from t2f.files import OutputPathError, check_output_dir, check_output_file
 
-    try:
+    try:                            # an existing directory output is a directory; a file output, a regular file
         (check_output_dir if directory else check_output_file)(path)
     except OutputPathError as e:
         raise click.BadParameter(str(e), param_hint=param) from None
     if directory and os.path.exists(path):
-        if not os.path.isdir(path):
-            raise click.BadParameter(f"{path} is not a directory", param_hint=param)
         if not os.access(path, os.W_OK):
             raise click.BadParameter(f"cannot write to {path}", param_hint=param)
         return
-    if not directory and os.path.isdir(path):
-        raise click.BadParameter(f"{path} is a directory", param_hint=param)
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -5,13 +5,12 @@ Option mapping, usage checks and messages only: the work is export/build.py's (`
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import click
 
-from t2f.cli import PrecisionChoice, model_options, nonempty_path, user_errors
+from t2f.cli import PrecisionChoice, check_writable, model_options, nonempty_path, user_errors
 from t2f.graphs import DEFAULT_PROFILE
 from t2f.precision import Precision
 
@@ -49,24 +48,17 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     t2f-export --mapper tiny --out /tmp/tiny --onnx-only
     """
     from t2f.artifacts import foreign_files
-    from t2f.files import OutputPathError, check_output_dir
     from t2f.graphs import ExportError
 
     from .build import export_models
     from .onnx_export import check_parity_precision
 
+    check_writable(out, "--out", directory=True)
     out = Path(out)
-    try:
-        check_output_dir(out)
-    except OutputPathError as e:
-        raise click.BadParameter(str(e), param_hint="--out") from None
     foreign = foreign_files(out)
     if foreign:
         raise click.BadParameter(f"{out} holds files that are not a t2f-export output ({', '.join(foreign[:3])}); "
                                  "choose another --out", param_hint="--out")
-    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
     if fp16 and precision not in (None, Precision.FP16):
         raise click.BadParameter(f"--fp16 contradicts --precision {precision}", param_hint="--fp16")
     precision = precision or Precision.from_flag(fp16)

@@ -128,3 +128,11 @@ def test_benchmark_scripts_write_their_results_atomically():
                 if isinstance(mode, ast.Constant) and set(str(mode.value)) & set("wx"):
                     truncating.append(f"{path.name}:{node.lineno}")
     assert scripts and truncating == []
+
+
+def test_the_core_package_exports_what_it_declares():
+    """t2f.__all__ is derived from the lazily imported names (plus load_generator, defined there): each one resolves."""
+    import t2f
+
+    assert set(t2f.__all__) == set(t2f._EXPORTS) | {"load_generator"}
+    assert all(getattr(t2f, name) is not None for name in t2f.__all__)

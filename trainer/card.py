@@ -109,7 +109,7 @@ def _body(run: Run, models: dict, metrics: dict, identity: dict, options: dict) 
         "## Use",
         "",
         "```bash",
-        "pip install t2f",
+        "# first install t2f as its README says (from its source: it is not on PyPI)",
         hub.ljust(width) + "# this repository (ORG/NAME: where it is published)",
         local.ljust(width) + "# the run directory it was trained in",
         "```",

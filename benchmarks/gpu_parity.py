@@ -20,6 +20,8 @@ import time
 import click
 import torch
 
+from t2f.files import atomic_path
+
 FP16_BOUND = 2e-2          # relative error of fp16 against fp32 (as t2f-export's parity bound)
 UINT8_MEAN = 2.0           # mean absolute uint8 difference, fp16 against fp32
 
@@ -96,8 +98,8 @@ def main(generator, clip, device, batch, json_path):
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_path:
-        with open(json_path, "w") as f:
-            f.write(text + "\n")
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(text + "\n")
     raise SystemExit(0 if result["ok"] else 1)
 
 

@@ -37,6 +37,7 @@ import click
 import numpy as np
 
 from t2f.cli import FiniteFloatRange
+from t2f.files import atomic_path
 
 
 def free_port() -> int:
@@ -199,8 +200,8 @@ def main(generator, clip, mapper, backend, device, precision, clients, requests,
     click.echo(f"mean batch the server formed: {served['mean_batch']:.2f} (warm-up requests included)")
     click.echo(json.dumps(record))
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(record, f, indent=2)
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

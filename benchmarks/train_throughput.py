@@ -22,6 +22,8 @@ import time
 import click
 import torch
 
+from t2f.files import atomic_path
+
 
 @click.command()
 @click.option("--generator",   default="tiny", show_default=True)
@@ -78,8 +80,8 @@ def main(generator, clip, device, samples, synth_batch, downsample, steps, batch
     text = json.dumps(result, indent=2)
     click.echo(text)
     if json_path:
-        with open(json_path, "w") as f:
-            f.write(text + "\n")
+        with atomic_path(json_path) as tmp:
+            tmp.write_text(text + "\n")
 
 
 def sync(device: torch.device) -> None:

@@ -14,21 +14,29 @@ import click
 @contextlib.contextmanager
 def user_errors(output: str | None = None):
     """Every command's one error adapter: t2f's own errors (T2FError) and a file that cannot be read or written
-    (OSError) become one `Error:` line with exit code 1 (click.ClickException). Anything else keeps its traceback: a
+    (OSError) become one `Error:` line with exit code 1 (click.ClickException); a value of a model option found wrong
+    only when it is used (t2f.config.FieldError: a mapper path that is not a directory) is a usage error on that
+    option (click.BadParameter, exit code 2), as when the option is parsed. Anything else keeps its traceback: a
     plain ValueError is a bug, not a user's mistake. Third-party logging is muted below ERROR inside the block (the
     level before it is put back after).
 
     `output` names what the command writes ("the run directory"): an OSError then reads "cannot write FILE: REASON",
-    FILE the error's own file name where it has one; without it, an OSError is its own message.
+    FILE the error's own file name where it has one (an output t2f refuses, t2f.files.OutputPathError, reads so too);
+    without it, an OSError is its own message.
     """
+    from t2f.config import FieldError
     from t2f.errors import T2FError
+    from t2f.files import OutputPathError
 
     previous = logging.root.manager.disable
     logging.disable(max(previous, logging.ERROR))
     try:
         yield
+    except FieldError as e:
+        raise click.BadParameter(" ".join(str(e).split()), param_hint=f"--{e.field}") from None
     except T2FError as e:
-        raise click.ClickException(" ".join(str(e).split())) from None
+        written = output is not None and isinstance(e, OutputPathError)
+        raise click.ClickException(("cannot write " if written else "") + " ".join(str(e).split())) from None
     except OSError as e:
         if output is None:
             raise click.ClickException(" ".join(str(e).split())) from None
@@ -120,18 +128,14 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
     from t2f.files import OutputPathError, check_output_dir, check_output_file
 
-    try:
+    try:                            # an existing directory output is a directory; a file output, a regular file
         (check_output_dir if directory else check_output_file)(path)
     except OutputPathError as e:
         raise click.BadParameter(str(e), param_hint=param) from None
     if directory and os.path.exists(path):
-        if not os.path.isdir(path):
-            raise click.BadParameter(f"{path} is not a directory", param_hint=param)
         if not os.access(path, os.W_OK):
             raise click.BadParameter(f"cannot write to {path}", param_hint=param)
         return
-    if not directory and os.path.isdir(path):
-        raise click.BadParameter(f"{path} is a directory", param_hint=param)
     parent = os.path.dirname(os.path.abspath(path))
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -140,15 +144,11 @@ def check_writable(path: str, param: str, directory: bool = False) -> None:
 
 
 def write_files(files: dict[str, bytes]) -> None:
-    """t2f.files.write_all (every file or none), with an OSError as one clear line."""
-    from t2f.files import OutputPathError, write_all
+    """t2f.files.write_all (every file or none), with an OSError as one "cannot write" line (user_errors)."""
+    from t2f.files import write_all
 
-    try:
+    with user_errors(output="output"):
         write_all(files)
-    except OutputPathError as e:
-        raise click.ClickException(f"cannot write {e}") from None
-    except OSError as e:
-        raise click.ClickException(f"cannot write {e.filename or 'output'}: {e.strerror or e}") from None
 
 
 # ----------------------------------------------------------------------------

@@ -39,18 +39,19 @@ def export_models(
     """Export (or reuse) the three graphs, check their parity and, unless onnx_only, build their TensorRT engines.
 
     Returns (manifest, specs). Raises ExportError, WeightsError and the loaders' errors; TensorRT
-    and a GPU are checked before any work.
+    and a GPU, and a bf16 parity this CPU cannot measure, are checked before any work.
     """
     from t2f.artifacts import remove_stale_temporaries, runtime_info, specs_of
     from t2f.graphs import UnsupportedTextTower, text_tower
     from t2f.private import directory_lock
     from t2f.sources import load_models
 
-    from .onnx_export import export_artifacts, format_table
+    from .onnx_export import check_parity_precision, export_artifacts, format_table
     from .tensorrt import build_engines
 
     with contextlib.ExitStack() as held:
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
+        check_parity_precision(precision)                   # and when this CPU cannot run bf16 (t2f-export falls back to fp32)
         G, C, M, resolved = load_models(models)
         try:
             text_tower(C)                                   # a text tower the rewrite cannot express: refused before any work

@@ -5,13 +5,12 @@ Option mapping, usage checks and messages only: the work is export/build.py's (`
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import click
 
-from t2f.cli import PrecisionChoice, model_options, nonempty_path, user_errors
+from t2f.cli import PrecisionChoice, check_writable, model_options, nonempty_path, user_errors
 from t2f.graphs import DEFAULT_PROFILE
 from t2f.precision import Precision
 
@@ -49,37 +48,28 @@ def main(models, out, fp16, precision, batch, onnx_only, opt_level, timing_cache
     t2f-export --mapper tiny --out /tmp/tiny --onnx-only
     """
     from t2f.artifacts import foreign_files
-    from t2f.hub import is_hub_id
-    from t2f.files import OutputPathError, check_output_dir
-    from t2f.presets import is_random_preset
+    from t2f.graphs import ExportError
 
     from .build import export_models
+    from .onnx_export import check_parity_precision
 
+    check_writable(out, "--out", directory=True)
     out = Path(out)
-    try:
-        check_output_dir(out)
-    except OutputPathError as e:
-        raise click.BadParameter(str(e), param_hint="--out") from None
     foreign = foreign_files(out)
     if foreign:
         raise click.BadParameter(f"{out} holds files that are not a t2f-export output ({', '.join(foreign[:3])}); "
                                  "choose another --out", param_hint="--out")
-    parent = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise click.BadParameter(f"cannot write to {parent}", param_hint="--out")
-    mapper = models.mapper
-    if mapper is None:
-        raise click.BadParameter("give the mapper to export: a t2f-train run directory, hf-hub:ORG/NAME or tiny", param_hint="--mapper")
-    if not (is_random_preset(mapper) or is_hub_id(mapper) or Path(mapper).is_dir()):
-        raise click.BadParameter(f"{mapper} is not a mapper directory", param_hint="--mapper")
     if fp16 and precision not in (None, Precision.FP16):
         raise click.BadParameter(f"--fp16 contradicts --precision {precision}", param_hint="--fp16")
     precision = precision or Precision.from_flag(fp16)
     if precision is Precision.BF16 and not onnx_only:
         click.echo("note: bf16 runs on the CPU through OpenVINO; writing the ONNX graphs only (no TensorRT engines)", err=True)
         onnx_only = True
-    no_bf16 = precision is Precision.BF16 and not precision.runs_on("cpu")
-    if no_bf16:                     # OpenVINO would run fp32 here: a bf16 parity check would check fp32 and call it bf16
+    try:                            # export_models refuses it: OpenVINO would run fp32 here and a bf16 check call it bf16
+        check_parity_precision(precision)
+        no_bf16 = False
+    except ExportError:
+        no_bf16 = True
         click.echo("note: bf16 is not available on this CPU (no AVX512_BF16 or AMX instructions), so its parity cannot be "
                    "measured here; exporting and checking the fp32 graphs only", err=True)
         precision = Precision.FP32

@@ -11,12 +11,13 @@ from t2f.cli import nonempty_path
 
 
 def _is_generator_dir(path: str) -> bool:
-    from t2f.files import read_json
+    from t2f.io import WeightsError, read_config
     from t2f.weights import GENERATOR_KIND
 
     try:                                        # a bounded read: a FIFO or a device named config.json is refused, not waited on
-        return read_json(os.path.join(path, "config.json")).get("kind") == GENERATOR_KIND
-    except (OSError, ValueError, AttributeError):
+        read_config(path, GENERATOR_KIND, f"{path} holds no config.json")
+        return True
+    except WeightsError:
         return False
 
 
@@ -54,10 +55,8 @@ def main(source, out, overwrite, cache):
     start = time.perf_counter()
     with user_errors():
         generator = load_generator(source, cache=cache)
-    try:
+    with user_errors(output=out):
         save_generator(generator, out, overwrite=overwrite, source=os.path.basename(str(source)))
-    except OSError as e:
-        raise click.ClickException(f"cannot write {out}: {e.strerror or e}") from None
     cfg = generator.config
     click.echo(f"wrote {out}: StyleGAN2 {cfg.resolution}x{cfg.resolution}, {generator.num_ws} ws x {cfg.w_dim}, "
                f"{sum(p.numel() for p in generator.parameters()) / 1e6:.1f} M parameters, in {time.perf_counter() - start:.1f} s")

@@ -153,14 +153,20 @@ class _OpenVINORunner:
         return [result[out] for out in self.compiled.outputs]
 
 
+def check_parity_precision(precision: Precision) -> None:
+    """ExportError where `precision`'s parity cannot be measured here: bf16 on a CPU without bfloat16 instructions, where
+    OpenVINO would run fp32 and call it bf16. export_models asks before any work; t2f-export falls back to fp32."""
+    if precision is Precision.BF16 and not precision.runs_on("cpu"):
+        raise ExportError("bf16 parity cannot be measured on this CPU: it has no bfloat16 instructions (AVX512_BF16 or AMX)")
+
+
 def parity(spec: GraphSpec, path: Path, precision: Precision, batches: list[int], generator: StyleGenerator, clip: Clip,
            mapper: Mapper, sha: str) -> list[dict]:
     """Rows of the parity table for one exported graph against eager PyTorch fp32: ONNX Runtime (CPU) for fp32 and fp16
     files, OpenVINO in bf16 for bf16 (the mapper, fp32 in every precision, is checked in ONNX Runtime). The spec says
     what its reference is, which metrics apply and which of its bounds a row must pass (`t2f.specs`)."""
     compute = spec.compute_precision(precision)
-    if compute is Precision.BF16 and not compute.runs_on("cpu"):     # OpenVINO would run fp32 and call it bf16
-        raise ExportError("bf16 parity cannot be measured on this CPU: it has no bfloat16 instructions (AVX512_BF16 or AMX)")
+    check_parity_precision(compute)
     runner = (_OpenVINORunner if compute is Precision.BF16 else _OrtRunner)(spec, path, sha)
     bound = BOUNDS[compute]
     rows = []

@@ -56,8 +56,4 @@ def load_generator(source: str | os.PathLike, cache: str | os.PathLike | None = 
     return import_generator(source)
 
 
-__all__ = [
-    "Clip", "ClipLoadError", "DEFAULT_CLIP", "DownloadError", "Generator", "GeneratorConfig", "Mapper",
-    "MapperConfig", "WeightsError", "load_clip", "load_generator", "load_mapper_dir", "save_generator",
-    "save_mapper", "truncate", "import_generator",
-]
+__all__ = sorted([*_EXPORTS, "load_generator"])

@@ -188,6 +188,23 @@ def read_json(path: str | os.PathLike):
         raise ValueError(f"{path} is nested deeper than {MAX_JSON_DEPTH} levels") from None
 
 
+def read_json_as(path: str | os.PathLike, error: type[Exception], missing: str | None = None):
+    """read_json, with each failure as one line of `error` (a T2FError class of the caller's subject): `missing` where
+    the file is not there (None: as any file that cannot be read), the reason where it is malformed, and
+    "PATH: cannot read (REASON)" where it cannot be read."""
+    try:
+        return read_json(path)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        if missing is not None:
+            raise error(missing) from None
+        reason = e.strerror or e
+    except ValueError as e:
+        raise error(str(e)) from None
+    except OSError as e:
+        reason = e.strerror or e
+    raise error(f"{path}: cannot read ({reason})")
+
+
 def json_depth_exceeds(text: bytes | str, limit: int) -> bool:
     """True where JSON `text` nests [ and { deeper than `limit` (strings skipped), in one linear scan, without parsing
     it: run before a parser, whose recursion a crafted file (300,000 `[`) would otherwise exhaust."""

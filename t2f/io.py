@@ -14,7 +14,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .errors import T2FError
-from .files import InputPathError, atomic_dir, atomic_path, is_regular_file, read_json, write_json
+from .files import InputPathError, atomic_dir, atomic_path, is_regular_file, read_json_as, write_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -94,14 +94,7 @@ def read_config(directory: str | os.PathLike, kind: str, missing: str) -> dict:
     """The whole config.json of the t2f `kind` directory `directory` (a bounded read); WeightsError (one line) where it
     is unreadable, malformed or of another kind, and WeightsError(`missing`) where it is not there."""
     path = os.path.join(directory, CONFIG_NAME)
-    try:
-        meta = read_json(path)
-    except (FileNotFoundError, NotADirectoryError):
-        raise WeightsError(missing) from None
-    except ValueError as e:
-        raise WeightsError(str(e)) from None
-    except OSError as e:
-        raise WeightsError(f"{path}: cannot read ({e.strerror or e})") from None
+    meta = read_json_as(path, WeightsError, missing)
     if not isinstance(meta, dict) or meta.get("kind") != kind:
         found = meta.get("kind") if isinstance(meta, dict) else None
         raise WeightsError(f"{path} describes a {found!r}, not a {kind!r}")

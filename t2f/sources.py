@@ -64,7 +64,8 @@ class Resolved:
 def resolve(sources: ModelSources, bank: bool = False, progress: bool = True) -> Resolved:
     """The mapper's local directory and record, and the generator and CLIP to load; nothing but config.json is read.
 
-    bank: also fetch a Hub mapper's bank.safetensors (KNN mode). Raises MissingMapperError, HubError, WeightsError.
+    bank: also fetch a Hub mapper's bank.safetensors (KNN mode). Raises MissingMapperError, HubError, WeightsError, and
+    FieldError (on "mapper") for a mapper path that is not a directory.
     """
     label = sources.mapper
     if label is None:
@@ -109,10 +110,14 @@ def load_models(sources: ModelSources, bank: bool = False, progress: bool = True
 
 
 def _record(directory: str, label: str) -> TrainedFor:
-    """The record in a mapper directory's config.json (bounded read; the weights are checked when they load)."""
-    if not os.path.exists(directory):
-        raise WeightsError(f"no mapper {label}: not a directory here (a mapper is a t2f-train run directory, "
-                           f"{hub.PREFIX}ORG/NAME or {TINY})")
+    """The record in a mapper directory's config.json (bounded read; the weights are checked when they load).
+
+    A mapper that is not a directory here is the one check of a mapper path, for every tool: a FieldError on "mapper"
+    (a command's usage error on --mapper). It is made here, when the mapper is used, not when it is named: t2f-serve
+    --write-repository names a mapper for the machine Triton runs on."""
+    if not os.path.isdir(directory):
+        raise FieldError("mapper", f"{label} is not a mapper directory here (a mapper is a t2f-train run directory, "
+                                   f"{hub.PREFIX}ORG/NAME or {TINY})")
     meta = read_config(directory, MAPPER_KIND, f"{label} is not a t2f mapper directory: config.json is missing")
     return trained_for(meta, label)
 

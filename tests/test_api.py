@@ -166,6 +166,23 @@ def test_every_command_takes_the_same_model_options():
     assert _params(bench_main)["mapper"].default == "tiny" and _params(infer_main)["mapper"].default is None
 
 
+@pytest.mark.parametrize("what", ["missing", "file"])
+def test_a_mapper_that_is_not_a_directory_is_one_usage_error_in_every_command(what, tmp_path, run_cli):
+    """One check of a mapper path, made where the mapper is used (t2f.sources): exit 2 on --mapper, the same line from
+    every command, and nothing written; the library raises it as a FieldError on "mapper"."""
+    (tmp_path / "file").write_text("not a mapper")
+    mapper = str(tmp_path / what)
+    commands = [(infer_main, ["a"]), (export_main, ["--out", "o", "--onnx-only"]), (bench_main, ["--batches", "1"]),
+                (serve_main, ["--device", "cpu"])]
+    lines = {assert_one_error_line(run_cli(command, ["--mapper", mapper, *args], tmp_path), 2, "Invalid value for --mapper:",
+                                   f"{mapper} is not a mapper directory") for command, args in commands}
+    assert len(lines) == 1, lines
+    assert os.listdir(tmp_path) == ["file"]
+    with pytest.raises(FieldError, match="is not a mapper directory") as error:
+        load_pipeline(mapper, **CPU)
+    assert error.value.field == "mapper"
+
+
 def test_the_default_model_names_are_defined_once():
     import t2f.clip
 

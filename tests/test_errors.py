@@ -13,6 +13,7 @@ from t2f.engine.serve import main as serve_main
 from t2f.errors import T2FError, UsageError
 from t2f.export.cli import main as export_main
 from t2f.export.convert import main as convert_main
+from t2f.files import OutputPathError
 from t2f.trainer.cli import main as train_main
 
 from helpers import TINY, assert_one_error_line
@@ -56,13 +57,16 @@ def test_a_plain_value_error_in_any_command_keeps_its_traceback(command, args, b
 @pytest.mark.parametrize("command,args,body,written", [
     (export_main, [*TINY, "--out", "out", "--onnx-only"], "t2f.export.build.export_models", "the output"),
     (train_main, ["--generator", "tiny", "--clip", "tiny", "--out", "run"], "t2f.trainer.stages.train", "the run directory"),
-], ids=["t2f-export", "t2f-train"])
+    (convert_main, ["tiny", "--out", "gen"], "t2f.weights.save_generator", "gen"),
+], ids=["t2f-export", "t2f-train", "t2f-convert"])
 def test_a_failed_write_names_the_file_or_what_the_command_writes(command, args, body, written, tmp_path, monkeypatch,
                                                                    run_cli):
     monkeypatch.setattr(body, _raising(OSError(errno.ENOSPC, "No space left on device", "out/graph.onnx")))
     assert_one_error_line(run_cli(command, args, tmp_path), 1, "cannot write out/graph.onnx: No space left on device")
     monkeypatch.setattr(body, _raising(OSError(errno.ENOSPC, "No space left on device")))
     assert_one_error_line(run_cli(command, args, tmp_path), 1, f"cannot write {written}: No space left on device")
+    monkeypatch.setattr(body, _raising(OutputPathError("out/graph.onnx", "is a FIFO; t2f replaces regular files only")))
+    assert_one_error_line(run_cli(command, args, tmp_path), 1, "cannot write out/graph.onnx: is a FIFO; t2f replaces")
 
 
 # ----------------------------------------------------------------------------

@@ -73,6 +73,22 @@ def test_bf16_export_on_a_cpu_without_bf16_says_so_and_what_ran(exported, tmp_pa
         parity(spec, out / "text_encoder.onnx", Precision.BF16, [1], pipe.generator, pipe.clip, pipe.mapper, "")
 
 
+def test_bf16_export_on_a_cpu_without_bf16_is_refused_before_any_work(tmp_path, monkeypatch):
+    """The library (export_models) refuses a bf16 export where the CPU has no bf16 instructions (simulated) before it
+    loads a model or writes a file; only t2f-export chooses to fall back to fp32 (the test above)."""
+    import t2f.sources
+    from t2f.export.build import export_models
+    from t2f.precision import Precision
+    from t2f.sources import ModelSources
+
+    monkeypatch.setattr("t2f.precision.cpu_has_bf16", lambda: False)
+    loaded = []
+    monkeypatch.setattr(t2f.sources, "load_models", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ExportError, match="^bf16 parity cannot be measured on this CPU: it has no bfloat16 instructions"):
+        export_models(tmp_path / "out", ModelSources(mapper="tiny"), Precision.BF16, (1, 2, 5), onnx_only=True, log=print)
+    assert loaded == [] and os.listdir(tmp_path) == []
+
+
 def test_bf16_export_states_its_parity_per_graph(exported, tmp_path):
     from t2f.precision import cpu_has_bf16
 

@@ -10,7 +10,7 @@ import pytest
 
 from t2f.errors import T2FError
 from t2f.files import (InputPathError, OutputPathError, atomic_path, json_depth_exceeds, open_regular_file, printable,
-                       read_json, write_all)
+                       read_json, read_json_as, write_all)
 
 
 def test_the_file_helpers_import_without_torch_numpy_or_click(tmp_path):
@@ -49,6 +49,25 @@ def test_path_errors_are_t2f_errors_and_still_os_errors(tmp_path):
     for e in (out.value, into.value):
         assert isinstance(e, T2FError) and isinstance(e, OSError)        # an `except OSError` still catches them
         assert str(e) == f"{tmp_path / 'fifo'}: is a FIFO; t2f " + ("replaces" if e is out.value else "reads") + " regular files only"
+
+
+def test_read_json_as_gives_each_failure_as_one_line_of_the_callers_error(tmp_path):
+    """The one JSON reader of t2f.io.read_config and a training run's files: missing, malformed, unreadable."""
+    class Refused(T2FError):
+        pass
+
+    (tmp_path / "bad.json").write_text("{")
+    os.mkfifo(tmp_path / "fifo.json")
+    with pytest.raises(Refused, match="^no such file here$"):
+        read_json_as(tmp_path / "none.json", Refused, "no such file here")
+    with pytest.raises(Refused, match="none.json: cannot read \\(No such file or directory\\)$"):
+        read_json_as(tmp_path / "none.json", Refused)
+    with pytest.raises(Refused, match="bad.json is not valid JSON"):
+        read_json_as(tmp_path / "bad.json", Refused, "no such file here")
+    with pytest.raises(Refused, match="fifo.json: cannot read \\(is a FIFO; t2f reads regular files only\\)$"):
+        read_json_as(tmp_path / "fifo.json", Refused, "no such file here")
+    (tmp_path / "good.json").write_text('{"a": 1}')
+    assert read_json_as(tmp_path / "good.json", Refused) == {"a": 1}
 
 
 def test_atomic_writes_give_an_exact_mode_or_the_umask_s(tmp_path):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from t2f.files import atomic_path, read_json
+from t2f.files import atomic_path
 
 from .run import Run
 
@@ -78,14 +78,19 @@ def card_text(run: Run) -> str:
 
 
 def _trained_for(run: Run, synth: dict) -> dict:
-    """{"generator": {name, fingerprint}, "clip": {...}}: the mapper's config.json where fit wrote it, else synth's record."""
+    """{"generator": {name, fingerprint}, "clip": {...}}: the mapper's config.json where fit wrote it (read as
+    t2f.sources reads a mapper's record), else synth's record."""
+    from t2f.io import WeightsError, read_config
+    from t2f.mapper import MAPPER_KIND, trained_for
+
     try:
-        config = read_json(run.out / "config.json")
-        return {k: dict(name=config[k]["name"], fingerprint=config[k]["fingerprint"]) for k in ("generator", "clip")}
-    except (OSError, ValueError, KeyError, TypeError):
+        record = trained_for(read_config(run.out, MAPPER_KIND, f"{run.out} holds no mapper yet"), str(run.out))
+    except WeightsError:
         identity = synth.get("identity") or {}
         return dict(generator=dict(name=synth.get("generator"), fingerprint=identity.get("generator_fingerprint")),
                     clip=dict(name=identity.get("clip"), fingerprint=identity.get("clip_fingerprint")))
+    return dict(generator=dict(name=record.generator, fingerprint=record.generator_fingerprint),
+                clip=dict(name=record.clip, fingerprint=record.clip_fingerprint))
 
 
 def _body(run: Run, models: dict, metrics: dict, identity: dict, options: dict) -> list[str]:
@@ -104,7 +109,7 @@ def _body(run: Run, models: dict, metrics: dict, identity: dict, options: dict) 
         "## Use",
         "",
         "```bash",
-        "pip install t2f",
+        "# first install t2f as its README says (from its source: it is not on PyPI)",
         hub.ljust(width) + "# this repository (ORG/NAME: where it is published)",
         local.ljust(width) + "# the run directory it was trained in",
         "```",

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from t2f.devices import resolve_device
 from t2f.errors import T2FError
-from t2f.files import read_json, write_json
+from t2f.files import read_json_as, write_json
 from t2f.private import LOCK_NAME
 
 
@@ -70,14 +70,9 @@ def init_dist(device: str) -> tuple[Dist, torch.device]:
 
 
 def read_run_json(path: Path):
-    """A JSON file of a run (read bounded, as t2f.io.read_json reads); RunError (one line) where it is malformed or
+    """A JSON file of a run (read bounded, as t2f.files.read_json reads); RunError (one line) where it is malformed or
     cannot be read."""
-    try:
-        return read_json(path)
-    except ValueError as e:
-        raise RunError(str(e)) from None
-    except OSError as e:
-        raise RunError(f"{path}: cannot read ({e.strerror or e})") from None
+    return read_json_as(path, RunError)
 
 
 class Run:

@@ -212,5 +212,5 @@ def train(out: str | os.PathLike, config: TrainConfig, stages: Sequence[str] = S
                 return False
     if stages == list(STAGES):
         session.say(f"done in {time.perf_counter() - start:.0f} s: t2f-infer --mapper {out} \"a smiling woman\" "
-                    f"(model card: {run.out / CARD_NAME}; publishing it: docs/publishing.md)")
+                    f"(model card: {run.out / CARD_NAME}; publishing it: the t2f project's docs/publishing.md)")
     return True

@@ -101,9 +101,10 @@ class TextToFace:
     Made by t2f.engine.load_pipeline (which sets `sources`), or from loaded models.
 
     Each model is held once: the pipeline keeps the models it was given only where its backend runs them (eager
-    PyTorch with the generator on its device: `generator` and `clip` are the caller's). Every other backend holds what
-    it runs (its own copies on the device, or exported graphs), and the pipeline keeps the mapper (small), CLIP's
-    tokenizer and image tower (`clip` is `Clip.only("image")`, for mode "image") and no generator (`generator` None).
+    PyTorch: `generator` is the caller's where the generator is on the device, `clip` the caller's where its text tower
+    is fp32 there and the precision fp32). Every other backend holds what it runs (its own copies on the device, or
+    exported graphs), and the pipeline keeps the mapper (small), CLIP's tokenizer and image tower (`clip` is
+    `Clip.only("image")`, for mode "image") and no generator (`generator` None).
 
     A row is one condition: a prompt (modes "text" and "knn") or a face image (mode "image").
     Image j of row i depends only on (seed, i, j) and the condition, not on how many were asked for:
@@ -142,8 +143,10 @@ class TextToFace:
         self.device, self.backend = self._backend(device, precision, backend, Models(generator, clip, mapper), artifacts,
                                                   noise_mode, memory_format)
         self.precision = self.backend.precision
-        given = self.backend.runs_given_modules             # else the backend's own copies or graphs are the only ones
-        self.generator, self.clip, self.mapper = (generator if given else None), (clip if given else clip.only("image")), mapper
+        # What the backend does not run on the caller's own weights it holds as copies or graphs: those are the only ones.
+        self.generator = generator if self.backend.runs_given_generator else None
+        self.clip = clip if self.backend.runs_given_text_tower else clip.only("image")
+        self.mapper = mapper
         self._image_clip = None                 # CLIP's image tower on self.device for mode "image": made on first use
         self.batch_size = min(batch_size or default_batch_size(self.device), self.backend.max_batch)
 
@@ -223,7 +226,7 @@ class TextToFace:
     def _image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
         if self._image_clip is None:
-            self._image_clip = self.clip.on(self.device)            # the pipeline's CLIP, or a copy on this device
+            self._image_clip = self.clip.only("image").on(self.device)      # the image tower, or a copy of it on this device
         return torch.cat([self._image_clip.encode_image(x.to(self.device))[:count].float() for count, (x,) in blocks(self.batch_size, images)])
 
     def _knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:

@@ -200,3 +200,42 @@ def test_a_pipeline_holds_the_models_only_where_its_backend_runs_them(backend, p
     if not runs_them:                                       # its CLIP cannot make another pipeline: one clear line
         with pytest.raises(ValueError, match="holds its image tower only .* pass the CLIP itself"):
             TextToFace(pipe.generator, lean.clip, pipe.mapper, device="cpu")
+
+
+def test_torch_runs_the_callers_text_weights_in_fp32_on_their_device_and_leaves_them_as_they_are(pipe):
+    """Eager fp32 on the CLIP's device holds its text tower once (the backend's graph runs the caller's tensors), gives
+    what a copy gives bit for bit, and leaves the caller's modules in train mode with their requires_grad."""
+    import copy
+
+    from t2f.graphs import TextEncoderGraph
+
+    clip = copy.deepcopy(pipe.clip)
+    clip.model.train().requires_grad_(True)
+    shared = TextToFace(pipe.generator, clip, pipe.mapper, device="cpu", batch_size=pipe.batch_size)
+    assert shared.backend.runs_given_text_tower and shared.clip is clip
+    caller = {id(t) for t in clip.model.parameters()}
+    graph = shared.backend.text
+    assert {id(t) for m in (graph.token_embedding, graph.resblocks, graph.ln_final) for t in m.parameters()} <= caller
+    assert clip.model.training and clip.model.transformer.training and all(p.requires_grad for p in clip.model.parameters())
+    tokens = clip.tokenize(["a smiling woman", "an old man"]).to(torch.int32)
+    assert torch.equal(shared.backend.encode(tokens), TextEncoderGraph(clip).eval()(tokens))
+    assert torch.equal(shared(["a smiling woman"], n=2, seed=1).images, pipe(["a smiling woman"], n=2, seed=1).images)
+    assert all(p.requires_grad for p in clip.model.parameters()) and clip.model.training
+
+
+def test_mode_image_copies_only_the_image_tower_to_another_device(pipe, monkeypatch):
+    """The image tower placed on the pipeline's device for mode "image" is CLIP.only("image"): the text tower is not copied."""
+    import t2f.devices
+
+    copied = []
+    real = t2f.devices.placed
+
+    def placed(module, device):
+        copied.append(module)
+        return real(module, device)
+
+    monkeypatch.setattr(t2f.devices, "placed", placed)
+    fresh = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", batch_size=pipe.batch_size)
+    copied.clear()
+    fresh(mode="image", images=torch.zeros([1, 3, 32, 32]))
+    assert copied and all("transformer" not in dict(m.model.named_children()) for m in copied if hasattr(m, "model"))

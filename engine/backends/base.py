@@ -70,7 +70,8 @@ class Backend(abc.ABC):
         self.device, self.precision, self.memory_format = device, precision, memory_format
         self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
         self.text_encoder_source: str | None = None     # what runs the text tower where t2f's rewrite does not (else None)
-        self.runs_given_modules = False     # True: it runs the caller's own modules (eager PyTorch on their device)
+        self.runs_given_generator = False   # True: it runs the caller's own synthesis network (eager, on its device)
+        self.runs_given_text_tower = False  # True: it runs on the caller's own CLIP text weights (eager, on their device)
 
     # --- what it can do ---------------------------------------------------------
 

@@ -33,8 +33,8 @@ import threading
 import torch
 from torch import nn
 
-from t2f.devices import importable, pin_cuda_numerics, placed
-from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph, UnsupportedTextTower, example_tokens
+from t2f.devices import importable, on_device, pin_cuda_numerics, placed
+from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph, UnsupportedTextTower, example_tokens, text_tower
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, to_uint8
 
@@ -99,7 +99,10 @@ class OpenClipTextEncoder(torch.nn.Module):
 
     def __init__(self, clip, device: torch.device, precision: Precision):
         super().__init__()
-        self.encoder = clip.only("text").on(device).text_encoder   # the caller's text tower where it is on the device, else a copy
+        text = clip.only("text")
+        placed_text = text.on(device)
+        self.encoder = placed_text.text_encoder            # the caller's text tower where it is on the device, else a copy
+        self.shares = placed_text is text                   # True: the caller's own text tower
         autocast = precision.reduced and torch.amp.is_autocast_available(device.type)
         self.precision = precision if autocast else Precision.FP32
 
@@ -122,10 +125,16 @@ class TorchBackend(_StageModules):
     any_text_tower = True
 
     def _text_encoder(self, clip, device, precision):
+        """The text-encoder graph, on the caller's own text weights where they are fp32 on the device and it runs fp32
+        (held once), else on copies; open_clip's own encoder where the rewrite does not apply."""
         try:
+            if precision is FP32 and all(on_device(t.device, device) and t.dtype == torch.float32 for t in text_tower(clip).tensors()):
+                self.runs_given_text_tower = True
+                return TextEncoderGraph(clip, precision, share=True)
             return super()._text_encoder(clip, device, precision)
         except UnsupportedTextTower:
             encoder = OpenClipTextEncoder(clip, device, precision)
+            self.runs_given_text_tower = encoder.shares
             self.graph_precisions["text_encoder"] = encoder.precision
             self.text_encoder_source = "open_clip's own encode_text" + (" (autocast)" if encoder.precision.reduced else "")
             return encoder
@@ -134,7 +143,7 @@ class TorchBackend(_StageModules):
         super().__init__(models, device, precision, artifacts, memory_format)
         self._stages(models, device, precision, synthesis=False)
         self.synthesis = placed(models.generator.synthesis, device)    # the caller's own where it is on the device already
-        self.runs_given_modules = self.synthesis is models.generator.synthesis
+        self.runs_given_generator = self.synthesis is models.generator.synthesis
         self.layout = MEMORY_FORMATS[memory_format]
 
     @torch.no_grad()

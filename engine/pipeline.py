@@ -20,7 +20,7 @@ from t2f.stylegan2 import NOISE_MODES
 from t2f.types import StyleGenerator
 
 from .backends import MEMORY_FORMATS, BackendUnavailable, Models, make_backend, pad_rows
-from .prompts import as_prompts, check_prompts, check_sampling
+from .prompts import as_prompts, check_images, check_sampling
 
 
 class DeviceFallbackWarning(UserWarning):
@@ -193,13 +193,17 @@ class TextToFace:
         """Faces, n per row, row-major: `pipe("a smiling woman", n=4)` gives 4, `pipe(["a", "b"], n=2)` gives 4.
 
         The one entry point of the pipeline. Text mode with constant noise runs the backend's whole pipeline
-        (its CUDA graph, where it has one). ValueError (one line) for an empty prompt or list, and bad options.
+        (its CUDA graph, where it has one). UsageError (one line) for an empty prompt or list, and bad options or
+        images, before any model runs.
         """
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_sampling(n, truncation_psi)
+        self._check_noise_mode(noise_mode)
         if mode == "image":
             if images is None:
                 raise UsageError('mode "image" needs images [rows, 3, H, W] in [-1, 1]')
+            check_images(images)
             labels = [f"image {r}" for r in range(images.shape[0])] if prompt is None else as_prompts(prompt)
             if len(labels) != images.shape[0]:
                 raise UsageError(f"mode image needs one label per image: {len(labels)} for {images.shape[0]} images")
@@ -220,7 +224,6 @@ class TextToFace:
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
     def _text_conditions(self, prompts: list[str]) -> torch.Tensor:
-        check_prompts(prompts)
         return self._encode(self.clip.tokenize(list(prompts)))
 
     def _image_conditions(self, images: torch.Tensor) -> torch.Tensor:
@@ -249,8 +252,7 @@ class TextToFace:
         """(ws [B, num_ws, w_dim] float32, images [B, H, W, C] uint8), on the CPU, row r from keys[r], psi[r] and its
         tokens or condition alone. Text with constant noise runs the backend's whole pipeline (its CUDA graph, where it
         has one); otherwise the condition goes through map and synthesize."""
-        if noise_mode not in NOISE_MODES:
-            raise UsageError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        self._check_noise_mode(noise_mode)
         for p in psi:
             check_sampling(1, p)
         z, psi = seeded_latents(list(keys), self.mapper.z_dim), torch.tensor([float(p) for p in psi])
@@ -261,6 +263,13 @@ class TextToFace:
         if conditions.shape[0] != len(keys):
             raise ValueError(f"{conditions.shape[0]} conditions for {len(keys)} rows")
         return self._render(conditions, z, psi, [noise_seed(*k) for k in keys], noise_mode)
+
+    def _check_noise_mode(self, noise_mode: str) -> None:
+        """UsageError (one line) for a noise mode that does not exist or that the backend does not run."""
+        if noise_mode not in NOISE_MODES:
+            raise UsageError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if noise_mode not in self.backend.noise_modes:
+            raise UsageError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
 
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)
@@ -273,8 +282,6 @@ class TextToFace:
                         for count, (c, zc, pc) in blocks(self.batch_size, conditions, z, psi)])
         images = []
         if noise_mode != "const":
-            if noise_mode not in self.backend.noise_modes:
-                raise UsageError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
             # One noise stream per image (its own seed), so an image does not depend on its batch: each block's
             # noise is drawn row by row from per-row generators and passed in, then the block runs at once.
             seeds = torch.tensor(noise, dtype=torch.int64)                 # < 2**63 (noise_seed); padded like the rows
@@ -318,7 +325,6 @@ class TextToFace:
     @torch.no_grad()
     def _generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
         """Text mode with constant noise through the backend's whole pipeline (its CUDA graph, where it has one)."""
-        check_prompts(prompts)
         check_sampling(n, truncation_psi)
         tokens = self.clip.tokenize(list(prompts)).repeat_interleave(n, dim=0)
         ws, images = self._render_rows(_keys(seed, len(prompts), n), [truncation_psi] * (len(prompts) * n), tokens=tokens)
@@ -340,12 +346,16 @@ class TextToFace:
         """
         if (prompts is None) == (images is None):
             raise ValueError("give either prompts (mode text) or images (mode image)")
+        self._check_noise_mode(noise_mode)
+        if prompts is not None:
+            prompts = as_prompts(prompts)
+        else:
+            check_images(images)
         rows = len(prompts) if prompts is not None else images.shape[0]
         if not rows or not len(seeds) == len(samples) == len(truncations) == rows:
             raise ValueError(f"{rows} rows need one seed, sample and truncation each")
         keys = [(s, 0, j) for s, j in zip(seeds, samples)]
         if prompts is not None:
-            check_prompts(prompts)
             ws, out = self._render_rows(keys, truncations, tokens=self.clip.tokenize(list(prompts)), noise_mode=noise_mode)
         else:
             ws, out = self._render_rows(keys, truncations, conditions=self._image_conditions(images), noise_mode=noise_mode)

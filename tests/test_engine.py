@@ -239,3 +239,45 @@ def test_mode_image_copies_only_the_image_tower_to_another_device(pipe, monkeypa
     copied.clear()
     fresh(mode="image", images=torch.zeros([1, 3, 32, 32]))
     assert copied and all("transformer" not in dict(m.model.named_children()) for m in copied if hasattr(m, "model"))
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(prompt=["a"], n=0), "n must be"),
+    (dict(prompt=["a"], n=2.5), "n must be"),
+    (dict(prompt=["a"], truncation_psi=float("inf")), "finite"),
+    (dict(prompt=["a"], noise_mode="loud"), "noise_mode must be one of"),
+    (dict(prompt=["a"], noise_mode="random", n=0), "n must be"),
+    (dict(mode="image", images=[[0.0]]), "needs images as a tensor"),
+    (dict(mode="image", images=torch.zeros([3, 32, 32])), r"float tensor \[rows, 3, H, W\].*\[3, 32, 32\]"),
+    (dict(mode="image", images=torch.zeros([1, 4, 32, 32])), r"\[1, 4, 32, 32\]"),
+    (dict(mode="image", images=torch.zeros([0, 3, 32, 32])), r"\[0, 3, 32, 32\]"),
+    (dict(mode="image", images=torch.zeros([1, 3, 32, 32], dtype=torch.uint8)), "torch.uint8"),
+    (dict(mode="image", images=torch.zeros([1, 3, 32, 32]), n=0), "n must be"),
+])
+def test_bad_options_and_images_are_one_line_before_any_model_runs(pipe, monkeypatch, call, message):
+    from t2f.errors import UsageError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    for name in ("encode", "map", "synthesize", "full"):
+        monkeypatch.setattr(pipe.backend, name, no_model)
+    monkeypatch.setattr(pipe.clip, "encode_image", no_model)
+    monkeypatch.setattr(pipe, "_image_clip", None)
+    monkeypatch.setattr(type(pipe.clip), "on", lambda self, device: no_model())
+    with pytest.raises(UsageError, match=message):
+        pipe(**call)
+
+
+def test_a_noise_mode_the_backend_lacks_is_refused_before_clip_runs(pipe, monkeypatch):
+    from t2f.errors import UsageError
+
+    ran = []
+    monkeypatch.setattr(pipe.backend, "noise_modes", ("const",))
+    for name in ("encode", "map", "synthesize"):
+        monkeypatch.setattr(pipe.backend, name, lambda *a, _name=name, **k: ran.append(_name))
+    with pytest.raises(UsageError, match="noise mode random needs --backend torch"):
+        pipe(["a smiling woman"], noise_mode="random")
+    with pytest.raises(UsageError, match="noise mode none needs --backend torch"):
+        pipe._generate_rows([0], [0], [1.0], images=torch.zeros([1, 3, 32, 32]), noise_mode="none")
+    assert ran == []

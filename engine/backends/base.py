@@ -33,7 +33,7 @@ from t2f.artifacts import check_artifacts
 from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-exported)
 from t2f.errors import UsageError
 from t2f.precision import Precision
-from t2f.specs import GraphSpec, graph_specs
+from t2f.specs import GraphSpec, compute_precisions, graph_specs
 
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
@@ -68,7 +68,7 @@ class Backend(abc.ABC):
         """memory_format is one of its `memory_formats` (check_available has refused any other). A subclass keeps
         what it runs, never `models` itself: a pipeline's eager models are freed where nothing runs them."""
         self.device, self.precision, self.memory_format = device, precision, memory_format
-        self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
+        self.graph_precisions = compute_precisions(precision)   # what each graph runs in: each spec's compute precision
         self.text_encoder_source: str | None = None     # what runs the text tower where t2f's rewrite does not (else None)
         self.runs_given_generator = False   # True: it runs the caller's own synthesis network (eager, on its device)
         self.runs_given_text_tower = False  # True: it runs on the caller's own CLIP text weights (eager, on their device)

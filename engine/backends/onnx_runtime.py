@@ -117,7 +117,6 @@ class OnnxRuntimeBackend(ArtifactBackend):
 
         super().__init__(models, device, precision, artifacts, memory_format)
         artifacts, manifest = self.artifacts, self.manifest
-        self.graph_precisions["mapper"] = Precision.FP32
         options = onnxruntime.SessionOptions()
         for key, value in session_config(self.provider, device).items():
             options.add_session_config_entry(key, value)

@@ -73,7 +73,6 @@ class _StageModules(Backend):
             self.synthesis = SynthesisGraph(models.generator, precision, memory_format=MEMORY_FORMATS[self.memory_format]).to(device)
             self.pipeline = PipelineGraph(self.text, self.mapper, self.synthesis)
         self.context, self.z_dim = models.clip.context_length, models.mapper.z_dim
-        self.graph_precisions["mapper"] = Precision.FP32
 
     def _text_encoder(self, clip, device: torch.device, precision: Precision) -> torch.nn.Module:
         return TextEncoderGraph(clip, precision).to(device)

@@ -227,7 +227,7 @@ class Clip:
 
     def _check_tower(self, encoder, tower: str) -> None:
         if encoder is None:
-            raise ValueError(f"this CLIP {self.name} holds its {'image' if tower == 'text' else 'text'} tower only (Clip.only), "
+            raise UsageError(f"this CLIP {self.name} holds its {'image' if tower == 'text' else 'text'} tower only (Clip.only), "
                              f"not its {tower} tower")
 
 

@@ -180,17 +180,25 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
 
     inputs = {b: Inputs(b, device, mapper.z_dim) for b in batches}
     flops = {b: roofline.stage_flops(generator, clip, mapper, b) for b in batches}
-    # Phase 1: build each backend.
-    built = []
+    # Phase 1: build each backend, once per (name, precision, memory format): rows that differ by their numerics alone
+    # (the two fp32 baselines) share it, so no stage module is held twice (on CUDA a second synthesis copy would count
+    # in every row's peak memory), and report its construction time alike.
+    built, backends = [], {}            # backends: key -> (backend, startup s) or the reason it could not be built
     for run in runs_for(names, device, baseline, memory_formats):
-        try:
-            start = time.perf_counter()
-            backend = make_backend(run.name, models, device, run.precision, artifacts, memory_format=run.memory_format)
-            built.append((run, backend, time.perf_counter() - start))
-        except BackendUnavailable as e:
-            skip(run, str(e))
-        except Exception as e:                  # a backend that fails to build never loses the other rows
-            skip(run, first_line(e, typed=True))
+        key = (run.name, run.precision, run.memory_format)
+        if key not in backends:
+            try:
+                start = time.perf_counter()
+                backend = make_backend(run.name, models, device, run.precision, artifacts, memory_format=run.memory_format)
+                backends[key] = (backend, time.perf_counter() - start)
+            except BackendUnavailable as e:
+                backends[key] = str(e)
+            except Exception as e:              # a backend that fails to build never loses the other rows
+                backends[key] = first_line(e, typed=True)
+        if isinstance(backends[key], str):
+            skip(run, backends[key])
+        else:
+            built.append((run, *backends[key]))
     # Phase 2: batch by batch, each row's first call (and its provisional numbers), written as soon as it returns.
     live, reference = [], {}
     for batch in batches:

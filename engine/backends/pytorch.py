@@ -67,7 +67,6 @@ class _StageModules(Backend):
         if device.type == "cuda":
             pin_cuda_numerics()
         self.text = self._text_encoder(models.clip, device, precision)
-        self._example_row = example_tokens(models.clip, 1, 0)                   # [1, context] int32, any valid row
         self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
         if synthesis:
             self.synthesis = SynthesisGraph(models.generator, precision, memory_format=MEMORY_FORMATS[self.memory_format]).to(device)
@@ -76,10 +75,6 @@ class _StageModules(Backend):
 
     def _text_encoder(self, clip, device: torch.device, precision: Precision) -> torch.nn.Module:
         return TextEncoderGraph(clip, precision).to(device)
-
-    def _example(self, batch: int):
-        tokens = self._example_row.repeat(batch, 1).to(self.device)
-        return tokens, torch.zeros([batch, self.z_dim], device=self.device), torch.ones([batch], device=self.device)
 
     @torch.no_grad()
     def encode(self, tokens):
@@ -175,6 +170,13 @@ class CudaGraphBackend(_StageModules):
         super().__init__(models, device, precision, artifacts, memory_format)
         self._stages(models, device, precision)
         self.graphs: dict[int, tuple] = {}
+        # A valid token row for the captures, made here, the one backend that needs one: made on first capture it
+        # would keep the caller's CLIP alive with the backend (it needs CLIP's tokenizer and text tower).
+        self._example_row = example_tokens(models.clip, 1, 0)                   # [1, context] int32, any valid row
+
+    def _example(self, batch: int):
+        tokens = self._example_row.repeat(batch, 1).to(self.device)
+        return tokens, torch.zeros([batch, self.z_dim], device=self.device), torch.ones([batch], device=self.device)
 
     @torch.no_grad()
     def _graph(self, batch: int):

@@ -85,8 +85,8 @@ def text_tower(clip) -> TextTower:
 
     model, name = clip.model, clip.name
 
-    def refuse(what: str) -> NoReturn:
-        raise UnsupportedTextTower(f"{what} of CLIP {name} cannot be exported")
+    def refuse(what: str) -> NoReturn:      # the one place that says what runs it instead
+        raise UnsupportedTextTower(f"{what} of CLIP {name} cannot be exported (--backend torch runs open_clip's own encode_text)")
 
     text = getattr(model, "text", None)
     if text is None and all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):

@@ -86,8 +86,7 @@ class Backend(abc.ABC):
             try:
                 text_tower(models.clip)
             except UnsupportedTextTower as e:
-                raise BackendUnavailable(f"{cls.name} runs t2f's exportable text encoder only: {e} "
-                                         "(--backend torch runs open_clip's own)") from None
+                raise BackendUnavailable(f"{cls.name} runs t2f's exportable text encoder only: {e}") from None
         if device.type not in cls.devices:
             raise BackendUnavailable(f"{cls.name} needs a CUDA device" if cls.devices == ("cuda",) else
                                      f"{cls.name} runs on the CPU only" if cls.devices == ("cpu",) else

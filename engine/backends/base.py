@@ -7,9 +7,10 @@
     __call__(tokens, z, psi)                           -> image
 
 `Backend` is an abstract base class: encode, map and synthesize are abstract, full and __call__ chain them. Torch
-tensors in, torch tensors out, on the backend's device. Backends other than `torch` allocate their output buffers once
-per batch size and return those buffers: a result is valid until the next call with the same batch size (copy it to
-keep it).
+tensors in, torch tensors out, on the backend's device. The exported-graph backends allocate their output buffers once
+per graph and batch size and return those buffers, and so does torch-cudagraph's `full` (its captured graph's outputs):
+such a result is valid until the next call of that graph with the same batch size (copy it to keep it). `torch` and
+`torch-compile` (which clones its compiled outputs) return tensors of their own.
 
 Every backend is made one way, `Cls(models, device, precision, artifacts=None, memory_format="nchw")`: the
 exported-graph backends check `artifacts` against the models (or export the graphs into the cache first, where they

@@ -41,6 +41,7 @@ import torch
 
 from t2f.cli import nonempty_path
 from t2f.devices import cpu_model, load_average
+from t2f.errors import first_line
 from t2f.presets import TINY
 
 from .config import PipelineConfig, pipeline_options
@@ -120,12 +121,6 @@ def outputs(backend, clip, inputs: Inputs, stages: bool = True) -> dict:
         return dict(embedding=embedding, ws=ws.float().cpu().clone(), image=to_host(image))
 
 
-def _failure(e: BaseException) -> str:
-    """One line for a row's exception: its type and first line."""
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
-
-
 def runs_for(names: list[str], device: torch.device, baseline: bool = True, memory_formats=("nchw",)) -> list[Run]:
     """What to time: the baselines first (eager fp32 with t2f's numerics, and on CUDA with PyTorch's defaults), then
     each named backend ("NAME" or "NAME:PRECISION") in the precision named, or in every precision it has on this
@@ -185,17 +180,25 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
 
     inputs = {b: Inputs(b, device, mapper.z_dim) for b in batches}
     flops = {b: roofline.stage_flops(generator, clip, mapper, b) for b in batches}
-    # Phase 1: build each backend.
-    built = []
+    # Phase 1: build each backend, once per (name, precision, memory format): rows that differ by their numerics alone
+    # (the two fp32 baselines) share it, so no stage module is held twice (on CUDA a second synthesis copy would count
+    # in every row's peak memory), and report its construction time alike.
+    built, backends = [], {}            # backends: key -> (backend, startup s) or the reason it could not be built
     for run in runs_for(names, device, baseline, memory_formats):
-        try:
-            start = time.perf_counter()
-            backend = make_backend(run.name, models, device, run.precision, artifacts, memory_format=run.memory_format)
-            built.append((run, backend, time.perf_counter() - start))
-        except BackendUnavailable as e:
-            skip(run, str(e))
-        except Exception as e:                  # a backend that fails to build never loses the other rows
-            skip(run, _failure(e))
+        key = (run.name, run.precision, run.memory_format)
+        if key not in backends:
+            try:
+                start = time.perf_counter()
+                backend = make_backend(run.name, models, device, run.precision, artifacts, memory_format=run.memory_format)
+                backends[key] = (backend, time.perf_counter() - start)
+            except BackendUnavailable as e:
+                backends[key] = str(e)
+            except Exception as e:              # a backend that fails to build never loses the other rows
+                backends[key] = first_line(e, typed=True)
+        if isinstance(backends[key], str):
+            skip(run, backends[key])
+        else:
+            built.append((run, *backends[key]))
     # Phase 2: batch by batch, each row's first call (and its provisional numbers), written as soon as it returns.
     live, reference = [], {}
     for batch in batches:
@@ -206,7 +209,7 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
                     flags = cuda_numerics() if device.type == "cuda" else None          # what this row ran with
                     provisional = [measure(backend, clip, inputs[batch], timer, stages) for _ in range(PROVISIONAL_CALLS)]
             except Exception as e:              # out of memory, outside an engine's profile, a runtime's or compiler's failure
-                skip(run, _failure(e), batch)
+                skip(run, first_line(e, typed=True), batch)
                 continue
             if run == BASELINE:
                 reference[batch] = out
@@ -225,7 +228,7 @@ def benchmark(models, device: torch.device, names: list[str], batches: list[int]
                 with calls(run["run"]), run["memory"]:
                     times = measure(run["backend"], clip, inputs[run["batch"]], timer, stages)
             except Exception as e:
-                run["error"] = _failure(e)
+                run["error"] = first_line(e, typed=True)
                 skip(run["run"], run["error"], run["batch"])
                 continue
             if i >= warmup:

@@ -20,7 +20,7 @@ from t2f.stylegan2 import NOISE_MODES
 from t2f.types import StyleGenerator
 
 from .backends import MEMORY_FORMATS, BackendUnavailable, Models, make_backend, pad_rows
-from .prompts import as_prompts, check_prompts, check_sampling
+from .prompts import as_prompts, check_images, check_sampling
 
 
 class DeviceFallbackWarning(UserWarning):
@@ -101,9 +101,10 @@ class TextToFace:
     Made by t2f.engine.load_pipeline (which sets `sources`), or from loaded models.
 
     Each model is held once: the pipeline keeps the models it was given only where its backend runs them (eager
-    PyTorch with the generator on its device: `generator` and `clip` are the caller's). Every other backend holds what
-    it runs (its own copies on the device, or exported graphs), and the pipeline keeps the mapper (small), CLIP's
-    tokenizer and image tower (`clip` is `Clip.only("image")`, for mode "image") and no generator (`generator` None).
+    PyTorch: `generator` is the caller's where the generator is on the device, `clip` the caller's where its text tower
+    is fp32 there and the precision fp32). Every other backend holds what it runs (its own copies on the device, or
+    exported graphs), and the pipeline keeps the mapper (small), CLIP's tokenizer and image tower (`clip` is
+    `Clip.only("image")`, for mode "image") and no generator (`generator` None).
 
     A row is one condition: a prompt (modes "text" and "knn") or a face image (mode "image").
     Image j of row i depends only on (seed, i, j) and the condition, not on how many were asked for:
@@ -142,8 +143,10 @@ class TextToFace:
         self.device, self.backend = self._backend(device, precision, backend, Models(generator, clip, mapper), artifacts,
                                                   noise_mode, memory_format)
         self.precision = self.backend.precision
-        given = self.backend.runs_given_modules             # else the backend's own copies or graphs are the only ones
-        self.generator, self.clip, self.mapper = (generator if given else None), (clip if given else clip.only("image")), mapper
+        # What the backend does not run on the caller's own weights it holds as copies or graphs: those are the only ones.
+        self.generator = generator if self.backend.runs_given_generator else None
+        self.clip = clip if self.backend.runs_given_text_tower else clip.only("image")
+        self.mapper = mapper
         self._image_clip = None                 # CLIP's image tower on self.device for mode "image": made on first use
         self.batch_size = min(batch_size or default_batch_size(self.device), self.backend.max_batch)
 
@@ -190,13 +193,17 @@ class TextToFace:
         """Faces, n per row, row-major: `pipe("a smiling woman", n=4)` gives 4, `pipe(["a", "b"], n=2)` gives 4.
 
         The one entry point of the pipeline. Text mode with constant noise runs the backend's whole pipeline
-        (its CUDA graph, where it has one). ValueError (one line) for an empty prompt or list, and bad options.
+        (its CUDA graph, where it has one). UsageError (one line) for an empty prompt or list, and bad options or
+        images, before any model runs.
         """
         if mode not in MODES:
             raise UsageError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        check_sampling(n, truncation_psi)
+        self._check_noise_mode(noise_mode)
         if mode == "image":
             if images is None:
                 raise UsageError('mode "image" needs images [rows, 3, H, W] in [-1, 1]')
+            check_images(images)
             labels = [f"image {r}" for r in range(images.shape[0])] if prompt is None else as_prompts(prompt)
             if len(labels) != images.shape[0]:
                 raise UsageError(f"mode image needs one label per image: {len(labels)} for {images.shape[0]} images")
@@ -217,13 +224,12 @@ class TextToFace:
     # Conditions: [rows, D] or, for knn, [rows * n, D].
 
     def _text_conditions(self, prompts: list[str]) -> torch.Tensor:
-        check_prompts(prompts)
         return self._encode(self.clip.tokenize(list(prompts)))
 
     def _image_conditions(self, images: torch.Tensor) -> torch.Tensor:
         """images [rows, 3, H, W] in [-1, 1] -> their CLIP image embeddings ("more faces like this one")."""
         if self._image_clip is None:
-            self._image_clip = self.clip.on(self.device)            # the pipeline's CLIP, or a copy on this device
+            self._image_clip = self.clip.only("image").on(self.device)      # the image tower, or a copy of it on this device
         return torch.cat([self._image_clip.encode_image(x.to(self.device))[:count].float() for count, (x,) in blocks(self.batch_size, images)])
 
     def _knn_conditions(self, prompts: list[str], n: int, seed: int, k: int = 50, m: int = 10, alpha: float = 0.3) -> torch.Tensor:
@@ -246,8 +252,7 @@ class TextToFace:
         """(ws [B, num_ws, w_dim] float32, images [B, H, W, C] uint8), on the CPU, row r from keys[r], psi[r] and its
         tokens or condition alone. Text with constant noise runs the backend's whole pipeline (its CUDA graph, where it
         has one); otherwise the condition goes through map and synthesize."""
-        if noise_mode not in NOISE_MODES:
-            raise UsageError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        self._check_noise_mode(noise_mode)
         for p in psi:
             check_sampling(1, p)
         z, psi = seeded_latents(list(keys), self.mapper.z_dim), torch.tensor([float(p) for p in psi])
@@ -258,6 +263,13 @@ class TextToFace:
         if conditions.shape[0] != len(keys):
             raise ValueError(f"{conditions.shape[0]} conditions for {len(keys)} rows")
         return self._render(conditions, z, psi, [noise_seed(*k) for k in keys], noise_mode)
+
+    def _check_noise_mode(self, noise_mode: str) -> None:
+        """UsageError (one line) for a noise mode that does not exist or that the backend does not run."""
+        if noise_mode not in NOISE_MODES:
+            raise UsageError(f"noise_mode must be one of {NOISE_MODES}, got {noise_mode!r}")
+        if noise_mode not in self.backend.noise_modes:
+            raise UsageError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
 
     def _encode(self, tokens: torch.Tensor) -> torch.Tensor:
         tokens = tokens.to(self.device)
@@ -270,8 +282,6 @@ class TextToFace:
                         for count, (c, zc, pc) in blocks(self.batch_size, conditions, z, psi)])
         images = []
         if noise_mode != "const":
-            if noise_mode not in self.backend.noise_modes:
-                raise UsageError(f"noise mode {noise_mode} needs --backend torch (exported graphs use constant noise)")
             # One noise stream per image (its own seed), so an image does not depend on its batch: each block's
             # noise is drawn row by row from per-row generators and passed in, then the block runs at once.
             seeds = torch.tensor(noise, dtype=torch.int64)                 # < 2**63 (noise_seed); padded like the rows
@@ -315,7 +325,6 @@ class TextToFace:
     @torch.no_grad()
     def _generate_text(self, prompts: list[str], n: int = 1, seed: int = 0, truncation_psi: float = 1.0) -> Faces:
         """Text mode with constant noise through the backend's whole pipeline (its CUDA graph, where it has one)."""
-        check_prompts(prompts)
         check_sampling(n, truncation_psi)
         tokens = self.clip.tokenize(list(prompts)).repeat_interleave(n, dim=0)
         ws, images = self._render_rows(_keys(seed, len(prompts), n), [truncation_psi] * (len(prompts) * n), tokens=tokens)
@@ -337,12 +346,16 @@ class TextToFace:
         """
         if (prompts is None) == (images is None):
             raise ValueError("give either prompts (mode text) or images (mode image)")
+        self._check_noise_mode(noise_mode)
+        if prompts is not None:
+            prompts = as_prompts(prompts)
+        else:
+            check_images(images)
         rows = len(prompts) if prompts is not None else images.shape[0]
         if not rows or not len(seeds) == len(samples) == len(truncations) == rows:
             raise ValueError(f"{rows} rows need one seed, sample and truncation each")
         keys = [(s, 0, j) for s, j in zip(seeds, samples)]
         if prompts is not None:
-            check_prompts(prompts)
             ws, out = self._render_rows(keys, truncations, tokens=self.clip.tokenize(list(prompts)), noise_mode=noise_mode)
         else:
             ws, out = self._render_rows(keys, truncations, conditions=self._image_conditions(images), noise_mode=noise_mode)

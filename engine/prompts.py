@@ -6,6 +6,7 @@ import math
 import unicodedata
 
 import numpy as np
+import torch
 
 from t2f.errors import UsageError
 
@@ -13,11 +14,6 @@ from t2f.errors import UsageError
 def is_blank(prompt: str) -> bool:
     """True for a prompt with nothing but white space and invisible format characters."""
     return not "".join(c for c in prompt if not c.isspace() and unicodedata.category(c) != "Cf")
-
-
-def check_prompts(prompts: list[str]) -> None:
-    if not prompts or any(not isinstance(p, str) or is_blank(p) for p in prompts):
-        raise UsageError("every prompt must be a non-empty string")
 
 
 def as_prompts(prompt) -> list[str]:
@@ -41,3 +37,12 @@ def check_sampling(n: int, truncation_psi: float) -> None:
         raise UsageError(f"n must be an integer >= 1, got {n!r}")
     if not math.isfinite(float(truncation_psi)):
         raise UsageError(f"truncation psi must be finite, got {truncation_psi}")
+
+
+def check_images(images) -> None:
+    """UsageError (one line) unless `images` is a float tensor [rows, 3, H, W] with at least one row."""
+    if not isinstance(images, torch.Tensor):
+        raise UsageError(f'mode "image" needs images as a tensor [rows, 3, H, W] in [-1, 1], got {type(images).__name__}')
+    if images.ndim != 4 or images.shape[0] < 1 or images.shape[1] != 3 or not images.is_floating_point():
+        raise UsageError(f'mode "image" needs images as a float tensor [rows, 3, H, W] in [-1, 1], got {images.dtype} '
+                         f"{list(images.shape)}")

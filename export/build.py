@@ -42,7 +42,7 @@ def export_models(
     and a GPU, and a bf16 parity this CPU cannot measure, are checked before any work.
     """
     from t2f.artifacts import remove_stale_temporaries, runtime_info, specs_of
-    from t2f.graphs import UnsupportedTextTower, text_tower
+    from t2f.graphs import text_tower
     from t2f.private import directory_lock
     from t2f.sources import load_models
 
@@ -53,10 +53,7 @@ def export_models(
         info = None if onnx_only else runtime_info()       # fail before any work when TensorRT or a GPU is missing
         check_parity_precision(precision)                   # and when this CPU cannot run bf16 (t2f-export falls back to fp32)
         G, C, M, resolved = load_models(models)
-        try:
-            text_tower(C)                                   # a text tower the rewrite cannot express: refused before any work
-        except UnsupportedTextTower as e:
-            raise UnsupportedTextTower(f"{e}; t2f-infer --backend torch runs it with open_clip's own text encoder") from None
+        text_tower(C)                                       # a text tower the rewrite cannot express: refused before any work
         held.enter_context(directory_lock(out, "t2f-export"))
         stale = remove_stale_temporaries(out)
         if stale:

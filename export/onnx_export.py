@@ -29,6 +29,7 @@ import torch
 import t2f
 from t2f.artifacts import OPSET, Manifest, graph_keys, onnx_session, specs_of
 from t2f.clip import Clip
+from t2f.errors import first_line
 from t2f.graphs import GRAPHS, ExportError, ModelDims
 from t2f.files import atomic_path, sha256_file
 from t2f.io import fingerprint
@@ -226,7 +227,7 @@ def run_onnx_exports(out: Path, generator: Generator, clip: Clip, mapper: Mapper
                 module = spec.module(generator, clip, mapper, files)
                 export_onnx(module, spec.example_inputs(2, 0, generator, clip, mapper), spec, path)
             except (RuntimeError, ValueError, TypeError) as e:
-                raise ExportError(f"cannot export {path.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                raise ExportError(f"cannot export {path.name}: {first_line(e)}") from None
         sha = sha256_file(path)
         old_rows = [r for r in previous_rows if r["graph"] == name and r["batch"] in batches]
         checked = (entry or {}).get("checked", [files.value] if (entry or {}).get("parity_ok") else [])

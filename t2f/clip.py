@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import T2FError, UsageError
+from .errors import T2FError, UsageError, first_line
 from .presets import DEFAULT_CLIP, TINY, TINY_SEED
 
 TINY_MODEL_NAME = "t2f-tiny"
@@ -227,7 +227,7 @@ class Clip:
 
     def _check_tower(self, encoder, tower: str) -> None:
         if encoder is None:
-            raise ValueError(f"this CLIP {self.name} holds its {'image' if tower == 'text' else 'text'} tower only (Clip.only), "
+            raise UsageError(f"this CLIP {self.name} holds its {'image' if tower == 'text' else 'text'} tower only (Clip.only), "
                              f"not its {tower} tower")
 
 
@@ -271,7 +271,7 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
                             f"which is not installed (pip install {e.name or 'transformers'})") from None
     except (OSError, ValueError) as e:  # its files not cached and not downloadable (offline), or not found
         raise ClipLoadError(f"cannot load the tokenizer of {parsed.model}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{first_line(e)}") from None
     if parsed.pretrained is None:
         return Clip(_random_model(parsed.model), tokenizer, parsed).to(device)
 
@@ -296,7 +296,7 @@ def load_clip(spec: str = DEFAULT_CLIP, device: str | torch.device = "cpu", cach
                 f"CLIP weights {parsed.model}:{parsed.pretrained} are not cached and could not be downloaded from {where} "
                 f"({type(e).__name__}); download the checkpoint and pass --clip {parsed.model}:/path/to/checkpoint") from None
         raise ClipLoadError(f"cannot load CLIP weights {parsed.model}:{parsed.pretrained}: "
-                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                            f"{first_line(e)}") from None
     return Clip(model, tokenizer, parsed).to(device)
 
 

@@ -19,3 +19,13 @@ class T2FError(Exception):
 class UsageError(T2FError, ValueError):
     """A value t2f was given and refuses: an argument or option outside its range, a name it does not know, or values
     that do not go together (fp16 on a CPU, a bank made with other CLIP weights, models whose sizes disagree)."""
+
+
+def first_line(error: BaseException, typed: bool = False, limit: int | None = None) -> str:
+    """One line for an exception t2f reports in its own words: the first non-blank line of its message, stripped and
+    cut to `limit` characters; after its type name and ": " where `typed`; its type name alone where the message is blank."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    line = lines[0] if limit is None else lines[0][:limit]
+    return f"{type(error).__name__}: {line}" if typed else line

@@ -71,6 +71,12 @@ class TextTower:
                                                 # end-of-text id, the largest it emits; eos: the config's eos_id) ...
     pool_index: int | None                      # ... or at this position (pooling "first": 0, "last": context - 1)
 
+    def tensors(self) -> list[torch.Tensor]:
+        """Every weight and buffer the rewrite reads."""
+        modules = [self.token_embedding, self.resblocks, self.ln_final] + ([self.projection] if isinstance(self.projection, nn.Module) else [])
+        loose = [self.positional_embedding, self.attn_mask] + ([self.projection] if isinstance(self.projection, torch.Tensor) else [])
+        return [t for m in modules for t in (*m.parameters(), *m.buffers())] + [t for t in loose if t is not None]
+
 
 def text_tower(clip) -> TextTower:
     """The text tower of `clip` (t2f.clip.Clip) as the rewrite reads it; UnsupportedTextTower, in one line naming what
@@ -79,8 +85,8 @@ def text_tower(clip) -> TextTower:
 
     model, name = clip.model, clip.name
 
-    def refuse(what: str) -> NoReturn:
-        raise UnsupportedTextTower(f"{what} of CLIP {name} cannot be exported")
+    def refuse(what: str) -> NoReturn:      # the one place that says what runs it instead
+        raise UnsupportedTextTower(f"{what} of CLIP {name} cannot be exported (--backend torch runs open_clip's own encode_text)")
 
     text = getattr(model, "text", None)
     if text is None and all(hasattr(model, a) for a in ("token_embedding", "positional_embedding", "transformer", "ln_final")):
@@ -130,6 +136,15 @@ def text_tower(clip) -> TextTower:
                      attn_mask=None if mask is None else mask[:context, :context], pool_token=pool_token, pool_index=pool_index)
 
 
+def _shared(module: nn.Module) -> nn.Module:
+    """A new module tree like `module`'s (every submodule a new object) on the same parameter and buffer tensors:
+    switching it to eval leaves `module` as it is."""
+    new = copy.copy(module)
+    new.__dict__.update({k: copy.copy(v) for k, v in module.__dict__.items() if isinstance(v, dict)})   # hooks, ...
+    new._modules = {name: None if child is None else _shared(child) for name, child in module._modules.items()}
+    return new
+
+
 def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     weight, bias = (None if t is None else t.float() for t in (ln.weight, ln.bias))
     return F.layer_norm(x.float(), ln.normalized_shape, weight, bias, ln.eps).to(x.dtype)
@@ -138,23 +153,32 @@ def _layer_norm_fp32(ln: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
 class TextEncoderGraph(nn.Module):
     """open_clip's text tower (see `text_tower`), rewritten for export: int32 tokens, fp32 LayerNorm and softmax."""
 
-    def __init__(self, clip, precision: Precision = Precision.FP32):
+    def __init__(self, clip, precision: Precision = Precision.FP32, share: bool = False):
+        """share: hold the tower's own weights instead of copies (fp32 only): its token embedding, attention blocks and
+        final LayerNorm as module objects of their own in eval mode on the same tensors, the small tensors (positional
+        embedding, projection, mask) copied. The caller's modules are not changed: their requires_grad stays as it
+        is, so run it under torch.no_grad. For a backend that runs the tower in fp32 on the device its weights are on."""
         super().__init__()
         precision = Precision.parse(precision)
+        if share and precision.reduced:
+            raise ValueError(f"a text encoder graph shares the tower's weights in fp32 only, not {precision}")
         tower = text_tower(clip)
-        self.token_embedding = copy.deepcopy(tower.token_embedding)
-        self.positional_embedding = nn.Parameter(tower.positional_embedding.detach().clone())
-        self.resblocks = copy.deepcopy(tower.resblocks)
-        self.ln_final = copy.deepcopy(tower.ln_final)
+        take = _shared if share else copy.deepcopy
+        self.token_embedding = take(tower.token_embedding)
+        self.positional_embedding = nn.Parameter(tower.positional_embedding.detach().clone(), requires_grad=False)
+        self.resblocks = take(tower.resblocks)
+        self.ln_final = take(tower.ln_final)
         projection, bias = tower.projection, None
         if isinstance(projection, nn.Linear):
             projection, bias = projection.weight.t(), projection.bias
-        self.text_projection = None if projection is None else nn.Parameter(projection.detach().clone())  # [width, D]
-        self.text_projection_bias = None if bias is None else nn.Parameter(bias.detach().clone())
+        self.text_projection = None if projection is None else nn.Parameter(projection.detach().clone(), requires_grad=False)  # [width, D]
+        self.text_projection_bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
         self.register_buffer("attn_mask", None if tower.attn_mask is None else tower.attn_mask.detach().clone().float())
         self.pool_token, self.pool_index = tower.pool_token, tower.pool_index
         self.dtype = precision.dtype
-        self.requires_grad_(False).eval()
+        self.eval()
+        if not share:
+            self.requires_grad_(False)
         if precision.reduced:
             self.to(precision.dtype)
             for module in self.modules():

@@ -19,7 +19,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import T2FError, UsageError
+from .errors import T2FError, UsageError, first_line
 
 PREFIX = "hf-hub:"
 HUB_URL = "https://huggingface.co"
@@ -151,7 +151,7 @@ def download(hub_id: HubId, files: tuple[str, ...], progress: bool = True) -> Pa
             raise HubError(f"{hub_id} is not in the Hugging Face cache ({where}) and downloads are off ({offline}): "
                            f"run once online, or pass --mapper DIR with a local copy") from None
         raise HubError(f"cannot reach the Hugging Face Hub for {hub_id} and it is not in the cache ({where}): "
-                       f"{_first_line(e.__cause__ or e)}") from None
+                       f"{first_line(e.__cause__ or e, typed=True)}") from None
     except errors.GatedRepoError:
         raise HubError(f"{hub_id} is gated: accept its conditions on {HUB_URL}/{hub_id.repo_id} and log in "
                        "(hf auth login, or set HF_TOKEN)") from None
@@ -163,13 +163,13 @@ def download(hub_id: HubId, files: tuple[str, ...], progress: bool = True) -> Pa
     except errors.DisabledRepoError:
         raise HubError(f"{hub_id}: the repository is disabled on the Hugging Face Hub") from None
     except errors.HfHubHTTPError as e:
-        raise HubError(f"the Hugging Face Hub refused {hub_id}: {_first_line(e)}") from None
+        raise HubError(f"the Hugging Face Hub refused {hub_id}: {first_line(e, typed=True)}") from None
     except OSError as e:                                       # the cache cannot be written, the disk is full, ...
-        raise HubError(f"cannot download {hub_id} into {where}: {e.strerror or _first_line(e)}") from None
+        raise HubError(f"cannot download {hub_id} into {where}: {e.strerror or first_line(e, typed=True)}") from None
     except Exception as e:
         if not _is_transport_error(e):
             raise
-        raise HubError(f"cannot reach the Hugging Face Hub for {hub_id}: {type(e).__name__}: {_first_line(e)}") from None
+        raise HubError(f"cannot reach the Hugging Face Hub for {hub_id}: {first_line(e, typed=True)}") from None
     missing = [f for f in files if not (path / f).is_file()]
     if missing:
         raise HubError(f"{hub_id} holds no {', '.join(missing)}: a t2f mapper repository holds config.json and "
@@ -180,11 +180,6 @@ def download(hub_id: HubId, files: tuple[str, ...], progress: bool = True) -> Pa
 def _is_transport_error(error: Exception) -> bool:
     """An HTTP client's own error (a proxy refusing, a dropped connection) that huggingface_hub lets through."""
     return type(error).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
-
-
-def _first_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def _quiet_tqdm():

@@ -68,8 +68,10 @@ class GraphSpec(abc.ABC):
     def file_name(self, precision: Precision, ext: str = "onnx") -> str:
         return artifact_name(self.name, precision, ext)
 
-    def compute_precision(self, precision: Precision) -> Precision:
-        return Precision.FP32 if self.fp32_only else Precision.parse(precision)
+    @classmethod
+    def compute_precision(cls, precision: Precision) -> Precision:
+        """What the graph computes in when the pipeline runs in `precision` (fp32 where it is fp32_only)."""
+        return Precision.FP32 if cls.fp32_only else Precision.parse(precision)
 
     def output_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, *self.output.shape)
@@ -165,6 +167,14 @@ class SynthesisSpec(GraphSpec):
 def artifact_name(graph: str, precision: Precision, ext: str = "onnx") -> str:
     """An artifact's file name: synthesis.onnx, synthesis.fp16.onnx, synthesis.fp16.plan, ..."""
     return f"{graph}{Precision.parse(precision).suffix}.{ext}"
+
+
+SPEC_CLASSES: tuple[type[GraphSpec], ...] = (TextEncoderSpec, MapperSpec, SynthesisSpec)     # in pipeline order
+
+
+def compute_precisions(precision: Precision) -> dict[str, Precision]:
+    """graph -> what it computes in when the pipeline runs in `precision` (the mapper: fp32), from each spec."""
+    return {cls.name: cls.compute_precision(precision) for cls in SPEC_CLASSES}
 
 
 def graph_specs(dims: ModelDims) -> dict[str, GraphSpec]:

@@ -42,6 +42,7 @@ import zipfile
 import numpy as np
 import torch
 
+from .errors import first_line
 from .files import open_regular_file
 from .io import WeightsError
 from .unpickle_rules import (BUDGETED_GLOBALS, SAFE_GLOBALS, Budget, PersistentRecord, PlainNamespace, StorageType,
@@ -316,19 +317,14 @@ def _safe_load(path, load, file_size: int, what: str):
     except WeightsError:
         raise
     except pickle.UnpicklingError as e:
-        message = _first_line(e)
+        message = first_line(e, limit=200)
         if message.startswith("refusing"):
             raise WeightsError(f"{path}: {message}") from None
         raise WeightsError(f"{path}: truncated or corrupt {what} ({message})") from None
     except MemoryError:
         raise WeightsError(f"{path}: truncated or corrupt {what} (it asks for more memory than there is)") from None
     except Exception as e:   # noqa: BLE001 - nothing from the file runs, so any other error is a malformed file
-        raise WeightsError(f"{path}: truncated or corrupt {what} ({type(e).__name__}: {_first_line(e)})") from None
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:limit] if text else ""
+        raise WeightsError(f"{path}: truncated or corrupt {what} ({first_line(e, typed=True, limit=200)})") from None
 
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import first_line
 from .files import is_regular_file, open_regular_file
 from .io import WeightsError, build_checked, load_model_dir, save_model_dir
 from .stylegan2 import Generator, GeneratorConfig, fir_filter
@@ -313,7 +314,7 @@ def import_generator(source: str | os.PathLike) -> Generator:
         raise WeightsError(f"{source}: cannot read ({e.strerror or e})") from None
     except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError, ArithmeticError) as e:
         # A file that passed the safe loader but holds something other than a generator of a supported layout.
-        raise WeightsError(f"{source}: not a supported StyleGAN2 generator ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise WeightsError(f"{source}: not a supported StyleGAN2 generator ({first_line(e, typed=True)})") from None
 
 
 def _import_generator(path: Path) -> Generator:

@@ -139,3 +139,23 @@ def test_entry_points_register_a_class_or_a_module_and_a_broken_one_is_left_out(
                                              Entry("example", "example_backend", _load_example)])
     assert failed == ["bad"] and own_registry["plugin"] is Plugin and own_registry["example"].__name__ == "ExampleBackend"
     assert registry.builtin_classes().keys() == set(registry.backend_names()) - {"plugin", "example"}
+
+
+def test_every_backend_reports_its_graphs_compute_precisions_the_mapper_fp32(monkeypatch):
+    """graph_precisions comes from each graph spec's compute precision, in the base class: the mapper is fp32 at fp16
+    for every backend (TensorRT's mapper engine is built fp32, export/tensorrt.py), OpenVINO alone reading its manifest."""
+    from t2f.engine.backends import BACKEND_CLASSES, CudaGraphBackend, TorchCompileBackend
+    from t2f.specs import compute_precisions
+
+    assert compute_precisions(FP16) == {"text_encoder": FP16, "mapper": FP32, "synthesis": FP16}
+    assert compute_precisions(BF16) == {"text_encoder": BF16, "mapper": FP32, "synthesis": BF16}
+    assert compute_precisions(FP32) == dict.fromkeys(("text_encoder", "mapper", "synthesis"), FP32)
+    for name, cls in BACKEND_CLASSES.items():             # what Backend.__init__ sets for every class, TensorRT's included
+        backend = cls.__new__(cls)
+        Backend.__init__(backend, None, CPU, FP16)
+        assert backend.graph_precisions == compute_precisions(FP16), name
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)        # construction only
+    base = tiny_pipeline()
+    models = Models(base.generator, base.clip, base.mapper)
+    for cls in (TorchBackend, CudaGraphBackend, TorchCompileBackend):               # made for real (nothing runs)
+        assert cls(models, CPU, FP16).graph_precisions == compute_precisions(FP16), cls.name

@@ -97,3 +97,13 @@ def test_a_tokenizer_that_cannot_be_had_is_one_line():
                                             "tokenizer of ViT-B-16-SigLIP)") as info:
         load_clip("ViT-B-16-SigLIP:random")
     assert "\n" not in str(info.value)
+
+
+def test_a_missing_tower_is_a_usage_error(tiny_clip):
+    """A CLIP holding one tower (a pipeline's own `clip` where its backend runs copies or graphs) refuses the other in one line."""
+    from t2f.errors import UsageError
+
+    with pytest.raises(UsageError, match="holds its image tower only .* not its text tower"):
+        tiny_clip.only("image").encode_text(["a smiling woman"])
+    with pytest.raises(UsageError, match="holds its text tower only .* not its image tower"):
+        tiny_clip.only("text").encode_image(torch.zeros([1, 3, 32, 32]))

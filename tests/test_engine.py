@@ -200,3 +200,84 @@ def test_a_pipeline_holds_the_models_only_where_its_backend_runs_them(backend, p
     if not runs_them:                                       # its CLIP cannot make another pipeline: one clear line
         with pytest.raises(ValueError, match="holds its image tower only .* pass the CLIP itself"):
             TextToFace(pipe.generator, lean.clip, pipe.mapper, device="cpu")
+
+
+def test_torch_runs_the_callers_text_weights_in_fp32_on_their_device_and_leaves_them_as_they_are(pipe):
+    """Eager fp32 on the CLIP's device holds its text tower once (the backend's graph runs the caller's tensors), gives
+    what a copy gives bit for bit, and leaves the caller's modules in train mode with their requires_grad."""
+    import copy
+
+    from t2f.graphs import TextEncoderGraph
+
+    clip = copy.deepcopy(pipe.clip)
+    clip.model.train().requires_grad_(True)
+    shared = TextToFace(pipe.generator, clip, pipe.mapper, device="cpu", batch_size=pipe.batch_size)
+    assert shared.backend.runs_given_text_tower and shared.clip is clip
+    caller = {id(t) for t in clip.model.parameters()}
+    graph = shared.backend.text
+    assert {id(t) for m in (graph.token_embedding, graph.resblocks, graph.ln_final) for t in m.parameters()} <= caller
+    assert clip.model.training and clip.model.transformer.training and all(p.requires_grad for p in clip.model.parameters())
+    tokens = clip.tokenize(["a smiling woman", "an old man"]).to(torch.int32)
+    assert torch.equal(shared.backend.encode(tokens), TextEncoderGraph(clip).eval()(tokens))
+    assert torch.equal(shared(["a smiling woman"], n=2, seed=1).images, pipe(["a smiling woman"], n=2, seed=1).images)
+    assert all(p.requires_grad for p in clip.model.parameters()) and clip.model.training
+
+
+def test_mode_image_copies_only_the_image_tower_to_another_device(pipe, monkeypatch):
+    """The image tower placed on the pipeline's device for mode "image" is CLIP.only("image"): the text tower is not copied."""
+    import t2f.devices
+
+    copied = []
+    real = t2f.devices.placed
+
+    def placed(module, device):
+        copied.append(module)
+        return real(module, device)
+
+    monkeypatch.setattr(t2f.devices, "placed", placed)
+    fresh = TextToFace(pipe.generator, pipe.clip, pipe.mapper, device="cpu", batch_size=pipe.batch_size)
+    copied.clear()
+    fresh(mode="image", images=torch.zeros([1, 3, 32, 32]))
+    assert copied and all("transformer" not in dict(m.model.named_children()) for m in copied if hasattr(m, "model"))
+
+
+@pytest.mark.parametrize("call, message", [
+    (dict(prompt=["a"], n=0), "n must be"),
+    (dict(prompt=["a"], n=2.5), "n must be"),
+    (dict(prompt=["a"], truncation_psi=float("inf")), "finite"),
+    (dict(prompt=["a"], noise_mode="loud"), "noise_mode must be one of"),
+    (dict(prompt=["a"], noise_mode="random", n=0), "n must be"),
+    (dict(mode="image", images=[[0.0]]), "needs images as a tensor"),
+    (dict(mode="image", images=torch.zeros([3, 32, 32])), r"float tensor \[rows, 3, H, W\].*\[3, 32, 32\]"),
+    (dict(mode="image", images=torch.zeros([1, 4, 32, 32])), r"\[1, 4, 32, 32\]"),
+    (dict(mode="image", images=torch.zeros([0, 3, 32, 32])), r"\[0, 3, 32, 32\]"),
+    (dict(mode="image", images=torch.zeros([1, 3, 32, 32], dtype=torch.uint8)), "torch.uint8"),
+    (dict(mode="image", images=torch.zeros([1, 3, 32, 32]), n=0), "n must be"),
+])
+def test_bad_options_and_images_are_one_line_before_any_model_runs(pipe, monkeypatch, call, message):
+    from t2f.errors import UsageError
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model ran")
+
+    for name in ("encode", "map", "synthesize", "full"):
+        monkeypatch.setattr(pipe.backend, name, no_model)
+    monkeypatch.setattr(pipe.clip, "encode_image", no_model)
+    monkeypatch.setattr(pipe, "_image_clip", None)
+    monkeypatch.setattr(type(pipe.clip), "on", lambda self, device: no_model())
+    with pytest.raises(UsageError, match=message):
+        pipe(**call)
+
+
+def test_a_noise_mode_the_backend_lacks_is_refused_before_clip_runs(pipe, monkeypatch):
+    from t2f.errors import UsageError
+
+    ran = []
+    monkeypatch.setattr(pipe.backend, "noise_modes", ("const",))
+    for name in ("encode", "map", "synthesize"):
+        monkeypatch.setattr(pipe.backend, name, lambda *a, _name=name, **k: ran.append(_name))
+    with pytest.raises(UsageError, match="noise mode random needs --backend torch"):
+        pipe(["a smiling woman"], noise_mode="random")
+    with pytest.raises(UsageError, match="noise mode none needs --backend torch"):
+        pipe._generate_rows([0], [0], [1.0], images=torch.zeros([1, 3, 32, 32]), noise_mode="none")
+    assert ran == []

@@ -123,3 +123,11 @@ def test_a_library_call_with_a_bad_argument_raises_a_usage_error():
     for call in (lambda: resolve_device("tpu"), lambda: Precision.parse("fp8"), lambda: Precision.FP16.check_device("cpu")):
         with pytest.raises(UsageError):
             call()
+
+
+def test_first_line_is_one_stripped_line_typed_on_request():
+    from t2f.errors import first_line
+
+    error = RuntimeError("\n  the first line  \nthe second\n")
+    assert first_line(error) == "the first line" and first_line(error, typed=True) == "RuntimeError: the first line"
+    assert first_line(error, limit=3) == "the" and first_line(ValueError("")) == first_line(ValueError(" \n"), typed=True) == "ValueError"

@@ -264,3 +264,19 @@ def test_online_a_repository_without_weights_is_one_line(online_hub, run):
     with pytest.raises(HubError, match=f"hf-hub:{REPO} holds no model.safetensors: a t2f mapper repository holds"):
         load_pipeline(f"hf-hub:{REPO}")
 
+
+
+
+def test_an_http_clients_own_error_is_named_once(online_hub, monkeypatch):
+    """A transport error huggingface_hub lets through: its type and first line, once ("ConnectError: ...")."""
+    import huggingface_hub
+
+    from t2f.hub import download, parse
+
+    def snapshot_download(*args, **kwargs):
+        raise httpx2.ConnectError("connection refused\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    with pytest.raises(HubError) as info:
+        download(parse(f"hf-hub:{REPO}"), ("config.json",))
+    assert str(info.value) == f"cannot reach the Hugging Face Hub for hf-hub:{REPO}: ConnectError: connection refused"

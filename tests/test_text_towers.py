@@ -64,7 +64,7 @@ def test_the_rewrite_equals_open_clips_encode_text(name):
 def test_what_the_rewrite_cannot_express_is_named_in_one_line(name, what):
     with pytest.raises(UnsupportedTextTower) as info:
         TextEncoderGraph(clip_of(name))
-    assert str(info.value) == f"{what} of CLIP t2f-tiny-{name}:random cannot be exported"
+    assert str(info.value) == f"{what} of CLIP t2f-tiny-{name}:random cannot be exported (--backend torch runs open_clip's own encode_text)"
 
 
 # ----------------------------------------------------------------------------

@@ -283,3 +283,18 @@ def test_torch_compile_on_cuda_at_two_batch_sizes_matches_eager_and_keeps_its_re
     for ws, image, ws_copy, image_copy in kept:                          # later calls did not overwrite them
         assert torch.equal(ws, ws_copy) and torch.equal(image, image_copy)
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ or os.environ["TORCHINDUCTOR_CACHE_DIR"] != compiled.cache
+
+
+def test_only_torch_cudagraph_makes_example_tokens(pipe, monkeypatch):
+    """The capture's example row is made by the one backend that captures (construction only here: nothing runs)."""
+    import t2f.engine.backends.pytorch as pytorch
+
+    made = []
+    real = pytorch.example_tokens
+    monkeypatch.setattr(pytorch, "example_tokens", lambda *args: made.append(args) or real(*args))
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)
+    for cls in (TorchBackend, TorchCompileBackend):
+        cls(models(pipe), torch.device("cpu"), Precision.FP32)
+    assert made == []
+    backend = CudaGraphBackend(models(pipe), torch.device("cpu"), Precision.FP16)
+    assert len(made) == 1 and backend._example_row.shape == (1, pipe.clip.context_length)

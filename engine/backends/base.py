@@ -7,9 +7,10 @@
     __call__(tokens, z, psi)                           -> image
 
 `Backend` is an abstract base class: encode, map and synthesize are abstract, full and __call__ chain them. Torch
-tensors in, torch tensors out, on the backend's device. Backends other than `torch` allocate their output buffers once
-per batch size and return those buffers: a result is valid until the next call with the same batch size (copy it to
-keep it).
+tensors in, torch tensors out, on the backend's device. The exported-graph backends allocate their output buffers once
+per graph and batch size and return those buffers, and so does torch-cudagraph's `full` (its captured graph's outputs):
+such a result is valid until the next call of that graph with the same batch size (copy it to keep it). `torch` and
+`torch-compile` (which clones its compiled outputs) return tensors of their own.
 
 Every backend is made one way, `Cls(models, device, precision, artifacts=None, memory_format="nchw")`: the
 exported-graph backends check `artifacts` against the models (or export the graphs into the cache first, where they
@@ -33,7 +34,7 @@ from t2f.artifacts import check_artifacts
 from t2f.devices import cpu_threads, importable  # noqa: F401  (cpu_threads re-exported)
 from t2f.errors import UsageError
 from t2f.precision import Precision
-from t2f.specs import GraphSpec, graph_specs
+from t2f.specs import GraphSpec, compute_precisions, graph_specs
 
 from .types import BackendUnavailable, Models  # noqa: F401  (re-exported)
 
@@ -68,9 +69,10 @@ class Backend(abc.ABC):
         """memory_format is one of its `memory_formats` (check_available has refused any other). A subclass keeps
         what it runs, never `models` itself: a pipeline's eager models are freed where nothing runs them."""
         self.device, self.precision, self.memory_format = device, precision, memory_format
-        self.graph_precisions = {g: precision for g in ("text_encoder", "mapper", "synthesis")}   # what each graph runs in
+        self.graph_precisions = compute_precisions(precision)   # what each graph runs in: each spec's compute precision
         self.text_encoder_source: str | None = None     # what runs the text tower where t2f's rewrite does not (else None)
-        self.runs_given_modules = False     # True: it runs the caller's own modules (eager PyTorch on their device)
+        self.runs_given_generator = False   # True: it runs the caller's own synthesis network (eager, on its device)
+        self.runs_given_text_tower = False  # True: it runs on the caller's own CLIP text weights (eager, on their device)
 
     # --- what it can do ---------------------------------------------------------
 
@@ -85,8 +87,7 @@ class Backend(abc.ABC):
             try:
                 text_tower(models.clip)
             except UnsupportedTextTower as e:
-                raise BackendUnavailable(f"{cls.name} runs t2f's exportable text encoder only: {e} "
-                                         "(--backend torch runs open_clip's own)") from None
+                raise BackendUnavailable(f"{cls.name} runs t2f's exportable text encoder only: {e}") from None
         if device.type not in cls.devices:
             raise BackendUnavailable(f"{cls.name} needs a CUDA device" if cls.devices == ("cuda",) else
                                      f"{cls.name} runs on the CPU only" if cls.devices == ("cpu",) else

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from t2f.artifacts import onnx_session
+from t2f.errors import first_line
 from t2f.precision import Precision
 from t2f.specs import GraphSpec
 
@@ -117,7 +118,6 @@ class OnnxRuntimeBackend(ArtifactBackend):
 
         super().__init__(models, device, precision, artifacts, memory_format)
         artifacts, manifest = self.artifacts, self.manifest
-        self.graph_precisions["mapper"] = Precision.FP32
         options = onnxruntime.SessionOptions()
         for key, value in session_config(self.provider, device).items():
             options.add_session_config_entry(key, value)
@@ -139,7 +139,7 @@ class OnnxRuntimeBackend(ArtifactBackend):
             try:
                 session = onnxruntime.InferenceSession(str(artifacts / name), options, providers=providers)
             except Exception as e:          # onnxruntime's Fail, InvalidArgument, EPFail ... derive from Exception only
-                raise BackendUnavailable(f"ONNX Runtime cannot load {name} with {wanted}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+                raise BackendUnavailable(f"ONNX Runtime cannot load {name} with {wanted}: {first_line(e)}") from None
             check_first_provider(session, wanted, name)
             self.sessions[graph] = session
         self.outputs: dict[tuple, torch.Tensor] = {}
@@ -172,5 +172,5 @@ class OnnxRuntimeBackend(ArtifactBackend):
         except Exception as e:                                            # onnxruntime's own types: see the module
             if isinstance(e, RuntimeError):
                 raise
-            raise RuntimeError(f"ONNX Runtime failed running {spec.name}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise RuntimeError(f"ONNX Runtime failed running {spec.name}: {first_line(e)}") from None
         return out[:batch]

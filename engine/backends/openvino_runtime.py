@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from t2f.errors import first_line
 from t2f.precision import Precision
 from t2f.specs import GraphSpec
 
@@ -80,7 +81,7 @@ class OpenVINOBackend(ArtifactBackend):
             try:
                 compiled = self.core.compile_model(model, "CPU", config)
             except RuntimeError as e:
-                raise RuntimeError(f"OpenVINO cannot compile {spec.name}: {str(e).splitlines()[0]}") from None
+                raise RuntimeError(f"OpenVINO cannot compile {spec.name}: {first_line(e)}") from None
             self.requests[key] = compiled.create_infer_request()
             self.outputs[key] = torch.empty(spec.output_shape(batch), dtype=spec.output.dtype)
         return self.requests[key], self.outputs[key]

@@ -33,8 +33,8 @@ import threading
 import torch
 from torch import nn
 
-from t2f.devices import importable, pin_cuda_numerics, placed
-from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph, UnsupportedTextTower, example_tokens
+from t2f.devices import importable, on_device, pin_cuda_numerics, placed
+from t2f.graphs import MapperGraph, SynthesisGraph, TextEncoderGraph, UnsupportedTextTower, example_tokens, text_tower
 from t2f.precision import Precision
 from t2f.stylegan2 import NOISE_MODES, to_uint8
 
@@ -67,20 +67,14 @@ class _StageModules(Backend):
         if device.type == "cuda":
             pin_cuda_numerics()
         self.text = self._text_encoder(models.clip, device, precision)
-        self._example_row = example_tokens(models.clip, 1, 0)                   # [1, context] int32, any valid row
         self.mapper = MapperGraph(models.mapper, models.generator.w_avg).to(device)
         if synthesis:
             self.synthesis = SynthesisGraph(models.generator, precision, memory_format=MEMORY_FORMATS[self.memory_format]).to(device)
             self.pipeline = PipelineGraph(self.text, self.mapper, self.synthesis)
         self.context, self.z_dim = models.clip.context_length, models.mapper.z_dim
-        self.graph_precisions["mapper"] = Precision.FP32
 
     def _text_encoder(self, clip, device: torch.device, precision: Precision) -> torch.nn.Module:
         return TextEncoderGraph(clip, precision).to(device)
-
-    def _example(self, batch: int):
-        tokens = self._example_row.repeat(batch, 1).to(self.device)
-        return tokens, torch.zeros([batch, self.z_dim], device=self.device), torch.ones([batch], device=self.device)
 
     @torch.no_grad()
     def encode(self, tokens):
@@ -99,7 +93,10 @@ class OpenClipTextEncoder(torch.nn.Module):
 
     def __init__(self, clip, device: torch.device, precision: Precision):
         super().__init__()
-        self.encoder = clip.only("text").on(device).text_encoder   # the caller's text tower where it is on the device, else a copy
+        text = clip.only("text")
+        placed_text = text.on(device)
+        self.encoder = placed_text.text_encoder            # the caller's text tower where it is on the device, else a copy
+        self.shares = placed_text is text                   # True: the caller's own text tower
         autocast = precision.reduced and torch.amp.is_autocast_available(device.type)
         self.precision = precision if autocast else Precision.FP32
 
@@ -122,10 +119,16 @@ class TorchBackend(_StageModules):
     any_text_tower = True
 
     def _text_encoder(self, clip, device, precision):
+        """The text-encoder graph, on the caller's own text weights where they are fp32 on the device and it runs fp32
+        (held once), else on copies; open_clip's own encoder where the rewrite does not apply."""
         try:
+            if precision is FP32 and all(on_device(t.device, device) and t.dtype == torch.float32 for t in text_tower(clip).tensors()):
+                self.runs_given_text_tower = True
+                return TextEncoderGraph(clip, precision, share=True)
             return super()._text_encoder(clip, device, precision)
         except UnsupportedTextTower:
             encoder = OpenClipTextEncoder(clip, device, precision)
+            self.runs_given_text_tower = encoder.shares
             self.graph_precisions["text_encoder"] = encoder.precision
             self.text_encoder_source = "open_clip's own encode_text" + (" (autocast)" if encoder.precision.reduced else "")
             return encoder
@@ -134,7 +137,7 @@ class TorchBackend(_StageModules):
         super().__init__(models, device, precision, artifacts, memory_format)
         self._stages(models, device, precision, synthesis=False)
         self.synthesis = placed(models.generator.synthesis, device)    # the caller's own where it is on the device already
-        self.runs_given_modules = self.synthesis is models.generator.synthesis
+        self.runs_given_generator = self.synthesis is models.generator.synthesis
         self.layout = MEMORY_FORMATS[memory_format]
 
     @torch.no_grad()
@@ -167,6 +170,13 @@ class CudaGraphBackend(_StageModules):
         super().__init__(models, device, precision, artifacts, memory_format)
         self._stages(models, device, precision)
         self.graphs: dict[int, tuple] = {}
+        # A valid token row for the captures, made here, the one backend that needs one: made on first capture it
+        # would keep the caller's CLIP alive with the backend (it needs CLIP's tokenizer and text tower).
+        self._example_row = example_tokens(models.clip, 1, 0)                   # [1, context] int32, any valid row
+
+    def _example(self, batch: int):
+        tokens = self._example_row.repeat(batch, 1).to(self.device)
+        return tokens, torch.zeros([batch, self.z_dim], device=self.device), torch.ones([batch], device=self.device)
 
     @torch.no_grad()
     def _graph(self, batch: int):

@@ -24,6 +24,7 @@ import warnings
 
 import torch
 
+from t2f.errors import first_line
 from t2f.precision import Precision
 
 from .base import Backend
@@ -71,7 +72,7 @@ def load_entry_points(entry_points=None) -> list[str]:
         except Exception as e:              # a broken plugin never stops t2f's own backends
             failed.append(entry.name)
             warnings.warn(f"backend entry point {entry.name} ({entry.value}) does not load: "
-                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", RuntimeWarning, stacklevel=2)
+                          f"{first_line(e)}", RuntimeWarning, stacklevel=2)
     return failed
 
 

@@ -11,6 +11,8 @@ Each module declares the errors of its own subject (WeightsError, ExportError, R
 
 from __future__ import annotations
 
+import re
+
 
 class T2FError(Exception):
     """An error of t2f's own, with a one-line message meant for the user."""
@@ -21,10 +23,11 @@ class UsageError(T2FError, ValueError):
     that do not go together (fp16 on a CPU, a bank made with other CLIP weights, models whose sizes disagree)."""
 
 
-def first_line(error: BaseException, typed: bool = False, limit: int | None = None) -> str:
-    """One line for an exception t2f reports in its own words: the first non-blank line of its message, stripped and
-    cut to `limit` characters; after its type name and ": " where `typed`; its type name alone where the message is blank."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+def first_line(error: BaseException, typed: bool = False, limit: int | None = None, skip: re.Pattern | None = None) -> str:
+    """One line for an exception t2f reports in its own words: the first non-blank line of its message that `skip` does
+    not match (a library's own preamble, such as OpenVINO's source locations), stripped and cut to `limit` characters;
+    after its type name and ": " where `typed`; its type name alone where no such line is left."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not (skip and skip.match(line.strip()))]
     if not lines:
         return type(error).__name__
     line = lines[0] if limit is None else lines[0][:limit]

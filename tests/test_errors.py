@@ -131,3 +131,25 @@ def test_first_line_is_one_stripped_line_typed_on_request():
     error = RuntimeError("\n  the first line  \nthe second\n")
     assert first_line(error) == "the first line" and first_line(error, typed=True) == "RuntimeError: the first line"
     assert first_line(error, limit=3) == "the" and first_line(ValueError("")) == first_line(ValueError(" \n"), typed=True) == "ValueError"
+
+
+def test_first_line_skips_a_library_preamble_and_openvino_errors_give_their_reason():
+    """OpenVINO's messages start with its source locations; the line t2f reports is the reason after them."""
+    import re
+
+    from t2f.errors import first_line
+
+    assert first_line(RuntimeError("at x:1:\n\nthe reason\n"), skip=re.compile(r"at \S+:\d+:$")) == "the reason"
+    assert first_line(RuntimeError("at x:1:"), typed=True, skip=re.compile(r"at \S+:\d+:$")) == "RuntimeError"
+    import numpy as np
+
+    ov = pytest.importorskip("openvino", reason="openvino is not installed")
+    from openvino import opset13 as ops
+
+    from t2f.engine.backends.openvino_runtime import OPENVINO_LOCATION
+
+    parameter = ops.parameter([1, 3], np.float32)
+    with pytest.raises(RuntimeError) as caught:
+        ov.Core().compile_model(ov.Model([ops.relu(parameter)], [parameter]), "CPU", {"INFERENCE_PRECISION_HINT": "bogus"})
+    assert str(caught.value).startswith("Exception from")                      # what first_line alone would report
+    assert first_line(caught.value, skip=OPENVINO_LOCATION).startswith("Wrong value bogus for property key INFERENCE_PRECISION_HINT")

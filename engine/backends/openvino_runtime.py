@@ -9,6 +9,7 @@ T2F_CACHE/openvino, so a second start loads compiled blobs instead of compiling 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,9 @@ from .base import ArtifactBackend, BackendUnavailable, cpu_threads
 from .registry import register
 
 OV_PRECISIONS = {Precision.FP32: "f32", Precision.BF16: "bf16"}
+# The lines OpenVINO puts before its reason: where in its sources the exception passed ("Exception from
+# src/inference/src/cpp/core.cpp:117:") or which check failed ("Check 'x' failed at src/...:12:").
+OPENVINO_LOCATION = re.compile(r"(Exception from|Check .* failed at) \S+:\d+:$")
 
 
 def openvino_cache() -> Path:
@@ -81,7 +85,7 @@ class OpenVINOBackend(ArtifactBackend):
             try:
                 compiled = self.core.compile_model(model, "CPU", config)
             except RuntimeError as e:
-                raise RuntimeError(f"OpenVINO cannot compile {spec.name}: {first_line(e)}") from None
+                raise RuntimeError(f"OpenVINO cannot compile {spec.name}: {first_line(e, skip=OPENVINO_LOCATION)}") from None
             self.requests[key] = compiled.create_infer_request()
             self.outputs[key] = torch.empty(spec.output_shape(batch), dtype=spec.output.dtype)
         return self.requests[key], self.outputs[key]

@@ -492,19 +492,60 @@ def test_openvino_rows_are_bit_for_bit_across_blocks_and_match_eager(pipe, preci
         assert cos.min() >= 0.999 and diff.float().mean() <= 2.0 and 0 < diff.max()
 
 
+@needs_openvino
+@needs_onnxruntime
+def test_openvino_compiles_with_its_cache_locked(pipe):
+    """Two processes compiling one graph into a fresh cache race in OpenVINO's blob writer (one fails with 'cannot set
+    permissions: No such file or directory'): each compile holds the cache's lock."""
+    import fcntl
+
+    from t2f.engine.backends.openvino_runtime import openvino_cache
+    from t2f.private import LOCK_NAME
+
+    backend = make_backend("openvino", models(pipe), CPU, Precision.FP32)
+    locked = []
+
+    class Watching:                                     # OpenVINO's Core, noting whether another open of the lock can take it
+        def __init__(self, core):
+            self.core = core
+
+        def __getattr__(self, name):
+            return getattr(self.core, name)
+
+        def compile_model(self, *args):
+            fd = os.open(openvino_cache() / LOCK_NAME, os.O_RDWR)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked.append(False)
+            except BlockingIOError:
+                locked.append(True)
+            finally:
+                os.close(fd)
+            return self.core.compile_model(*args)
+
+    backend.core = Watching(backend.core)
+    backend(*inputs(pipe, 2))
+    assert locked == [True, True, True]                 # text encoder, mapper, synthesis: each compiled under the lock
+
+
 @pytest.mark.slow
 @needs_openvino
 @needs_onnxruntime
 def test_openvino_second_start_loads_its_compiled_graphs_from_the_cache(pipe):
     from t2f.engine.backends.openvino_runtime import openvino_cache
 
+    from t2f.private import LOCK_NAME
+
+    def files():                                    # every file but the lock's record of its last holder
+        return {p.name: p.stat().st_mtime_ns for p in openvino_cache().iterdir() if p.name != LOCK_NAME}
+
     first = make_backend("openvino", models(pipe), CPU, Precision.FP32)
     first(*inputs(pipe, 2))
-    blobs = {p.name: p.stat().st_mtime_ns for p in openvino_cache().iterdir()}
+    blobs = files()
     assert len([b for b in blobs if b.endswith(".blob")]) >= 3           # one per graph at this block size
     second = make_backend("openvino", models(pipe), CPU, Precision.FP32)
     assert torch.equal(second(*inputs(pipe, 2)), first(*inputs(pipe, 2)))
-    assert {p.name: p.stat().st_mtime_ns for p in openvino_cache().iterdir()} == blobs   # nothing compiled or written again
+    assert files() == blobs                                               # nothing compiled or written again
 
 
 @pytest.mark.slow

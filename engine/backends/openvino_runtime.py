@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from t2f.errors import first_line
+from t2f.private import directory_lock, private_dir
 from t2f.precision import Precision
 from t2f.specs import GraphSpec
 
@@ -31,7 +32,6 @@ OPENVINO_LOCATION = re.compile(r"(Exception from|Check .* failed at) \S+:\d+:$")
 def openvino_cache() -> Path:
     """T2F_CACHE/openvino, created 0700 and refused where another user could change it (their blob would run here)."""
     from t2f.download import cache_dir
-    from t2f.private import private_dir
 
     return private_dir(cache_dir(), "openvino")
 
@@ -83,7 +83,11 @@ class OpenVINOBackend(ArtifactBackend):
             config = {"INFERENCE_PRECISION_HINT": OV_PRECISIONS[self.graph_precisions[spec.name]],
                       "INFERENCE_NUM_THREADS": cpu_threads(), "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
             try:
-                compiled = self.core.compile_model(model, "CPU", config)
+                # One process compiles into the cache at a time: two stubs of t2f-serve compiling the same graph into a
+                # fresh cache race in OpenVINO's blob writer ("filesystem error: cannot set permissions: No such file or
+                # directory [...blob]"); the second then loads the first's blob instead of compiling again.
+                with directory_lock(self.cache, "t2f (OpenVINO compiling into its cache)", wait=True):
+                    compiled = self.core.compile_model(model, "CPU", config)
             except RuntimeError as e:
                 raise RuntimeError(f"OpenVINO cannot compile {spec.name}: {first_line(e, skip=OPENVINO_LOCATION)}") from None
             self.requests[key] = compiled.create_infer_request()
